@@ -1,0 +1,63 @@
+"""Classification metrics in plain numpy (used by label, evaluate and the ONNX runtime)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """[C, C] counts; row = true class, column = predicted class."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(truth, dtype=np.int64), np.asarray(predicted, dtype=np.int64)), 1)
+    return matrix
+
+
+def classification_report(truth: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> dict:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix.
+
+    Classes absent from both truth and predictions count 0 toward nothing: macro-F1
+    averages over classes that appear in ``truth``.
+    """
+    truth = np.asarray(truth, dtype=np.int64)
+    predicted = np.asarray(predicted, dtype=np.int64)
+    matrix = confusion_matrix(truth, predicted, len(class_names))
+    true_positive = np.diag(matrix).astype(np.float64)
+    support = matrix.sum(axis=1)
+    predicted_count = matrix.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        recall = np.where(support > 0, true_positive / support, 0.0)
+        precision = np.where(predicted_count > 0, true_positive / predicted_count, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    present = support > 0
+    return {
+        "accuracy": float(true_positive.sum() / max(len(truth), 1)),
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "count": int(len(truth)),
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(class_names)
+        },
+        "confusion": matrix.tolist(),
+    }
+
+
+def format_report(report: dict, class_names: list[str], title: str) -> list[str]:
+    """A one-screen text rendering of ``classification_report``'s output."""
+    lines = [
+        f"{title}: accuracy {100 * report['accuracy']:.1f}%  macro-F1 "
+        f"{100 * report['macro_f1']:.1f}%  on {report['count']} samples"
+    ]
+    width = max(len(name) for name in class_names)
+    lines.append(f"  {'class':<{width}}  recall  precision  support")
+    for name in class_names:
+        row = report["per_class"][name]
+        lines.append(
+            f"  {name:<{width}}  {100 * row['recall']:5.1f}%  {100 * row['precision']:8.1f}%"
+            f"  {row['support']:7d}"
+        )
+    return lines
