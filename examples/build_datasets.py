@@ -1,0 +1,464 @@
+"""Build the two benchmark data sets from the offline Debian sources into zmdevice's formats.
+
+Sources (Debian packages, see OFFLINE.md):
+  - Fashion-MNIST, ``apt-get install dataset-fashion-mnist``: idx files in
+    /usr/share/datasets/fashion-mnist (60k train + 10k test, 28x28 grey, MIT licence).
+  - WordNet 3.0, ``apt-get install wordnet-base``: /usr/share/wordnet/data.noun; each noun
+    synset's definition is a text, its lexicographer file (8 categories) the label.
+
+Output (``--out DIR``, default ``data/``)::
+
+    DIR/images/unlabeled/train-00042.png         unlabeled pool (a flat image folder)
+    DIR/images/labeled/<class>/train-00042.png   K per class, drawn from the pool
+    DIR/images/test/<class>/test-00007.png       test split (from the 10k test set)
+    DIR/images/unlabeled_gold.csv                id,path,label: true labels of the pool
+    DIR/images/classes.toml                      class -> description
+    DIR/text/unlabeled.csv                       id,text (the pool; ids = WordNet offsets)
+    DIR/text/unlabeled_gold.csv                  id,text,label: the pool with true labels
+    DIR/text/labeled.csv                         id,text,label: K per class from the pool
+    DIR/text/test.csv                            id,text,label: disjoint from the pool
+    DIR/text/classes.toml                        class -> description for zero-shot
+    DIR/*/BUILD.json                             how the folder was built
+
+Labeled examples are also in the unlabeled pool (as in the paper), with the same content;
+for text they keep the same id. Everything is drawn with ``--seed``: the same flags give
+byte-identical files. Usage::
+
+    python examples/build_datasets.py --out data --labels-per-class 4 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import hashlib
+import json
+import random
+import re
+import shutil
+import struct
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+WORDNET_NOUNS = Path("/usr/share/wordnet/data.noun")
+
+FASHION_CLASSES = [
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle-boot",
+]
+"""Fashion-MNIST label i -> class name (also the folder name, so no '/' as in 'T-shirt/top')."""
+
+FASHION_DESCRIPTIONS = {
+    "t-shirt": "a t-shirt or top",
+    "trouser": "a pair of trousers",
+    "pullover": "a pullover sweater",
+    "dress": "a dress",
+    "coat": "a coat",
+    "sandal": "a sandal",
+    "shirt": "a shirt",
+    "sneaker": "a sneaker",
+    "bag": "a bag",
+    "ankle-boot": "an ankle boot",
+}
+
+WORDNET_CATEGORIES = {
+    "05": "animal",
+    "20": "plant",
+    "13": "food",
+    "18": "person",
+    "15": "location",
+    "06": "artifact",
+    "08": "body",
+    "27": "substance",
+}
+"""WordNet lexicographer file number (field 2 of data.noun) -> class name."""
+
+WORDNET_DESCRIPTIONS = {
+    "animal": "an animal, a living creature such as a mammal, bird, fish, reptile or insect",
+    "plant": "a plant, such as a tree, shrub, herb, flower, grass, moss or fungus",
+    "food": "food or drink, something people eat or drink such as a dish, fruit or beverage",
+    "person": "a person, a human being described by role, occupation, origin or character",
+    "location": "a location, a place or region such as a city, country, area or point",
+    "artifact": "an artifact, a man-made object such as a tool, device, building or garment",
+    "body": "a part of the body, such as an organ, bone, muscle, tissue or limb",
+    "substance": "a substance, a material or chemical such as a compound, mineral or liquid",
+}
+
+
+class BuildError(Exception):
+    """Bad source files or flags: printed on one line, exit code 2."""
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read a (gzipped) idx file of unsigned bytes.
+
+    Returns:
+        uint8 array of the stored shape: [N] labels or [N, H, W] images.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise BuildError(f"{path} is not an idx file of unsigned bytes")
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise BuildError(f"{path} holds {body.size} bytes but its header says {shape}")
+    return body.reshape(shape)
+
+
+FASHION_FILES = [
+    f"{prefix}-{kind}-idx{dims}-ubyte.gz"
+    for prefix in ("train", "t10k")
+    for kind, dims in (("images", 3), ("labels", 1))
+]
+
+
+def _require_fashion(folder: Path) -> None:
+    for name in FASHION_FILES:
+        if not (folder / name).is_file():
+            raise BuildError(
+                f"{folder / name} not found: apt-get install dataset-fashion-mnist, "
+                "or point --fashion-dir at the idx files"
+            )
+
+
+def _require_wordnet(path: Path) -> None:
+    if not path.is_file():
+        raise BuildError(
+            f"{path} not found: apt-get install wordnet-base, or point --wordnet-file at "
+            "WordNet's data.noun"
+        )
+
+
+def load_fashion(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Fashion-MNIST splits: ``{"train": (images [N, 28, 28], labels [N]), "test": ...}``."""
+    _require_fashion(folder)
+    splits = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images_path = folder / f"{prefix}-images-idx3-ubyte.gz"
+        labels_path = folder / f"{prefix}-labels-idx1-ubyte.gz"
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        if images.ndim != 3 or len(images) != len(labels):
+            raise BuildError(f"{images_path} and {labels_path} do not match")
+        splits[split] = (images, labels)
+    return splits
+
+
+def definition(gloss: str) -> str:
+    """The definition part of a WordNet gloss: everything before the first quoted example."""
+    text = gloss.strip()
+    if text.startswith('"'):
+        return ""  # examples only, no definition
+    # Examples follow '; "' (a few use ': "'); quotes inside a definition stay.
+    match = re.search(r'[;:]\s*"', text)
+    if match:
+        text = text[: match.start()]
+    return text.strip().rstrip(";:").strip()
+
+
+def read_wordnet_nouns(path: Path, categories: dict[str, str]) -> list[tuple[str, str, str]]:
+    """Noun synsets of the chosen lexicographer files as ``(id, definition, class)``.
+
+    The id is ``n`` + the synset offset (stable across runs). Synsets whose definition
+    repeats an earlier one (in file order) are dropped, so no text appears twice and no
+    text carries two labels.
+    """
+    _require_wordnet(path)
+    rows, seen = [], set()
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if not line[:1].isdigit() or " | " not in line:
+                continue  # licence header lines start with spaces
+            fields, gloss = line.split(" | ", 1)
+            offset, lex_file = fields.split(" ", 2)[:2]
+            if lex_file not in categories:
+                continue
+            text = definition(gloss)
+            if not text or text in seen:
+                continue
+            seen.add(text)
+            rows.append((f"n{offset}", text, categories[lex_file]))
+    if not rows:
+        raise BuildError(f"{path} has no noun synsets in the categories {sorted(categories)}")
+    return rows
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def sample_indices(n: int, limit: int | None, rng: random.Random) -> list[int]:
+    """``limit`` indices out of ``range(n)`` drawn without replacement (all if None), sorted."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(rng.sample(range(n), limit))
+
+
+def per_class(
+    labels: Sequence, pool: Sequence[int], k: int, rng: random.Random, classes: Sequence
+) -> list[int]:
+    """``k`` indices per class drawn from ``pool`` (a subset of the label positions), sorted."""
+    chosen = []
+    for cls in classes:
+        members = [i for i in pool if labels[i] == cls]
+        if len(members) < k:
+            raise BuildError(
+                f"class '{cls}' has only {len(members)} examples in the unlabeled pool, "
+                f"fewer than --labels-per-class {k}; raise --max-unlabeled"
+            )
+        chosen.extend(rng.sample(members, k))
+    return sorted(chosen)
+
+
+def _shuffle_key(sample_id: str) -> str:
+    return hashlib.sha1(sample_id.encode("utf-8")).hexdigest()
+
+
+def _rng(seed: int, purpose: str) -> random.Random:
+    # One independent stream per purpose: changing --max-test leaves the pool untouched.
+    return random.Random(f"zmdevice-{purpose}-{seed}")
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _write_classes(path: Path, descriptions: dict[str, str], comment: str) -> None:
+    lines = [f"# {comment}", "# class = description used as the zero-shot prompt"]
+    lines += [f"{json.dumps(name)} = {json.dumps(text)}" for name, text in descriptions.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode="L").save(path, optimize=True)
+
+
+class _Staging:
+    """Build a data set folder beside its target and swap it in only when complete.
+
+    An existing target is replaced only if an earlier build made it (it has BUILD.json), so
+    a wrong ``--out`` never deletes someone's folder.
+    """
+
+    def __init__(self, target: Path):
+        self.target = target
+        if target.exists() and not (target / "BUILD.json").is_file():
+            raise BuildError(
+                f"{target} exists and was not made by this script; remove it or choose "
+                "another --out"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+
+    def commit(self, build_info: dict) -> None:
+        (self.path / "BUILD.json").write_text(json.dumps(build_info, indent=2) + "\n")
+        if self.target.exists():
+            shutil.rmtree(self.target)
+        self.path.rename(self.target)
+
+    def abandon(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def build_images(
+    out: Path,
+    *,
+    fashion_dir: Path = FASHION_DIR,
+    labels_per_class: int = 4,
+    seed: int = 0,
+    max_unlabeled: int | None = None,
+    max_test: int | None = None,
+) -> dict:
+    """Write ``out`` (e.g. data/images) from Fashion-MNIST; returns the split sizes."""
+    splits = load_fashion(fashion_dir)
+    train_x, train_y = splits["train"]
+    test_x, test_y = splits["test"]
+    names = [FASHION_CLASSES[int(y)] for y in train_y]
+    pool = sample_indices(len(train_y), max_unlabeled, _rng(seed, "pool"))
+    labeled = per_class(names, pool, labels_per_class, _rng(seed, "labeled"), FASHION_CLASSES)
+    test = sample_indices(len(test_y), max_test, _rng(seed, "test"))
+
+    staging = _Staging(out)
+    try:
+        gold = []
+        for i in pool:
+            file_id = f"train-{i:05d}.png"
+            _save_png(train_x[i], staging.path / "unlabeled" / file_id)
+            gold.append((file_id, f"unlabeled/{file_id}", names[i]))
+        for i in labeled:
+            # Same pixels and file name as in unlabeled/: the labeled set is part of the pool.
+            source = staging.path / "unlabeled" / f"train-{i:05d}.png"
+            target = staging.path / "labeled" / names[i] / source.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+        for i in test:
+            cls = FASHION_CLASSES[int(test_y[i])]
+            _save_png(test_x[i], staging.path / "test" / cls / f"test-{i:05d}.png")
+        _write_csv(staging.path / "unlabeled_gold.csv", ("id", "path", "label"), gold)
+        _write_classes(
+            staging.path / "classes.toml",
+            FASHION_DESCRIPTIONS,
+            "Fashion-MNIST classes (folder names of labeled/ and test/)",
+        )
+        sizes = {"unlabeled": len(pool), "labeled": len(labeled), "test": len(test)}
+        staging.commit(
+            {
+                "source": "Fashion-MNIST (Zalando SE, MIT licence)",
+                "labels_per_class": labels_per_class,
+                "seed": seed,
+                "max_unlabeled": max_unlabeled,
+                "max_test": max_test,
+                "sizes": sizes,
+            }
+        )
+    except BaseException:
+        staging.abandon()
+        raise
+    return sizes
+
+
+def build_text(
+    out: Path,
+    *,
+    wordnet_file: Path = WORDNET_NOUNS,
+    labels_per_class: int = 4,
+    seed: int = 0,
+    max_unlabeled: int | None = None,
+    max_test: int | None = 5000,
+) -> dict:
+    """Write ``out`` (e.g. data/text) from WordNet noun definitions; returns the split sizes.
+
+    The test split is drawn first from all synsets; the unlabeled pool from the rest, so
+    no synset and no definition is in both.
+    """
+    rows = read_wordnet_nouns(wordnet_file, WORDNET_CATEGORIES)
+    classes = list(WORDNET_DESCRIPTIONS)
+    test = sample_indices(len(rows), max_test, _rng(seed, "test"))
+    test_set = set(test)
+    rest = [i for i in range(len(rows)) if i not in test_set]
+    pool = [rest[j] for j in sample_indices(len(rest), max_unlabeled, _rng(seed, "pool"))]
+    labels = [row[2] for row in rows]
+    labeled = per_class(labels, pool, labels_per_class, _rng(seed, "labeled"), classes)
+    # data.noun is grouped by category; list rows in a fixed pseudo-random order instead so
+    # the head of a file shows every class (ids, not positions, identify the rows).
+    pool, labeled, test = (
+        sorted(part, key=lambda i: _shuffle_key(rows[i][0])) for part in (pool, labeled, test)
+    )
+
+    staging = _Staging(out)
+    try:
+        folder = staging.path
+        _write_csv(folder / "unlabeled.csv", ("id", "text"), [rows[i][:2] for i in pool])
+        _write_csv(folder / "unlabeled_gold.csv", ("id", "text", "label"), [rows[i] for i in pool])
+        _write_csv(folder / "labeled.csv", ("id", "text", "label"), [rows[i] for i in labeled])
+        _write_csv(folder / "test.csv", ("id", "text", "label"), [rows[i] for i in test])
+        _write_classes(
+            folder / "classes.toml",
+            WORDNET_DESCRIPTIONS,
+            "WordNet 3.0 noun categories (lexicographer files) of the definitions",
+        )
+        sizes = {"unlabeled": len(pool), "labeled": len(labeled), "test": len(test)}
+        staging.commit(
+            {
+                "source": "WordNet 3.0 data.noun (Princeton University, WordNet 3.0 licence)",
+                "categories": {name: f"noun.{name}" for name in classes},
+                "labels_per_class": labels_per_class,
+                "seed": seed,
+                "max_unlabeled": max_unlabeled,
+                "max_test": max_test,
+                "sizes": sizes,
+            }
+        )
+    except BaseException:
+        staging.abandon()
+        raise
+    return sizes
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("data"), help="output folder")
+    parser.add_argument("--labels-per-class", type=int, default=4, help="K true labels per class")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    parser.add_argument(
+        "--max-unlabeled", type=int, default=None, help="cap on the unlabeled pool (default: all)"
+    )
+    parser.add_argument(
+        "--max-test",
+        type=int,
+        default=None,
+        help="cap on each test split (default: all 10k images; 5,000 texts)",
+    )
+    parser.add_argument("--only", choices=("images", "text"), help="build only one data set")
+    parser.add_argument("--fashion-dir", type=Path, default=FASHION_DIR)
+    parser.add_argument("--wordnet-file", type=Path, default=WORDNET_NOUNS)
+    args = parser.parse_args(argv)
+    for name in ("labels_per_class", "max_unlabeled", "max_test"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    common = {
+        "labels_per_class": args.labels_per_class,
+        "seed": args.seed,
+        "max_unlabeled": args.max_unlabeled,
+    }
+    try:
+        # Check every source first, so a missing one fails before an hour of building.
+        if args.only in (None, "images"):
+            _require_fashion(args.fashion_dir)
+        if args.only in (None, "text"):
+            _require_wordnet(args.wordnet_file)
+        if args.only in (None, "images"):
+            sizes = build_images(
+                args.out / "images", fashion_dir=args.fashion_dir, max_test=args.max_test, **common
+            )
+            print(f"{args.out / 'images'}: {sizes}")
+        if args.only in (None, "text"):
+            max_test = 5000 if args.max_test is None else args.max_test
+            sizes = build_text(
+                args.out / "text", wordnet_file=args.wordnet_file, max_test=max_test, **common
+            )
+            print(f"{args.out / 'text'}: {sizes}")
+    except BuildError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

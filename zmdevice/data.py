@@ -1,0 +1,702 @@
+"""Readers for the data sets zmdevice works on: text tables, image folders, image tables.
+
+Formats (see DESIGN.md):
+
+- **Text table**: CSV, JSONL or Parquet with a text column (``text``), an optional id column
+  (``id``) and an optional label column (``label``, class names). Column names come from
+  :class:`~zmdevice.config.DataOptions`.
+- **Image folder**: image files searched recursively; the id is the path relative to the
+  folder in POSIX form (``shirt/0001.png``). A folder whose images all sit inside
+  sub-folders is labeled: the label is the first path component (one sub-folder per class).
+  Files that are not images (README, CSV, ...) and hidden entries are ignored.
+- **Image table**: CSV, JSONL or Parquet with a ``path`` column (relative to the table's
+  folder, or absolute), optional ``id`` (default: the path as written) and ``label``. A
+  table is read as images when it has the path column and no text column, or when the
+  caller asks for ``modality="image"``.
+
+Empty text, id or label cells are errors (naming the row), not silently skipped rows.
+
+Ids are stable: given by the data, or derived from content (``t`` + 16 hex digits of the
+text's SHA-1; the n-th repeat of the same text gets ``~n``), never from the row position, so
+reordering rows keeps every id. Pseudo-labels are joined to data by these ids.
+
+Images stream from disk: an :class:`ImageDataset` holds only its relative paths; each image
+is opened in :meth:`ImageDataset.load_image` and converted to RGB there.
+
+Unreadable images: by default :meth:`ImageDataset.load_image` raises :class:`UserError`
+naming the file. With ``DataOptions(skip_corrupt=True)`` it raises :class:`CorruptImage`
+instead, which loaders catch and count; :func:`iter_images` shows the pattern::
+
+    skipped: list[str] = []
+    for index, image in iter_images(dataset, range(len(dataset)), skipped):
+        ...
+    print(f"skipped {len(skipped)} unreadable images")
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import tomllib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, overload
+
+from zmdevice.config import DataOptions
+from zmdevice.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
+FLAGS = {
+    "text_column": "--text-column",
+    "id_column": "--id-column",
+    "label_column": "--label-column",
+    "path_column": "--path-column",
+}
+
+
+class CorruptImage(UserError):
+    """An image file could not be read; raised only when ``skip_corrupt`` is set."""
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+@dataclass
+class TextDataset:
+    """A text table in memory: ``ids[i]``, ``texts[i]`` and optionally ``labels[i]``."""
+
+    source: Path
+    """The table it was read from."""
+    ids: list[str]
+    """Unique sample ids (given or derived from the text)."""
+    texts: list[str]
+    """The texts, one per sample."""
+    labels: list[str] | None = None
+    """Class names, or None for unlabeled data."""
+    modality: str = field(default="text", init=False)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> str:
+        return self.texts[index]
+
+    def fingerprint(self) -> str:
+        """SHA-256 hex digest of the ids and texts, in order (labels excluded)."""
+        digest = hashlib.sha256()
+        for sample_id, text in zip(self.ids, self.texts, strict=True):
+            digest.update(sample_id.encode("utf-8") + b"\0" + text.encode("utf-8") + b"\0")
+        return digest.hexdigest()
+
+    def describe(self, index: int) -> str:
+        """Where sample ``index`` comes from, for error messages."""
+        return f"row {index + 1} (id '{self.ids[index]}') of {self.source}"
+
+
+class _JoinedPaths(Sequence[Path]):
+    """``root / relative[i]`` computed on access, so a million paths cost only their strings."""
+
+    def __init__(self, root: Path, relative: list[str]):
+        self._root = root
+        self._relative = relative
+
+    def __len__(self) -> int:
+        return len(self._relative)
+
+    @overload
+    def __getitem__(self, index: int) -> Path: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Path]: ...
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._root / rel for rel in self._relative[index]]
+        return self._root / self._relative[index]
+
+
+@dataclass
+class ImageDataset:
+    """Images on disk, opened lazily one at a time by :meth:`load_image`."""
+
+    source: Path
+    """The folder or image table it was read from."""
+    ids: list[str]
+    """Unique sample ids (relative path, or the table's id column)."""
+    root: Path
+    """Folder the relative paths are relative to."""
+    relative_paths: list[str]
+    """Image paths relative to ``root`` (or absolute), one per sample."""
+    labels: list[str] | None = None
+    """Class names, or None for unlabeled data."""
+    options: DataOptions = field(default_factory=DataOptions)
+    """Corrupt-image policy (``skip_corrupt``)."""
+    modality: str = field(default="image", init=False)
+
+    @property
+    def paths(self) -> Sequence[Path]:
+        """Full image paths, computed on access (indexable like a list)."""
+        return _JoinedPaths(self.root, self.relative_paths)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load_image(self, index: int) -> Image.Image:
+        """Open image ``index`` and return it in RGB.
+
+        Grey, palette, CMYK and 16-bit images are converted; transparent images (RGBA, LA,
+        palette with transparency) are composited on white, so a transparent background
+        does not turn black.
+
+        Raises:
+            UserError: the file cannot be read (names the file, mentions --skip-corrupt).
+            CorruptImage: the same, when ``options.skip_corrupt`` is set.
+        """
+        path = self.root / self.relative_paths[index]
+        try:
+            return to_rgb(_open_image(path))
+        except (OSError, ValueError, SyntaxError) as error:
+            # PIL reports truncated/garbage files as OSError, UnidentifiedImageError (an
+            # OSError), ValueError or SyntaxError depending on the decoder.
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if self.options.skip_corrupt:
+                raise CorruptImage(f"unreadable image {path}: {reason}") from None
+            raise UserError(
+                f"unreadable image {path} (id '{self.ids[index]}'): {reason}; fix or delete "
+                "it, or pass --skip-corrupt to skip and count unreadable images"
+            ) from None
+
+    def __getitem__(self, index: int) -> Image.Image:
+        return self.load_image(index)
+
+    def fingerprint(self) -> str:
+        """SHA-256 hex digest of the ids and file sizes (cheap: no image is decoded)."""
+        digest = hashlib.sha256()
+        for sample_id, rel in zip(self.ids, self.relative_paths, strict=True):
+            try:
+                size = os.stat(self.root / rel).st_size
+            except OSError:
+                size = -1
+            digest.update(f"{sample_id}\0{size}\0".encode())
+        return digest.hexdigest()
+
+    def describe(self, index: int) -> str:
+        """Where sample ``index`` comes from, for error messages."""
+        return f"image '{self.ids[index]}' of {self.source}"
+
+
+def _open_image(path: Path) -> Image.Image:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()  # decode now, inside the try of the caller, and release the file
+        return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL image to 3-channel RGB; transparency is composited on white."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grey: scale to 8 bits instead of letting convert() clip at 255.
+        import numpy as np
+
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if array.max() > 255 else 255.0
+        grey = np.clip(np.rint(array / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode == "F":
+        import numpy as np
+
+        grey = np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return image.convert("RGB")
+
+
+def iter_images(
+    dataset: ImageDataset, indices: Iterable[int], skipped: list[str] | None = None
+) -> Iterator[tuple[int, Image.Image]]:
+    """Yield ``(index, RGB image)``; unreadable images are skipped when allowed.
+
+    With ``dataset.options.skip_corrupt`` an unreadable image is left out and its id is
+    appended to ``skipped`` (when given); otherwise the first one raises ``UserError``.
+    """
+    for index in indices:
+        try:
+            image = dataset.load_image(index)
+        except CorruptImage:
+            if skipped is not None:
+                skipped.append(dataset.ids[index])
+            continue
+        yield index, image
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def open_dataset(
+    path: str | os.PathLike,
+    options: DataOptions | None = None,
+    *,
+    modality: str | None = None,
+    require_labels: bool = False,
+) -> TextDataset | ImageDataset:
+    """Open a data set from disk.
+
+    Args:
+        path: a folder (images), or a ``.csv``/``.jsonl``/``.parquet`` table (text, or
+            images when it has the path column and no text column).
+        options: column names and corrupt-image policy.
+        modality: "text" or "image" to insist on one kind; None decides from the data.
+        require_labels: fail unless every sample has a label.
+
+    Returns:
+        A TextDataset or ImageDataset with unique ids.
+
+    Raises:
+        UserError: missing file/column, empty data, duplicate ids, unsupported file type,
+            missing labels when required, image table rows whose file is missing.
+    """
+    options = options or DataOptions()
+    if modality not in (None, "text", "image"):
+        raise ValueError(f"modality must be 'text', 'image' or None, got {modality!r}")
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"data not found: {path} does not exist; check the path")
+    if path.is_dir():
+        if modality == "text":
+            raise UserError(
+                f"{path} is a folder, but text data must be a CSV, JSONL or Parquet table"
+            )
+        return _open_image_folder(path, options, require_labels)
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        hint = " (a single image is not a data set: give its folder)" if _is_image(path) else ""
+        raise UserError(
+            f"unsupported file type '{path.suffix}' for {path}{hint}: use a .csv, .jsonl or "
+            ".parquet table, or a folder of images"
+        )
+    columns = _read_table(path)
+    is_image_table = modality == "image" or (
+        modality is None and options.path_column in columns and options.text_column not in columns
+    )
+    if is_image_table:
+        return _image_table(path, columns, options, require_labels)
+    return _text_table(path, columns, options, require_labels)
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _read_table(path: Path) -> dict[str, list]:
+    """Read a table into column name -> list of values (str, numbers or None)."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            try:
+                table = pq.read_table(path)
+            except (pa.ArrowInvalid, OSError) as error:
+                raise UserError(f"cannot read Parquet file {path}: {error}") from None
+            return {name: table.column(name).to_pylist() for name in table.column_names}
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            return _read_csv(path, handle) if suffix == ".csv" else _read_jsonl(path, handle)
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text ({error.reason}); save it as UTF-8") from None
+
+
+def _read_csv(path: Path, handle) -> dict[str, list]:
+    # The csv module's default 128 KiB field limit is too small for long documents.
+    csv.field_size_limit(2**31 - 1)
+    # strict: an unbalanced quote would otherwise swallow the rest of the file silently.
+    reader = csv.reader(handle, strict=True)
+    try:
+        return _read_csv_rows(path, reader)
+    except csv.Error as error:
+        raise UserError(f"line {reader.line_num} of {path} is not valid CSV: {error}") from None
+
+
+def _read_csv_rows(path: Path, reader) -> dict[str, list]:
+    header = next(reader, None)
+    if header is None:
+        raise UserError(f"empty data set: {path} has no header row and no rows")
+    header = [name.strip() for name in header]
+    columns: dict[str, list] = {name: [] for name in header}
+    if len(columns) != len(header):
+        raise UserError(f"{path} has a repeated column name in its header: {', '.join(header)}")
+    for row in reader:
+        if not row:
+            continue  # blank line
+        if len(row) > len(header):
+            raise UserError(
+                f"line {reader.line_num} of {path} has {len(row)} fields but the header has "
+                f"{len(header)}; quote texts that contain commas"
+            )
+        for i, name in enumerate(header):
+            columns[name].append(row[i] if i < len(row) else None)
+    return columns
+
+
+def _read_jsonl(path: Path, handle) -> dict[str, list]:
+    records = []
+    for line_number, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"line {line_number} of {path} is not valid JSON: {error}") from None
+        if not isinstance(record, dict):
+            raise UserError(f"line {line_number} of {path} is not a JSON object")
+        records.append(record)
+    names: dict[str, None] = {}
+    for record in records:
+        names.update(dict.fromkeys(record))
+    return {name: [record.get(name) for record in records] for name in names}
+
+
+def _column(path: Path, columns: dict[str, list], option: str, options: DataOptions) -> list:
+    name = getattr(options, option)
+    if name not in columns:
+        present = ", ".join(columns) or "(none)"
+        raise UserError(
+            f"{path} has no column '{name}' (columns: {present}); name the right one with "
+            f"{FLAGS[option]}"
+        )
+    return columns[name]
+
+
+def _as_text(value) -> str | None:
+    """A cell as a string; None for missing cells (None, NaN, empty string)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # label 3.0 from a float column means class "3"
+    text = str(value)
+    return text if text.strip() else None
+
+
+def _n_rows(columns: dict[str, list]) -> int:
+    return len(next(iter(columns.values()))) if columns else 0
+
+
+def _labels(
+    path: Path, columns: dict[str, list], options: DataOptions, require: bool
+) -> list[str] | None:
+    if options.label_column not in columns:
+        if require:
+            _column(path, columns, "label_column", options)  # raises the missing-column error
+        return None
+    labels = [_as_text(value) for value in columns[options.label_column]]
+    for row, label in enumerate(labels):
+        if label is None:
+            raise UserError(
+                f"row {row + 1} of {path} has no label in column '{options.label_column}'; "
+                "fill it in or remove the row"
+            )
+    return [label.strip() for label in labels]
+
+
+def _check_unique(ids: list[str], source: Path, what: str = "row") -> None:
+    first_seen: dict[str, int] = {}
+    for index, sample_id in enumerate(ids):
+        if sample_id in first_seen:
+            raise UserError(
+                f"duplicate id '{sample_id}' in {source}: {what}s {first_seen[sample_id] + 1} "
+                f"and {index + 1}; ids must be unique"
+            )
+        first_seen[sample_id] = index
+
+
+def content_id(text: str) -> str:
+    """The id derived from a text: 't' + the first 16 hex digits of its SHA-1."""
+    return "t" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _text_table(
+    path: Path, columns: dict[str, list], options: DataOptions, require_labels: bool
+) -> TextDataset:
+    raw_texts = _column(path, columns, "text_column", options)
+    if not raw_texts:
+        raise UserError(f"empty data set: {path} has no rows")
+    texts = []
+    for row, value in enumerate(raw_texts):
+        text = _as_text(value)
+        if text is None:
+            raise UserError(
+                f"row {row + 1} of {path} has no text in column '{options.text_column}'; "
+                "fill it in or remove the row"
+            )
+        texts.append(text)
+    if options.id_column in columns:
+        ids = []
+        for row, value in enumerate(columns[options.id_column]):
+            sample_id = _as_text(value)
+            if sample_id is None:
+                raise UserError(
+                    f"row {row + 1} of {path} has no id in column '{options.id_column}'; "
+                    "fill it in, or drop the column to derive ids from the texts"
+                )
+            ids.append(sample_id.strip())
+    else:
+        # Repeats of the same text get ~2, ~3... in order: identical texts are
+        # interchangeable, so this is still independent of where the rows sit.
+        seen: dict[str, int] = {}
+        ids = []
+        for text in texts:
+            base = content_id(text)
+            seen[base] = seen.get(base, 0) + 1
+            ids.append(base if seen[base] == 1 else f"{base}~{seen[base]}")
+    _check_unique(ids, path)
+    return TextDataset(
+        source=path, ids=ids, texts=texts, labels=_labels(path, columns, options, require_labels)
+    )
+
+
+def _image_table(
+    path: Path, columns: dict[str, list], options: DataOptions, require_labels: bool
+) -> ImageDataset:
+    raw_paths = _column(path, columns, "path_column", options)
+    if not raw_paths:
+        raise UserError(f"empty data set: {path} has no rows")
+    root = path.parent
+    relative = []
+    for row, value in enumerate(raw_paths):
+        rel = _as_text(value)
+        if rel is None:
+            raise UserError(f"row {row + 1} of {path} has an empty '{options.path_column}'")
+        rel = rel.strip()
+        if not (root / rel).is_file():
+            raise UserError(
+                f"row {row + 1} of {path}: image file '{rel}' not found (looked for "
+                f"{root / rel}); paths are relative to the table's folder"
+            )
+        relative.append(rel)
+    if options.id_column in columns:
+        ids = [_as_text(value) for value in columns[options.id_column]]
+        for row, sample_id in enumerate(ids):
+            if sample_id is None:
+                raise UserError(f"row {row + 1} of {path} has no id in '{options.id_column}'")
+        ids = [sample_id.strip() for sample_id in ids]
+    else:
+        ids = list(relative)
+    _check_unique(ids, path)
+    return ImageDataset(
+        source=path,
+        ids=ids,
+        root=root,
+        relative_paths=relative,
+        labels=_labels(path, columns, options, require_labels),
+        options=options,
+    )
+
+
+def _scan_images(folder: Path) -> list[str]:
+    """Relative POSIX paths of all image files under ``folder``, sorted; hidden ones skipped."""
+    found = []
+    visited: set[tuple[int, int]] = set()
+    # Symlinked folders are followed (data often lives elsewhere), but each real folder is
+    # entered once, so a link cycle cannot loop forever.
+    for directory, subdirs, files in os.walk(folder, followlinks=True):
+        stat = os.stat(directory)
+        if (stat.st_dev, stat.st_ino) in visited:
+            subdirs[:] = []
+            continue
+        visited.add((stat.st_dev, stat.st_ino))
+        subdirs[:] = sorted(name for name in subdirs if not name.startswith("."))
+        rel_dir = Path(directory).relative_to(folder)
+        for name in files:
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append((rel_dir / name).as_posix())
+    found.sort()
+    return found
+
+
+def _open_image_folder(folder: Path, options: DataOptions, require_labels: bool) -> ImageDataset:
+    relative = _scan_images(folder)
+    if not relative:
+        raise UserError(
+            f"empty data set: no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}"
+        )
+    in_subfolders = ["/" in rel for rel in relative]
+    labels = None
+    if all(in_subfolders):
+        labels = [rel.split("/", 1)[0] for rel in relative]
+    elif require_labels:
+        if not any(in_subfolders):
+            raise UserError(
+                f"labeled image folder {folder} has no class sub-folders: put each class's "
+                "images in a sub-folder named after the class"
+            )
+        loose = relative[in_subfolders.index(False)]
+        raise UserError(
+            f"labeled image folder {folder} has image '{loose}' outside the class sub-folders; "
+            "move it into the sub-folder of its class"
+        )
+    return ImageDataset(
+        source=folder,
+        ids=list(relative),
+        root=folder,
+        relative_paths=relative,
+        labels=labels,
+        options=options,
+    )
+
+
+# --------------------------------------------------------------------------- classes
+
+
+@dataclass
+class ClassList:
+    """Class names in order, with the prompts or descriptions the user gave for each.
+
+    ``prompts[name]`` is an empty list when the spec gave none (comma list, one-per-line
+    file): teachers then build prompts from the name and their templates.
+    """
+
+    names: list[str]
+    """Class names; index i is class i everywhere (pseudo-labels, student head, ONNX)."""
+    prompts: dict[str, list[str]]
+    """Class name -> user prompts/descriptions (possibly empty)."""
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def index(self, name: str) -> int:
+        """The class index of ``name`` (ValueError if unknown)."""
+        return self.names.index(name)
+
+    @property
+    def has_prompts(self) -> bool:
+        """True when at least one class came with its own prompts or descriptions."""
+        return any(self.prompts.values())
+
+
+def load_classes(spec: str) -> ClassList:
+    """Read a class list from a comma list, a text file, or a TOML/JSON file.
+
+    Args:
+        spec: ``"cat,dog"``; a ``.txt`` (or any other) file with one class per line
+            (blank lines and ``#`` comments ignored); or a ``.toml``/``.json`` file mapping
+            each class to a prompt string or a list of prompts (JSON may also be a list of
+            names; TOML may nest the mapping under ``[classes]``).
+
+    Raises:
+        UserError: missing file, malformed file, duplicate class, fewer than two classes.
+    """
+    spec = str(spec).strip()
+    path = Path(spec)
+    looks_like_file = path.suffix.lower() in (".toml", ".json", ".txt") or os.sep in spec
+    if path.is_file():
+        mapping = _read_class_file(path)
+        where = str(path)
+    elif looks_like_file and "," not in spec:
+        raise UserError(f"class file not found: {spec}; give a file or a comma list like 'a,b'")
+    else:
+        where = "--classes"
+        names = [name.strip() for name in spec.split(",")]
+        _check_names(names, where)
+        mapping = {name: [] for name in names}
+    names = list(mapping)
+    _check_names(names, where)
+    return ClassList(names=names, prompts=mapping)
+
+
+def _check_names(names: list[str], where: str) -> None:
+    if any(not name for name in names):
+        raise UserError(f"empty class name in {where}")
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise UserError(f"class '{name}' is listed twice in {where}")
+        seen.add(name)
+    if len(names) < 2:
+        raise UserError(f"{where} gives {len(names)} class(es); a classifier needs at least 2")
+
+
+def _read_class_file(path: Path) -> dict[str, list[str]]:
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8-sig")
+    if suffix == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise UserError(f"class file {path} is not valid TOML: {error}") from None
+        if set(data) == {"classes"}:
+            data = data["classes"]
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserError(f"class file {path} is not valid JSON: {error}") from None
+    else:
+        names = []
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                names.append(line)
+        _check_names(names, str(path))
+        return {name: [] for name in names}
+    if isinstance(data, list) and all(isinstance(name, str) for name in data):
+        names = [name.strip() for name in data]
+        _check_names(names, str(path))
+        return {name: [] for name in names}
+    if not isinstance(data, dict):
+        raise UserError(f"class file {path} must map each class name to its prompt(s)")
+    mapping: dict[str, list[str]] = {}
+    for name, value in data.items():
+        if isinstance(value, str):
+            prompts = [value]
+        elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+            prompts = list(value)
+        else:
+            raise UserError(
+                f"class '{name}' in {path} must map to a string or a list of strings, "
+                f"got {type(value).__name__}"
+            )
+        mapping[name.strip()] = [prompt for prompt in prompts if prompt.strip()]
+    return mapping
+
+
+def label_indices(dataset: TextDataset | ImageDataset, classes: ClassList) -> np.ndarray:
+    """Class index of every sample's label.
+
+    Returns:
+        int64 array [N].
+
+    Raises:
+        UserError: the data set has no labels, or a label is not one of the classes.
+    """
+    import numpy as np
+
+    if dataset.labels is None:
+        kind = "a label column" if dataset.modality == "text" else "class sub-folders"
+        raise UserError(f"{dataset.source} has no labels: labeled data needs {kind}")
+    lookup = {name: i for i, name in enumerate(classes.names)}
+    out = np.empty(len(dataset.labels), dtype=np.int64)
+    for i, label in enumerate(dataset.labels):
+        if label not in lookup:
+            raise UserError(
+                f"unknown label '{label}' at {dataset.describe(i)}; "
+                f"the classes are: {', '.join(classes.names)}"
+            )
+        out[i] = lookup[label]
+    return out
