@@ -1,0 +1,140 @@
+"""Evaluate a trained student (PyTorch) on labeled data: `zmdevice evaluate models/NAME`.
+
+The student sees exactly the inputs it is trained and exported with: the ``clean`` image
+view of ``zmdevice.augment`` (the twin of the numpy runtime's preprocessing) or its own
+tokenizer. The exported-ONNX twin of this command is ``runtime.run_evaluate_onnx``; both
+return the same summary fields.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zmdevice.config import DataOptions
+from zmdevice.data import ClassList, label_indices, open_dataset
+from zmdevice.device import resolve_device
+from zmdevice.errors import UserError
+from zmdevice.metrics import classification_report, format_report
+from zmdevice.students import load_student
+
+
+def predict_student(
+    student, dataset, batch_size: int = 64, device: str | torch.device = "cpu"
+) -> np.ndarray:
+    """Class probabilities of every sample of ``dataset``, in dataset order.
+
+    Args:
+        student: a ``Student`` (switched to eval mode, moved to ``device`` and, for images,
+            to the faster channels-last layout).
+        dataset: a ``zmdevice.data`` TextDataset or ImageDataset of the student's modality.
+        batch_size: samples per forward pass.
+        device: where the forward passes run.
+
+    Returns:
+        float32 array [N, C], rows summing to 1.
+    """
+    if dataset.modality != student.modality:
+        raise UserError(
+            f"{dataset.source} holds {dataset.modality} data but the student classifies "
+            f"{student.modality}s: evaluate on {student.modality} data"
+        )
+    device = torch.device(device)
+    student.eval().to(device).use_channels_last()
+    probs = np.zeros((len(dataset), len(student.classes)), dtype=np.float32)
+    with torch.inference_mode():
+        for indices, inputs in _batches(student, dataset, batch_size):
+            inputs = {name: value.to(device) for name, value in inputs.items()}
+            logits = student(**inputs).float()
+            probs[indices] = torch.softmax(logits, dim=1).cpu().numpy()
+    return probs
+
+
+def _batches(student, dataset, batch_size: int):
+    """Yield (sample indices, model inputs) of ``batch_size`` samples."""
+    if student.modality == "image":
+        from zmdevice.augment import image_transforms
+
+        preprocess = student.config["preprocess"]
+        clean = image_transforms(preprocess["image_size"], preprocess["mean"], preprocess["std"])[
+            "clean"
+        ]
+        for start in range(0, len(dataset), batch_size):
+            indices = np.arange(start, min(start + batch_size, len(dataset)))
+            pixels = torch.stack([clean(dataset.load_image(int(i))) for i in indices])
+            yield indices, {"pixel_values": pixels}
+    else:
+        # Texts of similar length share a batch, so little compute goes to padding; the
+        # mask-aware pooling makes the result independent of the batch's padding.
+        order = np.argsort([len(text) for text in dataset.texts], kind="stable")
+        for start in range(0, len(order), batch_size):
+            indices = order[start : start + batch_size]
+            input_ids, attention_mask = student.encode_texts([dataset.texts[i] for i in indices])
+            yield indices, {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def format_confusion(confusion: list[list[int]], class_names: list[str]) -> list[str]:
+    """Confusion matrix as text lines: one row per true class, columns = predicted class."""
+    width = max(len(name) for name in class_names)
+    cell = max(4, len(str(max((max(row) for row in confusion), default=0))) + 1)
+    header = " " * (width + 2) + "".join(f"{j:>{cell}}" for j in range(len(class_names)))
+    lines = ["confusion (rows: true class, columns: predicted class index)", header]
+    for i, (name, row) in enumerate(zip(class_names, confusion, strict=True)):
+        lines.append(f"  {name:<{width}}" + "".join(f"{n:>{cell}}" for n in row) + f"  [{i}]")
+    return lines
+
+
+def run_evaluate_student(
+    model_dir: str | Path,
+    data: str | Path,
+    *,
+    device: str = "auto",
+    text_column: str = "text",
+    label_column: str = "label",
+    batch_size: int = 64,
+) -> dict:
+    """Accuracy, macro-F1, per-class scores and confusion of a trained student on ``data``.
+
+    Args:
+        model_dir: a folder written by ``zmdevice train`` (``students.save_student``).
+        data: labeled test data of the student's modality (table with a label column, or
+            an image folder with one sub-folder per class).
+        device: auto, cpu, cuda, cuda:N or mps.
+        text_column: the text column of a table.
+        label_column: the label column of a table.
+        batch_size: samples per forward pass.
+
+    Returns:
+        ``metrics.classification_report`` fields (accuracy, macro_f1, count, per_class,
+        confusion) plus ``model``, ``data``, ``classes``, ``device`` and ``lines``.
+    """
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    torch_device = resolve_device(device)
+    student = load_student(model_dir, device=torch_device)
+    classes = student.classes
+    options = DataOptions(text_column=text_column, label_column=label_column)
+    dataset = open_dataset(Path(data), options, modality=student.modality, require_labels=True)
+    foreign = sorted(set(dataset.labels) - set(classes))
+    if foreign:
+        shown = ", ".join(f"'{name}'" for name in foreign[:5])
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise UserError(
+            f"{data}: label(s) {shown}{more} are not classes of the student {model_dir} "
+            f"(its classes: {', '.join(classes)}); evaluate on data labeled with those classes"
+        )
+    truth = label_indices(dataset, ClassList(names=classes, prompts={}))
+    probs = predict_student(student, dataset, batch_size=batch_size, device=torch_device)
+    report = classification_report(truth, probs.argmax(axis=1), classes)
+    lines = format_report(report, classes, f"{Path(model_dir).name} on {data}")
+    lines += format_confusion(report["confusion"], classes)
+    return {
+        **report,
+        "model": str(model_dir),
+        "data": str(data),
+        "classes": classes,
+        "device": str(torch_device),
+        "lines": lines,
+    }
