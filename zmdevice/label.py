@@ -1,0 +1,422 @@
+"""`zmdevice label`: run a foundation model zero-shot once over the data, write pseudo-labels.
+
+The run streams: a torch ``DataLoader`` prepares samples in worker processes (the teacher's
+own ``prepare``/``collate``), the teacher predicts batch by batch, and every
+``CHUNK_BATCHES`` batches become one finished "part" file in ``.NAME.parquet.parts/``
+beside the output. Parts are complete pseudo-label files written atomically, so a killed run
+loses at most one chunk: ``--resume`` checks that the parts were made with the same settings,
+skips the samples they hold and labels the rest. At the end the parts are joined, in data
+order, into the output file (one row group per chunk) and the folder is removed. Because
+chunk boundaries depend only on the data order and the batch size, a resumed run writes the
+same rows as an uninterrupted one.
+
+``--shard I/N`` labels the I-th of N contiguous slices of the data (0-based) into
+``NAME.shard-I-of-N.parquet``; the same command with ``--combine`` instead of ``--shard``
+joins the N shard files into ``NAME.parquet``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from zmdevice.config import LabelConfig
+from zmdevice.errors import UserError, write_text_atomic
+from zmdevice.pseudolabels import (
+    DEFAULT_MANTISSA_BITS,
+    DEFAULT_MAX_KL,
+    PseudoLabelWriter,
+    build_metadata,
+    combine_pseudolabels,
+    default_top_k,
+    read_metadata,
+)
+
+CHUNK_BATCHES = 16
+"""Batches per part file: the most work a killed run can lose."""
+
+
+def default_out(data: Path) -> Path:
+    """labels/<data name>.parquet (the folder name for an image folder)."""
+    name = data.name if data.is_dir() else data.stem
+    return Path("labels") / f"{name}.parquet"
+
+
+def parse_shard(shard: str | None) -> tuple[int, int] | None:
+    """'I/N' -> (I, N) with 0 <= I < N; None stays None."""
+    if shard is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", shard)
+    if not match or not int(match[1]) < int(match[2]):
+        raise UserError(f"--shard '{shard}': use I/N with 0 <= I < N, e.g. --shard 0/4")
+    return int(match[1]), int(match[2])
+
+
+def shard_path(out: Path, index: int, count: int) -> Path:
+    """Where shard I of N of ``out`` goes: NAME.shard-I-of-N.parquet."""
+    return out.with_name(f"{out.stem}.shard-{index}-of-{count}{out.suffix}")
+
+
+def shard_range(length: int, index: int, count: int) -> range:
+    """The I-th of N contiguous, near-equal slices of range(length)."""
+    return range(length * index // count, length * (index + 1) // count)
+
+
+class _Prepared:
+    """torch Dataset view: index -> (index, teacher.prepare(sample)) or (index, None)."""
+
+    def __init__(self, dataset, prepare, indices):
+        self.dataset, self.prepare, self.indices = dataset, prepare, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        from zmdevice.data import CorruptImage
+
+        index = self.indices[position]
+        try:
+            raw = (
+                self.dataset.load_image(index)
+                if self.dataset.modality == "image"
+                else (self.dataset.texts[index])
+            )
+        except CorruptImage:
+            return index, None
+        return index, self.prepare(raw)
+
+
+class _Collate:
+    """Drops unreadable samples and collates the rest with the teacher's collate."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, items):
+        kept = [(i, x) for i, x in items if x is not None]
+        skipped = [i for i, x in items if x is None]
+        batch = self.collate([x for _, x in kept]) if kept else None
+        return [i for i, _ in kept], batch, skipped
+
+
+def pick_workers(requested: int | None, teacher) -> int:
+    """Worker processes: as asked, else up to 4 leaving a core to the model; 0 when the
+    teacher's preprocessing cannot be sent to a spawned worker (macOS/Windows)."""
+    import multiprocessing
+
+    default = min(4, max((os.cpu_count() or 1) - 1, 0))
+    workers = requested if requested is not None else default
+    if workers and multiprocessing.get_start_method() != "fork":
+        try:
+            pickle.dumps((teacher.prepare, teacher.collate))
+        except Exception:  # closures and local objects cannot cross to a spawned process
+            return 0
+    return workers
+
+
+def iterate_batches(dataset, teacher, indices, batch_size: int, workers: int):
+    """Yield (indices kept, probabilities float32 [b, C] numpy, indices skipped) per batch."""
+    import torch
+
+    loader = torch.utils.data.DataLoader(
+        _Prepared(dataset, teacher.prepare, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_Collate(teacher.collate),
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
+    for kept, batch, skipped in loader:
+        probs = teacher.predict_proba(batch).numpy() if kept else np.zeros((0, 0), np.float32)
+        yield kept, probs, skipped
+
+
+def _settings(config: LabelConfig, fingerprint: str, shard, top_k: int, count: int) -> dict:
+    """What a resumed run must share with the interrupted one."""
+    return {
+        "data": str(Path(config.data).resolve()),
+        "fingerprint": fingerprint,
+        "classes": config.classes,
+        "teacher": config.teacher,
+        "templates": config.templates,
+        "top_k": top_k,
+        "shard": list(shard) if shard else None,
+        "batch_size": config.batch_size,
+        "chunk_batches": CHUNK_BATCHES,
+        "count": count,
+        "skip_corrupt": config.data_options.skip_corrupt,
+    }
+
+
+def run_label(config: LabelConfig) -> dict:
+    """Label ``config.data`` with ``config.teacher``; see the module docstring.
+
+    Returns:
+        Summary dict (output path, counts, throughput, sizes, quality) with ``lines``.
+    """
+    from zmdevice.data import label_indices, load_classes, open_dataset
+    from zmdevice.device import resolve_device
+    from zmdevice.teachers import build_teacher, teacher_modality
+
+    out = Path(config.out) if config.out else default_out(Path(config.data))
+    if config.combine:
+        return _combine(config, out)
+    shard = parse_shard(config.shard)
+    classes = load_classes(config.classes)
+    dataset = open_dataset(config.data, config.data_options)
+    modality = teacher_modality(config.teacher)
+    if modality != dataset.modality:
+        raise UserError(
+            f"--teacher {config.teacher} labels {modality}s but {config.data} holds "
+            f"{dataset.modality}s: pick a {dataset.modality} teacher"
+        )
+    gold = None
+    if config.gold is not None:
+        gold = open_dataset(config.gold, config.data_options, require_labels=True)
+        gold_truth = label_indices(gold, classes)
+    if shard is not None:
+        out = shard_path(out, *shard)
+    indices = shard_range(len(dataset), *shard) if shard else range(len(dataset))
+    if len(indices) == 0:
+        raise UserError(f"{config.data}: no samples to label (shard {config.shard} is empty)")
+    parts_dir = out.with_name(f".{out.name}.parts")
+    top_k = config.top_k or default_top_k(len(classes))
+    fingerprint = dataset.fingerprint()
+    settings = _settings(config, fingerprint, shard, top_k, len(indices))
+    done_parts = _prepare_parts(parts_dir, settings, config.resume, out)
+    device = resolve_device(config.device)
+    teacher = build_teacher(config.teacher, classes, device=device, templates=config.templates)
+    run = json.loads((parts_dir / "run.json").read_text())
+    metadata = build_metadata(
+        classes=classes.names,
+        teacher=teacher.info,
+        data={
+            "source": str(config.data),
+            "modality": dataset.modality,
+            "fingerprint": fingerprint,
+            "count": len(dataset),
+            "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+        },
+        top_k=top_k,
+        max_kl=DEFAULT_MAX_KL,
+        mantissa_bits=DEFAULT_MANTISSA_BITS,
+        prompts={n: classes.prompts.get(n, []) for n in classes.names},
+        templates=config.templates,
+        created=run["created"],
+    )
+
+    chunk = config.batch_size * CHUNK_BATCHES
+    chunks = [indices[s : s + chunk] for s in range(0, len(indices), chunk)]
+    workers = pick_workers(config.workers, teacher)
+    started = time.perf_counter()
+    labeled_now = _label_chunks(
+        dataset, teacher, chunks, done_parts, config.batch_size, workers, parts_dir, metadata
+    )
+    elapsed = time.perf_counter() - started
+
+    quality, quality_lines = None, []
+    if gold is not None:
+        quality, quality_lines = _gold_report(
+            gold, gold_truth, teacher, classes.names, config.batch_size, workers, config.gold
+        )
+    parts = [parts_dir / f"part-{j:06d}.parquet" for j in range(len(chunks))]
+    combined = combine_pseudolabels(
+        parts, out, metadata_update={"quality": quality, "created": run["created"]}
+    )
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    return _summary(out, combined, labeled_now, elapsed, quality_lines, workers, device)
+
+
+def _label_chunks(dataset, teacher, chunks, done, batch_size, workers, parts_dir, metadata):
+    """Label the chunks not in ``done`` through one DataLoader; write a part file per chunk.
+
+    Chunks are whole batches (except the very last), so batches never straddle two chunks.
+
+    Returns:
+        How many samples were labeled now.
+    """
+    from tqdm import tqdm
+
+    todo = [j for j in range(len(chunks)) if j not in done]
+    progress = tqdm(
+        total=sum(len(c) for c in chunks),
+        initial=sum(len(chunks[j]) for j in done if j < len(chunks)),
+        unit=dataset.modality,
+        desc=f"label {parts_dir.name[1 : -len('.parts')]}",
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    remaining = [i for j in todo for i in chunks[j]]
+    current, seen, labeled = iter(todo), 0, 0
+    chunk = next(current, None)
+    ids: list[str] = []
+    probs_list: list[np.ndarray] = []
+    skipped_ids: list[str] = []
+    stats_before = dict(teacher.stats)
+    for kept, probs, skipped in iterate_batches(dataset, teacher, remaining, batch_size, workers):
+        ids += [dataset.ids[i] for i in kept]
+        skipped_ids += [dataset.ids[i] for i in skipped]
+        if kept:
+            probs_list.append(probs)
+        seen += len(kept) + len(skipped)
+        labeled += len(kept)
+        progress.update(len(kept) + len(skipped))
+        if seen == len(chunks[chunk]):
+            # Only this chunk's share of the teacher's counters goes into its part.
+            stats = {k: v - stats_before.get(k, 0) for k, v in teacher.stats.items()}
+            stats_before = dict(teacher.stats)
+            _write_part(parts_dir, chunk, metadata, ids, probs_list, skipped_ids, stats)
+            ids, probs_list, skipped_ids, seen = [], [], [], 0
+            chunk = next(current, None)
+    progress.close()
+    return labeled
+
+
+def _prepare_parts(parts_dir: Path, settings: dict, resume: bool, out: Path) -> set[int]:
+    """Create or validate the parts folder; return the chunk numbers already done."""
+    import datetime
+
+    run_file = parts_dir / "run.json"
+    if parts_dir.exists() and run_file.exists():
+        previous = json.loads(run_file.read_text())
+        done = {int(p.stem.split("-")[1]) for p in parts_dir.glob("part-*.parquet")}
+        if not resume and done:
+            raise UserError(
+                f"{out}: an interrupted run left {len(done)} finished chunk(s) in {parts_dir}; "
+                "pass --resume to continue it, or delete that folder to start over"
+            )
+        differs = [k for k in settings if previous["settings"].get(k) != settings[k]]
+        if differs and done:
+            raise UserError(
+                f"--resume: the interrupted run in {parts_dir} used other settings "
+                f"({', '.join(differs)}); rerun with the same ones, or delete that folder"
+            )
+        if done:
+            return done
+    if parts_dir.exists():
+        shutil.rmtree(parts_dir)
+    parts_dir.mkdir(parents=True)
+    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    write_text_atomic(run_file, json.dumps({"settings": settings, "created": created}))
+    return set()
+
+
+def _write_part(parts_dir, number, metadata, ids, probs, skipped, stats) -> None:
+    part_meta = dict(metadata)
+    part_meta["skipped"] = {"count": len(skipped), "examples": skipped[:10]}
+    if stats:
+        part_meta["answers"] = stats
+    with PseudoLabelWriter(parts_dir / f"part-{number:06d}.parquet", part_meta) as writer:
+        if ids:
+            writer.write_probs(ids, np.concatenate(probs))
+
+
+def _gold_report(gold, truth, teacher, names, batch_size, workers, path):
+    from zmdevice.metrics import classification_report, format_report
+
+    keep, predicted = [], []
+    for kept, probs, _ in iterate_batches(gold, teacher, range(len(gold)), batch_size, workers):
+        keep += kept
+        if len(kept):
+            predicted.append(probs.argmax(1))
+    if not keep:
+        raise UserError(f"--gold {path}: no readable samples to measure the teacher on")
+    report = classification_report(truth[keep], np.concatenate(predicted), names)
+    report["gold"] = str(path)
+    return report, format_report(report, names, f"teacher on gold labels ({path})")
+
+
+def _summary(out, metadata, labeled_now, elapsed, quality_lines, workers, device) -> dict:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out, columns=["label"])
+    labels = table.column("label").to_numpy()
+    names = metadata["classes"]
+    counts = np.bincount(labels, minlength=len(names)) if len(labels) else np.zeros(len(names))
+    size = out.stat().st_size
+    rate = labeled_now / elapsed if elapsed > 0 else 0.0
+    skipped = (metadata.get("skipped") or {}).get("count", 0)
+    answers = metadata.get("answers")
+    lines = [
+        f"wrote {out}: {len(labels)} samples, {len(names)} classes, teacher "
+        f"{metadata['teacher']['spec']}",
+        f"  {rate:.1f} samples/s this run on {device} ({workers} loader workers); "
+        f"{size / max(len(labels), 1):.1f} bytes/sample ({size / 1024:.1f} KiB)",
+        "  pseudo-label counts: "
+        + ", ".join(f"{n} {int(c)}" for n, c in zip(names, counts, strict=True)),
+    ]
+    if skipped:
+        lines.append(
+            f"  skipped {skipped} unreadable samples (e.g. {metadata['skipped']['examples'][0]})"
+        )
+    if answers:
+        lines.append(
+            f"  LLM answers: {answers.get('mapped', 0)} mapped to a class, "
+            f"{answers.get('unmapped', 0)} unmappable (labeled by class-name likelihood)"
+        )
+    lines += quality_lines
+    return {
+        "out": str(out),
+        "count": int(len(labels)),
+        "classes": names,
+        "teacher": metadata["teacher"]["spec"],
+        "samples_per_s": rate,
+        "bytes": size,
+        "bytes_per_sample": size / max(len(labels), 1),
+        "label_counts": {n: int(c) for n, c in zip(names, counts, strict=True)},
+        "skipped": skipped,
+        "answers": answers,
+        "quality": metadata.get("quality"),
+        "lines": lines,
+    }
+
+
+def _combine(config: LabelConfig, out: Path) -> dict:
+    """Join NAME.shard-I-of-N.parquet (I = 0..N-1) beside ``out`` into ``out``."""
+    pattern = re.compile(re.escape(out.stem) + r"\.shard-(\d+)-of-(\d+)" + re.escape(out.suffix))
+    found = {}
+    for path in out.parent.glob(f"{out.stem}.shard-*-of-*{out.suffix}"):
+        match = pattern.fullmatch(path.name)
+        if match:
+            found[(int(match[1]), int(match[2]))] = path
+    if not found:
+        raise UserError(
+            f"--combine: no shard files {out.stem}.shard-I-of-N{out.suffix} in "
+            f"{out.parent.resolve()}; copy the shards there or give --out"
+        )
+    totals = {n for _, n in found}
+    if len(totals) > 1:
+        raise UserError(
+            f"--combine: shard files of different splits ({sorted(totals)}) in "
+            f"{out.parent}; keep one set of N"
+        )
+    total = totals.pop()
+    missing = [i for i in range(total) if (i, total) not in found]
+    if missing:
+        raise UserError(
+            f"--combine: shard(s) {', '.join(map(str, missing))} of {total} missing in "
+            f"{out.parent} (expected {shard_path(out, missing[0], total).name})"
+        )
+    paths = [found[(i, total)] for i in range(total)]
+    first = read_metadata(paths[0])
+    if first["teacher"].get("name") != config.teacher:
+        raise UserError(
+            f"--combine: {paths[0]} was labeled by teacher '{first['teacher'].get('name')}', "
+            f"not '{config.teacher}'"
+        )
+    from zmdevice.data import load_classes
+    from zmdevice.pseudolabels import check_classes
+
+    check_classes(paths[0], first["classes"], load_classes(config.classes).names)
+    started = time.perf_counter()
+    combined = combine_pseudolabels(paths, out)
+    return _summary(out, combined, 0, time.perf_counter() - started, [], 0, "-")

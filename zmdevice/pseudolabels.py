@@ -1,0 +1,650 @@
+"""The pseudo-label file: a foundation model's zero-shot class probabilities, compact and id-keyed.
+
+One Parquet file (zstd), one row per sample:
+
+- ``id`` (string): the sample id of the data set (joined by id, never by position);
+- ``label`` (int16/int32): the argmax class index;
+- ``topk_idx`` (list of int16/int32): class indices, most probable first;
+- ``topk_prob`` (list of float16): their probabilities.
+
+Rows keep the top classes until the rest (the "tail") carries so little information that
+spreading its mass evenly costs at most ``max_kl`` nats of KL(full || stored), and never
+more than ``top_k`` classes. So a confident sample stores one or two numbers and a diffuse one
+up to ``top_k``. Reading spreads the residual mass ``1 - sum(topk_prob)`` evenly over the
+classes a row does not list (:meth:`PseudoLabels.dense_probs`).
+
+Precision: values below 0.5 keep ``mantissa_bits`` (6) of float16's 10 mantissa bits (relative
+error < 1.6%, which costs ~1e-5..1e-4 nats and makes them compress); a value >= 0.5 keeps all
+10, because its rounding error would otherwise swamp a tiny tail mass. Values are rounded
+so that a row's stored sum never exceeds its true kept mass (see ``_round_to_mass``). With the
+defaults (``max_kl`` 6e-4 per row) measured files are ~0.43-0.48x a float32 ``.npy`` of the
+same probabilities at 10 classes and ~0.1x at 1,000, at a mean KL of ~4e-4..7e-4 nats
+(``benchmarks/bench_label.py``). Rows are buffered into row groups of ``ROW_GROUP_ROWS``.
+
+File-level metadata is one JSON document under the Parquet key-value key
+``zmdevice.pseudolabels``:
+format and zmdevice versions, class names and prompts, teacher spec and preprocessing,
+templates, creation time, the data fingerprint, ``top_k``/``max_kl`` and, when the labeling
+run had gold labels, the quality report.
+
+Ground floor: numpy and pyarrow only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from zmdevice import __version__
+from zmdevice.errors import UserError, atomic_path
+
+FORMAT = "zmdevice-pseudolabels"
+FORMAT_VERSION = 1
+METADATA_KEY = b"zmdevice.pseudolabels"
+TOP_K_CAP = 1024
+"""Default ``top_k``: every class up to this many; ``max_kl`` decides what a row keeps."""
+DEFAULT_MAX_KL = 6e-4
+"""Default per-sample KL budget (nats) for dropping the tail (and so a bound on the mean)."""
+FULL_PRECISION_ABOVE = 0.5
+DEFAULT_MANTISSA_BITS = 6
+GREEDY_COLUMNS = 16
+"""Largest values rounded one at a time in ``_round_to_mass``; the rest vectorised."""
+ROW_GROUP_ROWS = 8192
+"""Rows buffered per Parquet row group: zstd compresses large groups much better."""
+"""float16 mantissa bits kept below 0.5: relative error < 2**-6, KL cost ~5e-5 nats."""
+
+
+def default_top_k(num_classes: int) -> int:
+    """All classes up to ``TOP_K_CAP``."""
+    return min(num_classes, TOP_K_CAP)
+
+
+@dataclass
+class CompressedRows:
+    """A batch of probabilities in the file's row encoding (ragged top-k lists).
+
+    Attributes:
+        label: int64 [B] argmax class.
+        counts: int64 [B] classes kept per row (1..top_k).
+        idx: int64 [sum(counts)] kept class indices, row after row, most probable first.
+        prob: float16 [sum(counts)] their probabilities.
+    """
+
+    label: np.ndarray
+    counts: np.ndarray
+    idx: np.ndarray
+    prob: np.ndarray
+
+
+def compress_probs(
+    probs: np.ndarray,
+    top_k: int,
+    max_kl: float = DEFAULT_MAX_KL,
+    mantissa_bits: int = DEFAULT_MANTISSA_BITS,
+) -> CompressedRows:
+    """Keep, per row, the fewest top classes whose even-tail reconstruction is within max_kl.
+
+    With the classes sorted by probability ``p_1 >= ... >= p_C`` and ``k`` kept, the stored
+    distribution gives each of the ``C - k`` others ``r_k / (C - k)`` with ``r_k`` the tail
+    mass, so KL(p || q_k) = sum_{i>k} p_i log p_i - r_k log(r_k / (C - k)), computed for
+    every ``k`` at once from reverse cumulative sums.
+
+    Args:
+        probs: float [B, C] probabilities (rows sum to 1).
+        top_k: most classes kept per row.
+        max_kl: per-row KL budget in nats; 0 keeps exactly ``top_k``.
+        mantissa_bits: float16 mantissa bits kept (10 = full float16).
+
+    Returns:
+        The rows in ragged form.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    # float32 teacher outputs sum to 1 only within ~1e-7; the tail arithmetic needs exact.
+    probs = probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-300)
+    batch, num_classes = probs.shape
+    top_k = max(1, min(int(top_k), num_classes))
+    order = np.argsort(-probs, axis=1, kind="stable")
+    sorted_p = np.take_along_axis(probs, order, axis=1)
+    if max_kl > 0 and top_k > 1:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            plogp = np.where(sorted_p > 0, sorted_p * np.log(sorted_p), 0.0)
+        # tail_*[:, k] = sums over sorted positions k..C-1 (the tail when k classes are kept).
+        tail_mass = np.cumsum(sorted_p[:, ::-1], axis=1)[:, ::-1]
+        tail_plogp = np.cumsum(plogp[:, ::-1], axis=1)[:, ::-1]
+        kept = np.arange(1, top_k + 1)
+        mass = np.clip(tail_mass[:, kept[kept < num_classes]], 0.0, None)
+        spread = num_classes - kept[kept < num_classes]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            even = np.where(mass > 0, mass * np.log(mass / spread), 0.0)
+        kl = tail_plogp[:, kept[kept < num_classes]] - even
+        if kl.shape[1] < top_k:  # keeping every class is exact
+            kl = np.concatenate([kl, np.zeros((batch, 1))], axis=1)
+        within = kl <= max_kl
+        within[:, -1] = True
+        counts = np.argmax(within, axis=1) + 1
+    else:
+        counts = np.full(batch, top_k)
+    width = int(counts.max())  # float16 conversion is slow: only the columns any row keeps
+    head = round_down_float16(sorted_p[:, :width], mantissa_bits)
+    # A probability that underflows float16 joins the tail instead of being stored as 0,
+    # which would give it zero mass (infinite KL) on reading.
+    counts = np.maximum(np.minimum(counts, (head > 0).sum(axis=1)), 1)
+    mask = np.arange(width)[None, :] < counts[:, None]
+    tail_mass = 1.0 - np.where(mask, sorted_p[:, :width], 0.0).sum(axis=1)
+    head = _round_to_mass(head, mask, 1.0 - tail_mass, mantissa_bits)
+    return CompressedRows(
+        label=order[:, 0].astype(np.int64),
+        counts=counts.astype(np.int64),
+        idx=order[:, :width][mask].astype(np.int64),
+        prob=head[mask],
+    )
+
+
+def _round_to_mass(
+    down: np.ndarray, mask: np.ndarray, target: np.ndarray, mantissa_bits: int
+) -> np.ndarray:
+    """Round some rounded-down values up one grid step so each row's sum nears ``target``.
+
+    The reader gives the unlisted classes ``1 - sum(stored)``: if every value were rounded
+    down, that residual would exceed the true tail mass by up to 2**-mantissa_bits of the
+    head's mass, and KL grows with that excess when the true tail is tiny. Going from the
+    largest value to the smallest (the first ``GREEDY_COLUMNS`` one by one, the rest in one
+    vectorised pass from the smallest up), a value is rounded up while the row's deficit
+    allows it, so the sum never exceeds ``target`` and ends close below it.
+    """
+    step_bits = np.where(down < FULL_PRECISION_ABOVE, 1 << (10 - mantissa_bits), 1)
+    up = (down.view(np.uint16) + step_bits.astype(np.uint16)).view(np.float16)
+    steps = np.where(mask, up.astype(np.float64) - down.astype(np.float64), np.inf)
+    out = down.copy()
+    deficit = target - np.where(mask, down.astype(np.float64), 0.0).sum(axis=1)
+    # The few largest values one by one (their big steps absorb the big errors) ...
+    head = min(GREEDY_COLUMNS, down.shape[1])
+    for column in range(head):
+        take = steps[:, column] <= deficit
+        out[take, column] = up[take, column]
+        deficit = deficit - np.where(take, steps[:, column], 0.0)
+    # ... then the many small ones at once, smallest first, while their steps fit.
+    tail = steps[:, head:][:, ::-1]
+    take = np.cumsum(np.where(np.isfinite(tail), tail, 0.0), axis=1) <= deficit[:, None]
+    take &= np.isfinite(tail)
+    out[:, head:] = np.where(take[:, ::-1], up[:, head:], out[:, head:])
+    return out
+
+
+def round_down_float16(values: np.ndarray, mantissa_bits: int = 10) -> np.ndarray:
+    """float16 values never above the input, keeping ``mantissa_bits`` of the 10.
+
+    Rounding to nearest could push a row's stored sum past 1 and leave no residual mass for
+    the tail classes (zero probability, infinite KL); truncating keeps the residual >= the
+    true tail mass. Zeroing low mantissa bits (relative error < 2**-mantissa_bits) makes
+    the values compress: KL grows only with the square of the relative error.
+    """
+    rounded = values.astype(np.float16)
+    over = rounded.astype(np.float64) > values
+    rounded[over] = np.nextafter(rounded[over], np.float16(0))
+    if mantissa_bits < 10:
+        bits = rounded.view(np.uint16)
+        coarse = values < FULL_PRECISION_ABOVE
+        bits[coarse] &= np.uint16((0xFFFF << (10 - mantissa_bits)) & 0xFFFF)
+    return rounded
+
+
+def dense_from_topk(topk_idx: np.ndarray, topk_prob: np.ndarray, num_classes: int) -> np.ndarray:
+    """Rebuild float32 [N, C] probabilities from padded top-k rows (idx -1 = padding).
+
+    The mass a row does not list is spread evenly over its unlisted classes; rows are
+    renormalised so float16 rounding never leaves them summing above 1.
+    """
+    n = topk_idx.shape[0]
+    dense = np.zeros((n, num_classes), dtype=np.float64)
+    valid = topk_idx >= 0
+    rows = np.broadcast_to(np.arange(n)[:, None], topk_idx.shape)
+    dense[rows[valid], topk_idx[valid]] = topk_prob[valid].astype(np.float64)
+    listed = valid.sum(axis=1)
+    residual = np.clip(1.0 - dense.sum(axis=1), 0.0, None)
+    unlisted = num_classes - listed
+    # A floor keeps every unlisted class possible (finite KL) when rounding left no residual.
+    share = np.where(unlisted > 0, np.maximum(residual / np.maximum(unlisted, 1), 1e-12), 0.0)
+    is_unlisted = np.ones((n, num_classes), dtype=bool)
+    is_unlisted[rows[valid], topk_idx[valid]] = False
+    dense += is_unlisted * share[:, None]
+    dense /= np.maximum(dense.sum(axis=1, keepdims=True), 1e-12)
+    return dense.astype(np.float32)
+
+
+@dataclass
+class PseudoLabels:
+    """Pseudo-labels held in memory, aligned to ``ids``.
+
+    Attributes:
+        ids: N sample ids.
+        label: int64 [N] argmax class index.
+        topk_idx: int32 [N, K] class indices, most probable first; -1 pads short rows.
+        topk_prob: float16 [N, K] their probabilities; 0 pads short rows.
+        metadata: the file's metadata (classes, teacher, fingerprint, quality, ...).
+    """
+
+    ids: list[str]
+    label: np.ndarray
+    topk_idx: np.ndarray
+    topk_prob: np.ndarray
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names, index = class id."""
+        return list(self.metadata["classes"])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def dense_probs(self) -> np.ndarray:
+        """float32 [N, C] probabilities; unlisted classes share the residual mass evenly."""
+        return dense_from_topk(self.topk_idx, self.topk_prob, len(self.classes))
+
+    def select(self, ids: Iterable[str], allow_partial: bool = False) -> PseudoLabels:
+        """The rows for ``ids``, in that order.
+
+        Args:
+            ids: sample ids of the data to join with.
+            allow_partial: keep only the ids this file covers instead of failing.
+
+        Raises:
+            UserError: some ids have no pseudo-label (and not ``allow_partial``), or none do.
+        """
+        ids = list(ids)
+        position = {sample_id: i for i, sample_id in enumerate(self.ids)}
+        rows = [position.get(sample_id, -1) for sample_id in ids]
+        missing = [sample_id for sample_id, row in zip(ids, rows, strict=True) if row < 0]
+        source = self.metadata.get("path", "the pseudo-label file")
+        if missing and (not allow_partial or len(missing) == len(ids)):
+            hint = (
+                "relabel this data with `zmdevice label`"
+                if allow_partial
+                else f"relabel this data with `zmdevice label` or pass --allow-partial to use "
+                f"the {len(ids) - len(missing)} it covers"
+            )
+            raise UserError(
+                f"{source} lacks pseudo-labels for {len(missing)} of {len(ids)} ids "
+                f"(e.g. {missing[0]!r}): {hint}"
+            )
+        keep = np.array([row for row in rows if row >= 0], dtype=np.int64)
+        return PseudoLabels(
+            ids=[self.ids[row] for row in keep],
+            label=self.label[keep],
+            topk_idx=self.topk_idx[keep],
+            topk_prob=self.topk_prob[keep],
+            metadata=self.metadata,
+        )
+
+    def check_fingerprint(self, fingerprint: str, allow_partial: bool = False) -> None:
+        """Fail when the file was made from other data (another content fingerprint).
+
+        ``allow_partial`` accepts it: ids are then trusted to name the same samples.
+        """
+        recorded = (self.metadata.get("data") or {}).get("fingerprint")
+        if recorded and recorded != fingerprint and not allow_partial:
+            source = self.metadata.get("path", "the pseudo-label file")
+            raise UserError(
+                f"{source} was made from other data (fingerprint {recorded[:12]} vs "
+                f"{fingerprint[:12]}): relabel this data with `zmdevice label`, or pass "
+                "--allow-partial to join by id anyway"
+            )
+
+
+def build_metadata(
+    *,
+    classes: list[str],
+    teacher: dict,
+    data: dict,
+    top_k: int,
+    max_kl: float = DEFAULT_MAX_KL,
+    mantissa_bits: int = DEFAULT_MANTISSA_BITS,
+    prompts: dict | None = None,
+    templates: list[str] | None = None,
+    created: str | None = None,
+    **extra,
+) -> dict:
+    """The file's metadata document (see the module docstring); ``extra`` keys are kept."""
+    import datetime
+
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "zmdevice_version": __version__,
+        "classes": list(classes),
+        "prompts": prompts or {},
+        "templates": templates,
+        "teacher": teacher,
+        "data": data,
+        "top_k": int(top_k),
+        "max_kl": float(max_kl),
+        "mantissa_bits": int(mantissa_bits),
+        "created": created or datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "quality": None,
+        **extra,
+    }
+
+
+def _schema(num_classes: int, metadata: dict):
+    import pyarrow as pa
+
+    index_type = pa.int16() if num_classes <= np.iinfo(np.int16).max else pa.int32()
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("label", index_type),
+            ("topk_idx", pa.list_(index_type)),
+            ("topk_prob", pa.list_(pa.float16())),
+        ],
+        metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)},
+    )
+
+
+class PseudoLabelWriter:
+    """Write a pseudo-label file row group by row group (memory: one group of rows).
+
+    The file appears under its final name only on a clean :meth:`close` (atomic rename),
+    so an interrupted run never leaves a truncated file. Use as a context manager::
+
+        with PseudoLabelWriter(path, metadata) as writer:
+            writer.write_probs(ids, probs)          # [B, C] probabilities
+        # or writer.write_rows(ids, rows) with rows from compress_probs
+    """
+
+    def __init__(self, path: str | Path, metadata: dict):
+        import pyarrow.parquet as pq
+
+        self.path = Path(path)
+        self.metadata = dict(metadata)
+        self.num_classes = len(metadata["classes"])
+        self.count = 0
+        self._atomic = atomic_path(self.path)
+        self._tmp = self._atomic.__enter__()
+        self._schema = _schema(self.num_classes, self.metadata)
+        self._writer = pq.ParquetWriter(
+            self._tmp,
+            self._schema,
+            compression="zstd",
+            compression_level=9,
+            # Probabilities are near-unique values: a dictionary only costs space.
+            use_dictionary=["id", "label", "topk_idx.list.element"],
+            use_byte_stream_split=["topk_prob.list.element"],
+            # The metadata JSON is in the key-value metadata already; the Arrow schema copy
+            # and per-column statistics would only add footer bytes.
+            store_schema=False,
+            write_statistics=False,
+        )
+        self._closed = False
+        self._buffer: list = []
+        self._buffered = 0
+
+    def write_probs(self, ids: list[str], probs: np.ndarray) -> None:
+        """Append samples given as float [B, C] probabilities (compressed per the metadata)."""
+        rows = compress_probs(
+            probs,
+            self.metadata["top_k"],
+            self.metadata.get("max_kl", 0.0),
+            self.metadata.get("mantissa_bits", 10),
+        )
+        self.write_rows(ids, rows)
+
+    def write_rows(self, ids: list[str], rows: CompressedRows) -> None:
+        """Append samples already in row encoding (one Parquet row group)."""
+        import pyarrow as pa
+
+        if len(ids) == 0:
+            return
+        index_type = self._schema.field("label").type
+        offsets = np.concatenate([[0], np.cumsum(rows.counts)]).astype(np.int32)
+        table = pa.table(
+            {
+                "id": pa.array([str(i) for i in ids], pa.string()),
+                "label": pa.array(rows.label, index_type),
+                "topk_idx": pa.ListArray.from_arrays(
+                    pa.array(offsets), pa.array(rows.idx, index_type)
+                ),
+                "topk_prob": pa.ListArray.from_arrays(
+                    pa.array(offsets), pa.array(rows.prob, pa.float16())
+                ),
+            },
+            schema=self._schema,
+        )
+        self._append(table)
+
+    def write_table(self, table) -> None:
+        """Append an Arrow table read from another pseudo-label file of the same classes."""
+        self._append(table.cast(self._schema))
+
+    def _append(self, table) -> None:
+        self._buffer.append(table)
+        self._buffered += table.num_rows
+        self.count += table.num_rows
+        if self._buffered >= ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self._buffer:
+            self._writer.write_table(pa.concat_tables(self._buffer))
+        self._buffer, self._buffered = [], 0
+
+    def close(self, metadata_update: dict | None = None) -> Path:
+        """Finish the file (optionally updating metadata, e.g. the quality report)."""
+        if self._closed:
+            return self.path
+        self._flush()
+        self.metadata.update(metadata_update or {})
+        self._writer.add_key_value_metadata(
+            {METADATA_KEY: json.dumps(self.metadata, sort_keys=True)}
+        )
+        self._writer.close()
+        self._closed = True
+        self._atomic.__exit__(None, None, None)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the partial file."""
+        if not self._closed:
+            self._writer.close()
+            self._closed = True
+            self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+    def __enter__(self) -> PseudoLabelWriter:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The metadata of a pseudo-label file, validated (format, version, classes).
+
+    Raises:
+        UserError: the file is missing, not Parquet, not a pseudo-label file, or newer.
+    """
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"pseudo-label file not found: {path} (make it with `zmdevice label`)")
+    try:
+        schema = pq.read_schema(path)
+    except Exception as error:  # pyarrow raises several types for non-Parquet bytes
+        raise UserError(
+            f"{path} is not a Parquet file ({error}); give a `zmdevice label` output"
+        ) from None
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise UserError(
+            f"{path} is a Parquet file without zmdevice pseudo-label metadata; "
+            "give a file written by `zmdevice label`"
+        )
+    metadata = json.loads(raw)
+    if metadata.get("format") != FORMAT:
+        raise UserError(
+            f"{path} is not a zmdevice pseudo-label file (format {metadata.get('format')!r})"
+        )
+    if int(metadata.get("format_version", 0)) > FORMAT_VERSION:
+        raise UserError(
+            f"{path} has pseudo-label format version {metadata['format_version']}, newer than "
+            f"this zmdevice reads ({FORMAT_VERSION}): upgrade zmdevice"
+        )
+    for column in ("id", "label", "topk_idx", "topk_prob"):
+        if column not in schema.names:
+            raise UserError(f"{path} lacks the column '{column}': relabel with `zmdevice label`")
+    metadata["path"] = str(path)
+    return metadata
+
+
+def check_classes(path: str | Path, recorded: list[str], expected: list[str]) -> None:
+    """UserError unless the file's class list equals ``expected`` (same names, same order)."""
+    if list(recorded) == list(expected):
+        return
+    if sorted(recorded) == sorted(expected):
+        raise UserError(
+            f"{path} has the classes in another order ({', '.join(recorded)}) than expected "
+            f"({', '.join(expected)}): give the classes in the file's order or relabel"
+        )
+    extra = [c for c in recorded if c not in expected]
+    absent = [c for c in expected if c not in recorded]
+    parts = []
+    if absent:
+        parts.append(f"lacks {', '.join(absent[:5])}")
+    if extra:
+        parts.append(f"has other classes {', '.join(extra[:5])}")
+    raise UserError(
+        f"{path} was labeled for other classes ({'; '.join(parts)}): relabel with "
+        "`zmdevice label --classes ...` for these classes"
+    )
+
+
+def read_pseudolabels(path: str | Path, *, classes: list[str] | None = None) -> PseudoLabels:
+    """Read and validate a pseudo-label file.
+
+    Args:
+        path: the Parquet file written by ``zmdevice label``.
+        classes: when given, the file's class list must equal it (names and order).
+
+    Raises:
+        UserError: see :func:`read_metadata`, :func:`check_classes`; or corrupt rows.
+    """
+    import pyarrow.parquet as pq
+
+    metadata = read_metadata(path)
+    if classes is not None:
+        check_classes(path, metadata["classes"], classes)
+    table = pq.read_table(path)
+    num_classes = len(metadata["classes"])
+    ids = table.column("id").to_pylist()
+    label = table.column("label").to_numpy().astype(np.int64)
+    idx_col = table.column("topk_idx").combine_chunks()
+    prob_col = table.column("topk_prob").combine_chunks()
+    offsets = idx_col.offsets.to_numpy()
+    counts = np.diff(offsets)
+    width = int(counts.max()) if len(counts) else 0
+    flat_idx = idx_col.values.to_numpy(zero_copy_only=False).astype(np.int32)
+    flat_prob = prob_col.values.to_numpy(zero_copy_only=False).astype(np.float16)
+    if len(flat_idx) != len(flat_prob) or np.any(np.diff(prob_col.offsets.to_numpy()) != counts):
+        raise UserError(f"{path}: topk_idx and topk_prob lists differ in length; relabel")
+    if len(flat_idx) and (flat_idx.min() < 0 or flat_idx.max() >= num_classes):
+        raise UserError(f"{path}: class index outside 0..{num_classes - 1}; the file is corrupt")
+    if len(label) and (label.min() < 0 or label.max() >= num_classes):
+        raise UserError(f"{path}: label outside 0..{num_classes - 1}; the file is corrupt")
+    if len(set(ids)) != len(ids):
+        raise UserError(f"{path}: duplicate ids; combine shards with `zmdevice label --combine`")
+    topk_idx = np.full((len(ids), width), -1, dtype=np.int32)
+    topk_prob = np.zeros((len(ids), width), dtype=np.float16)
+    rows = np.repeat(np.arange(len(ids)), counts)
+    cols = np.arange(len(flat_idx)) - np.repeat(offsets[:-1], counts)
+    topk_idx[rows, cols] = flat_idx
+    topk_prob[rows, cols] = flat_prob
+    return PseudoLabels(ids, label, topk_idx, topk_prob, metadata)
+
+
+# Metadata entries that may legitimately differ between shards of one labeling job.
+_PER_SHARD_KEYS = {"created", "quality", "path", "shard", "skipped", "count", "answers"}
+
+
+def combine_pseudolabels(
+    paths: list[str | Path], out: str | Path, *, metadata_update: dict | None = None
+) -> dict:
+    """Concatenate shard (or part) files of one labeling job into one file, streaming.
+
+    All inputs must agree on classes, teacher, data fingerprint and top-k settings; ids
+    must not repeat. The first quality report found is kept; skipped-sample counts add up.
+
+    Returns:
+        The combined file's metadata.
+
+    Raises:
+        UserError: no inputs, a mismatch (naming both files and the key), or repeated ids.
+    """
+    import pyarrow.parquet as pq
+
+    if not paths:
+        raise UserError(f"nothing to combine into {out}: no shard files given or found")
+    metas = [read_metadata(p) for p in paths]
+    first = metas[0]
+    for path, meta in zip(paths[1:], metas[1:], strict=True):
+        for key in sorted(set(first) | set(meta)):
+            if key in _PER_SHARD_KEYS:
+                continue
+            if first.get(key) != meta.get(key) and not (
+                key == "data" and _same_data(first[key], meta.get(key))
+            ):
+                raise UserError(
+                    f"cannot combine {paths[0]} and {path}: their '{key}' differ; "
+                    "shards must come from one job (same data, classes, teacher, top-k)"
+                )
+    combined = {k: v for k, v in first.items() if k != "path"}
+    combined["data"] = {k: v for k, v in first["data"].items() if k != "shard"}
+    shards = {(m.get("data") or {}).get("shard") for m in metas}
+    # Parts of one shard stay that shard; different shards together are the whole data.
+    combined["data"]["shard"] = shards.pop() if len(shards) == 1 else None
+    combined["quality"] = next((m["quality"] for m in metas if m.get("quality")), None)
+    skipped = [m.get("skipped") or {} for m in metas]
+    combined["skipped"] = {
+        "count": sum(int(s.get("count", 0)) for s in skipped),
+        "examples": [e for s in skipped for e in s.get("examples", [])][:10],
+    }
+    answers = [m.get("answers") for m in metas if m.get("answers")]
+    if answers:
+        combined["answers"] = {
+            key: sum(a.get(key, 0) for a in answers)
+            for key in sorted({k for a in answers for k in a})
+        }
+    combined.update(metadata_update or {})
+    seen: set[str] = set()
+    with PseudoLabelWriter(out, combined) as writer:
+        for path in paths:
+            source = pq.ParquetFile(path)
+            for group in range(source.num_row_groups):
+                table = source.read_row_group(group)
+                ids = table.column("id").to_pylist()
+                repeated = seen.intersection(ids)
+                if repeated:
+                    raise UserError(
+                        f"cannot combine: id {sorted(repeated)[0]!r} appears in more than one "
+                        f"file (again in {path}); give each shard once"
+                    )
+                seen.update(ids)
+                writer.write_table(table)
+    return combined
+
+
+def _same_data(a: dict, b: dict | None) -> bool:
+    """Shards of one data set share everything in ``data`` except the shard name."""
+    if b is None:
+        return False
+    return {k: v for k, v in a.items() if k != "shard"} == {
+        k: v for k, v in b.items() if k != "shard"
+    }
