@@ -1,0 +1,423 @@
+"""Reproduce the paper's comparison on real offline data, on a CPU, resumably.
+
+    python benchmarks/paper.py run            # every row; finished runs are skipped
+    python benchmarks/paper.py run --only text --max-runs 5
+    python benchmarks/paper.py table          # benchmarks/RESULTS.md from the JSON files
+    python benchmarks/paper.py plan           # list the runs and which are done
+
+Data: Fashion-MNIST with `efficientnet-lite0` pseudo-labels and WordNet noun categories with
+`minilm` pseudo-labels, built once by `examples/build_datasets.py` into
+`benchmarks/work/data` and labeled once (the label files are reused by every run). Each run
+drives the public CLI (`zmdevice train`, then `zmdevice evaluate` on the test split) in its
+own process, so memory does not leak between runs, and stores one JSON file in
+`benchmarks/results/` with the test accuracy, the wall time and the environment. The table
+is generated from those files only, never typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "benchmarks" / "work"
+RESULTS = ROOT / "benchmarks" / "results"
+TABLE = ROOT / "benchmarks" / "RESULTS.md"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One benchmark data set and its CPU budget."""
+
+    name: str
+    teacher: str
+    student: str
+    total_steps: int
+    """Step budget of every method; zeromatch splits it evenly between its two stages."""
+    max_unlabeled: int
+    max_test: int
+    label_batch_size: int = 64
+
+
+DATASETS = {
+    "images": Dataset("images", "efficientnet-lite0", "mobilenet_v3_small", 600, 10_000, 2_000),
+    "text": Dataset("text", "minilm", "distilbert", 200, 10_000, 2_000),
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the table: a training method plus the flags that make it."""
+
+    name: str
+    method: str
+    uses_fm: bool = True
+    flags: tuple[str, ...] = ()
+    config: dict = field(default_factory=dict, hash=False)
+
+
+METHODS = [
+    Method("supervised", "supervised", uses_fm=False),
+    Method("fixmatch", "fixmatch", uses_fm=False),
+    Method("adamatch", "adamatch", uses_fm=False),
+    Method("naive-pl", "naive-pl"),
+    Method("kd", "kd"),
+    Method("zeromatch", "zeromatch"),
+    Method("zeromatch-soft", "zeromatch", flags=("--soft-labels",)),
+    Method("zeromatch-alpha1", "zeromatch", config={"alpha": "constant"}),
+]
+NOISE_LEVELS = (0.3, 0.6)
+"""FM-quality sweep: this fraction of pseudo-labels replaced by uniformly random classes."""
+
+
+@dataclass(frozen=True)
+class Run:
+    dataset: str
+    labels_per_class: int
+    method: Method
+    seed: int
+    noise: float = 0.0
+
+    @property
+    def run_id(self) -> str:
+        noise = f"-noise{int(self.noise * 100)}" if self.noise else ""
+        return f"{self.dataset}-k{self.labels_per_class}-{self.method.name}{noise}-s{self.seed}"
+
+
+def plan_runs(only: str | None) -> list[Run]:
+    """Every row of the table, in the order they are worth running."""
+    runs = []
+    for dataset in DATASETS:
+        if only and dataset != only:
+            continue
+        zeromatch = next(m for m in METHODS if m.name == "zeromatch")
+        for seed in (0, 1, 2):  # 4 labels per class: 3 seeds
+            runs += [Run(dataset, 4, method, seed) for method in METHODS]
+        runs += [Run(dataset, 1, method, 0) for method in METHODS]  # 1 label/class: 1 seed
+        runs += [Run(dataset, 4, zeromatch, 0, noise) for noise in NOISE_LEVELS]
+    return runs
+
+
+def zmdevice(*args: str) -> dict:
+    """Run one zmdevice command with --json and return its summary."""
+    command = [sys.executable, "-m", "zmdevice.cli", *args, "--json"]
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout)
+
+
+def data_dir(dataset: str) -> Path:
+    return WORK / "data" / dataset
+
+
+def prepare_data(dataset: Dataset) -> None:
+    """Build the data set once and label it (and the test split) once with the FM."""
+    folder = data_dir(dataset.name)
+    if not (folder / "BUILD.json").is_file():
+        subprocess.run(
+            [
+                sys.executable, str(ROOT / "examples" / "build_datasets.py"),
+                "--out", str(WORK / "data"), "--only", dataset.name, "--seed", "0",
+                "--max-unlabeled", str(dataset.max_unlabeled),
+                "--max-test", str(dataset.max_test),
+            ],
+            check=True,
+        )  # fmt: skip
+    for split in ("unlabeled", "test"):
+        out = WORK / "labels" / f"{dataset.name}-{split}.parquet"
+        if out.is_file():
+            continue
+        source = folder / ("unlabeled" if dataset.name == "images" else "unlabeled.csv")
+        if split == "test":
+            source = folder / ("test" if dataset.name == "images" else "test.csv")
+        gold = ["--gold", str(source)] if split == "test" else []
+        zmdevice(
+            "label", str(source), "--classes", str(folder / "classes.toml"),
+            "--teacher", dataset.teacher, "--out", str(out), "--device", "cpu",
+            "--batch-size", str(dataset.label_batch_size), *gold,
+        )  # fmt: skip
+
+
+def gold_rows(dataset: str) -> list[dict]:
+    with open(data_dir(dataset) / "unlabeled_gold.csv", newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def labeled_table(dataset: str, labels_per_class: int, seed: int) -> Path:
+    """K true labels per class drawn from the unlabeled pool (same ids), one table per draw.
+
+    The table sits beside ``unlabeled_gold.csv`` so relative image paths stay valid.
+    """
+    path = data_dir(dataset) / f"labeled-k{labels_per_class}-s{seed}.csv"
+    if path.is_file():
+        return path
+    rows = gold_rows(dataset)
+    rng = random.Random(f"zmdevice-benchmark-{dataset}-{labels_per_class}-{seed}")
+    by_class: dict[str, list[dict]] = {}
+    for row in rows:
+        by_class.setdefault(row["label"], []).append(row)
+    chosen = [
+        row for name in sorted(by_class) for row in rng.sample(by_class[name], labels_per_class)
+    ]
+    columns = list(rows[0].keys())
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(chosen)
+    os.replace(tmp, path)
+    return path
+
+
+def noisy_labels(dataset: str, noise: float) -> Path:
+    """A copy of the pseudo-label file with ``noise`` of its rows set to random classes."""
+    source = WORK / "labels" / f"{dataset}-unlabeled.parquet"
+    if not noise:
+        return source
+    path = WORK / "labels" / f"{dataset}-unlabeled-noise{int(noise * 100)}.parquet"
+    if not path.is_file():
+        degrade_pseudolabels(source, path, fraction=noise, seed=0)
+    return path
+
+
+def degrade_pseudolabels(source: Path, target: Path, fraction: float, seed: int) -> None:
+    """Copy a pseudo-label file with ``fraction`` of its rows replaced by a random class.
+
+    A replaced row becomes a one-hot distribution on a class drawn uniformly (it may hit
+    the original class, as random noise would), so hard and soft labels degrade alike.
+    """
+    import numpy as np
+
+    from zmdevice.pseudolabels import PseudoLabelWriter, read_pseudolabels
+
+    labels = read_pseudolabels(source)
+    probs = labels.dense_probs()
+    rng = np.random.default_rng(seed)
+    replaced = rng.random(len(probs)) < fraction
+    random_class = rng.integers(0, probs.shape[1], size=len(probs))
+    probs[replaced] = np.eye(probs.shape[1], dtype=probs.dtype)[random_class[replaced]]
+    metadata = dict(labels.metadata, degraded={"fraction": fraction, "seed": seed})
+    with PseudoLabelWriter(target, metadata) as writer:
+        writer.write_probs(list(labels.ids), probs)
+
+
+def environment() -> dict:
+    import importlib.metadata as metadata
+
+    versions = {}
+    for package in ("zmdevice", "torch", "torchvision", "transformers", "onnxruntime"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), **versions}
+
+
+def execute(run: Run) -> dict:
+    dataset = DATASETS[run.dataset]
+    folder = data_dir(run.dataset)
+    unlabeled = folder / ("unlabeled" if run.dataset == "images" else "unlabeled.csv")
+    test = folder / ("test" if run.dataset == "images" else "test.csv")
+    out = WORK / "runs" / run.run_id
+    method = run.method
+    if method.method == "zeromatch":
+        kd_steps = ssl_steps = dataset.total_steps // 2
+    elif method.method == "kd":
+        kd_steps, ssl_steps = dataset.total_steps, 0
+    else:
+        kd_steps, ssl_steps = 0, dataset.total_steps
+    args = [
+        "train", "--labeled", str(labeled_table(run.dataset, run.labels_per_class, run.seed)),
+        "--unlabeled", str(unlabeled), "--student", dataset.student, "--method", method.method,
+        "--kd-steps", str(kd_steps), "--ssl-steps", str(ssl_steps), "--seed", str(run.seed),
+        "--out", str(out), "--device", "cpu",
+    ]  # fmt: skip
+    if method.uses_fm:
+        args += ["--pseudo-labels", str(noisy_labels(run.dataset, run.noise))]
+    args += list(method.flags)
+    if method.config:
+        config = out.parent / f"{run.run_id}.toml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in method.config.items()))
+        args += ["--config", str(config)]
+    started = time.time()
+    train_summary = zmdevice(*args)
+    train_seconds = time.time() - started
+    evaluation = zmdevice("evaluate", str(out), "--data", str(test), "--device", "cpu")
+    return {
+        "run_id": run.run_id,
+        "dataset": run.dataset,
+        "labels_per_class": run.labels_per_class,
+        "method": method.name,
+        "seed": run.seed,
+        "noise": run.noise,
+        "teacher": dataset.teacher,
+        "student": dataset.student,
+        "kd_steps": kd_steps,
+        "ssl_steps": ssl_steps,
+        "test_accuracy": evaluation["accuracy"],
+        "test_macro_f1": evaluation.get("macro_f1"),
+        "train_seconds": round(train_seconds, 1),
+        "train_summary": {k: v for k, v in train_summary.items() if k != "lines"},
+        "environment": environment(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def fm_result(dataset: str) -> dict | None:
+    """FM zero-shot accuracy on the test split, from the quality report of its label file."""
+    path = WORK / "labels" / f"{dataset}-test.parquet"
+    stored = RESULTS / f"{dataset}-fm-zero-shot.json"
+    if stored.is_file():
+        return json.loads(stored.read_text())
+    if not path.is_file():
+        return None
+    from zmdevice.pseudolabels import read_pseudolabels
+
+    report = read_pseudolabels(path).metadata.get("quality") or {}
+    if "accuracy" not in report:
+        return None
+    result = {
+        "run_id": f"{dataset}-fm-zero-shot",
+        "dataset": dataset,
+        "method": "fm-zero-shot",
+        "teacher": DATASETS[dataset].teacher,
+        "test_accuracy": report["accuracy"],
+        "environment": environment(),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stored.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def command_run(args) -> int:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    done = 0
+    for dataset in DATASETS.values():
+        if args.only in (None, dataset.name):
+            prepare_data(dataset)
+            fm_result(dataset.name)
+    for run in plan_runs(args.only):
+        target = RESULTS / f"{run.run_id}.json"
+        if target.is_file():
+            continue
+        if args.max_runs is not None and done >= args.max_runs:
+            break
+        print(f"[paper] {run.run_id} ...", flush=True)
+        result = execute(run)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, target)
+        print(
+            f"[paper] {run.run_id}: test accuracy {100 * result['test_accuracy']:.1f}% "
+            f"in {result['train_seconds']:.0f} s",
+            flush=True,
+        )
+        done += 1
+    command_table(args)
+    return 0
+
+
+def command_plan(args) -> int:
+    for run in plan_runs(args.only):
+        state = "done" if (RESULTS / f"{run.run_id}.json").is_file() else "todo"
+        print(f"{state}  {run.run_id}")
+    return 0
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{100 * mean:.1f} (1 seed)"
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{100 * mean:.1f} ± {100 * std:.1f} ({len(values)} seeds)"
+
+
+def command_table(args) -> int:
+    results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    lines = [
+        "# Benchmark: ZeroMatch and its baselines on real offline data (CPU)",
+        "",
+        "Generated by `python benchmarks/paper.py table` from `benchmarks/results/*.json`;",
+        "do not edit by hand. Test accuracy in %, mean ± standard deviation over seeds.",
+        "",
+    ]
+    for dataset in DATASETS.values():
+        rows = [r for r in results if r["dataset"] == dataset.name]
+        lines += [
+            f"## {dataset.name}: teacher `{dataset.teacher}`, student `{dataset.student}`",
+            "",
+            f"Budget: {dataset.total_steps} steps per method (zeromatch: "
+            f"{dataset.total_steps // 2} KD + {dataset.total_steps // 2} SSL); "
+            f"{dataset.max_unlabeled} unlabeled, {dataset.max_test} test samples.",
+            "",
+            "| method | 4 labels/class | 1 label/class |",
+            "|---|---|---|",
+        ]
+        fm = [r["test_accuracy"] for r in rows if r["method"] == "fm-zero-shot"]
+        lines.append(f"| FM zero-shot | {_mean_std(fm)} | {_mean_std(fm)} |")
+        for method in METHODS:
+            cells = []
+            for k in (4, 1):
+                values = [
+                    r["test_accuracy"]
+                    for r in rows
+                    if r["method"] == method.name
+                    and r.get("labels_per_class") == k
+                    and not r.get("noise")
+                ]
+                cells.append(_mean_std(values))
+            lines.append(f"| {method.name} | {cells[0]} | {cells[1]} |")
+        for noise in NOISE_LEVELS:
+            values = [
+                r["test_accuracy"] for r in rows
+                if r["method"] == "zeromatch" and r.get("noise") == noise
+            ]  # fmt: skip
+            lines.append(
+                f"| zeromatch, {int(noise * 100)}% of FM labels random | {_mean_std(values)} | |"
+            )
+        seconds = [r["train_seconds"] for r in rows if "train_seconds" in r]
+        if seconds:
+            lines += ["", f"Mean wall time per run: {sum(seconds) / len(seconds):.0f} s."]
+        lines.append("")
+    envs = {json.dumps(r["environment"], sort_keys=True) for r in results if "environment" in r}
+    if envs:
+        lines += ["Environment(s):", ""] + [f"- `{e}`" for e in sorted(envs)] + [""]
+    TABLE.write_text("\n".join(lines), encoding="utf-8")
+    print(f"wrote {TABLE} from {len(results)} result files")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "plan", "table"):
+        command = sub.add_parser(name)
+        command.add_argument("--only", choices=sorted(DATASETS))
+        command.add_argument("--max-runs", type=int, help="stop after this many new runs")
+    args = parser.parse_args(argv)
+    return {"run": command_run, "plan": command_plan, "table": command_table}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
