@@ -74,7 +74,7 @@ def label(
     device: DeviceOption = "auto",
     top_k: Annotated[
         int | None,
-        typer.Option(help="Probabilities kept per sample (default: all classes up to 32)."),
+        typer.Option(help="Most probabilities kept per sample (default: all classes up to 1024)."),
     ] = None,
     gold: Annotated[
         Path | None, typer.Option(help="Labeled data: report the teacher's accuracy on it.")
@@ -93,6 +93,10 @@ def label(
         bool, typer.Option(help="Skip and count unreadable images instead of failing.")
     ] = False,
     workers: Annotated[int | None, typer.Option(help="Data-loading worker processes.")] = None,
+    combine: Annotated[
+        bool,
+        typer.Option(help="Join the shard files NAME.shard-I-of-N.parquet into --out."),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Run a foundation model zero-shot once and write the pseudo-label file."""
@@ -111,6 +115,7 @@ def label(
         shard=shard,
         templates=templates,
         workers=workers,
+        combine=combine,
         data_options=DataOptions(
             text_column=text_column,
             id_column=id_column,
@@ -162,9 +167,19 @@ def train(
     allow_partial: Annotated[
         bool, typer.Option(help="Train on the ids the pseudo-label file covers.")
     ] = False,
+    ssl_loss: Annotated[
+        str | None, typer.Option(help="L_u of zeromatch: adamatch (default) or fixmatch.")
+    ] = None,
+    alpha: Annotated[
+        str | None, typer.Option(help="KD weight alpha_t: ramp (default, 0 -> 1) or constant.")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Train a student: stage 1 distils the FM, stage 2 SSL with the auxiliary KD head."""
+    """Train a student: stage 1 distils the FM, stage 2 SSL with the auxiliary KD head.
+
+    Further settings (batch sizes, learning rates, threshold, EMA, checkpoint interval, ...)
+    go in the --config TOML file; train_config.toml in the output lists them all.
+    """
     from zmdevice.config import load_train_config
 
     overrides = dict(
@@ -184,6 +199,10 @@ def train(
         allow_partial=allow_partial,
     )
     train_config = load_train_config(config, overrides)
+    # Flags for hyper-parameters land beside the --config file's keys (the flag wins).
+    train_config.extra.update(
+        {key: value for key, value in (("ssl_loss", ssl_loss), ("alpha", alpha)) if value}
+    )
     from zmdevice.train import run_train
 
     summary = run_train(train_config)

@@ -58,7 +58,8 @@ class LabelConfig:
     device: str = "auto"
     """auto, cpu, cuda, cuda:N or mps."""
     top_k: int | None = None
-    """Probabilities kept per sample; None = all classes up to 32."""
+    """Most probabilities kept per sample; None = all classes up to 1024 (rows keep fewer
+    when the rest costs < 6e-4 nats of KL)."""
     gold: Path | None = None
     """Labeled data whose true labels give the FM quality report."""
     resume: bool = False
@@ -71,6 +72,8 @@ class LabelConfig:
     """Data-loading workers; None picks from the CPU count."""
     data_options: DataOptions = field(default_factory=DataOptions)
     """Column names and corrupt-image policy."""
+    combine: bool = False
+    """Instead of labeling, join the shard files of ``out`` (``NAME.shard-I-of-N.parquet``)."""
 
     def __post_init__(self):
         check_device(self.device)

@@ -1,0 +1,461 @@
+"""The training loop end to end on tiny students and tiny synthetic data (seconds, offline).
+
+Covers every --method, seed reproducibility, exact resume (litgpt style: stop a run
+mid-stage, resume, compare with an uninterrupted run), the output layout, the CLI and the
+documented user errors. The data are written to tmp_path by the real writers
+(CSV tables, PNG folders, ``PseudoLabelWriter``), with a fake FM that is right 70% of
+the time.
+"""
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from zmdevice.cli import app
+from zmdevice.config import TrainConfig
+from zmdevice.errors import UserError
+from zmdevice.train import run_train
+
+TEXT_CLASSES = ["animal", "plant", "food"]
+TEXT_WORDS = {
+    "animal": ["dog", "cat", "bird"],
+    "plant": ["tree", "flower"],
+    "food": ["bread", "fruit"],
+}
+FILLER = ["the", "a", "of", "and", "is", "with"]
+IMAGE_CLASSES = ["red", "green", "blue"]
+FAST = dict(
+    threads=1,
+    eval_every=5,
+    kd_batch_size=8,
+    labeled_batch_size=3,
+    unlabeled_batch_size=8,
+    eval_batch_size=32,
+    bn_recalibration_batches=2,
+)
+
+
+def write_pseudolabels(path, ids, gold, classes, fingerprint, seed=0, accuracy=0.7):
+    from zmdevice.pseudolabels import PseudoLabelWriter, build_metadata
+
+    rng = np.random.default_rng(seed)
+    probs = np.full((len(ids), len(classes)), 0.1, dtype=np.float32)
+    for row, label in enumerate(gold):
+        guess = label if rng.random() < accuracy else int(rng.integers(len(classes)))
+        probs[row, guess] = 0.8
+    probs /= probs.sum(axis=1, keepdims=True)
+    metadata = build_metadata(
+        classes=classes, teacher={"spec": "fake"}, data={"fingerprint": fingerprint}, top_k=3
+    )
+    with PseudoLabelWriter(path, metadata) as writer:
+        writer.write_probs(list(ids), probs)
+
+
+def write_table(path, rows, with_label=True):
+    header = "id,text,label" if with_label else "id,text"
+    body = [",".join(row if with_label else row[:2]) for row in rows]
+    path.write_text("\n".join([header, *body]) + "\n")
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    from zmdevice.data import open_dataset
+
+    root = tmp_path_factory.mktemp("text")
+    rng = random.Random(0)
+    rows = []
+    for i in range(60):
+        name = TEXT_CLASSES[i % 3]
+        words = [
+            rng.choice(TEXT_WORDS[name]) if rng.random() < 0.5 else rng.choice(FILLER)
+            for _ in range(6)
+        ]
+        rows.append((f"s{i}", " ".join(words), name))
+    write_table(root / "unlabeled.csv", rows)
+    write_table(root / "labeled.csv", rows[:6])
+    write_table(root / "test.csv", rows[:15])
+    unlabeled = open_dataset(root / "unlabeled.csv")
+    gold = [TEXT_CLASSES.index(row[2]) for row in rows]
+    write_pseudolabels(
+        root / "labels.parquet", unlabeled.ids, gold, TEXT_CLASSES, unlabeled.fingerprint()
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_data(tmp_path_factory):
+    from PIL import Image
+
+    from zmdevice.data import open_dataset
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    gold = []
+    for i in range(48):
+        label = i % 3
+        pixels = rng.integers(0, 80, (20, 20, 3)).astype(np.uint8)
+        pixels[..., label] += 150
+        folders = [root / "unlabeled"]
+        if i < 6:
+            folders.append(root / "labeled" / IMAGE_CLASSES[label])
+        if i < 15:
+            folders.append(root / "test" / IMAGE_CLASSES[label])
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+        gold.append(label)
+    unlabeled = open_dataset(root / "unlabeled")
+    write_pseudolabels(
+        root / "labels.parquet", unlabeled.ids, gold, IMAGE_CLASSES, unlabeled.fingerprint()
+    )
+    return root
+
+
+def image_config(root, out, **changes):
+    extra = {**FAST, **changes.pop("extra", {})}
+    values = dict(
+        labeled=root / "labeled",
+        unlabeled=root / "unlabeled",
+        pseudo_labels=root / "labels.parquet",
+        student="tiny-cnn",
+        out=out,
+        device="cpu",
+        kd_steps=10,
+        ssl_steps=10,
+        test=root / "test",
+        extra=extra,
+    )
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def text_config(root, out, **changes):
+    extra = {**FAST, **changes.pop("extra", {})}
+    values = dict(
+        labeled=root / "labeled.csv",
+        unlabeled=root / "unlabeled.csv",
+        pseudo_labels=root / "labels.parquet",
+        student="tiny-distilbert",
+        out=out,
+        device="cpu",
+        kd_steps=10,
+        ssl_steps=10,
+        test=root / "test.csv",
+        extra=extra,
+    )
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "student.safetensors"))
+
+
+# --------------------------------------------------------------------------- whole runs
+
+
+def test_zeromatch_text_writes_the_documented_layout(text_data, tmp_path):
+    from zmdevice.students import load_student
+
+    out = tmp_path / "model"
+    summary = run_train(text_config(text_data, out))
+    for name in (
+        "student.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "metrics.jsonl",
+        "train_config.toml",
+        "report.md",
+        "curves.png",
+        "checkpoints/last.pt",
+    ):
+        assert (out / name).is_file(), name
+    assert [stage["stage"] for stage in summary["stages"]] == ["kd", "ssl"]
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    records = read_jsonl(out / "metrics.jsonl")
+    ssl = [r for r in records if r["stage"] == "ssl" and "loss" in r]
+    # Named losses of stage 2: L_s, L_u, L_KD2, mask rate, alpha (ramp ends at 1).
+    assert {"loss", "sup", "unsup", "kd", "mask_rate", "alpha", "pl_accuracy"} <= set(ssl[-1])
+    assert ssl[-1]["alpha"] == 1.0
+    assert any("heldout_agreement" in r for r in records if r["stage"] == "kd")
+    assert not any(name.startswith("kd_head") for name in weights(out))
+    student = load_student(out)
+    assert student.kd_head is None and student.classes == TEXT_CLASSES
+    assert "## Test" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("method", ["kd", "supervised", "fixmatch", "adamatch", "naive-pl"])
+def test_every_baseline_runs_from_the_same_pieces(image_data, tmp_path, method):
+    summary = run_train(image_config(image_data, tmp_path / method, method=method))
+    expected = {"kd": ["kd"]}.get(method, ["ssl"])
+    assert [stage["stage"] for stage in summary["stages"]] == expected
+    records = [r for r in read_jsonl(tmp_path / method / "metrics.jsonl") if "loss" in r]
+    keys = set(records[-1])
+    if method in ("fixmatch", "adamatch"):
+        assert {"sup", "unsup", "mask_rate"} <= keys and "kd" not in keys
+    if method == "supervised":
+        assert "sup" in keys and "unsup" not in keys
+    if method == "naive-pl":
+        assert {"sup", "unsup"} <= keys and "mask_rate" not in keys
+    if method != "kd":
+        # Single-stage baselines run --ssl-steps steps.
+        assert summary["stages"][0]["steps"] == 10
+
+
+def test_zeromatch_options_soft_labels_fixmatch_constant_alpha_ema(image_data, tmp_path):
+    config = image_config(
+        image_data,
+        tmp_path / "m",
+        soft_labels=True,
+        extra={"ssl_loss": "fixmatch", "alpha": "constant", "ema_decay": 0.9, "grad_clip": 1.0},
+    )
+    run_train(config)
+    records = [r for r in read_jsonl(tmp_path / "m" / "metrics.jsonl") if r["stage"] == "ssl"]
+    assert all(r["alpha"] == 1.0 for r in records if "alpha" in r)
+
+
+def test_stage_one_keeps_the_best_held_out_weights_and_stops_early(image_data, tmp_path):
+    summary = run_train(image_config(image_data, tmp_path / "kd", method="kd", kd_steps=20))
+    records = read_jsonl(tmp_path / "kd" / "metrics.jsonl")
+    agreements = [r["heldout_agreement"] for r in records if "heldout_agreement" in r]
+    assert summary["heldout_agreement"] == pytest.approx(max(agreements))
+    early = run_train(
+        image_config(
+            image_data,
+            tmp_path / "early",
+            method="kd",
+            kd_steps=20,
+            extra={"early_stop_agreement": -1.0},
+        )
+    )
+    assert early["stages"][0]["steps"] == 5  # first evaluation already "agrees"
+
+
+def test_same_seed_same_result_other_seed_other_result(image_data, tmp_path):
+    run_train(image_config(image_data, tmp_path / "a", seed=3))
+    run_train(image_config(image_data, tmp_path / "b", seed=3))
+    run_train(image_config(image_data, tmp_path / "c", seed=4))
+    a, b, c = (weights(tmp_path / name) for name in "abc")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() == (
+        tmp_path / "b" / "metrics.jsonl"
+    ).read_text()
+    assert not all(torch.equal(a[key], c[key]) for key in a)
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_resume_continues_exactly(image_data, text_data, tmp_path, modality):
+    make = image_config if modality == "image" else text_config
+    root = image_data if modality == "image" else text_data
+    run_train(make(root, tmp_path / "full"))
+
+    # Interrupted in stage 2 (checkpoint written at the stop), then resumed.
+    stopped = run_train(make(root, tmp_path / "split", extra={"stop_after": 14}))
+    assert stopped["stopped_at"] == 14 and not (tmp_path / "split" / "config.json").exists()
+    run_train(make(root, tmp_path / "split", resume=True))
+
+    # A crash in stage 1 after the periodic checkpoint at step 5: steps 6-7 are redone.
+    def crash(run, values):
+        if run.global_step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_train(make(root, tmp_path / "crash", extra={"checkpoint_every": 5}), on_step=crash)
+    run_train(make(root, tmp_path / "crash", resume=True, extra={"checkpoint_every": 5}))
+
+    full = weights(tmp_path / "full")
+    for name in ("split", "crash"):
+        resumed = weights(tmp_path / name)
+        assert all(torch.equal(full[key], resumed[key]) for key in full), name
+        assert (tmp_path / name / "metrics.jsonl").read_text() == (
+            tmp_path / "full" / "metrics.jsonl"
+        ).read_text()
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_cli_train_prints_summary_and_json(image_data, tmp_path):
+    config = tmp_path / "hyper.toml"
+    config.write_text("\n".join(f"{k} = {v}" for k, v in FAST.items()) + "\n")
+    args = [
+        "train",
+        "--labeled",
+        str(image_data / "labeled"),
+        "--unlabeled",
+        str(image_data / "unlabeled"),
+        "--pseudo-labels",
+        str(image_data / "labels.parquet"),
+        "--student",
+        "tiny-cnn",
+        "--out",
+        str(tmp_path / "m"),
+        "--device",
+        "cpu",
+        "--kd-steps",
+        "4",
+        "--ssl-steps",
+        "4",
+        "--config",
+        str(config),
+        "--json",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{") :])
+    assert summary["method"] == "zeromatch" and summary["out"] == str(tmp_path / "m")
+
+
+def test_cli_bad_input_is_one_line_exit_2(image_data, tmp_path):
+    args = [
+        "train",
+        "--labeled",
+        str(image_data / "labeled"),
+        "--unlabeled",
+        str(image_data / "unlabeled"),
+        "--student",
+        "tiny-cnn",
+        "--out",
+        str(tmp_path / "m"),
+        "--device",
+        "cpu",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "needs --pseudo-labels" in result.output and "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------- user errors
+
+
+def test_error_pseudo_labels_for_other_data(image_data, tmp_path):
+    from PIL import Image
+
+    other = tmp_path / "unlabeled"
+    other.mkdir()
+    for path in sorted((image_data / "unlabeled").iterdir()):
+        Image.open(path).resize((24, 24)).save(other / path.name)  # same ids, other content
+    with pytest.raises(UserError, match="made from other data"):
+        run_train(image_config(image_data, tmp_path / "m", unlabeled=other))
+
+
+def test_error_pseudo_labels_missing_ids_name_allow_partial(image_data, tmp_path):
+    from PIL import Image
+
+    bigger = tmp_path / "unlabeled"
+    bigger.mkdir()
+    for path in sorted((image_data / "unlabeled").iterdir()):
+        Image.open(path).save(bigger / path.name)
+    Image.new("RGB", (20, 20)).save(bigger / "new.png")
+    with pytest.raises(UserError, match="allow-partial"):
+        run_train(image_config(image_data, tmp_path / "m", unlabeled=bigger))
+
+
+def test_error_pseudo_labels_for_other_classes(text_data, tmp_path):
+    labeled = tmp_path / "labeled.csv"
+    write_table(labeled, [("s0", "dog cat", "animal"), ("s1", "tree", "vehicle")])
+    with pytest.raises(UserError, match="unknown label 'vehicle'"):
+        run_train(text_config(text_data, tmp_path / "m", labeled=labeled))
+    with pytest.raises(UserError, match="class"):
+        run_train(text_config(text_data, tmp_path / "m", extra={"classes": ["a", "b", "c"]}))
+
+
+def test_error_labeled_class_without_example(text_data, tmp_path):
+    labeled = tmp_path / "labeled.csv"
+    write_table(labeled, [("s0", "dog cat", "animal"), ("s1", "tree", "plant")])
+    with pytest.raises(UserError, match="no example of class.*'food'"):
+        run_train(text_config(text_data, tmp_path / "m", labeled=labeled))
+
+
+def test_error_fewer_unlabeled_than_a_batch(text_data, tmp_path):
+    with pytest.raises(UserError, match="fewer than one"):
+        run_train(text_config(text_data, tmp_path / "m", extra={"kd_batch_size": 500}))
+
+
+def test_error_unknown_student_method_setting_and_resume(text_data, tmp_path):
+    with pytest.raises(UserError, match="unknown --student 'nope'"):
+        run_train(text_config(text_data, tmp_path / "m", student="nope"))
+    with pytest.raises(UserError, match="needs --pseudo-labels"):
+        run_train(text_config(text_data, tmp_path / "m", pseudo_labels=None))
+    with pytest.raises(UserError, match="unknown training setting"):
+        run_train(text_config(text_data, tmp_path / "m", extra={"lr_typo": 1}))
+    with pytest.raises(UserError, match="no checkpoint"):
+        run_train(text_config(text_data, tmp_path / "fresh", resume=True))
+
+
+# --------------------------------------------------------------------------- pipeline pieces
+
+
+def test_weak_view_is_a_padded_crop_or_its_mirror():
+    import torch.nn.functional as F
+
+    from zmdevice.pipeline import weak_augment
+
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 16, 16)
+    out = weak_augment(images)
+    padded = F.pad(images, (2, 2, 2, 2), mode="reflect")
+    for b in range(6):
+        crops = [padded[b, :, y : y + 16, x : x + 16] for y in range(5) for x in range(5)]
+        assert any(torch.equal(out[b], c) or torch.equal(out[b], c.flip(-1)) for c in crops)
+
+
+def test_sampler_covers_each_epoch_and_resumes_its_stream():
+    from zmdevice.pipeline import Sampler
+
+    sampler = Sampler(10, 4, seed=1)
+    first = torch.cat([sampler.next() for _ in range(5)])  # 20 = two epochs
+    assert sorted(first[:10].tolist()) == list(range(10))
+    state = sampler.state_dict()
+    ahead = [sampler.next() for _ in range(3)]
+    clone = Sampler(10, 4, seed=99)
+    clone.load_state_dict(state)
+    assert all(torch.equal(a, clone.next()) for a in ahead)
+
+
+def test_labeled_images_join_the_pool_by_file_name(image_data, tmp_path):
+    from zmdevice.students import build_student
+    from zmdevice.train import build_data, hyper_for, load_data
+
+    config = image_config(image_data, tmp_path / "m")
+    hyper = hyper_for("image", config.extra)
+    classes, labeled, unlabeled, pseudo, test = load_data(config, hyper, needs_fm=True)
+    student = build_student("tiny-cnn", classes)
+    data = build_data(config, hyper, student, classes, labeled, unlabeled, pseudo, test, 0)
+    # labeled/<class>/007.png is the pool's 007.png: same cache row, FM label known (L_KD2).
+    assert bool((data.labeled_index < data.num_pool).all())
+    assert bool((data.labeled_fm >= 0).all())
+    assert len(data.holdout) + len(data.kd_train) == data.num_pool
+
+
+def test_gold_unlabeled_must_cover_the_pool(text_data, tmp_path):
+    config = text_config(
+        text_data, tmp_path / "m", extra={"gold_unlabeled": text_data / "test.csv"}
+    )
+    with pytest.raises(UserError, match="gold_unlabeled .* lacks 45 ids"):
+        run_train(config)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("student", ["mobilenet_v3_small", "distilbert"])
+def test_real_students_train_and_resume_a_few_steps(image_data, text_data, tmp_path, student):
+    make = image_config if student.startswith("mobilenet") else text_config
+    root = image_data if student.startswith("mobilenet") else text_data
+    settings = dict(student=student, kd_steps=3, ssl_steps=3)
+    full = run_train(make(root, tmp_path / "full", **settings))
+    run_train(make(root, tmp_path / "split", extra={"stop_after": 4}, **settings))
+    run_train(make(root, tmp_path / "split", resume=True, **settings))
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "split")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert 0.0 <= full["test_accuracy"] <= 1.0
