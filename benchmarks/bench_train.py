@@ -130,7 +130,8 @@ def measure(student_name: str, steps: int, samples: int) -> dict:
 
     hyper = TrainHyper(**MODALITY_DEFAULTS[modality])
     n_l, n_u = hyper.labeled_batch_size, hyper.unlabeled_batch_size
-    bare = build_student(student_name, classes, seed=1).train()
+    # The same memory layout as training uses, so the ratio compares like with like.
+    bare = build_student(student_name, classes, seed=1).train().use_channels_last()
     step_times: list[float] = []
     bare_times: list[float] = []
     previous_end = None

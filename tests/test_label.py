@@ -67,6 +67,32 @@ def assert_same_content(a, b):
     assert content(a)[4] == content(b)[4]
 
 
+def test_gold_samples_already_labeled_reuse_their_pseudo_label(tmp_path, embed_dir, monkeypatch):
+    """--gold naming (a gold copy of) the labeled data costs no second teacher pass."""
+    import zmdevice.label as label_module
+
+    write_texts(tmp_path / "texts.csv", 12, labels=True)
+    write_texts(tmp_path / "gold.csv", 14, labels=True)  # 12 shared ids + 2 new ones
+    seen = []
+    real = label_module.iterate_batches
+
+    def counting(dataset, teacher, indices, batch_size, workers):
+        seen.append(len(list(indices)))
+        yield from real(dataset, teacher, indices, batch_size, workers)
+
+    monkeypatch.setattr(label_module, "iterate_batches", counting)
+    summary = run_label(config(tmp_path, embed_dir, gold=tmp_path / "gold.csv"))
+    assert seen == [12, 2]  # the data, then only the two gold samples it did not hold
+    labels = read_pseudolabels(tmp_path / "out.parquet")
+    names = CLASSES.split(",")
+    truth = [names[i % 3] for i in range(12)]
+    correct_shared = sum(names[p] == t for p, t in zip(labels.label, truth, strict=True))
+    quality = summary["quality"]
+    assert quality["count"] == 14
+    # The shared samples are scored with the stored pseudo-labels; the 2 new ones add 0-2.
+    assert correct_shared <= round(quality["accuracy"] * 14) <= correct_shared + 2
+
+
 def test_label_text_writes_file_with_gold_quality_report(tmp_path, embed_dir, monkeypatch):
     write_texts(tmp_path / "texts.csv", 30)
     write_texts(tmp_path / "gold.csv", 9, labels=True)

@@ -224,11 +224,12 @@ def run_label(config: LabelConfig) -> dict:
     elapsed = time.perf_counter() - started
 
     quality, quality_lines = None, []
+    parts = [parts_dir / f"part-{j:06d}.parquet" for j in range(len(chunks))]
     if gold is not None:
         quality, quality_lines = _gold_report(
-            gold, gold_truth, teacher, classes.names, config.batch_size, workers, config.gold
-        )
-    parts = [parts_dir / f"part-{j:06d}.parquet" for j in range(len(chunks))]
+            gold, gold_truth, teacher, classes.names, config.batch_size, workers, config.gold,
+            known=_labels_by_id(parts),
+        )  # fmt: skip
     combined = combine_pseudolabels(
         parts, out, metadata_update={"quality": quality, "created": run["created"]}
     )
@@ -320,17 +321,39 @@ def _write_part(parts_dir, number, metadata, ids, probs, skipped, stats) -> None
             writer.write_probs(ids, np.concatenate(probs))
 
 
-def _gold_report(gold, truth, teacher, names, batch_size, workers, path):
+def _labels_by_id(parts: list[Path]) -> dict[str, int]:
+    """id -> pseudo-label of everything labeled in this run (read back from the parts)."""
+    import pyarrow.parquet as pq
+
+    known: dict[str, int] = {}
+    for part in parts:
+        table = pq.read_table(part, columns=["id", "label"])
+        ids, labels = table.column("id").to_pylist(), table.column("label").to_pylist()
+        known.update(zip(ids, labels, strict=True))
+    return known
+
+
+def _gold_report(gold, truth, teacher, names, batch_size, workers, path, known):
+    """The teacher's accuracy on the gold samples.
+
+    Gold samples whose id was just labeled (``known``, e.g. ``--gold`` naming the labeled
+    data itself or a gold copy of it) reuse that pseudo-label: the file is id-keyed, so the
+    same id is the same sample, and running the teacher on them twice would double the cost.
+    Only the others go through the teacher.
+    """
     from zmdevice.metrics import classification_report, format_report
 
-    keep, predicted = [], []
-    for kept, probs, _ in iterate_batches(gold, teacher, range(len(gold)), batch_size, workers):
-        keep += kept
+    predicted = np.full(len(gold), -1, dtype=np.int64)
+    for i, sample_id in enumerate(gold.ids):
+        predicted[i] = known.get(sample_id, -1)
+    unseen = [i for i in range(len(gold)) if predicted[i] < 0]
+    for kept, probs, _ in iterate_batches(gold, teacher, unseen, batch_size, workers):
         if len(kept):
-            predicted.append(probs.argmax(1))
-    if not keep:
+            predicted[np.asarray(kept)] = probs.argmax(1)
+    keep = np.flatnonzero(predicted >= 0)
+    if not len(keep):
         raise UserError(f"--gold {path}: no readable samples to measure the teacher on")
-    report = classification_report(truth[keep], np.concatenate(predicted), names)
+    report = classification_report(truth[keep], predicted[keep], names)
     report["gold"] = str(path)
     return report, format_report(report, names, f"teacher on gold labels ({path})")
 
