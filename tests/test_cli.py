@@ -36,3 +36,22 @@ def test_unknown_device_is_a_one_line_error_with_exit_2(tmp_path):
     assert result.exit_code == 2
     assert "unknown device 'tpu'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_bad_data_reaches_the_user_as_one_line_and_exit_2(tmp_path):
+    """Data-layer errors surface through every command the same way: one line, exit 2."""
+    table = tmp_path / "t.csv"
+    table.write_text("sentence\nhello\n")
+    cases = [
+        (["label", str(tmp_path / "missing.csv"), "--classes", "a,b", "--teacher", "minilm"],
+         "missing.csv"),
+        (["label", str(table), "--classes", "a,b", "--teacher", "minilm"], "'text'"),
+        (["evaluate", str(tmp_path / "model.onnx"), "--data", str(table)], "model.onnx"),
+    ]  # fmt: skip
+    for args, named in cases:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, result.output
+        message = result.output.strip()
+        assert message.startswith("error: ") and "\n" not in message
+        assert named in message
+        assert "Traceback" not in result.output
