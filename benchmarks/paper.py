@@ -49,7 +49,7 @@ class Dataset:
 
 
 DATASETS = {
-    "images": Dataset("images", "efficientnet-lite0", "mobilenet_v3_small", 600, 10_000, 2_000),
+    "images": Dataset("images", "efficientnet-lite0", "mobilenet_v3_small", 1000, 10_000, 2_000),
     "text": Dataset("text", "minilm", "distilbert", 200, 10_000, 2_000),
 }
 

@@ -19,7 +19,11 @@ from zmdevice.errors import UserError
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """What the demo runs for one modality (steps: full run, then the --quick run)."""
+    """What the demo runs for one modality (steps: full run, then the --quick run).
+
+    The text budget is small on purpose: the MiniLM-initialised student passes the FM after
+    a few dozen steps on the embedded data (15+15 steps: 77.8%, 120+120: 77.5%, FM 69.2%).
+    """
 
     data: str
     """Folder under examples/default/."""
@@ -35,7 +39,7 @@ class DemoPlan:
 PLANS = {
     "text": DemoPlan(
         "text", "minilm", "distilbert", "unlabeled.csv", "labeled.csv", "test.csv",
-        kd_steps=(120, 15), ssl_steps=(120, 15),
+        kd_steps=(60, 15), ssl_steps=(60, 15),
     ),
     "image": DemoPlan(
         "images", "efficientnet-lite0", "mobilenet_v3_small", "unlabeled", "labeled", "test",
