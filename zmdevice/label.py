@@ -255,6 +255,7 @@ def _label_chunks(dataset, teacher, chunks, done, batch_size, workers, parts_dir
         desc=f"label {parts_dir.name[1 : -len('.parts')]}",
         file=sys.stderr,
         dynamic_ncols=True,
+        disable=None,  # a bar on a terminal; none in logs, where it would print every update
     )
     remaining = [i for j in todo for i in chunks[j]]
     current, seen, labeled = iter(todo), 0, 0
