@@ -260,9 +260,10 @@ def test_resume_continues_exactly(image_data, text_data, tmp_path, modality):
     root = image_data if modality == "image" else text_data
     run_train(make(root, tmp_path / "full"))
 
-    # Interrupted in stage 2 (checkpoint written at the stop), then resumed.
-    stopped = run_train(make(root, tmp_path / "split", extra={"stop_after": 14}))
-    assert stopped["stopped_at"] == 14 and not (tmp_path / "split" / "config.json").exists()
+    # Interrupted in stage 2 (checkpoint written at the stop), then resumed. Image views
+    # are built 4 steps at a time: step 3 of stage 2 leaves one batch drawn but unused.
+    stopped = run_train(make(root, tmp_path / "split", extra={"stop_after": 13}))
+    assert stopped["stopped_at"] == 13 and not (tmp_path / "split" / "config.json").exists()
     run_train(make(root, tmp_path / "split", resume=True))
 
     # A crash in stage 1 after the periodic checkpoint at step 5: steps 6-7 are redone.
@@ -409,6 +410,33 @@ def test_weak_view_is_a_padded_crop_or_its_mirror():
     for b in range(6):
         crops = [padded[b, :, y : y + 16, x : x + 16] for y in range(5) for x in range(5)]
         assert any(torch.equal(out[b], c) or torch.equal(out[b], c.flip(-1)) for c in crops)
+
+
+def test_image_views_batch_weak_and_strong_groups_together():
+    """One fused pad-crop-flip over weak + strong groups: weak rows stay crops of the image."""
+    import torch.nn.functional as F
+
+    from zmdevice.pipeline import ImageViews
+
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
+    views = ImageViews(pixels, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    idx = torch.tensor([3, 1, 4, 1])
+    out = views.batch([("weak", idx), ("strong", idx)])["pixel_values"]
+    assert out.shape == (8, 3, 16, 16) and out.dtype == torch.float32
+    clean = views.batch([("clean", idx)])["pixel_values"]
+    padded = F.pad(clean, (2, 2, 2, 2), mode="reflect")
+
+    def is_crop_of(image, b):
+        crops = [padded[b, :, y : y + 16, x : x + 16] for y in range(5) for x in range(5)]
+        return any(
+            torch.allclose(image, c, atol=1e-5) or torch.allclose(image, c.flip(-1), atol=1e-5)
+            for c in crops
+        )
+
+    assert all(is_crop_of(out[b], b) for b in range(4))
+    # The strong rows went through RandAugment first: not all of them are plain crops.
+    assert not all(is_crop_of(out[4 + b], b) for b in range(4))
 
 
 def test_sampler_covers_each_epoch_and_resumes_its_stream():

@@ -7,8 +7,8 @@ So each sample is decoded and tokenised once, before training:
 - images are resized once to the student's size and kept as one uint8 tensor
   [N, 3, S, S] (3 KB per 32 px image); the weak view (reflect-pad S/8, random crop,
   horizontal flip) is applied to the whole batch as tensor ops, and the strong view is
-  RandAugment(2, 9) (torchvision) on small groups of images that share their two sampled
-  operations, then the weak view. ``strong_group=1`` gives per-image RandAugment;
+  RandAugment(2, 9) drawn per image and applied batch-wide
+  (``zmdevice.randaugment.BatchRandAugment``), then the weak view;
 - texts are tokenised once to id lists; the strong view edits the cached ids
   (``zmdevice.augment.TextAugment``) and batches are padded to their longest member.
 
@@ -110,22 +110,22 @@ class ImageViews:
     """Per-channel normalisation mean (0..1 scale)."""
     std: tuple[float, float, float]
     """Per-channel normalisation std."""
-    strong_group: int = 4
-    """Images that share one draw of RandAugment's two operations (1 = per image)."""
 
     def __post_init__(self):
-        from torchvision.transforms import v2
-
-        self.rand_augment = v2.RandAugment(num_ops=2, magnitude=9)
-
-    def normalise(self, pixels):
-        """uint8 or 0..1 float [B, 3, S, S] -> normalised float32."""
         import torch
 
-        x = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
-        return (x - mean) / std
+        from zmdevice.randaugment import BatchRandAugment
+
+        self.rand_augment = BatchRandAugment(num_ops=2, magnitude=9)
+        self.mean_tensor = torch.tensor(self.mean).view(1, 3, 1, 1)
+        self.std_tensor = torch.tensor(self.std).view(1, 3, 1, 1)
+
+    def normalise(self, pixels):
+        """0..255 (uint8 or float) [B, 3, S, S] -> normalised float32: (x/255 - mean) / std.
+
+        The same arithmetic as the exported model's preprocessing, so clean views match it.
+        """
+        return (pixels.float() / 255.0 - self.mean_tensor) / self.std_tensor
 
     def clean(self, indices):
         """[B] indices -> float32 [B, 3, S, S]."""
@@ -133,28 +133,31 @@ class ImageViews:
 
     def weak(self, indices):
         """Reflect-pad S/8, random S x S crop and random horizontal flip, batched."""
-        return self.normalise(weak_augment(self.pixels[indices].float() / 255.0))
+        return self.normalise(weak_augment(self.pixels[indices].float()))
 
     def strong(self, indices):
-        """RandAugment(2, 9) per group of images, then the weak view."""
-        import torch
-
-        pixels = self.pixels[indices]
-        groups = [
-            self.rand_augment(pixels[start : start + self.strong_group])
-            for start in range(0, len(pixels), self.strong_group)
-        ]
-        return self.normalise(weak_augment(torch.cat(groups).float() / 255.0))
+        """RandAugment(2, 9) drawn per image, then the weak view."""
+        return self.normalise(weak_augment(self.rand_augment(self.pixels[indices])))
 
     def batch(self, groups: list[tuple[str, Any]]) -> dict:
-        """Concatenate several (view name, indices) groups into one model input."""
+        """Concatenate several (view name, indices) groups into one model input.
+
+        Weak and strong groups share one pad-crop-flip and one normalisation over the
+        whole batch (fewer small tensor calls per step); the draws are still per image.
+        """
         import torch
 
-        return {"pixel_values": torch.cat([getattr(self, view)(idx) for view, idx in groups])}
+        if any(view == "clean" for view, _ in groups):
+            return {"pixel_values": torch.cat([getattr(self, v)(i) for v, i in groups])}
+        pixels = [
+            self.rand_augment(self.pixels[idx]) if view == "strong" else self.pixels[idx].float()
+            for view, idx in groups
+        ]
+        return {"pixel_values": self.normalise(weak_augment(torch.cat(pixels)))}
 
 
 def weak_augment(images):
-    """Batched weak view on float images [B, 3, S, S]: reflect-pad S/8, crop, flip."""
+    """Batched weak view on float images [B, 3, S, S] (any scale): reflect-pad S/8, crop, flip."""
     import torch
     import torch.nn.functional as F
 

@@ -20,7 +20,6 @@ stage-1 and stage-2 defaults (the same budget as ZeroMatch).
 
 Where this departs from the reference runs, on purpose (each a ``TrainHyper`` field):
 AdaMatch's EMA momentum is 0.99, not 0.999 (short CPU stages, see ``MODALITY_DEFAULTS``);
-the strong image view draws RandAugment's two operations once per group of 4 images (cost);
 BatchNorm statistics are re-estimated on clean unlabeled images before saving (MEASURED.md).
 
 Outputs in ``models/NAME/`` (DESIGN.md): the student (``save_student``),
@@ -111,8 +110,6 @@ class TrainHyper:
     """Max gradient norm (0 = no clipping)."""
     freeze_word_embeddings: bool | None = None
     """Text: keep the word-embedding matrix fixed; None = on CPU only (MEASURED.md)."""
-    strong_group: int = 4
-    """Images sharing one draw of RandAugment's operations (1 = per image; cost vs variety)."""
     eval_batch_size: int = 256
     """Batch of evaluation and BatchNorm recalibration passes."""
     bn_recalibration_batches: int = 40
@@ -132,7 +129,6 @@ class TrainHyper:
             "labeled_batch_size",
             "unlabeled_batch_size",
             "eval_batch_size",
-            "strong_group",
         ):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -439,9 +435,7 @@ def make_views(student, sources, hyper: TrainHyper, seed: int):
         pixels = pipeline.cache_images(
             _Rows(sources), int(preprocess["image_size"]), progress=sys.stderr.isatty()
         )
-        return pipeline.ImageViews(
-            pixels, tuple(preprocess["mean"]), tuple(preprocess["std"]), hyper.strong_group
-        )
+        return pipeline.ImageViews(pixels, tuple(preprocess["mean"]), tuple(preprocess["std"]))
     from zmdevice.augment import TextAugment
     from zmdevice.students import encode_token_ids
 
@@ -493,8 +487,7 @@ def distill_loss(logits, data: TrainData, pool_idx, hyper: TrainHyper, soft: boo
 
 def kd_stage_losses(student, data: TrainData, batch: dict, hyper, soft: bool, device) -> dict:
     """Stage 1: the main head distils the FM on weak views of pool samples."""
-    inputs = to_device(data.views.batch([("weak", batch["pool"])]), device)
-    logits = student(**inputs)
+    logits = student(**to_device(batch["inputs"], device))
     kd, diagnostics = distill_loss(logits, data, batch["pool"], hyper, soft)
     return {"loss": kd, "kd": kd.detach(), "kd_agreement": diagnostics["accuracy"]}
 
@@ -510,13 +503,8 @@ def ssl_stage_losses(student, data, batch, plan, hyper, alignment, alpha, soft, 
     from zmdevice.losses import adamatch_loss, fixmatch_loss, hard_label_ce, soft_label_kl
 
     labeled, pool = batch["labeled"], batch.get("pool")
-    groups = [("weak", data.labeled_index[labeled])]
     uses_unlabeled = plan.unsup is not None or plan.kd_head
-    if uses_unlabeled:
-        groups.append(("weak", pool))
-    if plan.unsup in ("adamatch", "fixmatch"):
-        groups.append(("strong", pool))
-    features = student.features(**to_device(data.views.batch(groups), device))
+    features = student.features(**to_device(batch["inputs"], device))
     logits = student.head(features)
     n_l = len(labeled)
     n_u = len(pool) if uses_unlabeled else 0
@@ -709,6 +697,8 @@ class RunState:
     samplers: dict = field(default_factory=dict)
     best: dict = field(default_factory=dict)
     """Stage 1 model selection: {"agreement", "step", "state"}."""
+    ahead: list = field(default_factory=list)
+    """Batches drawn, with their model inputs built, for the next steps (see draw_batch)."""
     stage_summaries: list = field(default_factory=list)
     log: Any = None
     on_step: Any = None
@@ -737,16 +727,79 @@ def begin_stage(run: RunState, plan: StagePlan) -> None:
             "pool": Sampler(data.num_pool, hyper.unlabeled_batch_size, seed + 1),
         }
     run.best = {}
+    run.ahead = []
+
+
+LOOKAHEAD_STEPS = 4
+"""Steps whose image views are built together (see ``draw_batch``)."""
+LOOKAHEAD_BYTES = 32 * 2**20
+"""...as long as their float32 inputs fit in this much memory."""
 
 
 def draw_batch(run: RunState, plan: StagePlan) -> dict:
-    """Indices of the next batch: ``pool`` (into the index space) and ``labeled`` (rows)."""
+    """The next batch: ``pool`` (into the index space), ``labeled`` (rows) and ``inputs``.
+
+    Image views are built for several steps in one call: at 32 px the per-call cost of
+    batched RandAugment and pad-crop-flip outweighs the per-image cost, and on a 2-core
+    CPU it is a visible part of a step. The batches drawn but not yet trained on are kept
+    in ``run.ahead`` and saved in checkpoints, so a resumed run trains on the same ones.
+    Text batches are built one step at a time (padding is per batch).
+    """
+    if not run.ahead:
+        remaining = plan.steps - run.step
+        run.ahead = draw_batches(run, plan, max(1, min(steps_ahead(run, plan), remaining)))
+    return run.ahead.pop(0)
+
+
+def steps_ahead(run: RunState, plan: StagePlan) -> int:
+    if run.data.modality != "image":
+        return 1
+    size = run.data.views.pixels.shape[-1]
+    rows = run.hyper.kd_batch_size
+    if plan.name != "kd":
+        rows = run.hyper.labeled_batch_size + 2 * run.hyper.unlabeled_batch_size
+    return max(1, min(LOOKAHEAD_STEPS, LOOKAHEAD_BYTES // (rows * 3 * size * size * 4)))
+
+
+def draw_batches(run: RunState, plan: StagePlan, count: int) -> list[dict]:
+    """``count`` consecutive batches; their views come from one ``views.batch`` call."""
+    import torch
+
+    data = run.data
+    batches, groups = [], []
+    for _ in range(count):
+        if plan.name == "kd":
+            batch = {"pool": data.kd_train[run.samplers["pool"].next()]}
+        else:
+            batch = {"labeled": run.samplers["labeled"].next()}
+            if plan.unsup is not None or plan.kd_head:
+                batch["pool"] = run.samplers["pool"].next()
+        batches.append(batch)
+        groups.append(view_groups(data, plan, batch))
+    if count == 1:
+        batches[0]["inputs"] = data.views.batch(groups[0])
+        return batches
+    rows = [sum(len(indices) for _, indices in step) for step in groups]
+    inputs = data.views.batch([group for step in groups for group in step])
+    for batch, pixel_values in zip(batches, torch.split(inputs["pixel_values"], rows), strict=True):
+        batch["inputs"] = {"pixel_values": pixel_values}
+    return batches
+
+
+def view_groups(data: TrainData, plan: StagePlan, batch: dict) -> list[tuple[str, Any]]:
+    """The (view, indices) groups of one step's forward pass, in the order the losses slice.
+
+    Stage 1: weak views of pool samples. Stage 2 and the single-stage methods: labeled
+    weak, then unlabeled weak (SSL or KD head), then unlabeled strong (SSL).
+    """
     if plan.name == "kd":
-        return {"pool": run.data.kd_train[run.samplers["pool"].next()]}
-    batch = {"labeled": run.samplers["labeled"].next()}
+        return [("weak", batch["pool"])]
+    groups = [("weak", data.labeled_index[batch["labeled"]])]
     if plan.unsup is not None or plan.kd_head:
-        batch["pool"] = run.samplers["pool"].next()
-    return batch
+        groups.append(("weak", batch["pool"]))
+    if plan.unsup in ("adamatch", "fixmatch"):
+        groups.append(("strong", batch["pool"]))
+    return groups
 
 
 def stage_losses(run: RunState, plan: StagePlan, batch: dict) -> dict:
@@ -903,6 +956,7 @@ def save_checkpoint(run: RunState) -> None:
         "alignment": run.alignment.state_dict() if run.alignment else None,
         "ema": cpu_state(run.ema.model) if run.ema else None,
         "samplers": {name: sampler.state_dict() for name, sampler in run.samplers.items()},
+        "ahead": run.ahead,
         "best": run.best,
         "stage_summaries": run.stage_summaries,
         "rng": {
@@ -945,6 +999,7 @@ def restore_checkpoint(run: RunState, state: dict) -> None:
         run.ema.model.load_state_dict(state["ema"])
     for name, sampler_state in state["samplers"].items():
         run.samplers[name].load_state_dict(sampler_state)
+    run.ahead = state.get("ahead", [])
     run.best = state["best"]
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
