@@ -16,13 +16,17 @@ int8 --test``, then measures in the same process:
     python benchmarks/bench_export.py                 # both students, ~5-8 min on 2 cores
     python benchmarks/bench_export.py --students mobilenet_v3_small --image-steps 100
 
-Writes benchmarks/work/bench_export.json next to the printed table.
+It also records the sizes of the saved student (``student.safetensors``, the checkpoint
+export reads) and of its folder, and the process's peak RSS.
+
+Writes benchmarks/work/bench_export.json (or ``--json PATH``) next to the printed table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import statistics
 import subprocess
@@ -34,6 +38,19 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO / "examples" / "default"
+
+TARGETS = {
+    "fp32_over_torch": ("<=", 0.5),
+    "int8_over_fp32_size": ("<=", 0.3),
+    "int8_minus_fp32_points": ("within", 1.0),
+    "beyond_interpreter_s": ("<", 1.0),
+}
+"""Issue targets per result key: (comparison, threshold)."""
+
+
+def target_text(key: str, unit: str = "") -> str:
+    comparison, threshold = TARGETS[key]
+    return f"{comparison} {threshold:g}{unit}"
 
 
 def train_student(name: str, work: Path, steps: int, threads: int, seed: int = 0) -> Path:
@@ -163,6 +180,7 @@ def cold_start(onnx_path: Path, item: str, repeats: int = 5) -> dict:
 def bench(name: str, work: Path, steps: int, threads: int, repeats: int) -> dict:
     from zmdevice.config import ExportConfig
     from zmdevice.export import int8_path, run_export
+    from zmdevice.students import WEIGHTS_FILE
 
     print(f"{name}:")
     model_dir = train_student(name, work, steps, threads)
@@ -190,6 +208,11 @@ def bench(name: str, work: Path, steps: int, threads: int, repeats: int) -> dict
         "fp32_accuracy": summary["test"]["fp32_accuracy"],
         "int8_accuracy": summary["test"]["int8_accuracy"],
         "int8_minus_fp32_points": summary["test"]["int8_minus_fp32_points"],
+        "checkpoint_bytes": (model_dir / WEIGHTS_FILE).stat().st_size,
+        "model_dir_bytes": sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file()),
+        "tokenizer_bytes": Path(summary["tokenizer"]).stat().st_size
+        if summary.get("tokenizer")
+        else None,
         "threads": threads,
         **latency(model_dir, onnx_path, quantized, threads, repeats),
     }
@@ -199,24 +222,28 @@ def bench(name: str, work: Path, steps: int, threads: int, repeats: int) -> dict
 
 
 def print_table(results: list[dict]) -> None:
+    # (label, result key, format, unit of the target where TARGETS has one)
     rows = [
         ("PyTorch eager, batch 1 (ms)", "torch_ms", "{:.2f}", ""),
         ("onnxruntime fp32, batch 1 (ms)", "onnx_fp32_ms", "{:.2f}", ""),
         ("onnxruntime int8, batch 1 (ms)", "onnx_int8_ms", "{:.2f}", ""),
-        ("onnx fp32 / PyTorch latency", "fp32_over_torch", "{:.2f}x", "<= 0.5x"),
+        ("onnx fp32 / PyTorch latency", "fp32_over_torch", "{:.2f}x", "x"),
         ("fp32 file (MB)", "fp32_bytes", "{:.2f}", ""),
         ("int8 file (MB)", "int8_bytes", "{:.2f}", ""),
-        ("int8 / fp32 file size", "int8_over_fp32_size", "{:.3f}x", "<= 0.3x"),
+        ("int8 / fp32 file size", "int8_over_fp32_size", "{:.3f}x", "x"),
         ("fp32 test accuracy (%)", "fp32_accuracy", "{:.2f}", ""),
         ("int8 test accuracy (%)", "int8_accuracy", "{:.2f}", ""),
-        ("int8 - fp32 (points)", "int8_minus_fp32_points", "{:+.2f}", "within 1"),
+        ("int8 - fp32 (points)", "int8_minus_fp32_points", "{:+.2f}", ""),
         ("predict cold start (s)", "predict_s", "{:.2f}", ""),
-        ("  beyond the interpreter (s)", "beyond_interpreter_s", "{:.2f}", "< 1 s"),
+        ("  beyond the interpreter (s)", "beyond_interpreter_s", "{:.2f}", " s"),
+        ("student.safetensors (MB)", "checkpoint_bytes", "{:.2f}", ""),
     ]
-    scale = {"fp32_bytes": 1e-6, "int8_bytes": 1e-6, "fp32_accuracy": 100, "int8_accuracy": 100}
+    scale = {"fp32_bytes": 1e-6, "int8_bytes": 1e-6, "checkpoint_bytes": 1e-6}
+    scale.update(fp32_accuracy=100, int8_accuracy=100)
     header = f"{'':34}" + "".join(f"{r['student']:>20}" for r in results) + "   target"
     print(header)
-    for label, key, fmt, target in rows:
+    for label, key, fmt, unit in rows:
+        target = target_text(key, unit) if key in TARGETS else ""
         cells = "".join(f"{fmt.format(r[key] * scale.get(key, 1)):>20}" for r in results)
         print(f"{label:34}{cells}   {target}")
 
@@ -229,6 +256,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for both runtimes")
     parser.add_argument("--repeats", type=int, default=100, help="timed runs per latency")
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work")
+    parser.add_argument("--json", type=Path, help="summary file (default WORK/bench_export.json)")
     args = parser.parse_args()
     results = []
     for name in args.students.split(","):
@@ -236,8 +264,15 @@ def main() -> None:
         results.append(bench(name.strip(), args.work, steps, args.threads, args.repeats))
     print()
     print_table(results)
-    args.work.mkdir(parents=True, exist_ok=True)
-    (args.work / "bench_export.json").write_text(json.dumps(results, indent=2))
+    # The whole process (every student); ru_maxrss is in KiB on Linux.
+    peak_rss_gb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)
+    print(f"peak RSS of this process: {peak_rss_gb:.2f} GB")
+    for result in results:
+        result["process_peak_rss_gb"] = peak_rss_gb
+        result["targets"] = TARGETS
+    out = args.json or args.work / "bench_export.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

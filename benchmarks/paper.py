@@ -229,7 +229,25 @@ def environment() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), **versions}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        **versions,
+        "commit": source_commit(),
+    }
+
+
+def source_commit() -> str | None:
+    """The checkout's commit, marked ``+changes`` when zmdevice/ differs from it."""
+    try:
+        command = ["git", "rev-parse", "--short", "HEAD"]
+        head = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+        head = head.stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "zmdevice"], cwd=ROOT)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty.returncode else "")
 
 
 def execute(run: Run) -> dict:

@@ -1,0 +1,670 @@
+"""The performance report: run the three cost benchmarks, store their numbers, render a page.
+
+    python benchmarks/performance.py                # full budgets (about 15-30 min on 2 cores)
+    python benchmarks/performance.py --quick        # small budgets: a smoke run of a few minutes
+    python benchmarks/performance.py --jobs train   # only some jobs (the others show "not run")
+    python benchmarks/performance.py render         # the page again from the stored JSON
+
+Each benchmark runs as its own process (a job), so its peak RSS is its own:
+``bench_label.py`` (labeling throughput vs the bare FM forward; pseudo-label file sizes),
+``bench_train.py`` (stage-2 step vs the bare student forward+backward; peak RSS; checkpoint
+sizes) and ``bench_export.py`` once per student (ONNX vs PyTorch latency; ONNX fp32/int8 and
+checkpoint sizes). Every ratio is measured inside one job, both sides under the same
+machine load. The numbers, the environment and the exact commands go to
+``benchmarks/performance.json``; ``benchmarks/PERFORMANCE.md`` is generated from that file
+only, with each target next to its number, met or missed.
+
+The JSON does not live in ``benchmarks/results/``: ``paper.py table`` reads every JSON file
+there as a paper run (and ``paper.py run`` ends with ``table``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+REPORT_JSON = BENCH / "performance.json"
+PAGE = BENCH / "PERFORMANCE.md"
+WORK = BENCH / "work" / "performance"
+JOBS = ("label", "train", "export")
+FORMAT = "zmdevice-performance"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much each job measures; ``FULL`` and ``QUICK`` below."""
+
+    texts: int
+    """MiniLM labeling: texts timed (``bench_label.py --texts``)."""
+    images: int
+    """EfficientNet-Lite0 labeling: images timed (``--images``; 0 = no image FM)."""
+    label_batch_size: int
+    """Labeling batch (``bench_label.py --batch-size``)."""
+    train_steps: int
+    """Stage-2 steps per student (``bench_train.py --steps``; the mean skips 4 and the last)."""
+    train_samples: int
+    """Synthetic unlabeled samples of the training job (``bench_train.py --samples``)."""
+    image_steps: int
+    """Training steps of the exported image student (``bench_export.py --image-steps``)."""
+    text_steps: int
+    """Training steps of the exported text student (``bench_export.py --text-steps``)."""
+    repeats: int
+    """Timed batch-1 inferences per runtime (``bench_export.py --repeats``)."""
+    students: tuple[str, ...] = ("mobilenet_v3_small", "distilbert")
+    """Students of the training and export jobs."""
+
+
+FULL = Budget(
+    texts=512,
+    images=256,
+    label_batch_size=64,
+    train_steps=41,  # 4 warm-up steps, 9 whole 4-step look-ahead cycles, the saving step
+    train_samples=5000,
+    image_steps=300,
+    text_steps=150,
+    repeats=100,
+)
+QUICK = Budget(
+    texts=128,
+    images=32,
+    label_batch_size=32,
+    train_steps=13,
+    train_samples=400,
+    image_steps=20,
+    text_steps=10,
+    repeats=20,
+)
+
+
+# --------------------------------------------------------------------------- running the jobs
+
+
+def job_commands(budget: Budget, work: Path) -> list[tuple[str, list[str], Path]]:
+    """(job name, argv, JSON summary path) of every job, in run order."""
+    python = sys.executable
+    label_json, train_json = work / "label.json", work / "train.json"
+    jobs = [
+        (
+            "label",
+            [python, "benchmarks/bench_label.py", "--texts", str(budget.texts),
+             "--images", str(budget.images), "--batch-size", str(budget.label_batch_size),
+             "--json", rel(label_json)],
+            label_json,
+        ),
+        (
+            "train",
+            [python, "benchmarks/bench_train.py", "--steps", str(budget.train_steps),
+             "--samples", str(budget.train_samples), "--json", rel(train_json),
+             *(arg for s in budget.students for arg in ("--student", s))],
+            train_json,
+        ),
+    ]  # fmt: skip
+    for student in budget.students:
+        out = work / f"export-{student}.json"
+        jobs.append(
+            (
+                f"export-{student}",
+                [python, "benchmarks/bench_export.py", "--students", student,
+                 "--image-steps", str(budget.image_steps), "--text-steps", str(budget.text_steps),
+                 "--repeats", str(budget.repeats), "--work", rel(work / "export"),
+                 "--json", rel(out)],
+                out,
+            )
+        )  # fmt: skip
+    return jobs
+
+
+def rel(path: Path) -> str:
+    """``path`` relative to the repository root where it lies inside it (shorter commands)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def run_job(name: str, argv: list[str], summary: Path) -> dict:
+    """Run one benchmark process from the repository root, echoing its stdout.
+
+    Returns:
+        name, argv, returncode, wall_s, cpu_s (user+sys of the job and the processes it
+        waited for), tree_peak_rss_gb (the largest RSS of any one of those processes, not
+        their sum), result (the parsed JSON summary, None if missing) and, on failure,
+        error (the end of its stderr).
+    """
+    summary.unlink(missing_ok=True)  # never report a previous run's numbers as this one's
+    # This checkout's zmdevice, whatever an installed (maybe editable elsewhere) one says.
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # every model is local
+    print(f"[performance] {name}: {shlex.join(display_argv(argv))}", flush=True)
+    started = time.perf_counter()
+    # stderr to a file, not a pipe: a full pipe nobody reads would stall the child.
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=errors, text=True
+        )
+        for line in process.stdout:
+            print("    " + line, end="", flush=True)
+        # wait4, not wait: it also returns the job's resource usage, peak RSS included.
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        errors.seek(0)
+        stderr = errors.read().decode(errors="replace")
+    job = {
+        "name": name,
+        "argv": display_argv(argv),
+        "returncode": process.returncode,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        "tree_peak_rss_gb": round(usage.ru_maxrss / 1024**2, 3),  # KiB on Linux
+        "result": json.loads(summary.read_text()) if summary.is_file() else None,
+    }
+    if process.returncode != 0 or job["result"] is None:
+        job["error"] = stderr[-3000:] or "no JSON summary written"
+        print(f"[performance] {name} FAILED (exit {process.returncode}):\n{job['error']}")
+    return job
+
+
+def display_argv(argv: list[str]) -> list[str]:
+    return ["python" if arg == sys.executable else arg for arg in argv]
+
+
+def environment() -> dict:
+    """The machine and software the numbers come from (no heavy imports)."""
+    import importlib.metadata as metadata
+
+    versions = {}
+    for package in ("zmdevice", "torch", "torchvision", "transformers", "onnx", "onnxruntime"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    cpu, memory_gb = platform.processor() or platform.machine(), None
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+        kib = next(
+            line.split()[1]
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        )
+        memory_gb = round(int(kib) / 1024**2, 1)
+    except (OSError, StopIteration):
+        pass
+    threads_env = {
+        key: os.environ[key] for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if key in os.environ
+    }
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gb": memory_gb,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "interpreter": sys.executable,
+        **versions,
+        "thread_env": threads_env,
+        "git_commit": git("rev-parse", "HEAD"),
+        # Uncommitted edits change what was measured: name them.
+        "git_modified_files": [
+            line[3:] for line in (git("status", "--porcelain", "-uno") or "").splitlines()
+        ],
+    }
+
+
+def git(*args: str) -> str | None:
+    """A read-only git query; ``--no-optional-locks`` so it never rewrites the index."""
+    try:
+        done = subprocess.run(
+            ["git", "--no-optional-locks", *args], cwd=ROOT, capture_output=True, text=True
+        )
+    except OSError:
+        return None
+    # rstrip only: porcelain lines start with a meaningful space (" M path")
+    return done.stdout.rstrip() if done.returncode == 0 else None
+
+
+def run_report(budget: Budget, mode: str, jobs: tuple[str, ...], work: Path, command: str):
+    """Run the chosen jobs one after the other; return the report dict."""
+    work.mkdir(parents=True, exist_ok=True)
+    report = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "mode": mode,
+        "budget": asdict(budget),
+        "command": command,
+        "started": utc_now(),
+        "environment": environment(),
+        "load_average_start": [round(x, 2) for x in os.getloadavg()],
+        "jobs": [],
+    }
+    for name, argv, summary in job_commands(budget, work):
+        if name.split("-")[0] in jobs:
+            report["jobs"].append(run_job(name, argv, summary))
+    report["finished"] = utc_now()
+    report["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    return report
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# --------------------------------------------------------------------------- the page
+
+
+@dataclass
+class Row:
+    """One number on the page, with its target where the issue sets one."""
+
+    subject: str
+    quantity: str
+    value: float | None
+    shown: str
+    target: tuple[str, float] | None = None
+    """(comparison, threshold): ``>=``, ``<=``, ``<`` or ``within`` (absolute value <=)."""
+    unit: str = ""
+    """Unit of the threshold, for the target column."""
+
+    @property
+    def status(self) -> str:
+        if self.target is None:
+            return ""
+        return judge(self.value, *self.target)
+
+    @property
+    def target_text(self) -> str:
+        if self.target is None:
+            return ""
+        comparison, threshold = self.target
+        symbol = {">=": "≥", "<=": "≤", "<": "<", "within": "within ±"}[comparison]
+        space = "" if comparison == "within" else " "
+        return f"{symbol}{space}{threshold:g}{self.unit}"
+
+
+def judge(value: float | None, comparison: str, threshold: float) -> str:
+    """``met``, ``missed`` or ``not measured`` (no value)."""
+    if value is None:
+        return "not measured"
+    ok = {
+        ">=": value >= threshold,
+        "<=": value <= threshold,
+        "<": value < threshold,
+        "within": abs(value) <= threshold,
+    }[comparison]
+    return "met" if ok else "missed"
+
+
+def mb(count: int | None) -> str:
+    """Bytes for a reader: MB (or kB below 1 MB) and the exact count."""
+    if count is None:
+        return "-"
+    shown = f"{count / 1e6:.2f} MB" if count >= 1e6 else f"{count / 1e3:.1f} kB"
+    return f"{shown} ({count:,} B)"
+
+
+def job_results(report: dict, prefix: str) -> tuple[list, list[dict]]:
+    """(results of the jobs named ``prefix`` or ``prefix-*``, those jobs)."""
+    jobs = [j for j in report["jobs"] if j["name"].split("-")[0] == prefix]
+    results = []
+    for job in jobs:
+        if job.get("result") is None:
+            continue
+        results += job["result"] if isinstance(job["result"], list) else [job["result"]]
+    return results, jobs
+
+
+def label_rows(report: dict) -> tuple[list[Row], list[Row]]:
+    """(throughput rows, pseudo-label file rows) from the label job."""
+    results, _ = job_results(report, "label")
+    throughput, files = [], []
+    for result in results:
+        for t in result["throughput"]:
+            subject = f"{t['teacher']} ({t['items']} items, batch {result['batch_size']})"
+            throughput += [
+                Row(subject, "end-to-end `run_label` (items/s)", t["end_to_end_per_s"],
+                    f"{t['end_to_end_per_s']:.1f}"),
+                Row(subject, "bare FM forward (items/s)", t["bare_forward_per_s"],
+                    f"{t['bare_forward_per_s']:.1f}"),
+                Row(subject, "ratio end-to-end / bare", t["ratio"], f"{t['ratio']:.2f}",
+                    (">=", t["ratio_target"])),
+            ]  # fmt: skip
+            files += [
+                Row(f"{t['teacher']}: file `run_label` wrote", "size", t["file_bytes"],
+                    f"{mb(t['file_bytes'])}, {t['items']} samples, {t['classes']} classes"),
+                Row(f"{t['teacher']}: file `run_label` wrote", "bytes per sample",
+                    t["bytes_per_sample"],
+                    f"{t['bytes_per_sample']:.1f} (float32 probabilities alone: "
+                    f"{t['float32_bytes_per_sample']})"),
+            ]  # fmt: skip
+        for s in result["sizes"]:
+            subject = f"{s['name']} (C={s['classes']}, N={s['samples']})"
+            ratio_target = None if s["ratio_target"] is None else ("<=", s["ratio_target"])
+            files += [
+                Row(subject, "file / float32 .npy", s["ratio"], f"{s['ratio']:.3f}x",
+                    ratio_target, "x"),
+                Row(subject, "bytes per sample", s["file_bytes"] / s["samples"],
+                    f"{s['file_bytes'] / s['samples']:.1f}"),
+                Row(subject, "mean KL(full ‖ stored) (nats)", s["mean_kl"],
+                    f"{s['mean_kl']:.2e}", ("<=", s["kl_target"])),
+            ]  # fmt: skip
+    return throughput, files
+
+
+def train_rows(report: dict) -> list[Row]:
+    results, _ = job_results(report, "train")
+    rows = []
+    for r in results:
+        if "error" in r:  # its targets show as not measured
+            rows += [
+                Row(r["student"], "ratio step / bare", None, "run failed",
+                    ("<=", r["ratio_target"])),
+                Row(r["student"], "training process peak RSS (GB)", None, "run failed",
+                    None if r["rss_target_gb"] is None else ("<=", r["rss_target_gb"]), " GB"),
+            ]  # fmt: skip
+            continue
+        subject = r["student"]
+        rows += [
+            Row(subject, "stage-2 batch, torch threads", None, f"{r['batch']}; {r['threads']}"),
+            Row(subject, "stage-2 step (ms, mean)", r["step_s"], f"{1000 * r['step_s']:.0f}"),
+            Row(subject, "bare student forward+backward (ms, mean)",
+                r["bare_forward_backward_s"], f"{1000 * r['bare_forward_backward_s']:.0f}"),
+            Row(subject, "ratio step / bare", r["ratio"], f"{r['ratio']:.2f}",
+                ("<=", r["ratio_target"])),
+        ]  # fmt: skip
+    return rows
+
+
+def export_rows(report: dict) -> list[Row]:
+    results, _ = job_results(report, "export")
+    rows = []
+    for r in results:
+        targets = r.get("targets", {})
+        subject = r["student"]
+        rows += [
+            Row(subject, "batch, threads (both runtimes)", None, f"1, {r['threads']}"),
+            Row(subject, "PyTorch eager (ms, median)", r["torch_ms"], f"{r['torch_ms']:.2f}"),
+            Row(subject, "onnxruntime fp32 (ms, median)", r["onnx_fp32_ms"],
+                f"{r['onnx_fp32_ms']:.2f}"),
+            Row(subject, "onnxruntime int8 (ms, median)", r["onnx_int8_ms"],
+                f"{r['onnx_int8_ms']:.2f}"),
+            Row(subject, "ratio onnxruntime fp32 / PyTorch", r["fp32_over_torch"],
+                f"{r['fp32_over_torch']:.2f}x", tuple_or_none(targets, "fp32_over_torch"), "x"),
+            Row(subject, "test accuracy fp32 / int8 (%)", None,
+                f"{100 * r['fp32_accuracy']:.2f} / {100 * r['int8_accuracy']:.2f}"),
+            Row(subject, "int8 - fp32 accuracy (points)", r["int8_minus_fp32_points"],
+                f"{r['int8_minus_fp32_points']:+.2f}",
+                tuple_or_none(targets, "int8_minus_fp32_points"), " point"),
+            Row(subject, "`zmdevice predict` cold start beyond the interpreter (s)",
+                r["beyond_interpreter_s"],
+                f"{r['beyond_interpreter_s']:.2f} (total {r['predict_s']:.2f})",
+                tuple_or_none(targets, "beyond_interpreter_s"), " s"),
+        ]  # fmt: skip
+    return rows
+
+
+def tuple_or_none(targets: dict, key: str) -> tuple[str, float] | None:
+    return tuple(targets[key]) if key in targets else None
+
+
+def size_rows(report: dict) -> list[Row]:
+    """Every artifact a user ships or keeps: label file, checkpoints, ONNX fp32 and int8."""
+    labels, _ = job_results(report, "label")
+    trains, _ = job_results(report, "train")
+    exports, _ = job_results(report, "export")
+    rows = []
+    for result in labels:
+        for t in result["throughput"]:
+            rows.append(
+                Row(t["teacher"], "pseudo-label file (`labels/NAME.parquet`)", t["file_bytes"],
+                    f"{mb(t['file_bytes'])}; {t['bytes_per_sample']:.1f} B/sample "
+                    f"at {t['items']} samples")
+            )  # fmt: skip
+    for r in exports:
+        rows += [
+            Row(r["student"], "checkpoint `models/NAME/student.safetensors`",
+                r["checkpoint_bytes"], mb(r["checkpoint_bytes"])),
+            Row(r["student"], "whole `models/NAME/` folder", r["model_dir_bytes"],
+                mb(r["model_dir_bytes"])),
+            Row(r["student"], "ONNX fp32", r["fp32_bytes"], mb(r["fp32_bytes"])),
+            Row(r["student"], "ONNX int8", r["int8_bytes"], mb(r["int8_bytes"])),
+            Row(r["student"], "ratio int8 / fp32", r["int8_over_fp32_size"],
+                f"{r['int8_over_fp32_size']:.3f}x",
+                tuple_or_none(r.get("targets", {}), "int8_over_fp32_size"), "x"),
+        ]  # fmt: skip
+        if r.get("tokenizer_bytes"):
+            rows.append(
+                Row(r["student"], "tokenizer next to the ONNX file", r["tokenizer_bytes"],
+                    mb(r["tokenizer_bytes"]))
+            )  # fmt: skip
+    for r in trains:
+        if "resume_checkpoint_bytes" in r:
+            rows.append(
+                Row(r["student"], "resume checkpoint `checkpoints/last.pt` (stage 2)",
+                    r["resume_checkpoint_bytes"], mb(r["resume_checkpoint_bytes"]))
+            )  # fmt: skip
+    return rows
+
+
+def memory_rows(report: dict) -> list[Row]:
+    rows = []
+    trains, _ = job_results(report, "train")
+    for r in trains:
+        if "peak_rss_gb" in r:
+            target = None if r["rss_target_gb"] is None else ("<=", r["rss_target_gb"])
+            rows.append(
+                Row(r["student"], "training process peak RSS (GB)", r["peak_rss_gb"],
+                    f"{r['peak_rss_gb']:.2f}", target, " GB")
+            )  # fmt: skip
+    labels, _ = job_results(report, "label")
+    for result in labels:
+        teachers = ", ".join(t["teacher"] for t in result["throughput"])
+        rows += [
+            Row(teachers, "labeling process peak RSS (GB; holds each teacher twice)",
+                result["peak_rss_gb"], f"{result['peak_rss_gb']:.2f}"),
+            Row(teachers, "largest data-loader worker peak RSS (GB)",
+                result["loader_workers_peak_rss_gb"],
+                f"{result['loader_workers_peak_rss_gb']:.2f}"),
+        ]  # fmt: skip
+    exports, _ = job_results(report, "export")
+    for r in exports:
+        rows.append(
+            Row(r["student"], "export job peak RSS (GB; train + export + latency)",
+                r["process_peak_rss_gb"], f"{r['process_peak_rss_gb']:.2f}")
+        )  # fmt: skip
+    return rows
+
+
+def sections(report: dict) -> list[tuple[str, str, list[Row]]]:
+    """(heading, how it was measured, rows) of every table on the page."""
+    throughput, files = label_rows(report)
+    return [
+        ("Labeling throughput", "`run_label` end to end (loader workers, teacher, "
+         "compression, part files, final file) against the teacher's bare batched forward "
+         "on the same inputs, already collated, in the same process; the bare pass runs "
+         "before and after, the faster one counts.", throughput),
+        ("Training step", "Median stage-2 step of `run_train` (zeromatch, default batch "
+         "sizes, synthetic data; data pipeline + augmentation + forward + losses + backward "
+         "+ optimizer step) against the median bare forward+backward of the same student "
+         "preset on a ready batch of the same composition, timed right after each step in "
+         "the same process.", train_rows(report)),
+        ("ONNX vs PyTorch latency", "One process per student: a student trained briefly on "
+         "the embedded default data, exported with `--quantize int8 --test`; median batch-1 "
+         "latency of PyTorch eager and onnxruntime with the same threads and input.",
+         export_rows(report)),
+        ("Sizes", "Files as written by the jobs above.", size_rows(report)),
+        ("Pseudo-label file size vs float32", "The same probabilities written as a "
+         "pseudo-label file (ids and metadata included) and as a float32 `.npy` (no ids).",
+         files),
+        ("Peak memory", "`ru_maxrss` of each benchmark process (the training job runs one "
+         "process per student).", memory_rows(report)),
+    ]  # fmt: skip
+
+
+def judged_rows(report: dict) -> list[Row]:
+    """Every row of the page that has a target."""
+    return [row for _, _, rows in sections(report) for row in rows if row.target is not None]
+
+
+def tally(judged: list[Row]) -> str:
+    """'N met, M missed' (+ ', K not measured' when some are)."""
+    counts = {s: sum(r.status == s for r in judged) for s in ("met", "missed", "not measured")}
+    text = f"{counts['met']} met, {counts['missed']} missed"
+    return text + (f", {counts['not measured']} not measured" if counts["not measured"] else "")
+
+
+def render(report: dict, source: str = rel(REPORT_JSON)) -> str:
+    """The Markdown page of a report dict (as ``run_report`` returns and ``source`` stores)."""
+    tables = sections(report)
+    judged = judged_rows(report)
+    missed = [row for row in judged if row.status == "missed"]
+    unmeasured = [row for row in judged if row.status == "not measured"]
+    failed = [job for job in report["jobs"] if job.get("error")]
+    not_run = [
+        name
+        for name in JOBS
+        if not any(job["name"].split("-")[0] == name for job in report["jobs"])
+    ]
+    env = report["environment"]
+    lines = [
+        "# Performance report: labeling, training, export (CPU)",
+        "",
+        f"Generated by `python benchmarks/performance.py render` from `{source}` (written by "
+        f"`{report['command']}`); do not edit by hand.",
+        "",
+    ]
+    if report["mode"] == "quick":
+        lines += [
+            "> **Quick mode**: reduced budgets, a smoke run. The numbers are noisy and the",
+            "> file sizes per sample carry the fixed metadata over few samples; run",
+            "> `python benchmarks/performance.py` for the report's numbers.",
+            "",
+        ]
+    lines += [
+        f"**Targets: {tally(judged)}** ({report['mode']} run, {report['started']} to "
+        f"{report['finished']}).",
+        "",
+    ]
+    lines += [f"- missed: {r.subject}, {r.quantity}: {r.shown} (target {r.target_text})"
+              for r in missed]  # fmt: skip
+    lines += [f"- not measured: {r.subject}, {r.quantity} (target {r.target_text})"
+              for r in unmeasured]  # fmt: skip
+    lines += [f"- job `{job['name']}` failed (exit {job['returncode']}): its numbers are "
+              f"missing" for job in failed]  # fmt: skip
+    lines += [f"- job `{name}` not run in this report" for name in not_run]
+    lines += ["", "## Environment", "", "| | |", "|---|---|"]
+    threads = {
+        job["name"]: job["result"]["threads"]
+        for job in report["jobs"]
+        if isinstance(job.get("result"), dict) and "threads" in job["result"]
+    }
+    for job in report["jobs"]:
+        if isinstance(job.get("result"), list) and job["result"]:
+            threads[job["name"]] = job["result"][0].get("threads")
+    cores = env["cores"]
+    if env.get("usable_cores") not in (None, cores):
+        cores = f"{cores} ({env['usable_cores']} usable)"
+    facts = [
+        ("CPU", env["cpu"]),
+        ("cores", cores),
+        ("memory", f"{env['memory_gb']} GB" if env.get("memory_gb") else "-"),
+        ("torch threads per job", ", ".join(f"{k}: {v}" for k, v in threads.items()) or "-"),
+        ("thread variables", ", ".join(f"{k}={v}" for k, v in env["thread_env"].items()) or "-"),
+        ("load average (1/5/15 min), start / end",
+         f"{report['load_average_start']} / {report.get('load_average_end')}"),
+        ("date (UTC)", f"{report['started']} to {report['finished']}"),
+        ("OS, Python", f"{env['os']}, Python {env['python']} (`{env['interpreter']}`)"),
+        ("versions", ", ".join(f"{p} {env.get(p)}" for p in
+                               ("zmdevice", "torch", "torchvision", "transformers", "onnx",
+                                "onnxruntime"))),
+        ("git commit", f"`{env['git_commit']}`"),
+        ("uncommitted changes to tracked files",
+         ", ".join(f"`{f}`" for f in env["git_modified_files"]) or "none"),
+    ]  # fmt: skip
+    lines += [f"| {key} | {value} |" for key, value in facts]
+    for heading, how, rows in tables:
+        lines += ["", f"## {heading}", "", how, ""]
+        if not rows:
+            lines += ["No numbers: the job was not run or failed (see Commands).", ""]
+            continue
+        lines += ["| subject | quantity | value | target | status |", "|---|---|---|---|---|"]
+        for row in rows:
+            status = f"**{row.status}**" if row.status == "missed" else row.status
+            lines.append(
+                f"| {row.subject} | {row.quantity} | {row.shown} | {row.target_text} | {status} |"
+            )
+    lines += [
+        "",
+        "## Commands",
+        "",
+        f"From the repository root: `{report['command']}` ran, one after the other:",
+        "",
+        "| job | command | exit | wall (s) | CPU (s) | peak RSS of any process (GB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for job in report["jobs"]:
+        lines.append(
+            f"| {job['name']} | `{shlex.join(job['argv'])}` | {job['returncode']} | "
+            f"{job['wall_s']} | {job['cpu_s']} | {job['tree_peak_rss_gb']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Re-render without rerunning: `python benchmarks/performance.py render --json {source}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_page(report: dict, source: Path, page: Path) -> None:
+    page.write_text(render(report, rel(source)), encoding="utf-8")
+    print(f"[performance] targets: {tally(judged_rows(report))}")
+    print(f"[performance] wrote {page}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("command", nargs="?", choices=("run", "render"), default="run")
+    parser.add_argument("--quick", action="store_true", help="small budgets (a few minutes)")
+    parser.add_argument("--jobs", default=",".join(JOBS), help="comma list of label,train,export")
+    parser.add_argument("--json", type=Path, default=REPORT_JSON, help="the stored numbers")
+    parser.add_argument("--page", type=Path, default=PAGE, help="the Markdown page")
+    parser.add_argument("--work", type=Path, default=WORK, help="scratch folder of the jobs")
+    args = parser.parse_args(argv)
+    if args.command == "render":
+        if not args.json.is_file():
+            print(f"error: {args.json} not found; run `python benchmarks/performance.py` first")
+            return 2
+        write_page(json.loads(args.json.read_text()), args.json, args.page)
+        return 0
+    jobs = tuple(name.strip() for name in args.jobs.split(","))
+    unknown = sorted(set(jobs) - set(JOBS))
+    if unknown:
+        print(f"error: --jobs: unknown {', '.join(unknown)}; choose from {', '.join(JOBS)}")
+        return 2
+    given = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", "benchmarks/performance.py", *given])
+    mode = "quick" if args.quick else "full"
+    report = run_report(QUICK if args.quick else FULL, mode, jobs, args.work, command)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"[performance] wrote {args.json}")
+    write_page(report, args.json, args.page)
+    return 1 if any(job.get("error") for job in report["jobs"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

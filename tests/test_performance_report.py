@@ -1,0 +1,242 @@
+"""benchmarks/performance.py: the page rendered from a synthetic report marks targets right."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location(
+        "performance", ROOT / "benchmarks" / "performance.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+performance = _load()
+
+
+def train_result(student, ratio, rss, rss_target):
+    return {
+        "student": student,
+        "batch": "16 labeled + 64 unlabeled weak + 64 unlabeled strong",
+        "threads": 2,
+        "step_s": 0.1 * ratio,
+        "bare_forward_backward_s": 0.1,
+        "ratio": ratio,
+        "ratio_target": 1.15,
+        "peak_rss_gb": rss,
+        "rss_target_gb": rss_target,
+        "weights_bytes": 6_000_000,
+        "resume_checkpoint_bytes": 20_000_000,
+    }
+
+
+def export_result(student, fp32_over_torch, delta_points):
+    return {
+        "student": student,
+        "threads": 1,
+        "torch_ms": 10.0,
+        "onnx_fp32_ms": 10.0 * fp32_over_torch,
+        "onnx_int8_ms": 2.0,
+        "fp32_over_torch": fp32_over_torch,
+        "fp32_bytes": 4_000_000,
+        "int8_bytes": 1_000_000,
+        "int8_over_fp32_size": 0.25,
+        "fp32_accuracy": 0.8,
+        "int8_accuracy": 0.8 + delta_points / 100,
+        "int8_minus_fp32_points": delta_points,
+        "predict_s": 0.9,
+        "interpreter_s": 0.02,
+        "beyond_interpreter_s": 0.88,
+        "checkpoint_bytes": 6_100_000,
+        "model_dir_bytes": 6_200_000,
+        "tokenizer_bytes": None,
+        "process_peak_rss_gb": 1.1,
+        # as JSON stores bench_export.TARGETS: lists, not tuples
+        "targets": {
+            "fp32_over_torch": ["<=", 0.5],
+            "int8_over_fp32_size": ["<=", 0.3],
+            "int8_minus_fp32_points": ["within", 1.0],
+            "beyond_interpreter_s": ["<", 1.0],
+        },
+    }
+
+
+def job(name, result, returncode=0):
+    return {
+        "name": name,
+        "argv": ["python", f"benchmarks/bench_{name.split('-')[0]}.py"],
+        "returncode": returncode,
+        "wall_s": 1.0,
+        "cpu_s": 1.5,
+        "tree_peak_rss_gb": 1.2,
+        "result": result,
+        **({"error": "Traceback: boom"} if returncode else {}),
+    }
+
+
+@pytest.fixture
+def report():
+    label = {
+        "batch_size": 64,
+        "threads": 2,
+        "throughput": [
+            {
+                "teacher": "minilm",
+                "items": 512,
+                "classes": 8,
+                "end_to_end_per_s": 95.0,
+                "bare_forward_per_s": 100.0,
+                "ratio": 0.95,
+                "ratio_target": 0.9,
+                "file_bytes": 20_000,
+                "bytes_per_sample": 39.1,
+                "float32_bytes_per_sample": 32,
+            }
+        ],
+        "sizes": [
+            {
+                "name": "peaked_10",
+                "classes": 10,
+                "samples": 5000,
+                "file_bytes": 120_000,
+                "npy_bytes": 200_128,
+                "ratio": 0.6,  # above the 0.5 target
+                "ratio_target": 0.5,
+                "mean_kl": 2e-4,
+                "kl_target": 1e-3,
+                "kept_classes": 3.0,
+            },
+            {
+                "name": "eight_classes",
+                "classes": 8,
+                "samples": 100,
+                "file_bytes": 3000,
+                "npy_bytes": 3328,
+                "ratio": 0.9,
+                "ratio_target": None,  # no target at 8 classes
+                "mean_kl": 5e-3,  # above the KL target
+                "kl_target": 1e-3,
+                "kept_classes": 8.0,
+            },
+        ],
+        "peak_rss_gb": 1.4,
+        "loader_workers_peak_rss_gb": 0.3,
+    }
+    return {
+        "format": performance.FORMAT,
+        "format_version": performance.FORMAT_VERSION,
+        "mode": "full",
+        "budget": {},
+        "command": "python benchmarks/performance.py",
+        "started": "2025-01-01T00:00:00Z",
+        "finished": "2025-01-01T00:20:00Z",
+        "environment": {
+            "cpu": "Test CPU",
+            "cores": 2,
+            "usable_cores": 2,
+            "memory_gb": 8.0,
+            "os": "Linux",
+            "python": "3.11.7",
+            "zmdevice": "0.1.0",
+            "torch": "2.14.1",
+            "torchvision": "0.29.1",
+            "transformers": "5.0",
+            "onnx": "1.18",
+            "onnxruntime": "1.22",
+            "thread_env": {},
+            "git_commit": "abc123",
+            "interpreter": "/usr/bin/python3",
+            "git_modified_files": ["zmdevice/train.py"],
+        },
+        "load_average_start": [1.0, 1.0, 1.0],
+        "load_average_end": [2.0, 1.5, 1.0],
+        "jobs": [
+            job("label", label),
+            job(
+                "train",
+                [
+                    train_result("mobilenet_v3_small", ratio=1.10, rss=2.5, rss_target=2.0),
+                    train_result("distilbert", ratio=1.15, rss=2.9, rss_target=3.0),
+                    {
+                        "student": "tiny",
+                        "error": "boom",
+                        "ratio_target": 1.15,
+                        "rss_target_gb": None,
+                    },
+                ],
+            ),
+            job("export-mobilenet_v3_small", [export_result("mobilenet_v3_small", 0.4, -1.5)]),
+            job("export-distilbert", None, returncode=1),
+        ],
+    }
+
+
+def statuses(report):
+    """{(subject prefix, quantity): status} of every row with a target."""
+    return {
+        (row.subject.split(" ")[0], row.quantity): row.status
+        for _, _, rows in performance.sections(report)
+        for row in rows
+        if row.target is not None
+    }
+
+
+def test_targets_are_judged_on_the_right_side(report):
+    got = statuses(report)
+    assert got[("minilm", "ratio end-to-end / bare")] == "met"  # 0.95 >= 0.9
+    assert got[("mobilenet_v3_small", "ratio step / bare")] == "met"  # 1.10 <= 1.15
+    assert got[("distilbert", "ratio step / bare")] == "met"  # equal to the target
+    assert got[("mobilenet_v3_small", "training process peak RSS (GB)")] == "missed"  # 2.5 > 2
+    assert got[("distilbert", "training process peak RSS (GB)")] == "met"
+    assert got[("peaked_10", "file / float32 .npy")] == "missed"
+    assert ("eight_classes", "file / float32 .npy") not in got  # no target: not judged
+    assert got[("eight_classes", "mean KL(full ‖ stored) (nats)")] == "missed"
+    assert got[("mobilenet_v3_small", "ratio onnxruntime fp32 / PyTorch")] == "met"
+    assert got[("mobilenet_v3_small", "int8 - fp32 accuracy (points)")] == "missed"  # |-1.5|>1
+    assert got[("mobilenet_v3_small", "ratio int8 / fp32")] == "met"
+    assert got[("tiny", "ratio step / bare")] == "not measured"  # its run failed
+
+
+def test_judge_boundaries():
+    assert performance.judge(1.0, "<", 1.0) == "missed"
+    assert performance.judge(1.0, "<=", 1.0) == "met"
+    assert performance.judge(0.9, ">=", 0.9) == "met"
+    assert performance.judge(-1.0, "within", 1.0) == "met"
+    assert performance.judge(1.01, "within", 1.0) == "missed"
+    assert performance.judge(None, "<=", 1.0) == "not measured"
+
+
+def test_page_marks_missed_targets_and_failed_jobs(report, tmp_path):
+    stored = tmp_path / "performance.json"
+    stored.write_text(json.dumps(report))  # the page must render from the JSON round trip
+    page = tmp_path / "PERFORMANCE.md"
+    assert performance.main(["render", "--json", str(stored), "--page", str(page)]) == 0
+    text = page.read_text(encoding="utf-8")
+    judged = list(statuses(report).values())
+    met, missed = judged.count("met"), judged.count("missed")
+    assert (met, missed) == (8, 4)
+    assert judged.count("not measured") == 1
+    assert f"**Targets: {met} met, {missed} missed, 1 not measured**" in text
+    assert "- not measured: tiny, ratio step / bare" in text
+    assert "| 2.50 | ≤ 2 GB | **missed** |" in text
+    assert "| -1.50 | within ±1 point | **missed** |" in text
+    assert "job `export-distilbert` failed (exit 1)" in text
+    assert "`zmdevice/train.py`" in text  # uncommitted code is named
+    assert "Test CPU" in text and "torch 2.14.1" in text and "onnxruntime 1.22" in text
+    assert "`python benchmarks/bench_label.py`" in text
+    assert "Quick mode" not in text
+
+
+def test_render_without_json_is_a_clear_error(tmp_path, capsys):
+    missing = tmp_path / "none.json"
+    assert performance.main(["render", "--json", str(missing)]) == 2
+    assert "not found" in capsys.readouterr().out
