@@ -373,32 +373,41 @@ def _mean_std(values: list[float]) -> str:
 
 
 def standing(rows: list[dict]) -> list[str]:
-    """ZeroMatch against every other row, per labels-per-class setting (mean over seeds)."""
+    """ZeroMatch against every other row, per labels-per-class setting.
 
-    def mean(method: str, k: int) -> float | None:
-        values = [
-            r["test_accuracy"]
+    The difference is of the means over seeds; where both rows have several seeds in
+    common, the paired count says on how many of them ZeroMatch scored higher (each
+    seed draws its own labeled set, shared by every method).
+    """
+
+    def by_seed(method: str, k: int) -> dict[int, float]:
+        return {
+            r.get("seed", 0): r["test_accuracy"]
             for r in rows
             if r["method"] == method
             and (method == "fm-zero-shot" or r.get("labels_per_class") == k)
             and not r.get("noise")
-        ]
-        return sum(values) / len(values) if values else None
+        }
 
     lines = []
     for k in (4, 1):
-        ours = mean("zeromatch", k)
-        if ours is None:
+        ours = by_seed("zeromatch", k)
+        if not ours:
             continue
         verdicts = []
         for other in ["fm-zero-shot", *(m.name for m in METHODS if m.name != "zeromatch")]:
-            theirs = mean(other, k)
-            if theirs is None:
+            theirs = by_seed(other, k)
+            if not theirs:
                 continue
-            delta = 100 * (ours - theirs)
+            delta = 100 * (sum(ours.values()) / len(ours) - sum(theirs.values()) / len(theirs))
             word = "beats" if delta > 0 else ("ties" if delta == 0 else "loses to")
-            verdicts.append(f"{word} {other} ({delta:+.1f})")
-        lines.append(f"ZeroMatch, {k} label(s)/class: " + "; ".join(verdicts) + ".")
+            common = sorted(set(ours) & set(theirs))
+            detail = f"{delta:+.1f}"
+            if other != "fm-zero-shot" and len(common) > 1:
+                wins = sum(ours[seed] > theirs[seed] for seed in common)
+                detail += f"; higher on {wins}/{len(common)} seeds"
+            verdicts.append(f"{word} {other} ({detail})")
+        lines.append(f"- ZeroMatch, {k} label(s)/class: " + "; ".join(verdicts) + ".")
     return lines
 
 

@@ -244,7 +244,9 @@ def test_stage_one_keeps_the_best_held_out_weights_and_stops_early(image_data, t
 
 def test_same_seed_same_result_other_seed_other_result(image_data, tmp_path):
     run_train(image_config(image_data, tmp_path / "a", seed=3))
-    run_train(image_config(image_data, tmp_path / "b", seed=3))
+    # b also keeps its decoded images in a memory-mapped file instead of RAM.
+    run_train(image_config(image_data, tmp_path / "b", seed=3, extra={"image_cache_gb": 0}))
+    assert not list((tmp_path / "b").glob(".image-cache-*"))
     run_train(image_config(image_data, tmp_path / "c", seed=4))
     a, b, c = (weights(tmp_path / name) for name in "abc")
     assert all(torch.equal(a[key], b[key]) for key in a)
@@ -437,6 +439,21 @@ def test_image_views_batch_weak_and_strong_groups_together():
     assert all(is_crop_of(out[b], b) for b in range(4))
     # The strong rows went through RandAugment first: not all of them are plain crops.
     assert not all(is_crop_of(out[4 + b], b) for b in range(4))
+
+
+def test_image_cache_spills_to_an_unlinked_memory_map(image_data, tmp_path):
+    from zmdevice.data import open_dataset
+    from zmdevice.pipeline import cache_images
+
+    dataset = open_dataset(image_data / "unlabeled")
+    in_memory = cache_images(dataset, 12)
+    spilled = cache_images(dataset, 12, spill_dir=tmp_path / "spill", memory_budget=0)
+    assert in_memory.shape == (len(dataset), 3, 12, 12) and in_memory.dtype == torch.uint8
+    assert torch.equal(in_memory, spilled)
+    assert list((tmp_path / "spill").iterdir()) == []  # mapped, then unlinked
+    assert torch.equal(
+        in_memory, cache_images(dataset, 12, spill_dir=tmp_path, memory_budget=10**9)
+    )
 
 
 def test_sampler_covers_each_epoch_and_resumes_its_stream():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -73,20 +74,36 @@ class Sampler:
 # --------------------------------------------------------------------------- images
 
 
-def cache_images(dataset, image_size: int, progress: bool = False):
+def cache_images(dataset, image_size: int, progress: bool = False, spill_dir=None,
+                 memory_budget: int = 2**30):  # fmt: skip
     """Decode every image of ``dataset`` once, resized (bilinear) to a uint8 tensor.
 
     The resize is the ``clean`` transform's (PIL bilinear to S x S), so the cached pixels
-    are exactly what the exported model sees after preprocessing.
+    are exactly what the exported model sees after preprocessing. A cache larger than
+    ``memory_budget`` bytes goes to a memory-mapped file in ``spill_dir`` (when given)
+    instead of RAM, so a large or high-resolution data set trains in bounded memory: the
+    OS pages it in and out. The file is unlinked as soon as it is mapped, so nothing is
+    left on disk once the process ends, however it ends.
 
     Returns:
         uint8 [N, 3, S, S].
     """
+    import os
+    import tempfile
+
     import numpy as np
     import torch
     from PIL import Image
 
-    out = np.empty((len(dataset), image_size, image_size, 3), dtype=np.uint8)
+    shape = (len(dataset), 3, image_size, image_size)
+    if spill_dir is not None and int(np.prod(shape)) > memory_budget:
+        Path(spill_dir).mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=".image-cache-", dir=spill_dir)
+        os.close(handle)
+        out = np.memmap(name, dtype=np.uint8, mode="w+", shape=shape)
+        os.unlink(name)
+    else:
+        out = np.empty(shape, dtype=np.uint8)
     indices = range(len(dataset))
     if progress:
         from tqdm import tqdm
@@ -96,8 +113,8 @@ def cache_images(dataset, image_size: int, progress: bool = False):
         image = dataset.load_image(i)
         if image.size != (image_size, image_size):
             image = image.resize((image_size, image_size), Image.BILINEAR)
-        out[i] = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+        out[i] = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+    return torch.from_numpy(out)
 
 
 @dataclass

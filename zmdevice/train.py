@@ -114,6 +114,8 @@ class TrainHyper:
     """Batch of evaluation and BatchNorm recalibration passes."""
     bn_recalibration_batches: int = 40
     """Clean unlabeled batches that re-estimate BatchNorm statistics before saving (0 = off)."""
+    image_cache_gb: float = 1.0
+    """Decoded training images beyond this size live in a memory-mapped file (in --out)."""
     threads: int | None = None
     """CPU threads for torch; None = the cores this process may run on."""
     stop_after: int | None = None
@@ -295,7 +297,7 @@ def hyper_classes(config: TrainConfig) -> list[str] | None:
 
 
 def build_data(
-    config, hyper, student, classes, labeled, unlabeled, pseudo, test, seed
+    config, hyper, student, classes, labeled, unlabeled, pseudo, test, seed, out=None
 ) -> TrainData:
     """Join everything by id, cache inputs once, split off the stage-1 held-out slice."""
     import numpy as np
@@ -344,7 +346,7 @@ def build_data(
         sources += [(test, row) for row in range(len(test))]
         test_y = torch.from_numpy(label_indices(test, class_list))
 
-    views = make_views(student, sources, hyper, seed)
+    views = make_views(student, sources, hyper, seed, out)
     num_pool = len(pool_ids)
     generator = torch.Generator().manual_seed(seed + 1)
     order = torch.randperm(num_pool, generator=generator)
@@ -426,14 +428,18 @@ class _Rows:
         return dataset.load_image(row)
 
 
-def make_views(student, sources, hyper: TrainHyper, seed: int):
+def make_views(student, sources, hyper: TrainHyper, seed: int, out=None):
     """Cache every sample once (pixels or token ids) and wrap it in the view builder."""
     from zmdevice import pipeline
 
     if student.modality == "image":
         preprocess = student.config["preprocess"]
         pixels = pipeline.cache_images(
-            _Rows(sources), int(preprocess["image_size"]), progress=sys.stderr.isatty()
+            _Rows(sources),
+            int(preprocess["image_size"]),
+            progress=sys.stderr.isatty(),
+            spill_dir=out,
+            memory_budget=int(hyper.image_cache_gb * 2**30),
         )
         return pipeline.ImageViews(pixels, tuple(preprocess["mean"]), tuple(preprocess["std"]))
     from zmdevice.augment import TextAugment
@@ -1082,7 +1088,7 @@ def run_train(config: TrainConfig, on_step=None) -> dict:
         overrides["max_length"] = hyper.max_length
     student = build_student(config.student, classes, seed=config.seed, preprocess=overrides)
     data = build_data(
-        config, hyper, student, classes, labeled, unlabeled, pseudo, test, config.seed
+        config, hyper, student, classes, labeled, unlabeled, pseudo, test, config.seed, out
     )
     check_data(data, plans, hyper, config)
     # Channels-last makes MobileNetV3's depthwise convolutions ~2.5x faster to train on CPU
