@@ -498,11 +498,12 @@ def sections(report: dict) -> list[tuple[str, str, list[Row]]]:
          "compression, part files, final file) against the teacher's bare batched forward "
          "on the same inputs, already collated, in the same process; the bare pass runs "
          "before and after, the faster one counts.", throughput),
-        ("Training step", "Median stage-2 step of `run_train` (zeromatch, default batch "
+        ("Training step", "Mean stage-2 step of `run_train` (zeromatch, default batch "
          "sizes, synthetic data; data pipeline + augmentation + forward + losses + backward "
-         "+ optimizer step) against the median bare forward+backward of the same student "
+         "+ optimizer step) against the mean bare forward+backward of the same student "
          "preset on a ready batch of the same composition, timed right after each step in "
-         "the same process.", train_rows(report)),
+         "the same process. Means, not medians: image views are built 4 steps at a time.",
+         train_rows(report)),
         ("ONNX vs PyTorch latency", "One process per student: a student trained briefly on "
          "the embedded default data, exported with `--quantize int8 --test`; median batch-1 "
          "latency of PyTorch eager and onnxruntime with the same threads and input.",

@@ -133,7 +133,7 @@ def warp(images, chosen, signs, strengths: dict[str, float]):
     # A = [[cos, -sin - shear_x], [sin - shear_y, cos]] (angle 0 outside rotations), det 1,
     # so A^-1 = [[cos, sin + shear_x], [-sin + shear_y, cos]].
     shear_x, shear_y = strength * only("shear_x"), strength * only("shear_y")
-    sheared = only("shear_x") + only("shear_y")  # these turn about the top-left corner
+    sheared = only("shear_x") + only("shear_y")  # shears pivot on the top-left corner
     centre_x, centre_y = sheared * (-width / 2), sheared * (-height / 2)
     shift_x = strength * only("translate_x") + centre_x
     shift_y = strength * only("translate_y") + centre_y
