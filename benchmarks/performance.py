@@ -1,6 +1,6 @@
 """The performance report: run the three cost benchmarks, store their numbers, render a page.
 
-    python benchmarks/performance.py                # full budgets (about 15-30 min on 2 cores)
+    python benchmarks/performance.py                # full budgets (about 6 min, idle 2 cores)
     python benchmarks/performance.py --quick        # small budgets: a smoke run of a few minutes
     python benchmarks/performance.py --jobs train   # only some jobs (the others show "not run")
     python benchmarks/performance.py render         # the page again from the stored JSON
@@ -67,8 +67,8 @@ class Budget:
 
 
 FULL = Budget(
-    texts=512,
-    images=256,
+    texts=2048,  # start-up costs (workers, final file) amortised as in real use
+    images=1000,
     label_batch_size=64,
     train_steps=41,  # 4 warm-up steps, 9 whole 4-step look-ahead cycles, the saving step
     train_samples=5000,
