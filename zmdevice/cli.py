@@ -92,7 +92,12 @@ def label(
     skip_corrupt: Annotated[
         bool, typer.Option(help="Skip and count unreadable images instead of failing.")
     ] = False,
-    workers: Annotated[int | None, typer.Option(help="Data-loading worker processes.")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Data-loading worker processes (default: 0 for text; cores-1, at most 4, for images)."
+        ),
+    ] = None,
     combine: Annotated[
         bool,
         typer.Option(help="Join the shard files NAME.shard-I-of-N.parquet into --out."),

@@ -69,7 +69,7 @@ class LabelConfig:
     templates: str | None = None
     """CLIP prompt templates: 'paper' (default), 'openai', or a file of templates."""
     workers: int | None = None
-    """Data-loading workers; None picks from the CPU count."""
+    """Data-loading workers; None: none for text, up to 4 (cores - 1) for images."""
     data_options: DataOptions = field(default_factory=DataOptions)
     """Column names and corrupt-image policy."""
     combine: bool = False
