@@ -144,33 +144,32 @@ class ImageViews:
         """
         return (pixels.float() / 255.0 - self.mean_tensor) / self.std_tensor
 
-    def clean(self, indices):
-        """[B] indices -> float32 [B, 3, S, S]."""
-        return self.normalise(self.pixels[indices])
-
-    def weak(self, indices):
-        """Reflect-pad S/8, random S x S crop and random horizontal flip, batched."""
-        return self.normalise(weak_augment(self.pixels[indices].float()))
-
-    def strong(self, indices):
-        """RandAugment(2, 9) drawn per image, then the weak view."""
-        return self.normalise(weak_augment(self.rand_augment(self.pixels[indices])))
-
     def batch(self, groups: list[tuple[str, Any]]) -> dict:
-        """Concatenate several (view name, indices) groups into one model input.
+        """Concatenate (view, indices) groups into one model input.
 
-        Weak and strong groups share one pad-crop-flip and one normalisation over the
-        whole batch (fewer small tensor calls per step); the draws are still per image.
+        Views: ``clean`` (as cached), ``weak`` (reflect-pad S/8, random S x S crop, random
+        horizontal flip) and ``strong`` (RandAugment(2, 9) drawn per image, then weak).
+        Augmented groups share one pad-crop-flip over the whole batch (fewer small tensor
+        calls per step); the draws are still per image. Clean views (evaluation) are batched
+        on their own.
         """
         import torch
 
-        if any(view == "clean" for view, _ in groups):
-            return {"pixel_values": torch.cat([getattr(self, v)(i) for v, i in groups])}
-        pixels = [
-            self.rand_augment(self.pixels[idx]) if view == "strong" else self.pixels[idx].float()
-            for view, idx in groups
-        ]
-        return {"pixel_values": self.normalise(weak_augment(torch.cat(pixels)))}
+        views = {view for view, _ in groups}
+        if "clean" in views and len(views) > 1:
+            raise ValueError("clean views are batched on their own, not with augmented ones")
+        pixels = torch.cat([self._pixels(view, indices) for view, indices in groups])
+        if "clean" not in views:
+            pixels = weak_augment(pixels)
+        return {"pixel_values": self.normalise(pixels)}
+
+    def _pixels(self, view: str, indices):
+        """Cached pixels of ``indices`` as 0..255 float, RandAugmented for the strong view."""
+        if view not in ("clean", "weak", "strong"):
+            raise ValueError(f"unknown image view {view!r}")
+        if view == "strong":
+            return self.rand_augment(self.pixels[indices])
+        return self.pixels[indices].float()
 
 
 def weak_augment(images):
