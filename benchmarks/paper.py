@@ -213,41 +213,19 @@ def degrade_pseudolabels(source: Path, target: Path, fraction: float, seed: int)
 
 
 def environment() -> dict:
-    import importlib.metadata as metadata
+    """CPU, versions and source commit stored with every result."""
+    from performance import git, machine, package_versions
 
-    versions = {}
-    for package in ("zmdevice", "torch", "torchvision", "transformers", "onnxruntime"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    head = git("rev-parse", "--short", "HEAD")
+    # Edits to zmdevice/ not yet committed change what ran: mark the commit.
+    changed = git("status", "--porcelain", "-uno", "--", "zmdevice")
     return {
-        "cpu": cpu,
+        "cpu": machine()[0],
         "cores": os.cpu_count(),
         "python": platform.python_version(),
-        **versions,
-        "commit": source_commit(),
+        **package_versions(("zmdevice", "torch", "torchvision", "transformers", "onnxruntime")),
+        "commit": head and head + ("+changes" if changed else ""),
     }
-
-
-def source_commit() -> str | None:
-    """The checkout's commit, marked ``+changes`` when zmdevice/ differs from it."""
-    try:
-        command = ["git", "rev-parse", "--short", "HEAD"]
-        head = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
-        head = head.stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "zmdevice"], cwd=ROOT)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+changes" if dirty.returncode else "")
 
 
 def execute(run: Run) -> dict:

@@ -181,16 +181,21 @@ def display_argv(argv: list[str]) -> list[str]:
     return ["python" if arg == sys.executable else arg for arg in argv]
 
 
-def environment() -> dict:
-    """The machine and software the numbers come from (no heavy imports)."""
+def package_versions(packages: tuple[str, ...]) -> dict[str, str | None]:
+    """Installed version of each package (None when it is not installed)."""
     import importlib.metadata as metadata
 
-    versions = {}
-    for package in ("zmdevice", "torch", "torchvision", "transformers", "onnx", "onnxruntime"):
+    versions: dict[str, str | None] = {}
+    for package in packages:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
+    return versions
+
+
+def machine() -> tuple[str, float | None]:
+    """(CPU model name, memory in GB) from /proc where it exists."""
     cpu, memory_gb = platform.processor() or platform.machine(), None
     try:
         cpu = next(
@@ -206,6 +211,15 @@ def environment() -> dict:
         memory_gb = round(int(kib) / 1024**2, 1)
     except (OSError, StopIteration):
         pass
+    return cpu, memory_gb
+
+
+def environment() -> dict:
+    """The machine and software the numbers come from (no heavy imports)."""
+    versions = package_versions(
+        ("zmdevice", "torch", "torchvision", "transformers", "onnx", "onnxruntime")
+    )
+    cpu, memory_gb = machine()
     threads_env = {
         key: os.environ[key] for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if key in os.environ
     }
