@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from zmdevice.config import DataOptions, ExportConfig, LabelConfig, TrainConfig, methods_help
 from zmdevice.errors import UserError
 
 app = typer.Typer(
@@ -51,7 +52,9 @@ def emit_summary(summary: dict, as_json: bool, lines: list[str]) -> None:
             typer.echo(line)
 
 
-DeviceOption = Annotated[str | None, typer.Option(help="auto (default), cpu, cuda, cuda:N or mps.")]
+DeviceOption = Annotated[
+    str | None, typer.Option(help=f"auto, cpu, cuda, cuda:N or mps (default {TrainConfig.device}).")
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary.")]
 
 
@@ -81,7 +84,9 @@ def label(
     out: Annotated[
         Path | None, typer.Option(help="Output file (default labels/NAME.parquet).")
     ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Teacher batch size (default 64).")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help=f"Teacher batch size (default {LabelConfig.batch_size}).")
+    ] = None,
     device: DeviceOption = None,
     top_k: Annotated[
         int | None,
@@ -97,16 +102,19 @@ def label(
         typer.Option(help="CLIP prompt templates: 'paper' (default), 'openai', or a file."),
     ] = None,
     text_column: Annotated[
-        str | None, typer.Option(help="Text column of a table (default text).")
+        str | None,
+        typer.Option(help=f"Text column of a table (default {DataOptions.text_column})."),
     ] = None,
     id_column: Annotated[
-        str | None, typer.Option(help="Id column of a table (default id).")
+        str | None, typer.Option(help=f"Id column of a table (default {DataOptions.id_column}).")
     ] = None,
     label_column: Annotated[
-        str | None, typer.Option(help="Label column of a table (default label).")
+        str | None,
+        typer.Option(help=f"Label column of a table (default {DataOptions.label_column})."),
     ] = None,
     path_column: Annotated[
-        str | None, typer.Option(help="Path column of an image table (default path).")
+        str | None,
+        typer.Option(help=f"Path column of an image table (default {DataOptions.path_column})."),
     ] = None,
     skip_corrupt: Annotated[
         bool | None, typer.Option(help="Skip and count unreadable images instead of failing.")
@@ -126,7 +134,7 @@ def label(
 ) -> None:
     """Run a foundation model zero-shot once and write the pseudo-label file."""
     flags = typed_flags(locals())  # first: only the parameters are local yet
-    from zmdevice.config import LabelConfig, load_config
+    from zmdevice.config import load_config
 
     label_config = load_config(LabelConfig, config, flags)
     from zmdevice.label import run_label
@@ -136,9 +144,7 @@ def label(
 
 
 def method_help() -> str:
-    from zmdevice.config import methods_help
-
-    return f"Training method (default zeromatch). {methods_help()}."
+    return f"Training method (default {TrainConfig.method}). {methods_help()}."
 
 
 @app.command()
@@ -155,7 +161,7 @@ def train(
     student: Annotated[
         str | None,
         typer.Option(
-            help="mobilenet_v3_small (default), mobilenet_v3_large, distilbert, or a tiny preset."
+            help=f"mobilenet_v3_small, mobilenet_v3_large, distilbert, or a tiny preset (default {TrainConfig.student})."
         ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default models/NAME).")] = None,
@@ -163,7 +169,9 @@ def train(
     method: Annotated[str | None, typer.Option(help=method_help())] = None,
     kd_steps: Annotated[int | None, typer.Option(help="Stage-1 (distillation) steps.")] = None,
     ssl_steps: Annotated[int | None, typer.Option(help="Stage-2 (SSL) steps.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed (default 0).")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help=f"Random seed (default {TrainConfig.seed}).")
+    ] = None,
     config: ConfigOption = None,
     resume: Annotated[
         bool | None, typer.Option(help="Continue from the last checkpoint in --out.")
@@ -181,10 +189,16 @@ def train(
         bool | None, typer.Option(help="Train on the ids the pseudo-label file covers.")
     ] = None,
     ssl_loss: Annotated[
-        str | None, typer.Option(help="L_u of zeromatch: adamatch (default) or fixmatch.")
+        str | None,
+        typer.Option(
+            help=f"L_u of zeromatch: adamatch or fixmatch (default {TrainConfig.ssl_loss})."
+        ),
     ] = None,
     alpha: Annotated[
-        str | None, typer.Option(help="KD weight alpha_t: ramp (default, 0 -> 1) or constant.")
+        str | None,
+        typer.Option(
+            help=f"KD weight alpha_t: ramp (0 -> 1) or constant (default {TrainConfig.alpha})."
+        ),
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -194,7 +208,7 @@ def train(
     go in the --config TOML file; train_config.toml in the output lists them all.
     """
     flags = typed_flags(locals())  # first: only the parameters are local yet
-    from zmdevice.config import TrainConfig, load_config
+    from zmdevice.config import load_config
 
     train_config = load_config(TrainConfig, config, flags)
     from zmdevice.train import run_train
@@ -222,13 +236,15 @@ def export(
         Path | None,
         typer.Option(help="Images for static int8 calibration (default: the training data)."),
     ] = None,
-    opset: Annotated[int | None, typer.Option(help="ONNX opset (default 18).")] = None,
+    opset: Annotated[
+        int | None, typer.Option(help=f"ONNX opset (default {ExportConfig.opset}).")
+    ] = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Export a trained student to one self-contained ONNX file (main head only)."""
     flags = typed_flags(locals())  # first: only the parameters are local yet
-    from zmdevice.config import ExportConfig, load_config
+    from zmdevice.config import load_config
 
     export_config = load_config(ExportConfig, config, flags)
     from zmdevice.export import run_export
