@@ -92,7 +92,6 @@ class Student(nn.Module):
         """Main-head logits [B, C]."""
         return self.head(self.features(**inputs))
 
-
     def attach_kd_head(self, seed: int | None = None) -> nn.Module:
         """Add a new, randomly initialised KD head beside the main head and return it.
 
@@ -211,7 +210,6 @@ class ImageStudent(Student):
         self.channels_last = True
         return self
 
-
     def _new_kd_head(self) -> nn.Module:
         head = nn.Linear(self.feature_dim, len(self.classes))
         _init_linear(head)
@@ -256,7 +254,6 @@ class TextStudent(Student):
     ) -> torch.Tensor:
         """Main-head logits [B, C] of tokens [B, L]."""
         return self.head(self.features(input_ids, attention_mask))
-
 
     def _new_kd_head(self) -> nn.Module:
         return _mlp_head(self.feature_dim, len(self.classes))
