@@ -256,6 +256,8 @@ class TrainConfig:
 
     def __post_init__(self):
         check_device(self.device)
+        if self.resume and self.overwrite:
+            raise ConfigError("overwrite", "--resume and --overwrite exclude each other")
         require(self, "method", self.method in METHODS, f"one of {', '.join(METHODS)}")
         require(self, "ssl_loss", self.ssl_loss in ("adamatch", "fixmatch"), "adamatch/fixmatch")
         require(self, "alpha", self.alpha in ("ramp", "constant"), "ramp or constant")
