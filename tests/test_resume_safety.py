@@ -107,6 +107,15 @@ def test_a_folder_holding_another_run_is_refused_unless_resume_or_overwrite(data
     result = train(data, out, "--seed", "1")
     assert_refused(result, out, before, out, "--resume", "--overwrite", "--out")
 
+    # --overwrite deletes the old run only once the new one could be set up.
+    missing = tmp_path / "missing"
+    settings = tmp_path / "bad-labeled.toml"
+    settings.write_text(SETTINGS)
+    result = CliRunner().invoke(app, ["train", "--labeled", str(missing), "--unlabeled",
+        str(data / "unlabeled"), "--student", "tiny-cnn", "--method", "supervised",
+        "--out", str(out), "--overwrite", "--config", str(settings)])  # fmt: skip
+    assert_refused(result, out, before, missing)
+
     (out / "checkpoints" / "last.pt").write_bytes(b"an old run's checkpoint")
     result = train(data, out, "--seed", "1", "--overwrite")
     assert result.exit_code == 0, result.output

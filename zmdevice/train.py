@@ -50,19 +50,24 @@ def default_out(config: TrainConfig) -> Path:
     return Path(config.out) if config.out else Path("models") / f"{preset}-{config.method}"
 
 
-def claim_folder(config: TrainConfig, out: Path) -> None:
-    """One run per folder: refuse another run's files unless --resume or --overwrite."""
+def claim_folder(config: TrainConfig, out: Path) -> list[Path]:
+    """One run per folder: another run's files in ``out`` are refused unless --resume
+    or --overwrite. Returns the files --overwrite will delete (once the setup is built, so
+    a run that fails before training changes nothing)."""
     if config.resume:
-        return
+        return []
     found = [name for name in RUN_FILES if (out / name).exists()]
     if found and not config.overwrite:
         raise UserError(
             f"--out {out} holds another run ({', '.join(found)}): use --resume to continue "
             "it, another --out, or --overwrite to replace it"
         )
-    for name in found:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return [out / name for name in found]
+
+
+def delete(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def set_threads(config: TrainConfig, device) -> None:
@@ -142,8 +147,9 @@ def run_train(config: TrainConfig, on_step=None) -> dict:
 
     started = time.perf_counter()
     out = default_out(config)
-    claim_folder(config, out)
+    previous_run = claim_folder(config, out)
     setup = build_setup(config, out, on_step)
+    delete(previous_run)
     state = new_state(setup)
     if config.resume:
         checkpoint.load(setup, state)
@@ -177,7 +183,7 @@ def run_train(config: TrainConfig, on_step=None) -> dict:
 
         setup.log.close()
         if not config.resume and not (out / checkpoint.MANIFEST).exists():
-            claim_folder(dataclasses.replace(config, overwrite=True), out)  # nothing to resume
+            delete([out / name for name in RUN_FILES])  # nothing to resume: leave nothing
         raise out_of_memory(setup, state) from None
     finally:
         setup.log.close()
