@@ -200,6 +200,10 @@ def train(
             help=f"KD weight alpha_t: ramp (0 -> 1) or constant (default {TrainConfig.alpha})."
         ),
     ] = None,
+    nproc: Annotated[
+        int,
+        typer.Option(help="Train on this many processes (one per GPU or CPU-core group)."),
+    ] = 1,
     as_json: JsonOption = False,
 ) -> None:
     """Train a student: stage 1 distils the FM, stage 2 SSL with the auxiliary KD head.
@@ -207,7 +211,12 @@ def train(
     Further settings (batch sizes, learning rates, threshold, checkpoint interval, ...)
     go in the --config TOML file; train_config.toml in the output lists them all.
     """
-    flags = typed_flags(locals())  # first: only the parameters are local yet
+    flags = typed_flags(locals(), skip=("config", "as_json", "nproc"))  # first: only the
+    # parameters are local yet
+    if nproc != 1:
+        from zmdevice.training.distributed import launch
+
+        raise typer.Exit(launch(nproc, sys.argv[1:]))
     from zmdevice.config import load_config
 
     train_config = load_config(TrainConfig, config, flags)

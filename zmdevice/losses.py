@@ -140,8 +140,8 @@ class DistributionAlignment:
 
     def update(self, probs_unlabeled, probs_labeled) -> None:
         """Fold one batch into both EMAs. Probabilities are [B, C]; no gradient is kept."""
-        mean_unlabeled = probs_unlabeled.detach().float().mean(dim=0)
-        mean_labeled = probs_labeled.detach().float().mean(dim=0)
+        mean_unlabeled = self.batch_mean(probs_unlabeled)
+        mean_labeled = self.batch_mean(probs_labeled)
         m = self.momentum
         self.p_target = self.p_target.to(mean_labeled.device) * m + (1 - m) * mean_labeled
         if self.p_model is None:
@@ -149,6 +149,11 @@ class DistributionAlignment:
         else:
             self.p_model = self.p_model.to(mean_unlabeled.device) * m + (1 - m) * mean_unlabeled
         self.steps += 1
+
+    def batch_mean(self, values):
+        """Mean over the batch dimension (over the global batch when training on several
+        processes, see ``training.distributed.SharedAlignment``)."""
+        return values.detach().float().mean(dim=0)
 
     def align(self, probs):
         """[B, C] probabilities -> aligned [B, C] rows that are non-negative and sum to 1."""
@@ -212,7 +217,7 @@ def adamatch_loss(
         probs_labeled = torch.softmax(logits_labeled_weak.detach().float(), dim=1)
         alignment.update(probs_unlabeled, probs_labeled)
         aligned = alignment.align(probs_unlabeled)
-        threshold = relative_threshold * probs_labeled.max(dim=1).values.mean()
+        threshold = relative_threshold * alignment.batch_mean(probs_labeled.max(dim=1).values)
         confidence, pseudo_label = aligned.max(dim=1)
         mask = confidence >= threshold
     loss = masked_strong_ce(logits_strong, pseudo_label, mask)

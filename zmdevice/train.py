@@ -70,16 +70,16 @@ def delete(paths: list[Path]) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-def set_threads(config: TrainConfig, device) -> None:
+def set_threads(config: TrainConfig, device, ranks) -> None:
     import torch
 
     if device.type == "cpu":
         # The cores this process may use (taskset, containers), not all of the machine's.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(config.threads or cores or 1)
+        torch.set_num_threads(config.threads or ranks.threads(cores or 1))
 
 
-def build_setup(config: TrainConfig, out: Path, on_step=None):
+def build_setup(config: TrainConfig, out: Path, on_step=None, ranks=None):
     """Read and check the data, build the student: everything a run builds once."""
     import numpy as np
     import torch
@@ -87,6 +87,7 @@ def build_setup(config: TrainConfig, out: Path, on_step=None):
     from zmdevice.catalog import require_entry
     from zmdevice.device import resolve_device
     from zmdevice.students import build_student
+    from zmdevice.training.distributed import Ranks
     from zmdevice.training.data import build_data, check_data, data_fingerprints, load_data
     from zmdevice.training.loop import Setup
     from zmdevice.training.stages import StepModel, plan_stages
@@ -94,9 +95,11 @@ def build_setup(config: TrainConfig, out: Path, on_step=None):
     preset = config.student.partition(":")[0]
     modality = require_entry(preset, "student", "--student").get("modality", "image")
     config = config.for_modality(modality)
-    device = resolve_device(config.device)
-    set_threads(config, device)
+    ranks = ranks or Ranks()
+    device = ranks.start(resolve_device(config.device))
+    set_threads(config, device, ranks)
     plans = plan_stages(config)
+    ranks.check_batch_sizes(plans, config)
 
     classes, labeled, unlabeled, pseudo, test = load_data(config)
     torch.manual_seed(config.seed)
@@ -113,6 +116,7 @@ def build_setup(config: TrainConfig, out: Path, on_step=None):
     # Channels-last makes MobileNetV3's depthwise convolutions ~2.5x faster to train on CPU
     # (a no-op for text); saved weights keep the standard layout.
     student.to(device).use_channels_last()
+    ranks.prepare(student, device)
     freeze = config.freeze_word_embeddings
     return Setup(
         config=config,
@@ -126,6 +130,7 @@ def build_setup(config: TrainConfig, out: Path, on_step=None):
         freeze_embeddings=device.type == "cpu" if freeze is None else freeze,
         fingerprints=data_fingerprints(config, labeled, unlabeled, test),
         on_step=on_step,
+        ranks=ranks,
     )
 
 
@@ -143,34 +148,50 @@ def run_train(config: TrainConfig, on_step=None) -> dict:
     import torch
 
     from zmdevice.training import checkpoint
+    from zmdevice.training.distributed import NoLog, ranks_from_environment
     from zmdevice.training.loop import MetricsLog, StopTraining, begin_stage, new_state, run_stage
 
     started = time.perf_counter()
     out = default_out(config)
+    ranks = ranks_from_environment()
     previous_run = claim_folder(config, out)
-    setup = build_setup(config, out, on_step)
-    delete(previous_run)
+    setup = build_setup(config, out, on_step, ranks)
+    main = ranks.is_main  # rank 0 alone writes files (one process: always)
+    if main:
+        delete(previous_run)
     state = new_state(setup)
     if config.resume:
         checkpoint.load(setup, state)
     else:
         begin_stage(setup, state)
     resumed_at = state["global_step"] if config.resume else None
-    setup.log = MetricsLog(out / "metrics.jsonl", keep_until=resumed_at if resumed_at else -1)
-    write_train_config(setup.config, out / "train_config.toml")
+    setup.log = (
+        MetricsLog(out / "metrics.jsonl", keep_until=resumed_at if resumed_at else -1)
+        if main
+        else NoLog()
+    )
+    if main:
+        write_train_config(setup.config, out / "train_config.toml")
+    save = checkpoint.save if main else lambda setup, state: None
     plans = setup.plans
     try:
         while state["stage_index"] < len(plans):
             plan = plans[state["stage_index"]]
-            run_stage(setup, state, checkpoint.save)
+            run_stage(setup, state, save)
             if plan.selects_model and state["best"]:
                 # Model selection: continue (or finish) from the best held-out weights.
                 setup.student.load_state_dict(state["best"]["state"])
+            ranks.share_weights(setup.student)  # rank 0 alone keeps ``best``
             state["stage_index"] += 1
             state["step"] = 0
             if state["stage_index"] < len(plans):
                 begin_stage(setup, state)
-                checkpoint.save(setup, state)
+                save(setup, state)
+        # Rank 0 finishes alone (BatchNorm recalibration, test, save): leave the group
+        # first, so that no layer waits for the other ranks.
+        ranks.stop()
+        if not main:
+            return {"out": str(out), "rank": ranks.rank, "lines": []}
         return finish(setup, state, time.perf_counter() - started)
     except StopTraining:
         line = (
@@ -187,6 +208,7 @@ def run_train(config: TrainConfig, on_step=None) -> dict:
         raise out_of_memory(setup, state) from None
     finally:
         setup.log.close()
+        ranks.stop()
 
 
 def finish(setup, state: dict, seconds: float) -> dict:

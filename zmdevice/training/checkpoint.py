@@ -130,6 +130,7 @@ def save(setup: Setup, state: dict) -> None:
         "sha256": digest,
         "settings": settings_of(setup),
         "fingerprints": setup.fingerprints,
+        "world_size": setup.ranks.world_size,
         "state": flat,
     }
     write_text_atomic(setup.out / MANIFEST, json.dumps(manifest))
@@ -161,6 +162,12 @@ def load(setup: Setup, state: dict) -> None:
     path = setup.out / MANIFEST
     manifest = read_manifest(setup.out)
     check_same_run(setup, manifest, path)
+    saved_world = manifest.get("world_size", 1)
+    if saved_world != setup.ranks.world_size:
+        raise UserError(
+            f"--resume: {path} was written by a run on {saved_world} process(es), this one "
+            f"has {setup.ranks.world_size}: resume with --nproc {saved_world}"
+        )
     name = manifest.get("tensors")
     tensor_path = path.parent / str(name)
     if not isinstance(name, str) or Path(name).name != name or not tensor_path.is_file():

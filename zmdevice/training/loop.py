@@ -21,6 +21,7 @@ import torch
 
 from zmdevice.config import TrainConfig
 from zmdevice.errors import UserError, atomic_path
+from zmdevice.training.distributed import Ranks
 from zmdevice.training.stages import StagePlan, StepContext, StepModel, to_device
 
 LOOKAHEAD_STEPS = 4
@@ -50,6 +51,8 @@ class Setup:
     """Data fingerprints (``data.data_fingerprints``), checked on resume."""
     log: MetricsLog | None = None
     on_step: Any = None
+    ranks: Ranks = Ranks()
+    """This process's rank and the world size (``training.distributed``)."""
 
 
 class StopTraining(Exception):
@@ -75,7 +78,6 @@ def new_state(setup: Setup) -> dict:
 
 def begin_stage(setup: Setup, state: dict) -> None:
     """Fresh optimizer, schedule, alignment state and samplers; KD head for stage 2."""
-    from zmdevice.losses import DistributionAlignment
     from zmdevice.pipeline import Sampler
 
     plan = setup.plans[state["stage_index"]]
@@ -87,7 +89,7 @@ def begin_stage(setup: Setup, state: dict) -> None:
     state["optimizer"], state["scheduler"] = make_optimizer(
         student, config, plan.steps, setup.freeze_embeddings
     )
-    state["alignment"] = DistributionAlignment(len(setup.data.classes), config.da_momentum)
+    state["alignment"] = setup.ranks.alignment(len(setup.data.classes), config.da_momentum)
     state["samplers"] = {
         name: Sampler(population, batch_size, seed + offset)
         for offset, (name, (population, batch_size)) in enumerate(
@@ -96,6 +98,8 @@ def begin_stage(setup: Setup, state: dict) -> None:
     }
     state["best"] = {}
     state["ahead"] = []
+    if setup.ranks.active:  # (re)wrap in DDP: stage 2's KD head must be synced too
+        setup.model = setup.ranks.wrap(StepModel(student), setup.device)
 
 
 def make_optimizer(student, config: TrainConfig, steps: int, freeze_embeddings: bool):
@@ -176,14 +180,17 @@ def run_stage(setup: Setup, state: dict, save_checkpoint) -> None:
     optimizer, scheduler = state["optimizer"], state["scheduler"]
     label = f"stage {state['stage_index'] + 1}/{len(setup.plans)} {plan.name}"
     progress = tqdm(total=plan.steps, initial=state["step"], desc=label, leave=True,
-                    disable=None, file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+                    disable=None if setup.ranks.is_main else True, file=sys.stderr,
+                    dynamic_ncols=True)  # fmt: skip
     started = time.perf_counter()
     setup.model.train()
+    ranks = setup.ranks
     while state["step"] < plan.steps:
-        batch = draw_batch(setup, state, plan)
+        batch = ranks.shard(plan, setup.data, draw_batch(setup, state, plan))
         context = StepContext(setup.data, config, setup.soft, setup.device,
-                              state["alignment"], state["step"], plan.steps)  # fmt: skip
-        named = plan.losses(setup.model, batch, context)
+                              state["alignment"], state["step"], plan.steps, ranks)  # fmt: skip
+        with ranks.own_rng(config.seed, state["global_step"], setup.device):
+            named = plan.losses(setup.model, batch, context)
         optimizer.zero_grad(set_to_none=True)
         named["loss"].backward()
         if config.grad_clip > 0:
@@ -194,13 +201,14 @@ def run_stage(setup: Setup, state: dict, save_checkpoint) -> None:
         state["global_step"] += 1
 
         values = {key: float(value.detach()) for key, value in named.items()}
+        values = ranks.mean_values(values, setup.device)
         progress.update(1)
         progress.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k != "alpha"})
         last = state["step"] == plan.steps
         if state["step"] % config.log_every == 0 or last:
             setup.log.write(state, plan, {**values, "lr": optimizer.param_groups[0]["lr"]})
         evaluate = (config.eval_every and state["step"] % config.eval_every == 0) or last
-        if evaluate and evaluate_and_select(setup, state, plan):
+        if evaluate and ranks.decide(lambda: evaluate_and_select(setup, state, plan)):
             setup.log.write(state, plan, {"early_stop": True})
             break
         if config.checkpoint_every and state["step"] % config.checkpoint_every == 0 and not last:

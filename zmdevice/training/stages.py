@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from zmdevice.config import METHODS, TrainConfig
+from zmdevice.training.distributed import Ranks
 from zmdevice.losses import (
     DistributionAlignment,
     adamatch_loss,
@@ -145,6 +146,8 @@ class StepContext:
     alignment: DistributionAlignment | None
     step: int
     steps: int
+    ranks: Ranks = Ranks()
+    """Where this process sits when training on several (``Ranks.count_share``)."""
 
 
 def plan_stages(config: TrainConfig) -> list[StagePlan]:
@@ -250,7 +253,7 @@ def kd_head_loss(kd_logits, labeled, pool, context: StepContext):
         kd, _ = soft_label_kl(
             kd_logits[rows.to(device)], targets.to(device), context.config.temperature
         )
-        return kd
+        return kd * context.ranks.count_share(len(rows), device)
     fm_targets = torch.cat([data.labeled_fm[labeled], data.fm_label[pool]])
     kd, _ = hard_label_ce(kd_logits, fm_targets.to(device))
-    return kd
+    return kd * context.ranks.count_share(int((fm_targets != -1).sum()), device)

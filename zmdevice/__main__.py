@@ -1,0 +1,3 @@
+from zmdevice.cli import main
+
+main()
