@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import image_config, image_data, read_jsonl, text_config, text_data, weights
+from test_train import FAST, image_config, image_data, read_jsonl, text_config, text_data, weights
 
 from zmdevice.errors import UserError
 from zmdevice.train import run_train
@@ -86,7 +86,7 @@ def test_two_text_ranks_stay_identical_and_match_one_process(text_data, tmp_path
 
 
 def test_two_image_ranks_resume_exactly_and_refuse_another_count(image_data, tmp_path):
-    full = image_config(image_data, tmp_path / "full", **SMALL)
+    full = image_config(image_data, tmp_path / "full", **SMALL, test=None)
     command = [sys.executable, "-m", "zmdevice", "train", "--nproc", "2",
                "--labeled", str(full.labeled), "--unlabeled", str(full.unlabeled),
                "--pseudo-labels", str(full.pseudo_labels), "--student", "tiny-cnn",
@@ -112,6 +112,7 @@ def test_two_image_ranks_resume_exactly_and_refuse_another_count(image_data, tmp
 
 def write_settings(folder: Path) -> Path:
     path = folder / "settings.toml"
-    path.write_text("\n".join(f"{key} = {value}" for key, value in SMALL.items()
-                              if key not in ("kd_steps", "ssl_steps")) + "\n")  # fmt: skip
+    settings = {**FAST, **SMALL}
+    path.write_text("".join(f"{key} = {value}\n" for key, value in settings.items()
+                            if key not in ("kd_steps", "ssl_steps")))  # fmt: skip
     return path

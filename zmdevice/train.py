@@ -87,8 +87,8 @@ def build_setup(config: TrainConfig, out: Path, on_step=None, ranks=None):
     from zmdevice.catalog import require_entry
     from zmdevice.device import resolve_device
     from zmdevice.students import build_student
-    from zmdevice.training.distributed import Ranks
     from zmdevice.training.data import build_data, check_data, data_fingerprints, load_data
+    from zmdevice.training.distributed import Ranks
     from zmdevice.training.loop import Setup
     from zmdevice.training.stages import StepModel, plan_stages
 

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from zmdevice.config import METHODS, TrainConfig
-from zmdevice.training.distributed import Ranks
 from zmdevice.losses import (
     DistributionAlignment,
     adamatch_loss,
@@ -25,6 +24,7 @@ from zmdevice.losses import (
     hard_label_ce,
     soft_label_kl,
 )
+from zmdevice.training.distributed import Ranks
 
 
 class StepModel(nn.Module):
