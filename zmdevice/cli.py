@@ -232,6 +232,14 @@ def export(
         typer.Option(help="Images for static int8 calibration (default: the training data)."),
     ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
+    file_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="ort: also write NAME.ort (ONNX Runtime mobile format) and the operator "
+            "config of a minimal onnxruntime build.",
+        ),
+    ] = "onnx",
     as_json: JsonOption = False,
 ) -> None:
     """Export a trained student to one self-contained ONNX file (main head only)."""
@@ -246,6 +254,7 @@ def export(
             test=test,
             calibration=calibration,
             opset=opset,
+            format=file_format,
         )
     )
     emit_summary(summary, as_json, summary.get("lines", []))

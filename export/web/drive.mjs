@@ -5,7 +5,8 @@
 // Prints one JSON line per URL (the page's window.zmdevice state: status "done" with the
 // result, or "error" with a message). One browser serves all URLs. Uses the system
 // Chromium (CHROMIUM env var, default /usr/bin/chromium) through playwright-core, which
-// never downloads a browser. Exit code 0 when every page classified its image, else 1.
+// never downloads a browser. With ZMDEVICE_SCREENSHOTS=DIR, saves DIR/page-N.png of each
+// page. Exit code 0 when every page finished ("done"), else 1.
 
 import { chromium } from 'playwright-core';
 
@@ -24,9 +25,9 @@ const browser = await chromium.launch({
 });
 let allDone = true;
 try {
-  for (const url of urls) {
+  for (const [index, url] of urls.entries()) {
     let state;
-    const page = await browser.newPage();
+    const page = await browser.newPage({ viewport: { width: 820, height: 760 } });
     page.on('console', (message) => console.error(`[page] ${message.text()}`));
     page.on('pageerror', (error) => console.error(`[page error] ${error.message}`));
     try {
@@ -37,6 +38,9 @@ try {
         { timeout: Number(process.env.ZMDEVICE_PAGE_TIMEOUT_MS || 60000) },
       );
       state = await page.evaluate(() => window.zmdevice);
+      if (process.env.ZMDEVICE_SCREENSHOTS) {
+        await page.screenshot({ path: `${process.env.ZMDEVICE_SCREENSHOTS}/page-${index}.png`, fullPage: true });
+      }
     } catch (error) {
       state = { status: 'error', error: String(error.message || error) };
     }
