@@ -104,18 +104,54 @@ def build() -> dict:
     texts = [text for _, text in TEXTS]
     batch = encode_texts(tokenizer(), texts)
     return {
-        "about": "inputs and the zmdevice Python runtime's outputs; see tests/preprocess_fixture.py",
+        "about": "inputs and zmdevice's Python runtime outputs: tests/preprocess_fixture.py",
         "image_preprocess": IMAGE_PREPROCESS,
         "text_preprocess": TEXT_PREPROCESS,
         "images": images,
         "texts": [
-            {"name": name, "text": text, "ids": [int(i) for i, m in zip(ids, mask) if m]}
+            {
+                "name": name,
+                "text": text,
+                "ids": [int(i) for i, m in zip(ids, mask, strict=True) if m],
+            }
             for (name, text), ids, mask in zip(
                 TEXTS, batch["input_ids"], batch["attention_mask"], strict=True
             )
         ],
         "batch": {key: value.tolist() for key, value in batch.items()},
     }
+
+
+def assert_matches(result: dict, recorded: dict) -> int:
+    """Assert that JavaScript's ``runFixture()`` output equals the recorded Python values.
+
+    Returns:
+        how many texts got token ids equal to Python's (all of them, or this fails).
+    """
+    assert [i["name"] for i in result["images"]] == [i["name"] for i in recorded["images"]]
+    for got, want in zip(result["images"], recorded["images"], strict=True):
+        difference = np.abs(np.subtract(got["pixel_values"], want["pixel_values"])).max()
+        assert difference <= 1e-6, (want["name"], difference)
+    pairs = zip(result["texts"], recorded["texts"], strict=True)
+    equal = [got["ids"] == want["ids"] for got, want in pairs]
+    mismatched = [t["name"] for t, same in zip(recorded["texts"], equal, strict=True) if not same]
+    assert not mismatched, mismatched
+    rows, length = result["batch"]["dims"]
+    for key in ("input_ids", "attention_mask"):
+        assert np.reshape(result["batch"][key], (rows, length)).tolist() == recorded["batch"][key]
+    return sum(equal)
+
+
+def missing_npm_packages(sample: Path, packages: tuple[str, ...]) -> str | None:
+    """Why a JavaScript sample folder (export/web, export/node) cannot be tested, or None."""
+    import shutil
+
+    if shutil.which("node") is None:
+        return "node not installed"
+    for package in packages:
+        if not (sample / "node_modules" / package).is_dir():
+            return f"{sample.name}/node_modules/{package} missing (run npm ci in {sample})"
+    return None
 
 
 def write() -> None:

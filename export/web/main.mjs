@@ -194,7 +194,16 @@ if (params.get('fixture')) {
     model = await loadModel(await fetchBytes(modelUrl), modelUrl.pathname.split('/').pop());
     if (model.modality === 'text') {
       model.tokenizer = new Tokenizer(await fetchJson(new URL(tokenizerFileName(model.preprocess), modelUrl)), {});
-      element('text').value = params.get('text') ?? '';
+      // Several text= parameters: each one is classified (state.results), the first shown.
+      const texts = params.getAll('text');
+      state.results = [];
+      for (const text of texts.slice(1)) state.results.push(await classifyText(model, text));
+      element('text').value = texts[0] ?? '';
+      showModel();
+      await run();
+      if (state.result) state.results.unshift(state.result);
+      if (state.status === 'running') state.status = 'loaded';
+      return;
     } else if (params.get('image')) {
       const response = await fetch(params.get('image'));
       if (!response.ok) throw new Error(`cannot fetch ${params.get('image')}: HTTP ${response.status}`);
