@@ -128,15 +128,23 @@ def test_page_image_prediction_equals_zmdevice_predict(models, site, file):
             prob_gaps.append(abs(page[top["class"]] - top["probability"]))
         scale = float(np.abs(row).max())
         gaps.append(float(np.abs(np.subtract(state["result"]["logits"], row)).max()) / scale)
-    # fp32: the same float kernels, to 1e-5 of the logit scale. int8 (QDQ): onnxruntime
-    # fuses QuantizeLinear/Conv/DequantizeLinear into integer kernels that differ between
-    # x86 (the Python runtime here) and WASM, so logits agree only to the int8 error.
-    exact = file == "image_onnx"
-    assert max(prob_gaps) <= (1e-5 if exact else 0.02), prob_gaps
-    assert max(gaps) <= (1e-5 if exact else 0.25), gaps
-    print(f"{file}: max |prob diff| {max(prob_gaps):.1e}, max logit diff / scale {max(gaps):.1e}")
+    assert_parity(file, prob_gaps, gaps)
     # images of three different classes: the page is not stuck on one answer
     assert len({state["result"]["class"] for state in states}) == 3
+
+
+def assert_parity(file: str, prob_gaps: list[float], logit_gaps: list[float], note=""):
+    """fp32 files: the page's probabilities equal Python's to 1e-5, logits to 1e-5 of
+    their scale. int8 files: onnxruntime runs them with integer kernels whose rounding
+    differs between x86 (the Python runtime here; AVX2 u8 x s8 products can saturate)
+    and WASM, so they agree only to the quantisation error."""
+    exact = not file.endswith("int8")
+    print(
+        f"browser {file}: {note}max |prob diff| {max(prob_gaps):.1e}, "
+        f"max logit diff / logit scale {max(logit_gaps):.1e}"
+    )
+    assert max(prob_gaps) <= (1e-5 if exact else 0.05), prob_gaps
+    assert max(logit_gaps) <= (1e-5 if exact else 0.25), logit_gaps
 
 
 def tricky_texts() -> list[str]:
@@ -166,7 +174,7 @@ def test_page_text_prediction_equals_zmdevice_predict(models, site, file):
     classifier = OnnxClassifier(model_path)
     expected = run_predict(model_path, texts, top_k=len(classifier.classes))
     assert len(state["results"]) == len(texts)
-    prob_gaps, same_ids = [], 0
+    prob_gaps, logit_gaps, same_ids = [], [], 0
     for text, page, want in zip(texts, state["results"], expected["predictions"], strict=True):
         feed = classifier.encode_texts([text])
         assert page["ids"] == feed["input_ids"][0].tolist(), text
@@ -176,9 +184,8 @@ def test_page_text_prediction_equals_zmdevice_predict(models, site, file):
             prob_gaps.append(abs(probabilities[top["class"]] - top["probability"]))
         row = classifier.logits(feed)[0]
         scale = float(np.abs(row).max())
-        np.testing.assert_allclose(page["logits"], row, rtol=0, atol=1e-5 * scale)
-    assert max(prob_gaps) <= 1e-5, prob_gaps
-    print(f"{file}: token ids equal {same_ids}/{len(texts)}, max |prob diff| {max(prob_gaps):.1e}")
+        logit_gaps.append(float(np.abs(np.subtract(page["logits"], row)).max()) / scale)
+    assert_parity(file, prob_gaps, logit_gaps, f"token ids equal {same_ids}/{len(texts)}, ")
     # a trained model: both classes occur among the answers
     assert {page["class"] for page in state["results"]} == set(exported_models.TEXT_CLASSES)
 
