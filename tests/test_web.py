@@ -117,34 +117,61 @@ def test_page_image_prediction_equals_zmdevice_predict(models, site, file):
     expected = run_predict(model_path, [str(p) for p in chosen], top_k=3)
     # Logits too: a trained model's probabilities saturate and hide small pixel differences.
     classifier = OnnxClassifier(model_path)
-    logits = classifier.logits([load_image(p) for p in chosen])
-    gaps, prob_gaps = [], []
-    for state, want, row in zip(states, expected["predictions"], logits, strict=True):
+    pictures = [load_image(p) for p in chosen]
+    logits = classifier.logits(pictures)
+    reference = int8_reference(file, model_path, models)
+    prob_gaps = []
+    for state, want in zip(states, expected["predictions"], strict=True):
         assert state["status"] == "done", state
         assert state["model"]["modality"] == "image"
         assert state["result"]["class"] == want["top"][0]["class"], want["input"]
         page = dict(zip(state["result"]["classes"], state["result"]["probabilities"], strict=True))
         for top in want["top"]:
             prob_gaps.append(abs(page[top["class"]] - top["probability"]))
-        scale = float(np.abs(row).max())
-        gaps.append(float(np.abs(np.subtract(state["result"]["logits"], row)).max()) / scale)
-    assert_parity(file, prob_gaps, gaps)
+    page_logits = [state["result"]["logits"] for state in states]
+    fp32_logits = reference.logits(pictures) if reference else None
+    assert_parity(file, page_logits, logits, fp32_logits, prob_gaps)
     # images of three different classes: the page is not stuck on one answer
     assert len({state["result"]["class"] for state in states}) == 3
 
 
-def assert_parity(file: str, prob_gaps: list[float], logit_gaps: list[float], note=""):
-    """fp32 files: the page's probabilities equal Python's to 1e-5, logits to 1e-5 of
-    their scale. int8 files: onnxruntime runs them with integer kernels whose rounding
-    differs between x86 (the Python runtime here; AVX2 u8 x s8 products can saturate)
-    and WASM, so they agree only to the quantisation error."""
-    exact = not file.endswith("int8")
+def int8_reference(file: str, model_path: Path, models) -> OnnxClassifier | None:
+    """For an int8 file, the fp32 model that the page's int8 logits are held against.
+
+    onnxruntime's int8 kernels round differently on x86 (the Python runtime here) and in
+    WASM: on x86 CPUs with AVX2 but no VNNI the u8 x s8 products can saturate, and the
+    Python int8 logits drift from fp32 (on the tests' text student by up to 1.3x the logit
+    scale: a low-confidence text flips), while WASM's stay close to fp32. So the
+    page's int8 logits must agree with fp32's to the quantisation error; its token ids
+    and pixels still equal Python's exactly.
+    """
+    if not file.endswith("int8"):
+        return None
+    return OnnxClassifier(exported_models.model_file(models, file.replace("int8", "onnx")))
+
+
+def assert_parity(file: str, page_logits, python_logits, fp32_logits, prob_gaps, note=""):
+    """fp32 files: probabilities equal Python's to 1e-5, logits to 1e-5 of their scale.
+    int8 files: logits within 15% of the fp32 logit scale of the fp32 logits."""
+    page, python = np.asarray(page_logits), np.asarray(python_logits)
+    scale = float(np.abs(python).max(axis=1).min())  # the strictest row's scale
+    row_gaps = np.abs(page - python).max(axis=1) / np.abs(python).max(axis=1)
     print(
-        f"browser {file}: {note}max |prob diff| {max(prob_gaps):.1e}, "
-        f"max logit diff / logit scale {max(logit_gaps):.1e}"
+        f"browser {file}: {note}max |prob diff| vs zmdevice predict {max(prob_gaps):.1e}, "
+        f"max logit diff / logit scale {row_gaps.max():.1e}"
     )
-    assert max(prob_gaps) <= (1e-5 if exact else 0.05), prob_gaps
-    assert max(logit_gaps) <= (1e-5 if exact else 0.25), logit_gaps
+    if fp32_logits is None:
+        assert max(prob_gaps) <= 1e-5, prob_gaps
+        assert row_gaps.max() <= 1e-5, (row_gaps, scale)
+    else:
+        fp32 = np.asarray(fp32_logits)
+        drift = np.abs(page - fp32).max() / np.abs(fp32).max()
+        python_drift = np.abs(python - fp32).max() / np.abs(fp32).max()
+        print(
+            f"  int8 logits vs fp32, over the fp32 logit scale: page {drift:.1e}, "
+            f"Python {python_drift:.1e}"
+        )
+        assert drift <= 0.15, drift
 
 
 def tricky_texts() -> list[str]:
@@ -174,7 +201,8 @@ def test_page_text_prediction_equals_zmdevice_predict(models, site, file):
     classifier = OnnxClassifier(model_path)
     expected = run_predict(model_path, texts, top_k=len(classifier.classes))
     assert len(state["results"]) == len(texts)
-    prob_gaps, logit_gaps, same_ids = [], [], 0
+    reference = int8_reference(file, model_path, models)
+    prob_gaps, python_logits, fp32_logits, same_ids = [], [], [], 0
     for text, page, want in zip(texts, state["results"], expected["predictions"], strict=True):
         feed = classifier.encode_texts([text])
         assert page["ids"] == feed["input_ids"][0].tolist(), text
@@ -182,10 +210,12 @@ def test_page_text_prediction_equals_zmdevice_predict(models, site, file):
         probabilities = dict(zip(page["classes"], page["probabilities"], strict=True))
         for top in want["top"]:
             prob_gaps.append(abs(probabilities[top["class"]] - top["probability"]))
-        row = classifier.logits(feed)[0]
-        scale = float(np.abs(row).max())
-        logit_gaps.append(float(np.abs(np.subtract(page["logits"], row)).max()) / scale)
-    assert_parity(file, prob_gaps, logit_gaps, f"token ids equal {same_ids}/{len(texts)}, ")
+        python_logits.append(classifier.logits(feed)[0])
+        if reference:
+            fp32_logits.append(reference.logits(feed)[0])
+    page_logits = [page["logits"] for page in state["results"]]
+    note = f"token ids equal {same_ids}/{len(texts)}, "
+    assert_parity(file, page_logits, python_logits, fp32_logits or None, prob_gaps, note)
     # a trained model: both classes occur among the answers
     assert {page["class"] for page in state["results"]} == set(exported_models.TEXT_CLASSES)
 

@@ -3,7 +3,8 @@
 //   node drive.mjs 'http://127.0.0.1:8000/web/index.html?model=../m.onnx&image=../x.png' [URL...]
 //
 // Prints one JSON line per URL (the page's window.zmdevice state: status "done" with the
-// result, or "error" with a message). One browser serves all URLs. Uses the system
+// result (and "results" for several text= parameters), "loaded" when the URL gave a model
+// but no input, or "error" with a message). One browser serves all URLs. Uses the system
 // Chromium (CHROMIUM env var, default /usr/bin/chromium) through playwright-core, which
 // never downloads a browser. With ZMDEVICE_SCREENSHOTS=DIR, saves DIR/page-N.png of each
 // page. Exit code 0 when every page finished ("done"), else 1.
@@ -33,7 +34,7 @@ try {
     try {
       await page.goto(url);
       await page.waitForFunction(
-        () => window.zmdevice && ['done', 'error'].includes(window.zmdevice.status),
+        () => window.zmdevice && ['done', 'loaded', 'error'].includes(window.zmdevice.status),
         null,
         { timeout: Number(process.env.ZMDEVICE_PAGE_TIMEOUT_MS || 60000) },
       );
