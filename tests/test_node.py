@@ -17,7 +17,7 @@ import preprocess_fixture
 import pytest
 from PIL import Image
 
-from zmdevice.runtime import OnnxClassifier, load_image, run_predict
+from zmdevice.runtime import OnnxClassifier, load_image
 
 NODE_SAMPLE = Path(__file__).resolve().parent.parent / "export" / "node"
 
@@ -45,7 +45,7 @@ def assert_like_predict(model_path: Path, inputs: list[str], predictions: list[d
     """Node's probabilities equal `zmdevice predict`'s to 1e-5, its logits to 1e-5 of
     their scale; returns the largest probability difference."""
     classifier = OnnxClassifier(model_path)
-    expected = run_predict(model_path, inputs, top_k=len(classifier.classes))
+    expected = exported_models.predict_json(model_path, inputs, len(classifier.classes))
     if classifier.modality == "text":
         logits = classifier.logits(inputs)
     else:

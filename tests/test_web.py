@@ -23,7 +23,7 @@ import preprocess_fixture
 import pytest
 from PIL import Image
 
-from zmdevice.runtime import OnnxClassifier, load_image, run_predict
+from zmdevice.runtime import OnnxClassifier, load_image
 
 WEB = Path(__file__).resolve().parent.parent / "export" / "web"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -114,7 +114,7 @@ def test_page_image_prediction_equals_zmdevice_predict(models, site, file):
         names.append(f"input-{i}.png")
         shutil.copy(image, root / names[-1])
     states = open_pages([f"{base}/web/index.html?model=../model.onnx&image=../{n}" for n in names])
-    expected = run_predict(model_path, [str(p) for p in chosen], top_k=3)
+    expected = exported_models.predict_json(model_path, [str(p) for p in chosen], 3)
     # Logits too: a trained model's probabilities saturate and hide small pixel differences.
     classifier = OnnxClassifier(model_path)
     pictures = [load_image(p) for p in chosen]
@@ -199,7 +199,7 @@ def test_page_text_prediction_equals_zmdevice_predict(models, site, file):
         "classes": exported_models.TEXT_CLASSES,
     }
     classifier = OnnxClassifier(model_path)
-    expected = run_predict(model_path, texts, top_k=len(classifier.classes))
+    expected = exported_models.predict_json(model_path, texts, len(classifier.classes))
     assert len(state["results"]) == len(texts)
     reference = int8_reference(file, model_path, models)
     prob_gaps, python_logits, fp32_logits, same_ids = [], [], [], 0
