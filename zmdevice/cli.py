@@ -239,6 +239,13 @@ def export(
     opset: Annotated[
         int | None, typer.Option(help=f"ONNX opset (default {ExportConfig.opset}).")
     ] = None,
+    format: Annotated[
+        str | None,
+        typer.Option(
+            help="ort: also write NAME.ort (ONNX Runtime mobile format) and the operator "
+            "config of a minimal onnxruntime build (default onnx)."
+        ),
+    ] = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:

@@ -340,12 +340,16 @@ class ExportConfig:
     """Calibration images for static int8 (default: the student's training data)."""
     opset: int = 18
     """ONNX opset version."""
+    format: str = "onnx"
+    """'onnx', or 'ort' to also write ONNX Runtime's mobile format (NAME.ort)."""
 
     def __post_init__(self):
         if self.quantize not in (None, "int8"):
             raise ConfigError(
                 "quantize", f"unknown --quantize '{self.quantize}': the only choice is int8"
             )
+        if self.format not in ("onnx", "ort"):
+            raise ConfigError("format", f"unknown --format '{self.format}': choose onnx or ort")
         at_least(self, 7, "opset")
 
 
