@@ -102,10 +102,20 @@ def label(
         bool,
         typer.Option(help="Join the shard files NAME.shard-I-of-N.parquet into --out."),
     ] = False,
+    engine: Annotated[
+        str, typer.Option(help="local (this machine) or ray (a Ray cluster; zmdevice[ray]).")
+    ] = "local",
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join (default: start a local one).")
+    ] = None,
+    ray_workers: Annotated[int, typer.Option(help="Ray teacher workers (each loads the teacher).")] = 1,
+    gpus_per_worker: Annotated[
+        float, typer.Option(help="GPUs per Ray teacher worker (0: the teacher runs on CPUs).")
+    ] = 0.0,
     as_json: JsonOption = False,
 ) -> None:
     """Run a foundation model zero-shot once and write the pseudo-label file."""
-    from zmdevice.config import DataOptions, LabelConfig
+    from zmdevice.config import DataOptions, LabelConfig, RayOptions
 
     config = LabelConfig(
         data=data,
@@ -121,6 +131,8 @@ def label(
         templates=templates,
         workers=workers,
         combine=combine,
+        engine=engine,
+        ray=RayOptions(address=ray_address, workers=ray_workers, gpus_per_worker=gpus_per_worker),
         data_options=DataOptions(
             text_column=text_column,
             id_column=id_column,

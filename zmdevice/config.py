@@ -42,6 +42,27 @@ class DataOptions:
 
 
 @dataclass
+class RayOptions:
+    """Where and how wide `zmdevice label --engine ray` runs."""
+
+    address: str | None = None
+    """Ray cluster to join (as printed by ``ray start --head``); None starts a local one."""
+    workers: int = 1
+    """Teacher actors; each loads the teacher once and labels batch after batch."""
+    gpus_per_worker: float = 0.0
+    """GPUs per teacher actor (fractions share a GPU); 0 runs the teacher on CPUs."""
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise UserError(f"--ray-workers must be at least 1, got {self.workers}")
+        if self.gpus_per_worker < 0:
+            raise UserError(f"--gpus-per-worker must be 0 or more, got {self.gpus_per_worker}")
+
+
+ENGINES = ("local", "ray")
+
+
+@dataclass
 class LabelConfig:
     """`zmdevice label`: run a foundation model zero-shot once, write pseudo-labels."""
 
@@ -74,9 +95,20 @@ class LabelConfig:
     """Column names and corrupt-image policy."""
     combine: bool = False
     """Instead of labeling, join the shard files of ``out`` (``NAME.shard-I-of-N.parquet``)."""
+    engine: str = "local"
+    """local: this process and its loader workers; ray: a Ray Data actor pool."""
+    ray: RayOptions = field(default_factory=RayOptions)
+    """Cluster and pool size of the ray engine."""
 
     def __post_init__(self):
         check_device(self.device)
+        if self.engine not in ENGINES:
+            raise UserError(f"--engine '{self.engine}': use one of {', '.join(ENGINES)}")
+        if self.engine == "ray" and self.device not in ("auto", "cpu"):
+            raise UserError(
+                f"--device {self.device} with --engine ray: the Ray workers' device follows "
+                "--gpus-per-worker (0: CPU, more: a GPU each); leave --device at auto"
+            )
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.top_k is not None and self.top_k < 1:

@@ -199,7 +199,9 @@ def run_label(config: LabelConfig) -> dict:
     fingerprint = dataset.fingerprint()
     settings = _settings(config, fingerprint, shard, top_k, len(indices))
     done_parts = _prepare_parts(parts_dir, settings, config.resume, out)
-    device = resolve_device(config.device)
+    # The ray engine's workers load their own teacher; this copy, on the CPU, only lends
+    # them its preprocessing, fills the metadata and answers --gold.
+    device = resolve_device(config.device if config.engine == "local" else "cpu")
     teacher = build_teacher(config.teacher, classes, device=device, templates=config.templates)
     run = json.loads((parts_dir / "run.json").read_text())
     metadata = build_metadata(
@@ -224,9 +226,17 @@ def run_label(config: LabelConfig) -> dict:
     chunks = [indices[s : s + chunk] for s in range(0, len(indices), chunk)]
     workers = pick_workers(config.workers, teacher)
     started = time.perf_counter()
-    labeled_now = _label_chunks(
-        dataset, teacher, chunks, done_parts, config.batch_size, workers, parts_dir, metadata
-    )
+    if config.engine == "ray":
+        from zmdevice.label_ray import label_chunks_ray
+
+        labeled_now = label_chunks_ray(
+            config, dataset, teacher, classes, chunks, done_parts, parts_dir, metadata
+        )
+        device = f"Ray ({config.ray.workers} teacher workers)"
+    else:
+        labeled_now = _label_chunks(
+            dataset, teacher, chunks, done_parts, config.batch_size, workers, parts_dir, metadata
+        )
     elapsed = time.perf_counter() - started
 
     quality, quality_lines = None, []
@@ -251,18 +261,8 @@ def _label_chunks(dataset, teacher, chunks, done, batch_size, workers, parts_dir
     Returns:
         How many samples were labeled now.
     """
-    from tqdm import tqdm
-
     todo = [j for j in range(len(chunks)) if j not in done]
-    progress = tqdm(
-        total=sum(len(c) for c in chunks),
-        initial=sum(len(chunks[j]) for j in done if j < len(chunks)),
-        unit=dataset.modality,
-        desc=f"label {parts_dir.name[1 : -len('.parts')]}",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        disable=None,  # a bar on a terminal; none in logs, where it would print every update
-    )
+    progress = chunk_progress(dataset, chunks, done, parts_dir)
     remaining = [i for j in todo for i in chunks[j]]
     current, seen, labeled = iter(todo), 0, 0
     chunk = next(current, None)
@@ -282,11 +282,26 @@ def _label_chunks(dataset, teacher, chunks, done, batch_size, workers, parts_dir
             # Only this chunk's share of the teacher's counters goes into its part.
             stats = {k: v - stats_before.get(k, 0) for k, v in teacher.stats.items()}
             stats_before = dict(teacher.stats)
-            _write_part(parts_dir, chunk, metadata, ids, probs_list, skipped_ids, stats)
+            write_part(parts_dir, chunk, metadata, ids, probs_list, skipped_ids, stats)
             ids, probs_list, skipped_ids, seen = [], [], [], 0
             chunk = next(current, None)
     progress.close()
     return labeled
+
+
+def chunk_progress(dataset, chunks, done, parts_dir: Path):
+    """A progress bar over all samples, starting at those the finished chunks hold."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=sum(len(c) for c in chunks),
+        initial=sum(len(chunks[j]) for j in done if j < len(chunks)),
+        unit=dataset.modality,
+        desc=f"label {parts_dir.name[1 : -len('.parts')]}",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=None,  # a bar on a terminal; none in logs, where it would print every update
+    )
 
 
 def _prepare_parts(parts_dir: Path, settings: dict, resume: bool, out: Path) -> set[int]:
@@ -318,7 +333,9 @@ def _prepare_parts(parts_dir: Path, settings: dict, resume: bool, out: Path) -> 
     return set()
 
 
-def _write_part(parts_dir, number, metadata, ids, probs, skipped, stats) -> None:
+def write_part(parts_dir, number, metadata, ids, probs, skipped, stats) -> None:
+    """Write chunk ``number`` atomically: ``ids``, their probabilities (a list of float32
+    [b, C] arrays, in id order), the skipped ids and the teacher's counters for this chunk."""
     part_meta = dict(metadata)
     part_meta["skipped"] = {"count": len(skipped), "examples": skipped[:10]}
     if stats:
