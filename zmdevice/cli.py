@@ -108,7 +108,9 @@ def label(
     ray_address: Annotated[
         str | None, typer.Option(help="Ray cluster to join (default: start a local one).")
     ] = None,
-    ray_workers: Annotated[int, typer.Option(help="Ray teacher workers (each loads the teacher).")] = 1,
+    ray_workers: Annotated[
+        int, typer.Option(help="Ray teacher workers (each loads the teacher).")
+    ] = 1,
     gpus_per_worker: Annotated[
         float, typer.Option(help="GPUs per Ray teacher worker (0: the teacher runs on CPUs).")
     ] = 0.0,

@@ -119,9 +119,7 @@ class TeacherBatch:
     def __call__(self, row: dict) -> dict:
         kept, inputs, skipped = row["work"]
         before = dict(self.teacher.stats)
-        probs = (
-            self.teacher.predict_proba(inputs).numpy() if kept else np.zeros((0, 0), np.float32)
-        )
+        probs = self.teacher.predict_proba(inputs).numpy() if kept else np.zeros((0, 0), np.float32)
         stats = {k: v - before.get(k, 0) for k, v in self.teacher.stats.items()}
         return {
             "chunk": row["chunk"],
@@ -235,7 +233,10 @@ def _run(ray, config, dataset, teacher, classes, chunks, done, parts_dir, metada
                     _sum_counts(r[3] for r in results),
                 )  # fmt: skip
     except Exception as error:
-        raise _user_error_inside(error) or error
+        user_error = _user_error_inside(error)
+        if user_error is None:
+            raise
+        raise user_error from None
     finally:
         progress.close()
     return count
