@@ -176,6 +176,10 @@ def run_label(config: LabelConfig) -> dict:
     out = Path(config.out) if config.out else default_out(Path(config.data))
     if config.combine:
         return _combine(config, out)
+    if config.engine == "ray":
+        from zmdevice.label_ray import import_ray
+
+        import_ray()  # a missing extra fails before anything is written
     shard = parse_shard(config.shard)
     classes = load_classes(config.classes)
     dataset = open_dataset(config.data, config.data_options)

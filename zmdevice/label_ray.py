@@ -87,26 +87,29 @@ def plan_pool(total_cpus: float, node_cpus: float, workers: int, gpus_per_worker
 class PrepareBatch:
     """Ray Data stage 1: positions of one batch -> the teacher's collated input."""
 
-    def __init__(self, shared: list):
-        import ray
+    def __init__(self, dataset, prepare, collate):
+        from zmdevice.label import _Collate
 
-        from zmdevice.label import _Collate, _Prepared
-
-        # (data set, prepare, collate) come as one reference inside a list, which Ray leaves
-        # unresolved: the actor fetches them itself, so its constructor holds no large
-        # argument that Ray would have to keep alive for restarts.
-        self.dataset, self.prepare, collate = ray.get(shared[0])
-        self.collate = _Collate(collate)
-        self.prepared = _Prepared
+        self.dataset, self.prepare, self.collate = dataset, prepare, _Collate(collate)
 
     def __call__(self, row: dict) -> dict:
-        view = self.prepared(self.dataset, self.prepare, row["indices"])
-        kept, inputs, skipped = self.collate([view[p] for p in range(len(view))])
-        return {"chunk": row["chunk"], "batch": row["batch"], "work": (kept, inputs, skipped)}
+        from zmdevice.label import _Prepared
+
+        view = _Prepared(self.dataset, self.prepare, row["indices"])
+        try:
+            work = self.collate([view[p] for p in range(len(view))])
+        except UserError as error:  # an unreadable image: the driver says it in one line
+            return {"chunk": row["chunk"], "batch": row["batch"], "work": None, "error": str(error)}
+        return {"chunk": row["chunk"], "batch": row["batch"], "work": work, "error": ""}
 
 
 class TeacherBatch:
-    """Ray Data stage 2: load the teacher once; collated input -> float32 [b, C] probabilities."""
+    """Ray Data stage 2: load the teacher once; collated input -> float32 [b, C] probabilities.
+
+    ``UserError`` s (a teacher missing on a node, an unreadable sample upstream) travel on as
+    the row's ``error``: Ray would otherwise wrap them in its own task errors, and the user
+    should get the one line the local engine prints.
+    """
 
     def __init__(self, spec, classes, templates, device, threads):
         import torch
@@ -114,18 +117,22 @@ class TeacherBatch:
         from zmdevice.teachers import build_teacher
 
         torch.set_num_threads(threads)
-        self.teacher = build_teacher(spec, classes, device=device, templates=templates)
+        self.teacher, self.error = None, ""
+        try:
+            self.teacher = build_teacher(spec, classes, device=device, templates=templates)
+        except UserError as error:
+            self.error = str(error)
 
     def __call__(self, row: dict) -> dict:
+        error = row["error"] or self.error
+        if error:
+            return {"chunk": row["chunk"], "batch": row["batch"], "result": None, "error": error}
         kept, inputs, skipped = row["work"]
         before = dict(self.teacher.stats)
         probs = self.teacher.predict_proba(inputs).numpy() if kept else np.zeros((0, 0), np.float32)
         stats = {k: v - before.get(k, 0) for k, v in self.teacher.stats.items()}
-        return {
-            "chunk": row["chunk"],
-            "batch": row["batch"],
-            "result": (kept, probs, skipped, stats),
-        }
+        result = (kept, probs, skipped, stats)
+        return {"chunk": row["chunk"], "batch": row["batch"], "result": result, "error": ""}
 
 
 def batch_rows(chunks, todo: list[int], batch_size: int) -> list[dict]:
@@ -195,7 +202,7 @@ def _run(ray, config, dataset, teacher, classes, chunks, done, parts_dir, metada
         ray.data.from_items(rows, override_num_blocks=len(rows))
         .map(
             PrepareBatch,
-            fn_constructor_args=([ray.put((dataset, teacher.prepare, teacher.collate))],),
+            fn_constructor_args=(dataset, teacher.prepare, teacher.collate),
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.prepare_actors),
             num_cpus=plan.prepare_cpus,
         )
@@ -218,6 +225,8 @@ def _run(ray, config, dataset, teacher, classes, chunks, done, parts_dir, metada
     progress, count = chunk_progress(dataset, chunks, done, parts_dir), 0
     try:
         for row in labeled.iter_rows():
+            if row["error"]:
+                raise UserError(row["error"])
             chunk, kept, skipped = row["chunk"], row["result"][0], row["result"][2]
             pending[chunk][row["batch"]] = row["result"]
             count += len(kept)
@@ -232,11 +241,6 @@ def _run(ray, config, dataset, teacher, classes, chunks, done, parts_dir, metada
                     [dataset.ids[i] for r in results for i in r[2]],
                     _sum_counts(r[3] for r in results),
                 )  # fmt: skip
-    except Exception as error:
-        user_error = _user_error_inside(error)
-        if user_error is None:
-            raise
-        raise user_error from None
     finally:
         progress.close()
     return count
@@ -248,19 +252,3 @@ def _sum_counts(counters) -> dict:
         for key, value in counts.items():
             total[key] = total.get(key, 0) + value
     return total
-
-
-def _user_error_inside(error: BaseException) -> UserError | None:
-    """The ``UserError`` a Ray worker raised (an unreadable image, ...), as a plain one.
-
-    Ray wraps a worker's exception in its own task error types; the user should see the
-    one-line message the local engine would print, not a remote traceback.
-    """
-    deepest, seen = None, set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, UserError):
-            deepest = error  # Ray's wrapper is a UserError too; the original lies deeper
-        cause = getattr(error, "cause", None)
-        error = cause if isinstance(cause, BaseException) else error.__cause__
-    return deepest
