@@ -13,6 +13,10 @@ same rows as an uninterrupted one.
 ``--shard I/N`` labels the I-th of N contiguous slices of the data (0-based) into
 ``NAME.shard-I-of-N.parquet``; the same command with ``--combine`` instead of ``--shard``
 joins the N shard files into ``NAME.parquet``.
+
+``--engine ray`` (``zmdevice.label_ray``) labels the same chunks on a Ray cluster instead of
+this process: Ray workers predict, this process writes the same part files and the same
+output, so either engine can resume the other's parts.
 """
 
 from __future__ import annotations
