@@ -103,7 +103,7 @@ def label(
         typer.Option(help="Join the shard files NAME.shard-I-of-N.parquet into --out."),
     ] = False,
     engine: Annotated[
-        str, typer.Option(help="local (this machine) or ray (a Ray cluster; zmdevice[ray]).")
+        str, typer.Option(help="local (this machine) or ray (a Ray cluster; needs the ray extra).")
     ] = "local",
     ray_address: Annotated[
         str | None, typer.Option(help="Ray cluster to join (default: start a local one).")
