@@ -62,6 +62,7 @@ def timed_label(data: Path, out: Path, args, engine: str, workers: int = 1) -> d
         "seconds": seconds,
         "samples_per_s": summary["count"] / seconds,
         "labeling_samples_per_s": summary["samples_per_s"],
+        "load_average_1min": os.getloadavg()[0],  # other jobs on the machine skew the rows
     }
 
 
@@ -110,13 +111,13 @@ def main() -> None:
     for row in rows:
         row["ratio_to_local"] = row["samples_per_s"] / local
     print(f"{args.teacher}, {args.count} texts, batch {args.batch_size}, {os.cpu_count()} CPUs")
-    print("| engine | workers | seconds | samples/s | ratio to local | same file |")
-    print("|---|---|---|---|---|---|")
+    print("| engine | workers | seconds | samples/s | ratio to local | same file | load avg |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         print(
             f"| {row['engine']} | {row['workers'] or '-'} | {row['seconds']:.1f} | "
             f"{row['samples_per_s']:.1f} | {row['ratio_to_local']:.2f} | "
-            f"{row.get('same_file_as_local', '-')} |"
+            f"{row.get('same_file_as_local', '-')} | {row['load_average_1min']:.1f} |"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     setup = {"teacher": args.teacher, "count": args.count, "batch_size": args.batch_size}
