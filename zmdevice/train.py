@@ -198,7 +198,8 @@ def run_train(config: TrainConfig, on_step=None) -> dict:
             f"stopped after {state['global_step']} steps as asked (stop_after); "
             "continue with --resume"
         )
-        return {"out": str(out), "stopped_at": state["global_step"], "lines": [line]}
+        lines = [line] if main else []
+        return {"out": str(out), "stopped_at": state["global_step"], "lines": lines}
     except torch.OutOfMemoryError:
         from zmdevice.training.loop import out_of_memory
 

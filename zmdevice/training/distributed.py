@@ -74,7 +74,8 @@ class Ranks:
                 dist.destroy_process_group()
 
     def threads(self, cores: int) -> int:
-        """CPU threads of this rank: torchrun's OMP_NUM_THREADS if set, else a fair share."""
+        """CPU threads of this rank: OMP_NUM_THREADS if set (torchrun sets 1 unless given
+        one; ``launch`` sets a fair share), else a fair share of the cores."""
         if not self.active:
             return cores
         if os.environ.get("OMP_NUM_THREADS"):
@@ -255,4 +256,8 @@ def launch(nproc: int, argv: list[str]) -> int:
             rest.append(arg)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={nproc}", "-m", "zmdevice", *rest]  # fmt: skip
-    return subprocess.call(command)
+    environment = dict(os.environ)
+    # torchrun would give each rank 1 thread; a CPU run gets its share of the cores instead.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    environment.setdefault("OMP_NUM_THREADS", str(max(1, (cores or 1) // nproc)))
+    return subprocess.call(command, env=environment)
