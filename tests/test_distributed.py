@@ -116,3 +116,44 @@ def write_settings(folder: Path) -> Path:
     path.write_text("".join(f"{key} = {value}\n" for key, value in settings.items()
                             if key not in ("kd_steps", "ssl_steps")))  # fmt: skip
     return path
+
+
+def test_each_rank_takes_its_slice_of_every_view_group():
+    from types import SimpleNamespace
+
+    from zmdevice.training.distributed import Ranks
+    from zmdevice.training.stages import StagePlan
+
+    plan = StagePlan("ssl", 4, unsup="adamatch", kd_head=True)
+    data = SimpleNamespace(labeled_index=torch.arange(100, 106))
+    labeled, pool = torch.tensor([0, 3, 5, 1]), torch.tensor([7, 2, 9, 4, 8, 6])
+    # rows: labeled weak (4), pool weak (6), pool strong (6); the value is the row number
+    rows = torch.arange(16)
+    batch = {"labeled": labeled, "pool": pool, "inputs": {"pixel_values": rows}}
+    parts = [Ranks(rank, 2).shard(plan, data, batch) for rank in (0, 1)]
+
+    assert torch.equal(torch.cat([part["labeled"] for part in parts]), labeled)
+    assert torch.equal(torch.cat([part["pool"] for part in parts]), pool)
+    assert parts[0]["inputs"]["pixel_values"].tolist() == [0, 1, 4, 5, 6, 10, 11, 12]
+    assert parts[1]["inputs"]["pixel_values"].tolist() == [2, 3, 7, 8, 9, 13, 14, 15]
+    assert Ranks().shard(plan, data, batch) is batch
+
+
+def test_batches_that_do_not_split_and_nested_launches_are_refused(monkeypatch):
+    from zmdevice.config import TrainConfig
+    from zmdevice.training.distributed import Ranks, torchrun_command
+    from zmdevice.training.stages import plan_stages
+
+    config = TrainConfig(labeled=Path("l.csv"), unlabeled=Path("u.csv"), labeled_batch_size=6,
+                         unlabeled_batch_size=9, kd_batch_size=8)  # fmt: skip
+    plans = plan_stages(config)
+    Ranks(0, 2).check_batch_sizes(plans[:1], config)  # kd_batch_size 8 splits
+    with pytest.raises(UserError, match="unlabeled_batch_size = 9 does not split over 2"):
+        Ranks(0, 2).check_batch_sizes(plans, config)
+
+    command = torchrun_command(2, ["train", "--nproc", "2", "--out", "m", "--nproc=2"])
+    assert command[-5:] == ["-m", "zmdevice", "train", "--out", "m"]
+    assert "--nproc-per-node=2" in command
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="already started by torchrun"):
+        torchrun_command(2, ["train"])

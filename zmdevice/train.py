@@ -23,7 +23,6 @@ BatchNorm statistics are re-estimated on clean unlabeled images before saving.
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import shutil
 import time
@@ -73,10 +72,10 @@ def delete(paths: list[Path]) -> None:
 def set_threads(config: TrainConfig, device, ranks) -> None:
     import torch
 
+    from zmdevice.training.distributed import usable_cores
+
     if device.type == "cpu":
-        # The cores this process may use (taskset, containers), not all of the machine's.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(config.threads or ranks.threads(cores or 1))
+        torch.set_num_threads(config.threads or ranks.threads(usable_cores()))
 
 
 def build_setup(config: TrainConfig, out: Path, on_step=None, ranks=None):

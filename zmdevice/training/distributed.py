@@ -242,6 +242,21 @@ def ranks_from_environment() -> Ranks:
 
 def launch(nproc: int, argv: list[str]) -> int:
     """Run ``torchrun --nproc-per-node nproc -m zmdevice ARGV`` and return its exit code."""
+    command = torchrun_command(nproc, argv)
+    environment = dict(os.environ)
+    # torchrun would give each rank 1 thread; a CPU run gets its share of the cores instead.
+    environment.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // nproc)))
+    return subprocess.call(command, env=environment)
+
+
+def usable_cores() -> int:
+    """The cores this process may use (taskset, containers), not all of the machine's."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1
+
+
+def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    """The torchrun command line for ``zmdevice ARGV`` on ``nproc`` ranks, without --nproc."""
     if nproc < 1:
         raise UserError(f"--nproc {nproc}: give 1 or more processes")
     if "WORLD_SIZE" in os.environ:
@@ -254,10 +269,5 @@ def launch(nproc: int, argv: list[str]) -> int:
         skip_next = arg == "--nproc"
         if not skip_next:
             rest.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", "zmdevice", *rest]  # fmt: skip
-    environment = dict(os.environ)
-    # torchrun would give each rank 1 thread; a CPU run gets its share of the cores instead.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    environment.setdefault("OMP_NUM_THREADS", str(max(1, (cores or 1) // nproc)))
-    return subprocess.call(command, env=environment)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}", "-m", "zmdevice", *rest]  # fmt: skip
