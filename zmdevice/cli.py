@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from zmdevice.errors import UserError
+from zmdevice.errors import UserError, missing_dependency, os_error
 
 app = typer.Typer(
     name="zmdevice",
@@ -29,17 +29,43 @@ app = typer.Typer(
 
 
 def user_errors_exit_2(command):
-    """Turn ``UserError`` (and a missing optional dependency) into one line and exit 2."""
+    """Turn ``UserError``, a missing optional dependency and a failing file system
+    (``OSError``) into one line on stderr and exit code 2.
+
+    The message is rendered for the running command's flags, so a remedy never names a flag
+    this command lacks; a message is kept to one line whatever its source.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        name = command.__name__
         try:
             return command(*args, **kwargs)
         except UserError as error:
-            typer.echo(f"error: {error}", err=True)
-            raise typer.Exit(code=2) from None
+            fail(error)
+        except ModuleNotFoundError as error:
+            fail(missing_dependency(error, f"zmdevice {name}"))
+        except OSError as error:
+            fail(os_error(error))
 
     return wrapper
+
+
+def command_flags() -> set[str] | None:
+    """The long flags of the command click is running (None outside a click invocation)."""
+    import click
+
+    context = click.get_current_context(silent=True)
+    if context is None:
+        return None
+    return {opt for param in context.command.params for opt in param.opts if opt[:2] == "--"}
+
+
+def fail(error: UserError) -> None:
+    """Print ``error`` as one line for this command's flags and exit with code 2."""
+    message = " ".join(error.render(command_flags()).split())
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2) from None
 
 
 def emit_summary(summary: dict, as_json: bool, lines: list[str]) -> None:
