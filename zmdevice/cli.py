@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.main
 
 from zmdevice.errors import UserError, missing_dependency, os_error
 
@@ -42,28 +43,24 @@ def user_errors_exit_2(command):
         try:
             return command(*args, **kwargs)
         except UserError as error:
-            fail(error)
+            fail(error, name)
         except ModuleNotFoundError as error:
-            fail(missing_dependency(error, f"zmdevice {name}"))
+            fail(missing_dependency(error, f"zmdevice {name}"), name)
         except OSError as error:
-            fail(os_error(error))
+            fail(os_error(error), name)
 
     return wrapper
 
 
-def command_flags() -> set[str] | None:
-    """The long flags of the command click is running (None outside a click invocation)."""
-    import click
-
-    context = click.get_current_context(silent=True)
-    if context is None:
-        return None
-    return {opt for param in context.command.params for opt in param.opts if opt[:2] == "--"}
+def command_flags(name: str) -> set[str]:
+    """The long flags of the command ``name``, as typer builds them."""
+    command = typer.main.get_command(app).commands[name]
+    return {opt for param in command.params for opt in param.opts if opt.startswith("--")}
 
 
-def fail(error: UserError) -> None:
-    """Print ``error`` as one line for this command's flags and exit with code 2."""
-    message = " ".join(error.render(command_flags()).split())
+def fail(error: UserError, command: str) -> None:
+    """Print ``error`` as one line for ``command``'s flags and exit with code 2."""
+    message = " ".join(error.render(command_flags(command)).split())
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2) from None
 

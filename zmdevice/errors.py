@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import tempfile
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
@@ -114,7 +115,11 @@ def os_error(error: OSError) -> UserError:
     """One line for a failing environment: the path, the system's reason, a remedy."""
     path = error.filename if error.filename is not None else "a file"
     reason = error.strerror or str(error)
-    remedy = _OS_ERROR_REMEDIES.get(error.errno, "check the path and the disk")
+    code = error.errno
+    if code is None:  # pyarrow puts the errno in its message only: "... [errno 28] ..."
+        found = re.search(r"\[errno (\d+)\]", reason, re.IGNORECASE)
+        code = int(found[1]) if found else None
+    remedy = _OS_ERROR_REMEDIES.get(code, "check the path and the disk")
     return UserError(f"{path}: {reason}; {remedy}")
 
 
@@ -175,7 +180,13 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as error:
+            if error.filename is not None:
+                raise
+            # Writers such as pyarrow raise OSError without a file name: name the target.
+            raise OSError(error.errno, error.strerror or str(error), str(target)) from error
         # mkstemp creates 0600 files; give the result the permissions a plain open() would.
         umask = os.umask(0)
         os.umask(umask)

@@ -449,21 +449,28 @@ class PseudoLabelWriter:
         self._atomic.__exit__(None, None, None)
         return self.path
 
-    def abort(self) -> None:
-        """Drop the partial file."""
+    def abort(self, error: BaseException | None = None) -> None:
+        """Drop the partial file; ``error`` (what stopped the writing) passes through
+        ``atomic_path``, which names the file on an ``OSError`` that lacks a name."""
         if not self._closed:
-            self._writer.close()
+            with contextlib.suppress(Exception):  # a writer that failed may fail to close
+                self._writer.close()
             self._closed = True
-            self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            error = error or RuntimeError("aborted")
+            self._atomic.__exit__(type(error), error, error.__traceback__)
 
     def __enter__(self) -> PseudoLabelWriter:
         return self
 
     def __exit__(self, kind, value, traceback) -> None:
         if kind is None:
-            self.close()
+            try:
+                self.close()
+            except BaseException as error:  # e.g. the disk filled up on the last write
+                self.abort(error)
+                raise
         else:
-            self.abort()
+            self.abort(value)
 
 
 def read_metadata(path: str | Path) -> dict:
