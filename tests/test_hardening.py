@@ -764,8 +764,9 @@ def test_flag_hint_follows_the_command():
 # --------------------------------------------------------------------------- summaries
 
 
-def test_ten_thousand_classes_summary_stays_one_screen(work, label_base):
-    names = [f"class{i:05d}" for i in range(10_000)]
+def test_thousands_of_classes_summary_stays_one_screen(work, label_base):
+    # 3,000 names print a 40 KB line without truncation; fewer keep the teacher quick.
+    names = [f"class{i:05d}" for i in range(3_000)]
     (work / "classes.txt").write_text("\n".join(names) + "\n")
     args = [*label_base, "--out", work / "o.parquet"]
     args[args.index("--classes") + 1] = work / "classes.txt"

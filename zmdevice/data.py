@@ -70,6 +70,17 @@ class CorruptImage(UserError):
     """An image file could not be read; raised only when ``skip_corrupt`` is set."""
 
 
+class UnreadableImage(UserError):
+    """An image file that cannot be decoded: missing, truncated, garbage or too large."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"unreadable image {path}: {reason}")
+        self.path, self.reason = path, reason
+
+    def __reduce__(self):
+        return type(self), (self.path, self.reason)
+
+
 # --------------------------------------------------------------------------- datasets
 
 
@@ -165,11 +176,11 @@ class ImageDataset:
         path = self.root / self.relative_paths[index]
         try:
             return to_rgb(open_image(path))
-        except UserError as error:
+        except UnreadableImage as error:
             if self.options.skip_corrupt:
                 raise CorruptImage(error.message) from None
             raise UserError(
-                f"{error.message} (id '{self.ids[index]}')",
+                f"unreadable image {path} (id '{self.ids[index]}'): {error.reason}",
                 hint=FlagHint(
                     "--skip-corrupt",
                     "fix or delete it, or pass --skip-corrupt to skip and count unreadable images",
@@ -200,8 +211,7 @@ def open_image(path: Path) -> Image.Image:
     """Decode an image file fully (in its own mode), at most ``MAX_IMAGE_PIXELS`` large.
 
     Raises:
-        UserError: 'unreadable image PATH: reason' for a missing, truncated, garbage or
-            oversized file.
+        UnreadableImage: a missing, truncated, garbage or oversized file.
     """
     import warnings
 
@@ -225,7 +235,7 @@ def open_image(path: Path) -> Image.Image:
         # OSError), ValueError or SyntaxError depending on the decoder, and images over
         # twice its own pixel limit as DecompressionBombError.
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"unreadable image {path}: {reason}") from None
+        raise UnreadableImage(path, reason) from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -130,14 +130,16 @@ def preprocess_image(image, preprocess: dict) -> np.ndarray:
 
 def load_image(path: Path):
     """Open an image file fully (so corrupt or oversized files fail here, naming the file)."""
-    from zmdevice.data import open_image
+    from zmdevice.data import UnreadableImage, open_image
 
     if not Path(path).is_file():
         raise UserError(f"image file not found: {path}")
     try:
         return open_image(Path(path))
-    except UserError as error:
-        raise UserError(f"{error.message}; remove or replace the file") from None
+    except UnreadableImage as error:
+        raise UserError(
+            f"cannot read image {path}: {error.reason}; remove or replace the file"
+        ) from None
 
 
 def configure_tokenizer(tokenizer, preprocess: dict):
