@@ -26,7 +26,7 @@ import numpy as np
 
 from zmdevice import __version__
 from zmdevice.config import ExportConfig
-from zmdevice.errors import UserError, atomic_path
+from zmdevice.errors import UserError, atomic_path, check_writable
 
 FORMAT = "zmdevice-onnx"
 FORMAT_VERSION = 1
@@ -37,6 +37,9 @@ INT8_SUFFIX = ".int8.onnx"
 FORMATS = ("onnx", "ort")
 OPERATORS_SUFFIX = ".required_operators.config"
 CALIBRATION_IMAGES = 256
+SUPPORTED_OPSETS = range(18, 24)
+"""Opsets an export is written in: torch's dynamo exporter implements 18 and up (it
+silently writes 18 for a lower request), and 23 is the newest it and onnxruntime know."""
 SYNTHETIC_TEXTS = (
     "a dog",
     "bread",
@@ -369,6 +372,15 @@ def check_parity(student, model_bytes: bytes, feeds: list[dict], inputs: str, to
 # ------------------------------------------------------------------------------ export
 
 
+def check_opset(opset: int) -> None:
+    """UserError unless ``opset`` is one the exporter really writes (``SUPPORTED_OPSETS``)."""
+    if opset not in SUPPORTED_OPSETS:
+        raise UserError(
+            f"--opset {opset} is not supported: choose {SUPPORTED_OPSETS.start}.."
+            f"{SUPPORTED_OPSETS.stop - 1} (default 18)"
+        )
+
+
 def export_student(
     student,
     out_path: str | Path,
@@ -399,6 +411,7 @@ def export_student(
     """
     from zmdevice.runtime import configure_tokenizer
 
+    check_opset(opset)
     out_path = Path(out_path)
     student = student.cpu().eval()
     tokenizer_name = f"{out_path.stem}.tokenizer.json" if student.modality == "text" else None
@@ -683,6 +696,16 @@ def sample_examples(data: Path, modality: str, count: int, text_column: str = "t
     return [dataset.texts[int(i)] for i in picks]
 
 
+def _check_test_data(test: Path, student) -> None:
+    """UserError now, not after the export, when ``--test`` data cannot be evaluated."""
+    from zmdevice.config import DataOptions
+    from zmdevice.data import open_dataset
+    from zmdevice.runtime import label_indices_for
+
+    dataset = open_dataset(test, DataOptions(), modality=student.modality, require_labels=True)
+    label_indices_for(dataset, list(student.classes), Path(test))
+
+
 def run_export(config) -> dict:
     """`zmdevice export`: ONNX file (+ int8 variant), parity-checked; returns the summary.
 
@@ -691,12 +714,17 @@ def run_export(config) -> dict:
     """
     from zmdevice.students import load_student, read_student_config
 
+    # Everything that can be checked is checked before the (slow) export writes anything.
+    check_opset(config.opset)
     model_dir = Path(config.model_dir)
     read_student_config(model_dir)  # UserError when the folder is not a trained student
-    student = load_student(model_dir)
     out = Path(config.out) if config.out else Path("export") / f"{model_dir.name}.onnx"
+    check_writable(out, "--out", suffix=".onnx")
     if out.suffix != ".onnx":
         raise UserError(f"--out {out}: the output file must end in .onnx")
+    student = load_student(model_dir)
+    if config.test is not None:
+        _check_test_data(config.test, student)
     data = training_data(model_dir)
     calibration_data = Path(config.calibration) if config.calibration else data
     if config.quantize == "int8" and student.modality == "image" and calibration_data is None:
@@ -704,6 +732,9 @@ def run_export(config) -> dict:
             f"--quantize int8 needs calibration images: {model_dir}/train_config.toml names no "
             "training data that exists here; pass --calibration DIR (a folder of typical images)"
         )
+    calibration = None
+    if config.quantize == "int8" and student.modality == "image":
+        calibration = sample_examples(calibration_data, "image", CALIBRATION_IMAGES)
     examples, source = None, None
     if data is not None:
         try:
@@ -737,9 +768,6 @@ def run_export(config) -> dict:
         "tokenizer": str(result.tokenizer_path) if result.tokenizer_path else None,
     }
     if config.quantize == "int8":
-        calibration = None
-        if student.modality == "image":
-            calibration = sample_examples(calibration_data, "image", CALIBRATION_IMAGES)
         quantized = quantize_int8(out, int8_path(out), calibration)
         ratio = quantized["size_bytes"] / result.size_bytes
         lines.append(

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from zmdevice.config import METHODS, TrainConfig
-from zmdevice.errors import UserError, write_text_atomic
+from zmdevice.errors import UserError, check_writable, write_text_atomic
 
 RUN_FILES = (
     "student.safetensors",
@@ -152,6 +152,7 @@ def run_train(config: TrainConfig, on_step=None) -> dict:
 
     started = time.perf_counter()
     out = default_out(config)
+    check_writable(out, "--out", folder=True)
     ranks = ranks_from_environment()
     previous_run = claim_folder(config, out)
     setup = build_setup(config, out, on_step, ranks)
