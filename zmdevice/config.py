@@ -343,6 +343,19 @@ MODALITY_DEFAULTS = {
 
 # --------------------------------------------------------------------------- export
 
+SUPPORTED_OPSETS = range(18, 24)
+"""Opsets an export is written in: torch's dynamo exporter implements 18 and up (it
+silently writes 18 for a lower request), and 23 is the newest it and onnxruntime know."""
+
+
+def check_opset(opset: int) -> None:
+    """UserError unless ``opset`` is one the exporter really writes (``SUPPORTED_OPSETS``)."""
+    if opset not in SUPPORTED_OPSETS:
+        raise UserError(
+            f"--opset {opset} is not supported: choose {SUPPORTED_OPSETS.start}.."
+            f"{SUPPORTED_OPSETS.stop - 1} (default {ExportConfig.opset})"
+        )
+
 
 @dataclass
 class ExportConfig:
@@ -370,7 +383,7 @@ class ExportConfig:
             )
         if self.format not in ("onnx", "ort"):
             raise ConfigError("format", f"unknown --format '{self.format}': choose onnx or ort")
-        at_least(self, 7, "opset")
+        check_opset(self.opset)
 
 
 # --------------------------------------------------------------------------- loading

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from zmdevice import __version__
-from zmdevice.config import ExportConfig
+from zmdevice.config import ExportConfig, check_opset
 from zmdevice.errors import UserError, atomic_path, check_writable
 
 FORMAT = "zmdevice-onnx"
@@ -37,9 +37,6 @@ INT8_SUFFIX = ".int8.onnx"
 FORMATS = ("onnx", "ort")
 OPERATORS_SUFFIX = ".required_operators.config"
 CALIBRATION_IMAGES = 256
-SUPPORTED_OPSETS = range(18, 24)
-"""Opsets an export is written in: torch's dynamo exporter implements 18 and up (it
-silently writes 18 for a lower request), and 23 is the newest it and onnxruntime know."""
 SYNTHETIC_TEXTS = (
     "a dog",
     "bread",
@@ -370,15 +367,6 @@ def check_parity(student, model_bytes: bytes, feeds: list[dict], inputs: str, to
 
 
 # ------------------------------------------------------------------------------ export
-
-
-def check_opset(opset: int) -> None:
-    """UserError unless ``opset`` is one the exporter really writes (``SUPPORTED_OPSETS``)."""
-    if opset not in SUPPORTED_OPSETS:
-        raise UserError(
-            f"--opset {opset} is not supported: choose {SUPPORTED_OPSETS.start}.."
-            f"{SUPPORTED_OPSETS.stop - 1} (default 18)"
-        )
 
 
 def export_student(
