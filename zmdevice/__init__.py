@@ -2,6 +2,42 @@
 
 Foundation-model zero-shot pseudo-labels plus a few true labels train a small student
 (MobileNetV3 or DistilBERT) on a laptop CPU; the student ships as ONNX.
+
+The Python API mirrors the command line (``zmdevice.api`` has the details)::
+
+    import zmdevice
+
+    labels = zmdevice.label(texts, classes=["animal", "plant"], teacher="minilm")
+    student = zmdevice.train(labeled_pairs, texts, labels, kd_steps=60, ssl_steps=60)
+    onnx_file = zmdevice.export(student)
+    zmdevice.load(onnx_file).predict(["a small furry pet"])
+
+Every mistake in the input raises ``zmdevice.UserError`` with a one-line message.
 """
 
+from zmdevice.errors import UserError
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "Classifier",
+    "TrainedStudent",
+    "UserError",
+    "__version__",
+    "export",
+    "label",
+    "load",
+    "train",
+]
+
+_API = {"label", "train", "export", "load", "Classifier", "TrainedStudent"}
+
+
+def __getattr__(name: str):
+    # Importing zmdevice (as every CLI command does) stays cheap: the API module, and numpy
+    # with it, load on first use of one of its names.
+    if name in _API:
+        from zmdevice import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'zmdevice' has no attribute {name!r}")

@@ -68,7 +68,7 @@ def label(
         str, typer.Option(help="Catalog name (minilm, efficientnet-lite0) or kind:spec.")
     ],
     out: Annotated[
-        Path | None, typer.Option(help="Output file (default labels/NAME.parquet).")
+        Path | None, typer.Option(help="Output file (default labels/NAME-TEACHER.parquet).")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Teacher batch size.")] = 64,
     device: DeviceOption = "auto",
