@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from zmdevice import __version__
-from zmdevice.errors import UserError, atomic_path
+from zmdevice.errors import UserError, atomic_path, write_bytes_atomic
 
 FORMAT = "zmdevice-onnx"
 FORMAT_VERSION = 1
@@ -436,6 +436,11 @@ def export_student(
 # ------------------------------------------------------------------------------ int8
 
 
+def model_card_path(onnx_path: Path) -> Path:
+    """``NAME.onnx`` -> ``NAME.README.md``: the training folder's model card, copied."""
+    return onnx_path.with_name(f"{onnx_path.stem}.README.md")
+
+
 def int8_path(fp32_path: Path) -> Path:
     """``export/NAME.onnx`` -> ``export/NAME.int8.onnx``."""
     return fp32_path.with_name(fp32_path.stem + INT8_SUFFIX)
@@ -611,6 +616,11 @@ def run_export(config) -> dict:
     ]
     if result.tokenizer_path:
         lines.append(f"tokenizer: {result.tokenizer_path} (keep it next to the .onnx file)")
+    card = model_card_path(out)
+    if (model_dir / "README.md").is_file():
+        # The model card travels with the model: an app developer sees what it is for.
+        write_bytes_atomic(card, (model_dir / "README.md").read_bytes())
+        lines.append(f"model card: {card}")
     summary: dict = {
         "model_dir": str(model_dir),
         "onnx": str(out),
@@ -620,6 +630,7 @@ def run_export(config) -> dict:
         "parity": asdict(parity),
         "metadata": result.metadata,
         "tokenizer": str(result.tokenizer_path) if result.tokenizer_path else None,
+        "model_card": str(card) if card.is_file() else None,
     }
     if config.quantize == "int8":
         calibration = None
