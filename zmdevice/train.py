@@ -1,6 +1,6 @@
 """`zmdevice train`: ZeroMatch (stage 1 KD, stage 2 SSL + auxiliary KD head) and baselines.
 
-METHOD.md, restated as code. A run is a list of stages; every stage goes through the same
+docs/method.md, restated as code. A run is a list of stages; every stage goes through the same
 loop (``run_stage``: batch -> forward -> loss -> backward -> step -> log). What differs
 between methods is only the list of stages and which named losses a stage adds up:
 
@@ -20,9 +20,9 @@ stage-1 and stage-2 defaults (the same budget as ZeroMatch).
 
 Where this departs from the reference runs, on purpose (each a ``TrainHyper`` field):
 AdaMatch's EMA momentum is 0.99, not 0.999 (short CPU stages, see ``MODALITY_DEFAULTS``);
-BatchNorm statistics are re-estimated on clean unlabeled images before saving (MEASURED.md).
+BatchNorm statistics are re-estimated on clean unlabeled images before saving (docs/measured.md).
 
-Outputs in ``models/NAME/`` (DESIGN.md): the student (``save_student``),
+Outputs in ``models/NAME/`` (docs/design.md): the student (``save_student``),
 ``train_config.toml`` (rerun with ``--config``), ``metrics.jsonl``, ``report.md``,
 ``curves.png`` and ``checkpoints/last.pt`` for ``--resume``.
 """
@@ -56,7 +56,7 @@ CHECKPOINT_FILE = "checkpoints/last.pt"
 class TrainHyper:
     """Hyper-parameters of a run (``extra`` keys of ``TrainConfig`` / ``--config`` file).
 
-    Defaults are the CPU settings of MEASURED.md; ``MODALITY_DEFAULTS`` holds where text
+    Defaults are the CPU settings of docs/measured.md; ``MODALITY_DEFAULTS`` holds where text
     differs, ``hyper_for`` applies both.
     """
 
@@ -109,7 +109,7 @@ class TrainHyper:
     grad_clip: float = 0.0
     """Max gradient norm (0 = no clipping)."""
     freeze_word_embeddings: bool | None = None
-    """Text: keep the word-embedding matrix fixed; None = on CPU only (MEASURED.md)."""
+    """Text: keep the word-embedding matrix fixed; None = on CPU only (docs/measured.md)."""
     eval_batch_size: int = 256
     """Batch of evaluation and BatchNorm recalibration passes."""
     bn_recalibration_batches: int = 40
@@ -162,7 +162,7 @@ MODALITY_DEFAULTS = {
         grad_clip=1.0,
     ),
 }
-"""Where text differs from the image defaults of ``TrainHyper`` (MEASURED.md)."""
+"""Where text differs from the image defaults of ``TrainHyper`` (docs/measured.md)."""
 
 DEFAULT_STEPS = {"image": (500, 500), "text": (150, 150)}
 """(stage-1, stage-2) steps per modality when --kd-steps / --ssl-steps are not given."""
@@ -452,7 +452,7 @@ def make_views(student, sources, hyper: TrainHyper, seed: int, out=None):
 
 
 def check_data(data: TrainData, plans: list[StagePlan], hyper: TrainHyper, config) -> None:
-    """The data problems issue 4 names, as one-line user errors before any training."""
+    """Data problems caught as one-line user errors before any training."""
     uses_labeled = any(plan.name == "ssl" for plan in plans)
     if uses_labeled:
         counts = data.labeled_y.bincount(minlength=len(data.classes))
@@ -535,7 +535,7 @@ def ssl_stage_losses(student, data, batch, plan, hyper, alignment, alpha, soft, 
         mask = diagnostics["mask"]
         named["mask_rate"] = diagnostics["mask_rate"]
         if data.gold_pool is not None:
-            # Pseudo-label accuracy above threshold (MEASURED.md: the collapse detector).
+            # Pseudo-label accuracy above threshold (docs/measured.md: the collapse detector).
             gold = data.gold_pool[pool].to(device)
             correct = (diagnostics["pseudo_label"] == gold) & mask
             named["pl_accuracy"] = correct.sum().float() / mask.sum().clamp(min=1)
