@@ -30,10 +30,11 @@ def shipped_folder(package: str, in_checkout: str) -> Path:
     """Where a data folder that ships with zmdevice lies.
 
     pyproject.toml maps the top-level folders ``models/`` and ``examples/default/`` onto the
-    data-only packages ``zmdevice._catalog`` and ``zmdevice._default_data``: in a wheel they
-    are real folders inside the package, in an editable install the import system points
-    them back at the checkout. Run straight from a checkout (no install), neither package
-    exists and the folder is ``in_checkout``, relative to the repository root.
+    data-only packages ``zmdevice._catalog`` and ``zmdevice._default_data``: installed from a
+    wheel (or ``pip install .``) they are real folders inside the package. In a checkout,
+    whether installed in editable mode or put on ``PYTHONPATH``, those packages do not
+    exist (setuptools' editable finder maps only the top-level package) and the folder is
+    ``in_checkout``, relative to the repository root.
     """
     spec = importlib.util.find_spec(package)
     for location in (spec.submodule_search_locations or []) if spec else []:
