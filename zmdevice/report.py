@@ -164,8 +164,8 @@ def _base_model(student_config: dict) -> str | None:
 
     entry = find_entry(str(student_config.get("student", "")), "student") or {}
     weights = str(student_config.get("weights", ""))
-    if entry.get("base_model"):
-        return entry["base_model"]
+    if entry.get("base_model") and weights == entry.get("weights"):
+        return entry["base_model"]  # the preset's own weights, named in the catalog
     # distilbert:<hub id> (a local folder or file is no hub id; "random" is none)
     looks_like_hub_id = weights.count("/") == 1 and not Path(weights).exists()
     return weights if looks_like_hub_id and ":" not in weights else None
