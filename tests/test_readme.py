@@ -58,8 +58,14 @@ def environment(tmp_path: Path) -> dict:
     }
 
 
+def workflow_blocks() -> list[str]:
+    """The runnable blocks: "The workflow" up to its "Embed in apps" part (npm, servers)."""
+    workflow = section("The workflow").split("\n### Embed in apps")[0]
+    return blocks(workflow, "bash")
+
+
 def test_the_readme_has_what_the_tests_run():
-    workflow = blocks(section("The workflow"), "bash")
+    workflow = workflow_blocks()
     assert len(workflow) >= 3
     commands = " ".join(workflow)
     for command in ("zmdevice label", "zmdevice train", "zmdevice export", "zmdevice predict"):
@@ -74,7 +80,7 @@ def test_workflow_commands_run_in_order(tmp_path):
     (work / "examples").symlink_to(ROOT / "examples")
     (work / "export" / "app.py").symlink_to(ROOT / "export" / "app.py")
     env = environment(tmp_path)
-    for number, block in enumerate(blocks(section("The workflow"), "bash"), start=1):
+    for number, block in enumerate(workflow_blocks(), start=1):
         script = "set -euo pipefail\n" + tiny_budget(block)
         result = subprocess.run(
             ["bash", "-c", script], cwd=work, env=env, capture_output=True, text=True

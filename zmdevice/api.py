@@ -374,8 +374,8 @@ def _metrics_forwarder(callbacks: list[Callable[[dict], Any]]):
     record (a logged step or an evaluation) to every callback, as a dict."""
     read_up_to = {"offset": 0}
 
-    def on_step(run, values) -> None:
-        path = Path(run.out) / "metrics.jsonl"
+    def on_step(setup, state, values) -> None:
+        path = Path(setup.out) / "metrics.jsonl"
         if not path.is_file():
             return
         with path.open(encoding="utf-8") as handle:
@@ -446,7 +446,8 @@ def train(
             )
         pseudo_labels = pseudo_labels.path
     labeled_path = data_path(labeled, "labeled")
-    config_fields = _field_names(TrainConfig) - {"extra"}
+    named = {"labeled", "unlabeled", "pseudo_labels", "student", "method", "device", "out", "test"}
+    _split_options(hyper, _field_names(TrainConfig) - named, "train")
     config = TrainConfig(
         labeled=labeled_path,
         unlabeled=data_path(unlabeled, "unlabeled"),
@@ -456,8 +457,7 @@ def train(
         device=device,
         out=Path(out) if out is not None else None,
         test=data_path(test, "test") if test is not None else None,
-        **{k: v for k, v in hyper.items() if k in config_fields},
-        extra={k: v for k, v in hyper.items() if k not in config_fields},
+        **hyper,
     )
     callbacks = [on_step] if callable(on_step) else list(on_step or [])
     with progress_bars(progress):

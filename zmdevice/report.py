@@ -183,7 +183,7 @@ def render_model_card(out: Path, summary: dict) -> str:
     train_config = (
         tomllib.loads(train_path.read_text(encoding="utf-8")) if train_path.is_file() else {}
     )
-    hyper = train_config.get("extra", {})
+    hyper = {**train_config, **train_config.get("extra", {})}  # flat, or an [extra] table
     labels = _label_file_metadata(train_config)
     modality = student_config.get("modality", "image")
     task = f"{modality}-classification"
