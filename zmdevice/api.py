@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from zmdevice.errors import UserError, write_bytes_atomic, write_text_atomic
+from zmdevice.errors import UserError, atomic_path, write_text_atomic
 from zmdevice.pseudolabels import PseudoLabels
 from zmdevice.runtime import OnnxClassifier, load_image
 
@@ -193,17 +193,14 @@ def image_id(image) -> str:
 
 def _write_images(images: list, labels: list[str] | None, options) -> Path:
     """PIL images saved as PNG files plus an image table (path, id, label) beside them."""
-    import io
-
     folder = input_cache() / "images"
     rows, seen = [], {}
     for image in images:
         name = image_id(image)
         file = folder / name  # one file per distinct image, shared by every data set
         if not file.is_file():
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            write_bytes_atomic(file, buffer.getvalue())
+            with atomic_path(file) as tmp:
+                image.save(tmp, format="PNG")
         seen[name] = seen.get(name, 0) + 1  # repeats get ~2, ~3..., as repeated texts do
         sample_id = name if seen[name] == 1 else f"{name.removesuffix('.png')}~{seen[name]}.png"
         rows.append({options.path_column: str(file), options.id_column: sample_id})

@@ -26,7 +26,7 @@ import numpy as np
 
 from zmdevice import __version__
 from zmdevice.config import ExportConfig
-from zmdevice.errors import UserError, atomic_path, write_bytes_atomic
+from zmdevice.errors import UserError, atomic_path
 
 FORMAT = "zmdevice-onnx"
 FORMAT_VERSION = 1
@@ -734,7 +734,8 @@ def run_export(config) -> dict:
     card = model_card_path(out)
     if (model_dir / "README.md").is_file():
         # The model card travels with the model: an app developer sees what it is for.
-        write_bytes_atomic(card, (model_dir / "README.md").read_bytes())
+        with atomic_path(card) as tmp:
+            tmp.write_bytes((model_dir / "README.md").read_bytes())
         lines.append(f"model card: {card}")
     summary: dict = {
         "model_dir": str(model_dir),
