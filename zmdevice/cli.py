@@ -105,7 +105,7 @@ def label(
         str | None, typer.Option(help="Catalog name (minilm, efficientnet-lite0) or kind:spec.")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Output file (default labels/NAME.parquet).")
+        Path | None, typer.Option(help="Output file (default labels/NAME-TEACHER.parquet).")
     ] = None,
     batch_size: Annotated[
         int | None, typer.Option(help=f"Teacher batch size (default {LabelConfig.batch_size}).")

@@ -124,7 +124,7 @@ class LabelConfig:
     teacher: str
     """Catalog name or kind:spec of the foundation model."""
     out: Path | None = None
-    """Output Parquet file; default labels/<data name>.parquet."""
+    """Output Parquet file; default labels/<data name>-<teacher>.parquet."""
     batch_size: int = 64
     """Teacher batch size."""
     device: str = "auto"

@@ -440,6 +440,11 @@ def export_student(
 # ------------------------------------------------------------------------------ int8
 
 
+def model_card_path(onnx_path: Path) -> Path:
+    """``NAME.onnx`` -> ``NAME.README.md``: the training folder's model card, copied."""
+    return onnx_path.with_name(f"{onnx_path.stem}.README.md")
+
+
 def int8_path(fp32_path: Path) -> Path:
     """``export/NAME.onnx`` -> ``export/NAME.int8.onnx``."""
     return fp32_path.with_name(fp32_path.stem + INT8_SUFFIX)
@@ -745,6 +750,12 @@ def run_export(config) -> dict:
     ]
     if result.tokenizer_path:
         lines.append(f"tokenizer: {result.tokenizer_path} (keep it next to the .onnx file)")
+    card = model_card_path(out)
+    if (model_dir / "README.md").is_file():
+        # The model card travels with the model: an app developer sees what it is for.
+        with atomic_path(card) as tmp:
+            tmp.write_bytes((model_dir / "README.md").read_bytes())
+        lines.append(f"model card: {card}")
     summary: dict = {
         "model_dir": str(model_dir),
         "onnx": str(out),
@@ -754,6 +765,7 @@ def run_export(config) -> dict:
         "parity": asdict(parity),
         "metadata": result.metadata,
         "tokenizer": str(result.tokenizer_path) if result.tokenizer_path else None,
+        "model_card": str(card) if card.is_file() else None,
     }
     if config.quantize == "int8":
         quantized = quantize_int8(out, int8_path(out), calibration)
