@@ -44,7 +44,7 @@ def class_entropy(predicted: torch.Tensor, num_classes: int) -> float:
     """Entropy in nats of the histogram of ``predicted`` class ids."""
     counts = torch.bincount(predicted, minlength=num_classes).double()
     shares = counts[counts > 0] / counts.sum().clamp(min=1)
-    return float(-(shares * shares.log()).sum())
+    return float(-(shares * shares.log()).sum()) + 0.0  # no -0.0
 
 
 def observe(setup: Setup) -> dict:
