@@ -9,6 +9,8 @@ pieces live in ``zmdevice.training``:
                        ``StepModel``, the one module a step calls
 ``training.loop``      ``Setup`` (built once), the state dict, ``run_stage``, evaluation
 ``training.checkpoint`` the state dict to safetensors + JSON and back (``--resume``)
+``training.budget``    ``--time-budget``: measure, plan the steps, stop on time
+``training.guard``     the stage-2 collapse guard (rollback / stop)
 =====================  ===============================================================
 
 This module builds the setup, runs the stages and writes ``models/NAME/``: the student

@@ -79,11 +79,12 @@ def plan_budget(setup: Setup, clock: Callable[[], float], started: float) -> Non
     per_x = sum(
         plan.steps * (measured["step_seconds"][plan.kind] + eval_seconds * evals_per_step)
         for plan in setup.plans
+        if plan.steps
     )
     fixed = eval_seconds * (len(setup.plans) + 2)
     x = (left - fixed) / per_x if per_x > 0 else 0.0
     steps = {plan.kind: int(x * plan.steps) for plan in setup.plans}
-    if any(count < 1 for kind, count in steps.items() if kind_ratio(setup, kind) > 0):
+    if any(count < 1 for plan in setup.plans if plan.steps for count in [steps[plan.kind]]):
         raise UserError(
             f"--time-budget {config.time_budget:g} minutes leaves no time to train: setup and "
             f"the step probe took {clock() - started:.1f} s, a step takes "
@@ -94,14 +95,10 @@ def plan_budget(setup: Setup, clock: Callable[[], float], started: float) -> Non
     fix_plan(setup, plan, seconds, clock, started)
 
 
-def kind_ratio(setup: Setup, kind: str) -> int:
-    return next(plan.steps for plan in setup.plans if plan.kind == kind)
-
-
 def fix_plan(setup: Setup, plan: dict, seconds: float, clock, started: float) -> None:
     """Put the planned steps into the settings and stage plans; attach the budget."""
     steps = plan["steps"]
-    changes = {"kd_steps": steps.get("kd", 0)} if "kd" in steps else {}
+    changes = {"kd_steps": steps["kd"]} if "kd" in steps else {}
     if "ssl" in steps:
         changes["ssl_steps"] = steps["ssl"]
     setup.config = dataclasses.replace(setup.config, **changes)
@@ -136,7 +133,7 @@ def measure(setup: Setup, clock: Callable[[], float]) -> dict:
     saved = rng_state(setup)
     step_seconds, probe = {}, None
     for index, plan in enumerate(setup.plans):
-        if plan.kind not in step_seconds:
+        if plan.steps and plan.kind not in step_seconds:  # a 0-step stage stays at 0
             probe = probe_setup(setup)
             step_seconds[plan.kind] = time_steps(probe, index, clock)
     began = clock()

@@ -30,7 +30,6 @@ import torch
 from zmdevice.training.loop import Setup, cpu_state, predict
 from zmdevice.training.stages import StagePlan
 
-
 MIN_HELDOUT = 20
 """Held-out samples below which the guard only logs: on a handful of samples one changed
 prediction moves agreement by many points and the class histogram is noise."""
