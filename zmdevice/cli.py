@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.main
 
 from zmdevice.config import DataOptions, ExportConfig, LabelConfig, TrainConfig, methods_help
-from zmdevice.errors import UserError
+from zmdevice.errors import UserError, missing_dependency, os_error
 
 app = typer.Typer(
     name="zmdevice",
@@ -30,17 +31,39 @@ app = typer.Typer(
 
 
 def user_errors_exit_2(command):
-    """Turn ``UserError`` (and a missing optional dependency) into one line and exit 2."""
+    """Turn ``UserError``, a missing optional dependency and a failing file system
+    (``OSError``) into one line on stderr and exit code 2.
+
+    The message is rendered for the running command's flags, so a remedy never names a flag
+    this command lacks; a message is kept to one line whatever its source.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        name = command.__name__
         try:
             return command(*args, **kwargs)
         except UserError as error:
-            typer.echo(f"error: {error}", err=True)
-            raise typer.Exit(code=2) from None
+            fail(error, name)
+        except ModuleNotFoundError as error:
+            fail(missing_dependency(error, f"zmdevice {name}"), name)
+        except OSError as error:
+            fail(os_error(error), name)
 
     return wrapper
+
+
+def command_flags(name: str) -> set[str]:
+    """The long flags of the command ``name``, as typer builds them."""
+    command = typer.main.get_command(app).commands[name]
+    return {opt for param in command.params for opt in param.opts if opt.startswith("--")}
+
+
+def fail(error: UserError, command: str) -> None:
+    """Print ``error`` as one line for ``command``'s flags and exit with code 2."""
+    message = " ".join(error.render(command_flags(command)).split())
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2) from None
 
 
 def emit_summary(summary: dict, as_json: bool, lines: list[str]) -> None:
@@ -128,6 +151,20 @@ def label(
     combine: Annotated[
         bool | None,
         typer.Option(help="Join the shard files NAME.shard-I-of-N.parquet into --out."),
+    ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="local (this machine) or ray (a Ray cluster; needs the ray extra)."),
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join (default: start a local one).")
+    ] = None,
+    ray_workers: Annotated[
+        int | None, typer.Option(help="Ray teacher workers (each loads the teacher; default 1).")
+    ] = None,
+    gpus_per_worker: Annotated[
+        float | None,
+        typer.Option(help="GPUs per Ray teacher worker (default 0: the teacher runs on CPUs)."),
     ] = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,
@@ -245,6 +282,13 @@ def export(
     ] = None,
     opset: Annotated[
         int | None, typer.Option(help=f"ONNX opset (default {ExportConfig.opset}).")
+    ] = None,
+    format: Annotated[
+        str | None,
+        typer.Option(
+            help="ort: also write NAME.ort (ONNX Runtime mobile format) and the operator "
+            "config of a minimal onnxruntime build (default onnx)."
+        ),
     ] = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,

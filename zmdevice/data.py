@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, overload
 
 from zmdevice.config import DataOptions
-from zmdevice.errors import UserError
+from zmdevice.errors import FlagHint, UserError, listing
 
 if TYPE_CHECKING:
     import numpy as np
@@ -54,6 +54,10 @@ if TYPE_CHECKING:
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
+MAX_IMAGE_PIXELS = 100_000_000
+"""Largest image decoded (width x height); a bigger one is treated as unreadable. A
+compressed file of a few hundred KB can declare 20000 x 20000 pixels (a "decompression
+bomb") and would take over a gigabyte to decode; real photos stay far below 100 MP."""
 FLAGS = {
     "text_column": "--text-column",
     "id_column": "--id-column",
@@ -64,6 +68,17 @@ FLAGS = {
 
 class CorruptImage(UserError):
     """An image file could not be read; raised only when ``skip_corrupt`` is set."""
+
+
+class UnreadableImage(UserError):
+    """An image file that cannot be decoded: missing, truncated, garbage or too large."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"unreadable image {path}: {reason}")
+        self.path, self.reason = path, reason
+
+    def __reduce__(self):
+        return type(self), (self.path, self.reason)
 
 
 # --------------------------------------------------------------------------- datasets
@@ -160,16 +175,17 @@ class ImageDataset:
         """
         path = self.root / self.relative_paths[index]
         try:
-            return to_rgb(_open_image(path))
-        except (OSError, ValueError, SyntaxError) as error:
-            # PIL reports truncated/garbage files as OSError, UnidentifiedImageError (an
-            # OSError), ValueError or SyntaxError depending on the decoder.
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            return to_rgb(open_image(path))
+        except UnreadableImage as error:
             if self.options.skip_corrupt:
-                raise CorruptImage(f"unreadable image {path}: {reason}") from None
+                raise CorruptImage(error.message) from None
             raise UserError(
-                f"unreadable image {path} (id '{self.ids[index]}'): {reason}; fix or delete "
-                "it, or pass --skip-corrupt to skip and count unreadable images"
+                f"unreadable image {path} (id '{self.ids[index]}'): {error.reason}",
+                hint=FlagHint(
+                    "--skip-corrupt",
+                    "fix or delete it, or pass --skip-corrupt to skip and count unreadable images",
+                    "fix or delete it",
+                ),
             ) from None
 
     def __getitem__(self, index: int) -> Image.Image:
@@ -191,12 +207,35 @@ class ImageDataset:
         return f"image '{self.ids[index]}' of {self.source}"
 
 
-def _open_image(path: Path) -> Image.Image:
+def open_image(path: Path) -> Image.Image:
+    """Decode an image file fully (in its own mode), at most ``MAX_IMAGE_PIXELS`` large.
+
+    Raises:
+        UnreadableImage: a missing, truncated, garbage or oversized file.
+    """
+    import warnings
+
     from PIL import Image
 
-    with Image.open(path) as image:
-        image.load()  # decode now, inside the try of the caller, and release the file
-        return image
+    try:
+        with warnings.catch_warnings():
+            # PIL warns between its own limit and twice it; ours decides, explicitly.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise ValueError(
+                        f"{width} x {height} pixels is more than the {MAX_IMAGE_PIXELS:,} "
+                        "decoded at most"
+                    )
+                image.load()  # decode now, inside this try, and release the file
+                return image
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        # PIL reports truncated/garbage files as OSError, UnidentifiedImageError (an
+        # OSError), ValueError or SyntaxError depending on the decoder, and images over
+        # twice its own pixel limit as DecompressionBombError.
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UnreadableImage(path, reason) from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -374,14 +413,31 @@ def _read_jsonl(path: Path, handle) -> dict[str, list]:
 
 
 def _column(path: Path, columns: dict[str, list], option: str, options: DataOptions) -> list:
+    """The cells of the column ``options.<option>`` names; UserError if absent or nested."""
     name = getattr(options, option)
     if name not in columns:
-        present = ", ".join(columns) or "(none)"
+        present = listing(columns) or "(none)"
         raise UserError(
-            f"{path} has no column '{name}' (columns: {present}); name the right one with "
-            f"{FLAGS[option]}"
+            f"{path} has no column '{name}' (columns: {present})",
+            hint=FlagHint(
+                FLAGS[option],
+                f"name the right one with {FLAGS[option]}",
+                f"rename the right one to '{name}'",
+            ),
         )
-    return columns[name]
+    cells = columns[name]
+    for row, value in enumerate(cells):
+        kind = _NESTED_TYPES.get(type(value))
+        if kind:
+            raise UserError(
+                f"column '{name}' of {path} holds {kind} values (row {row + 1}), not plain "
+                "values: store one string (or number) per cell"
+            )
+    return cells
+
+
+# Cell types read from JSON or Parquet that would only turn into their repr() as text.
+_NESTED_TYPES = {list: "list", tuple: "list", dict: "struct/object", bytes: "binary"}
 
 
 def _as_text(value) -> str | None:
@@ -405,7 +461,7 @@ def _labels(
         if require:
             _column(path, columns, "label_column", options)  # raises the missing-column error
         return None
-    labels = [_as_text(value) for value in columns[options.label_column]]
+    labels = [_as_text(value) for value in _column(path, columns, "label_column", options)]
     for row, label in enumerate(labels):
         if label is None:
             raise UserError(
@@ -448,7 +504,7 @@ def _text_table(
         texts.append(text)
     if options.id_column in columns:
         ids = []
-        for row, value in enumerate(columns[options.id_column]):
+        for row, value in enumerate(_column(path, columns, "id_column", options)):
             sample_id = _as_text(value)
             if sample_id is None:
                 raise UserError(
@@ -491,7 +547,7 @@ def _image_table(
             )
         relative.append(rel)
     if options.id_column in columns:
-        ids = [_as_text(value) for value in columns[options.id_column]]
+        ids = [_as_text(value) for value in _column(path, columns, "id_column", options)]
         for row, sample_id in enumerate(ids):
             if sample_id is None:
                 raise UserError(f"row {row + 1} of {path} has no id in '{options.id_column}'")
@@ -612,29 +668,41 @@ def load_classes(spec: str) -> ClassList:
         raise UserError(f"class file not found: {spec}; give a file or a comma list like 'a,b'")
     else:
         where = "--classes"
-        names = [name.strip() for name in spec.split(",")]
+        names = spec.split(",")
         _check_names(names, where)
-        mapping = {name: [] for name in names}
+        mapping = {name.strip(): [] for name in names}
     names = list(mapping)
     _check_names(names, where)
     return ClassList(names=names, prompts=mapping)
 
 
 def _check_names(names: list[str], where: str) -> None:
-    if any(not name for name in names):
+    """Class names as written: none empty, none repeated once surrounding spaces go."""
+    if any(not name.strip() for name in names):
         raise UserError(f"empty class name in {where}")
-    seen = set()
+    seen: dict[str, str] = {}
     for name in names:
-        if name in seen:
-            raise UserError(f"class '{name}' is listed twice in {where}")
-        seen.add(name)
+        key = name.strip()
+        if key in seen:
+            spelled = "" if seen[key] == name else f" (as {seen[key]!r} and {name!r})"
+            raise UserError(
+                f"class '{key}' is listed twice in {where}{spelled}; class names are compared "
+                "without surrounding spaces, so give each class once"
+            )
+        seen[key] = name
     if len(names) < 2:
         raise UserError(f"{where} gives {len(names)} class(es); a classifier needs at least 2")
 
 
 def _read_class_file(path: Path) -> dict[str, list[str]]:
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"class file {path} is not UTF-8 text ({error.reason} at byte {error.start}); "
+            "save it as UTF-8"
+        ) from None
     if suffix == ".toml":
         try:
             data = tomllib.loads(text)
@@ -656,11 +724,11 @@ def _read_class_file(path: Path) -> dict[str, list[str]]:
         _check_names(names, str(path))
         return {name: [] for name in names}
     if isinstance(data, list) and all(isinstance(name, str) for name in data):
-        names = [name.strip() for name in data]
-        _check_names(names, str(path))
-        return {name: [] for name in names}
+        _check_names(data, str(path))
+        return {name.strip(): [] for name in data}
     if not isinstance(data, dict):
         raise UserError(f"class file {path} must map each class name to its prompt(s)")
+    _check_names(list(data), str(path))
     mapping: dict[str, list[str]] = {}
     for name, value in data.items():
         if isinstance(value, str):
@@ -696,7 +764,7 @@ def label_indices(dataset: TextDataset | ImageDataset, classes: ClassList) -> np
         if label not in lookup:
             raise UserError(
                 f"unknown label '{label}' at {dataset.describe(i)}; "
-                f"the classes are: {', '.join(classes.names)}"
+                f"the classes are: {listing(classes.names)}"
             )
         out[i] = lookup[label]
     return out

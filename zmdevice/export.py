@@ -26,7 +26,7 @@ import numpy as np
 
 from zmdevice import __version__
 from zmdevice.config import ExportConfig
-from zmdevice.errors import UserError, atomic_path
+from zmdevice.errors import UserError, atomic_path, check_writable
 
 FORMAT = "zmdevice-onnx"
 FORMAT_VERSION = 1
@@ -34,7 +34,12 @@ PARITY_TOLERANCE = 1e-4
 """Max |onnxruntime - PyTorch| over all parity logits, relative to max |PyTorch logit|."""
 PARITY_BATCH_SIZES = (1, 3, 8)
 INT8_SUFFIX = ".int8.onnx"
+FORMATS = ("onnx", "ort")
+OPERATORS_SUFFIX = ".required_operators.config"
 CALIBRATION_IMAGES = 256
+SUPPORTED_OPSETS = range(18, 24)
+"""Opsets an export is written in: torch's dynamo exporter implements 18 and up (it
+silently writes 18 for a lower request), and 23 is the newest it and onnxruntime know."""
 SYNTHETIC_TEXTS = (
     "a dog",
     "bread",
@@ -367,6 +372,15 @@ def check_parity(student, model_bytes: bytes, feeds: list[dict], inputs: str, to
 # ------------------------------------------------------------------------------ export
 
 
+def check_opset(opset: int) -> None:
+    """UserError unless ``opset`` is one the exporter really writes (``SUPPORTED_OPSETS``)."""
+    if opset not in SUPPORTED_OPSETS:
+        raise UserError(
+            f"--opset {opset} is not supported: choose {SUPPORTED_OPSETS.start}.."
+            f"{SUPPORTED_OPSETS.stop - 1} (default 18)"
+        )
+
+
 def export_student(
     student,
     out_path: str | Path,
@@ -397,6 +411,7 @@ def export_student(
     """
     from zmdevice.runtime import configure_tokenizer
 
+    check_opset(opset)
     out_path = Path(out_path)
     student = student.cpu().eval()
     tokenizer_name = f"{out_path.stem}.tokenizer.json" if student.modality == "text" else None
@@ -536,6 +551,118 @@ def _calibration_reader(classifier, images: list, batch_size: int = 16):
     return ImageBatches()
 
 
+# ------------------------------------------------------------------------------ ORT format
+
+
+def operators_config_path(fp32_path: Path) -> Path:
+    """``export/NAME.onnx`` -> ``export/NAME.required_operators.config``."""
+    return fp32_path.with_name(fp32_path.stem + OPERATORS_SUFFIX)
+
+
+def write_ort(onnx_paths: list[Path], examples: list | None = None) -> dict:
+    """Write ONNX Runtime's mobile format beside exported models, checked against them.
+
+    ``NAME.onnx`` -> ``NAME.ort`` (and ``NAME.int8.onnx`` -> ``NAME.int8.ort``), converted by
+    ``onnxruntime.tools.convert_onnx_models_to_ort`` with the 'Fixed' optimisation style for
+    an ARM target (phones; x86 kernels such as NCHWc are not baked in), plus one
+    ``NAME.required_operators.config`` listing the operators of all of them: the
+    ``--include_ops_by_config`` input of a reduced-size onnxruntime build. The metadata
+    travels inside the .ort file. Each .ort file must reproduce its .onnx logits on
+    ``examples`` (PIL images or strings; synthetic inputs when None) to PARITY_TOLERANCE.
+
+    Returns:
+        ``{"files": [.ort paths], "operators_config", "relative_errors": {name: error}}``.
+    """
+    import subprocess
+    import sys
+
+    onnx_paths = [Path(p) for p in onnx_paths]
+    first = onnx_paths[0]
+    work = first.parent / f".{first.stem}.ort.work"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "models").mkdir(parents=True)
+    try:
+        for path in onnx_paths:
+            shutil.copyfile(path, work / "models" / path.name)
+        command = [
+            sys.executable,
+            "-m",
+            "onnxruntime.tools.convert_onnx_models_to_ort",
+            str(work / "models"),
+            "--output_dir",
+            str(work / "out"),
+            "--optimization_style",
+            "Fixed",
+            "--target_platform",
+            "arm",
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+            raise ExportError(f"ORT format conversion failed: {lines[-1][:300]}")
+        errors = {}
+        for path in onnx_paths:
+            converted = work / "out" / path.with_suffix(".ort").name
+            errors[path.with_suffix(".ort").name] = _ort_relative_error(path, converted, examples)
+        targets = []
+        for path in onnx_paths:
+            target = path.with_suffix(".ort")
+            with atomic_path(target) as tmp:
+                shutil.copyfile(work / "out" / target.name, tmp)
+            targets.append(target)
+        # The generated comment names the work folder; name the shipped files instead.
+        operators = (work / "out" / "required_operators.config").read_text(encoding="utf-8")
+        header = "# Generated from model/s:\n" + "".join(f"# - {t.name}\n" for t in targets)
+        body = "".join(line + "\n" for line in operators.splitlines() if not line.startswith("#"))
+        config_path = operators_config_path(first)
+        with atomic_path(config_path) as tmp:
+            tmp.write_text(header + body, encoding="utf-8")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "files": [str(t) for t in targets],
+        "operators_config": str(config_path),
+        "relative_errors": errors,
+    }
+
+
+def _ort_relative_error(onnx_path: Path, ort_path: Path, examples: list | None) -> float:
+    """Max |ort - onnx| logit over max |onnx logit|; ExportError above PARITY_TOLERANCE."""
+    from zmdevice.runtime import OnnxClassifier
+
+    reference = OnnxClassifier(onnx_path)
+    if examples:
+        feed = (
+            reference.encode_texts(examples)
+            if reference.modality == "text"
+            else reference.encode_images(examples)
+        )
+    elif reference.modality == "text":
+        feed = reference.encode_texts(list(SYNTHETIC_TEXTS))
+    else:
+        size = int(reference.preprocess["image_size"])
+        rng = np.random.default_rng(0)
+        feed = {"pixel_values": rng.normal(size=(4, 3, size, size)).astype(np.float32)}
+    expected = reference.logits(feed)
+    import onnxruntime as ort
+
+    converted = ort.InferenceSession(str(ort_path), providers=["CPUExecutionProvider"])
+    if (
+        dict(converted.get_modelmeta().custom_metadata_map)
+        != reference.session.get_modelmeta().custom_metadata_map
+    ):
+        raise ExportError(f"{ort_path.name} lost the zmdevice metadata of {onnx_path.name}")
+    got = converted.run(["logits"], feed)[0]
+    scale = max(float(np.abs(expected).max()), 1e-30)
+    error = float(np.abs(got - expected).max()) / scale
+    if error > PARITY_TOLERANCE:
+        raise ExportError(
+            f"{ort_path.name}: the ORT format model differs from {onnx_path.name} by "
+            f"{error:.1e} of the logit scale (limit {PARITY_TOLERANCE:.0e})"
+        )
+    return error
+
+
 # ------------------------------------------------------------------------------ CLI stage
 
 
@@ -569,6 +696,16 @@ def sample_examples(data: Path, modality: str, count: int, text_column: str = "t
     return [dataset.texts[int(i)] for i in picks]
 
 
+def _check_test_data(test: Path, student) -> None:
+    """UserError now, not after the export, when ``--test`` data cannot be evaluated."""
+    from zmdevice.config import DataOptions
+    from zmdevice.data import open_dataset
+    from zmdevice.runtime import label_indices_for
+
+    dataset = open_dataset(test, DataOptions(), modality=student.modality, require_labels=True)
+    label_indices_for(dataset, list(student.classes), Path(test))
+
+
 def run_export(config) -> dict:
     """`zmdevice export`: ONNX file (+ int8 variant), parity-checked; returns the summary.
 
@@ -577,12 +714,17 @@ def run_export(config) -> dict:
     """
     from zmdevice.students import load_student, read_student_config
 
+    # Everything that can be checked is checked before the (slow) export writes anything.
+    check_opset(config.opset)
     model_dir = Path(config.model_dir)
     read_student_config(model_dir)  # UserError when the folder is not a trained student
-    student = load_student(model_dir)
     out = Path(config.out) if config.out else Path("export") / f"{model_dir.name}.onnx"
+    check_writable(out, "--out", suffix=".onnx")
     if out.suffix != ".onnx":
         raise UserError(f"--out {out}: the output file must end in .onnx")
+    student = load_student(model_dir)
+    if config.test is not None:
+        _check_test_data(config.test, student)
     data = training_data(model_dir)
     calibration_data = Path(config.calibration) if config.calibration else data
     if config.quantize == "int8" and student.modality == "image" and calibration_data is None:
@@ -590,6 +732,9 @@ def run_export(config) -> dict:
             f"--quantize int8 needs calibration images: {model_dir}/train_config.toml names no "
             "training data that exists here; pass --calibration DIR (a folder of typical images)"
         )
+    calibration = None
+    if config.quantize == "int8" and student.modality == "image":
+        calibration = sample_examples(calibration_data, "image", CALIBRATION_IMAGES)
     examples, source = None, None
     if data is not None:
         try:
@@ -623,9 +768,6 @@ def run_export(config) -> dict:
         "tokenizer": str(result.tokenizer_path) if result.tokenizer_path else None,
     }
     if config.quantize == "int8":
-        calibration = None
-        if student.modality == "image":
-            calibration = sample_examples(calibration_data, "image", CALIBRATION_IMAGES)
         quantized = quantize_int8(out, int8_path(out), calibration)
         ratio = quantized["size_bytes"] / result.size_bytes
         lines.append(
@@ -633,6 +775,14 @@ def run_export(config) -> dict:
             f"{ratio:.2f}x fp32), {quantized['method']}"
         )
         summary["int8"] = {**quantized, "size_ratio": ratio}
+    if config.format == "ort":
+        written = write_ort([out, *([int8_path(out)] if "int8" in summary else [])], examples)
+        errors = ", ".join(f"{k} {v:.1e}" for k, v in written["relative_errors"].items())
+        lines.append(
+            f"ORT format: {', '.join(written['files'])} (max relative logit error vs .onnx: "
+            f"{errors}); operators for a minimal build: {written['operators_config']}"
+        )
+        summary["ort"] = written
     if config.test is not None:
         from zmdevice.runtime import run_evaluate_onnx
 

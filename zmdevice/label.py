@@ -13,6 +13,10 @@ same rows as an uninterrupted one.
 ``--shard I/N`` labels the I-th of N contiguous slices of the data (0-based) into
 ``NAME.shard-I-of-N.parquet``; the same command with ``--combine`` instead of ``--shard``
 joins the N shard files into ``NAME.parquet``.
+
+``--engine ray`` (``zmdevice.label_ray``) labels the same chunks on a Ray cluster instead of
+this process: Ray workers predict, this process writes the same part files and the same
+output, so either engine can resume the other's parts.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from zmdevice.config import LabelConfig
-from zmdevice.errors import UserError, write_text_atomic
+from zmdevice.errors import UserError, check_writable, listing, write_text_atomic
 from zmdevice.pseudolabels import (
     DEFAULT_MANTISSA_BITS,
     DEFAULT_MAX_KL,
@@ -71,7 +75,12 @@ def shard_range(length: int, index: int, count: int) -> range:
 
 
 class _Prepared:
-    """torch Dataset view: index -> (index, teacher.prepare(sample)) or (index, None)."""
+    """torch Dataset view: index -> (index, teacher.prepare(sample)), (index, None) for a
+    skipped image, or (index, the UserError) for a sample that stops the run.
+
+    The error travels as data: raised inside a worker process, torch would re-raise it
+    wrapped in a many-line "Caught ... in DataLoader worker process" message.
+    """
 
     def __init__(self, dataset, prepare, indices):
         self.dataset, self.prepare, self.indices = dataset, prepare, list(indices)
@@ -91,16 +100,22 @@ class _Prepared:
             )
         except CorruptImage:
             return index, None
+        except UserError as error:
+            return index, error
         return index, self.prepare(raw)
 
 
 class _Collate:
-    """Drops unreadable samples and collates the rest with the teacher's collate."""
+    """Drops unreadable samples and collates the rest with the teacher's collate; a batch
+    with a failed sample becomes that sample's UserError."""
 
     def __init__(self, collate):
         self.collate = collate
 
     def __call__(self, items):
+        failed = [x for _, x in items if isinstance(x, UserError)]
+        if failed:
+            return failed[0]
         kept = [(i, x) for i, x in items if x is not None]
         skipped = [i for i, x in items if x is None]
         batch = self.collate([x for _, x in kept]) if kept else None
@@ -141,7 +156,10 @@ def iterate_batches(dataset, teacher, indices, batch_size: int, workers: int):
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
     )
-    for kept, batch, skipped in loader:
+    for item in loader:
+        if isinstance(item, UserError):
+            raise item
+        kept, batch, skipped = item
         probs = teacher.predict_proba(batch).numpy() if kept else np.zeros((0, 0), np.float32)
         yield kept, probs, skipped
 
@@ -174,8 +192,13 @@ def run_label(config: LabelConfig) -> dict:
     from zmdevice.teachers import build_teacher, teacher_modality
 
     out = Path(config.out) if config.out else default_out(Path(config.data))
+    check_writable(out, "--out", suffix=".parquet")
     if config.combine:
         return _combine(config, out)
+    if config.engine == "ray":
+        from zmdevice.label_ray import import_ray
+
+        import_ray()  # a missing extra fails before anything is written
     shard = parse_shard(config.shard)
     classes = load_classes(config.classes)
     dataset = open_dataset(config.data, config.data_options)
@@ -198,10 +221,12 @@ def run_label(config: LabelConfig) -> dict:
     top_k = config.top_k or default_top_k(len(classes))
     fingerprint = dataset.fingerprint()
     settings = _settings(config, fingerprint, shard, top_k, len(indices))
-    done_parts = _prepare_parts(parts_dir, settings, config.resume, out)
-    device = resolve_device(config.device)
+    done_parts = _check_parts(parts_dir, settings, config.resume, out)
+    # The ray engine's workers load their own teacher; this copy, on the CPU, only lends
+    # them its preprocessing, fills the metadata and answers --gold.
+    device = resolve_device(config.device if config.engine == "local" else "cpu")
     teacher = build_teacher(config.teacher, classes, device=device, templates=config.templates)
-    run = json.loads((parts_dir / "run.json").read_text())
+    run = _read_run(parts_dir) if done_parts else _start_parts(parts_dir, settings)
     metadata = build_metadata(
         classes=classes.names,
         teacher=teacher.info,
@@ -224,9 +249,30 @@ def run_label(config: LabelConfig) -> dict:
     chunks = [indices[s : s + chunk] for s in range(0, len(indices), chunk)]
     workers = pick_workers(config.workers, teacher)
     started = time.perf_counter()
-    labeled_now = _label_chunks(
-        dataset, teacher, chunks, done_parts, config.batch_size, workers, parts_dir, metadata
-    )
+    try:
+        if config.engine == "ray":
+            from zmdevice.label_ray import label_chunks_ray
+
+            labeled_now = label_chunks_ray(
+                config, dataset, teacher, classes, chunks, done_parts, parts_dir, metadata
+            )
+            device = f"Ray ({config.ray_workers} teacher workers)"
+        else:
+            labeled_now = _label_chunks(
+                dataset,
+                teacher,
+                chunks,
+                done_parts,
+                config.batch_size,
+                workers,
+                parts_dir,
+                metadata,
+            )
+    except BaseException:
+        # Finished chunks stay for --resume; a run that finished none leaves nothing.
+        if not _finished_parts(parts_dir):
+            shutil.rmtree(parts_dir, ignore_errors=True)
+        raise
     elapsed = time.perf_counter() - started
 
     quality, quality_lines = None, []
@@ -251,18 +297,8 @@ def _label_chunks(dataset, teacher, chunks, done, batch_size, workers, parts_dir
     Returns:
         How many samples were labeled now.
     """
-    from tqdm import tqdm
-
     todo = [j for j in range(len(chunks)) if j not in done]
-    progress = tqdm(
-        total=sum(len(c) for c in chunks),
-        initial=sum(len(chunks[j]) for j in done if j < len(chunks)),
-        unit=dataset.modality,
-        desc=f"label {parts_dir.name[1 : -len('.parts')]}",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        disable=None,  # a bar on a terminal; none in logs, where it would print every update
-    )
+    progress = chunk_progress(dataset, chunks, done, parts_dir)
     remaining = [i for j in todo for i in chunks[j]]
     current, seen, labeled = iter(todo), 0, 0
     chunk = next(current, None)
@@ -282,43 +318,110 @@ def _label_chunks(dataset, teacher, chunks, done, batch_size, workers, parts_dir
             # Only this chunk's share of the teacher's counters goes into its part.
             stats = {k: v - stats_before.get(k, 0) for k, v in teacher.stats.items()}
             stats_before = dict(teacher.stats)
-            _write_part(parts_dir, chunk, metadata, ids, probs_list, skipped_ids, stats)
+            write_part(parts_dir, chunk, metadata, ids, probs_list, skipped_ids, stats)
             ids, probs_list, skipped_ids, seen = [], [], [], 0
             chunk = next(current, None)
     progress.close()
     return labeled
 
 
-def _prepare_parts(parts_dir: Path, settings: dict, resume: bool, out: Path) -> set[int]:
-    """Create or validate the parts folder; return the chunk numbers already done."""
+def chunk_progress(dataset, chunks, done, parts_dir: Path):
+    """A progress bar over all samples, starting at those the finished chunks hold."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=sum(len(c) for c in chunks),
+        initial=sum(len(chunks[j]) for j in done if j < len(chunks)),
+        unit=dataset.modality,
+        desc=f"label {parts_dir.name[1 : -len('.parts')]}",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=None,  # a bar on a terminal; none in logs, where it would print every update
+    )
+
+
+_PART_NAME = re.compile(r"part-(\d+)\.parquet")
+
+
+def _finished_parts(parts_dir: Path) -> dict[int, Path]:
+    """Chunk number -> its finished part file in ``parts_dir``."""
+    if not parts_dir.is_dir():
+        return {}
+    found = {}
+    for path in parts_dir.iterdir():
+        match = _PART_NAME.fullmatch(path.name)
+        if match:
+            found[int(match[1])] = path
+    return found
+
+
+def _read_run(parts_dir: Path) -> dict:
+    """The interrupted run's run.json; UserError naming it when it is unreadable."""
+    run_file = parts_dir / "run.json"
+    try:
+        run = json.loads(run_file.read_text(encoding="utf-8"))
+        if not isinstance(run.get("settings"), dict) or not isinstance(run.get("created"), str):
+            raise ValueError("no settings or creation time")
+    except (OSError, ValueError, AttributeError) as error:
+        reason = " ".join(str(error).split())[:120]
+        raise UserError(
+            f"{run_file} of an interrupted run is unreadable ({reason}); delete the folder "
+            f"{parts_dir} to start over"
+        ) from None
+    return run
+
+
+def _check_parts(parts_dir: Path, settings: dict, resume: bool, out: Path) -> set[int]:
+    """The chunk numbers an interrupted run finished (checked, nothing written).
+
+    Raises:
+        UserError: finished parts without --resume, other settings, an unreadable run.json
+            or part file.
+    """
+    from zmdevice.pseudolabels import read_pseudolabels
+
+    done = _finished_parts(parts_dir)
+    if not done:
+        return set()
+    if not resume:
+        raise UserError(
+            f"{out}: an interrupted run left {len(done)} finished chunk(s) in {parts_dir}; "
+            "pass --resume to continue it, or delete that folder to start over"
+        )
+    previous = _read_run(parts_dir)["settings"]
+    differs = [k for k in settings if previous.get(k) != settings[k]]
+    if differs:
+        raise UserError(
+            f"--resume: the interrupted run in {parts_dir} used other settings "
+            f"({', '.join(differs)}); rerun with the same ones, or delete that folder"
+        )
+    for path in done.values():
+        try:
+            read_pseudolabels(path)
+        except UserError:
+            raise UserError(
+                f"--resume: the finished chunk {path} of the interrupted run is corrupt; "
+                "delete that file and rerun with --resume to label its samples again"
+            ) from None
+    return set(done)
+
+
+def _start_parts(parts_dir: Path, settings: dict) -> dict:
+    """A fresh parts folder with its run.json (an earlier unfinished one is replaced)."""
     import datetime
 
-    run_file = parts_dir / "run.json"
-    if parts_dir.exists() and run_file.exists():
-        previous = json.loads(run_file.read_text())
-        done = {int(p.stem.split("-")[1]) for p in parts_dir.glob("part-*.parquet")}
-        if not resume and done:
-            raise UserError(
-                f"{out}: an interrupted run left {len(done)} finished chunk(s) in {parts_dir}; "
-                "pass --resume to continue it, or delete that folder to start over"
-            )
-        differs = [k for k in settings if previous["settings"].get(k) != settings[k]]
-        if differs and done:
-            raise UserError(
-                f"--resume: the interrupted run in {parts_dir} used other settings "
-                f"({', '.join(differs)}); rerun with the same ones, or delete that folder"
-            )
-        if done:
-            return done
     if parts_dir.exists():
         shutil.rmtree(parts_dir)
     parts_dir.mkdir(parents=True)
     created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    write_text_atomic(run_file, json.dumps({"settings": settings, "created": created}))
-    return set()
+    run = {"settings": settings, "created": created}
+    write_text_atomic(parts_dir / "run.json", json.dumps(run))
+    return run
 
 
-def _write_part(parts_dir, number, metadata, ids, probs, skipped, stats) -> None:
+def write_part(parts_dir, number, metadata, ids, probs, skipped, stats) -> None:
+    """Write chunk ``number`` atomically: ``ids``, their probabilities (a list of float32
+    [b, C] arrays, in id order), the skipped ids and the teacher's counters for this chunk."""
     part_meta = dict(metadata)
     part_meta["skipped"] = {"count": len(skipped), "examples": skipped[:10]}
     if stats:
@@ -382,7 +485,7 @@ def _summary(out, metadata, labeled_now, elapsed, quality_lines, workers, device
         f"  {rate:.1f} samples/s this run on {device} ({workers} loader workers); "
         f"{size / max(len(labels), 1):.1f} bytes/sample ({size / 1024:.1f} KiB)",
         "  pseudo-label counts: "
-        + ", ".join(f"{n} {int(c)}" for n, c in zip(names, counts, strict=True)),
+        + listing(f"{n} {int(c)}" for n, c in zip(names, counts, strict=True)),
     ]
     if skipped:
         lines.append(

@@ -46,18 +46,27 @@ def classification_report(truth: np.ndarray, predicted: np.ndarray, class_names:
     }
 
 
+CLASS_ROWS_SHOWN = 20
+"""Per-class rows in a text report; the rest are counted (``--json`` has them all)."""
+CLASS_NAME_WIDTH = 40
+"""Widest class-name column in a text report; longer names are cut."""
+
+
 def format_report(report: dict, class_names: list[str], title: str) -> list[str]:
     """A one-screen text rendering of ``classification_report``'s output."""
     lines = [
         f"{title}: accuracy {100 * report['accuracy']:.1f}%  macro-F1 "
         f"{100 * report['macro_f1']:.1f}%  on {report['count']} samples"
     ]
-    width = max(len(name) for name in class_names)
+    shown = class_names[:CLASS_ROWS_SHOWN]
+    width = min(max(len(name) for name in shown), CLASS_NAME_WIDTH)
     lines.append(f"  {'class':<{width}}  recall  precision  support")
-    for name in class_names:
+    for name in shown:
         row = report["per_class"][name]
         lines.append(
-            f"  {name:<{width}}  {100 * row['recall']:5.1f}%  {100 * row['precision']:8.1f}%"
-            f"  {row['support']:7d}"
+            f"  {name[:width]:<{width}}  {100 * row['recall']:5.1f}%  "
+            f"{100 * row['precision']:8.1f}%  {row['support']:7d}"
         )
+    if len(class_names) > len(shown):
+        lines.append(f"  ... and {len(class_names) - len(shown)} more classes (all with --json)")
     return lines

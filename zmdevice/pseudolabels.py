@@ -32,15 +32,16 @@ Ground floor: numpy and pyarrow only.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from zmdevice import __version__
-from zmdevice.errors import UserError, atomic_path
+from zmdevice.errors import UserError, atomic_path, listing
 
 FORMAT = "zmdevice-pseudolabels"
 FORMAT_VERSION = 1
@@ -448,21 +449,28 @@ class PseudoLabelWriter:
         self._atomic.__exit__(None, None, None)
         return self.path
 
-    def abort(self) -> None:
-        """Drop the partial file."""
+    def abort(self, error: BaseException | None = None) -> None:
+        """Drop the partial file; ``error`` (what stopped the writing) passes through
+        ``atomic_path``, which names the file on an ``OSError`` that lacks a name."""
         if not self._closed:
-            self._writer.close()
+            with contextlib.suppress(Exception):  # a writer that failed may fail to close
+                self._writer.close()
             self._closed = True
-            self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            error = error or RuntimeError("aborted")
+            self._atomic.__exit__(type(error), error, error.__traceback__)
 
     def __enter__(self) -> PseudoLabelWriter:
         return self
 
     def __exit__(self, kind, value, traceback) -> None:
         if kind is None:
-            self.close()
+            try:
+                self.close()
+            except BaseException as error:  # e.g. the disk filled up on the last write
+                self.abort(error)
+                raise
         else:
-            self.abort()
+            self.abort(value)
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -488,7 +496,15 @@ def read_metadata(path: str | Path) -> dict:
             f"{path} is a Parquet file without zmdevice pseudo-label metadata; "
             "give a file written by `zmdevice label`"
         )
-    metadata = json.loads(raw)
+    try:
+        metadata = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(
+            f"{path}: its pseudo-label metadata is not valid JSON ({error}); the file is "
+            "corrupt, relabel with `zmdevice label`"
+        ) from None
+    if not isinstance(metadata, dict):
+        raise UserError(f"{path}: its pseudo-label metadata is not a JSON object; relabel")
     if metadata.get("format") != FORMAT:
         raise UserError(
             f"{path} is not a zmdevice pseudo-label file (format {metadata.get('format')!r})"
@@ -501,8 +517,58 @@ def read_metadata(path: str | Path) -> dict:
     for column in ("id", "label", "topk_idx", "topk_prob"):
         if column not in schema.names:
             raise UserError(f"{path} lacks the column '{column}': relabel with `zmdevice label`")
+    _check_schema(path, schema)
+    classes = metadata.get("classes")
+    if (
+        not isinstance(classes, list)
+        or len(classes) < 2
+        or not all(isinstance(name, str) and name for name in classes)
+        or len(set(classes)) != len(classes)
+        or not isinstance(metadata.get("teacher"), dict)
+        or not isinstance(metadata.get("data"), dict)
+    ):
+        raise UserError(
+            f"{path}: its pseudo-label metadata lacks a valid class list, teacher or data "
+            "entry; the file is corrupt, relabel with `zmdevice label`"
+        )
     metadata["path"] = str(path)
     return metadata
+
+
+def _check_schema(path: Path, schema) -> None:
+    """UserError unless the columns have the file's types (string, int, int lists, floats)."""
+    import pyarrow as pa
+
+    def is_list_of(column, test):
+        kind = schema.field(column).type
+        return pa.types.is_list(kind) and test(kind.value_type)
+
+    expected = {
+        "id": (pa.types.is_string(schema.field("id").type), "string"),
+        "label": (pa.types.is_integer(schema.field("label").type), "integer"),
+        "topk_idx": (is_list_of("topk_idx", pa.types.is_integer), "list of integers"),
+        "topk_prob": (is_list_of("topk_prob", pa.types.is_floating), "list of floats"),
+    }
+    for column, (ok, kind) in expected.items():
+        if not ok:
+            raise UserError(
+                f"{path}: column '{column}' has type {schema.field(column).type}, not {kind}; "
+                "the file was not written by `zmdevice label`, relabel"
+            )
+
+
+@contextlib.contextmanager
+def _reading(path: str | Path) -> Iterator[None]:
+    """Turn pyarrow's errors for damaged bytes (bad zstd block, torn page) into UserError."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except (pa.ArrowException, OSError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise UserError(
+            f"{path} is corrupt ({reason}); relabel with `zmdevice label` or restore a copy"
+        ) from None
 
 
 def check_classes(path: str | Path, recorded: list[str], expected: list[str]) -> None:
@@ -511,16 +577,16 @@ def check_classes(path: str | Path, recorded: list[str], expected: list[str]) ->
         return
     if sorted(recorded) == sorted(expected):
         raise UserError(
-            f"{path} has the classes in another order ({', '.join(recorded)}) than expected "
-            f"({', '.join(expected)}): give the classes in the file's order or relabel"
+            f"{path} has the classes in another order ({listing(recorded)}) than expected "
+            f"({listing(expected)}): give the classes in the file's order or relabel"
         )
     extra = [c for c in recorded if c not in expected]
     absent = [c for c in expected if c not in recorded]
     parts = []
     if absent:
-        parts.append(f"lacks {', '.join(absent[:5])}")
+        parts.append(f"lacks {listing(absent, 5)}")
     if extra:
-        parts.append(f"has other classes {', '.join(extra[:5])}")
+        parts.append(f"has other classes {listing(extra, 5)}")
     raise UserError(
         f"{path} was labeled for other classes ({'; '.join(parts)}): relabel with "
         "`zmdevice label --classes ...` for these classes"
@@ -542,15 +608,43 @@ def read_pseudolabels(path: str | Path, *, classes: list[str] | None = None) -> 
     metadata = read_metadata(path)
     if classes is not None:
         check_classes(path, metadata["classes"], classes)
-    table = pq.read_table(path)
-    num_classes = len(metadata["classes"])
+    with _reading(path):
+        table = pq.read_table(path)
+    ids, label, offsets, flat_idx, flat_prob = _validated_rows(
+        path, table, len(metadata["classes"])
+    )
+    if len(set(ids)) != len(ids):
+        raise UserError(f"{path}: duplicate ids; combine shards with `zmdevice label --combine`")
+    counts = np.diff(offsets)
+    width = int(counts.max()) if len(counts) else 0
+    topk_idx = np.full((len(ids), width), -1, dtype=np.int32)
+    topk_prob = np.zeros((len(ids), width), dtype=np.float16)
+    rows = np.repeat(np.arange(len(ids)), counts)
+    cols = np.arange(len(flat_idx)) - np.repeat(offsets[:-1], counts)
+    topk_idx[rows, cols] = flat_idx
+    topk_prob[rows, cols] = flat_prob
+    return PseudoLabels(ids, label, topk_idx, topk_prob, metadata)
+
+
+def _validated_rows(path, table, num_classes: int):
+    """The rows of a pseudo-label table as flat arrays, checked for what no writer produces.
+
+    Returns:
+        (ids, label int64 [N], offsets int [N + 1], class indices int32 [M], float16
+        probabilities [M]), row i's entries at ``offsets[i]:offsets[i + 1]``.
+
+    Raises:
+        UserError: empty cells, lists of different lengths, class indices out of range,
+            probabilities that are not probabilities (see ``_check_probabilities``).
+    """
+    if any(table.column(name).null_count for name in ("id", "label", "topk_idx", "topk_prob")):
+        raise UserError(f"{path}: empty cells; the file is corrupt, relabel with `zmdevice label`")
     ids = table.column("id").to_pylist()
     label = table.column("label").to_numpy().astype(np.int64)
     idx_col = table.column("topk_idx").combine_chunks()
     prob_col = table.column("topk_prob").combine_chunks()
     offsets = idx_col.offsets.to_numpy()
     counts = np.diff(offsets)
-    width = int(counts.max()) if len(counts) else 0
     flat_idx = idx_col.values.to_numpy(zero_copy_only=False).astype(np.int32)
     flat_prob = prob_col.values.to_numpy(zero_copy_only=False).astype(np.float16)
     if len(flat_idx) != len(flat_prob) or np.any(np.diff(prob_col.offsets.to_numpy()) != counts):
@@ -559,15 +653,35 @@ def read_pseudolabels(path: str | Path, *, classes: list[str] | None = None) -> 
         raise UserError(f"{path}: class index outside 0..{num_classes - 1}; the file is corrupt")
     if len(label) and (label.min() < 0 or label.max() >= num_classes):
         raise UserError(f"{path}: label outside 0..{num_classes - 1}; the file is corrupt")
-    if len(set(ids)) != len(ids):
-        raise UserError(f"{path}: duplicate ids; combine shards with `zmdevice label --combine`")
-    topk_idx = np.full((len(ids), width), -1, dtype=np.int32)
-    topk_prob = np.zeros((len(ids), width), dtype=np.float16)
-    rows = np.repeat(np.arange(len(ids)), counts)
-    cols = np.arange(len(flat_idx)) - np.repeat(offsets[:-1], counts)
-    topk_idx[rows, cols] = flat_idx
-    topk_prob[rows, cols] = flat_prob
-    return PseudoLabels(ids, label, topk_idx, topk_prob, metadata)
+    _check_probabilities(path, flat_prob, counts, offsets)
+    return ids, label, offsets, flat_idx, flat_prob
+
+
+def _check_probabilities(path, flat_prob: np.ndarray, counts: np.ndarray, offsets) -> None:
+    """UserError for probabilities no teacher writes: NaN, infinite, negative, above 1,
+    rows that list no class or sum above 1 (beyond float16 rounding).
+
+    Such values would train a NaN model without any error, so they are refused on reading.
+    """
+    values = flat_prob.astype(np.float64)
+    bad = ~np.isfinite(values) | (values < 0) | (values > 1)
+    if bad.any():
+        position = int(np.argmax(bad))
+        row = int(np.searchsorted(offsets, position, side="right") - 1)
+        raise UserError(
+            f"{path}: row {row + 1} holds the probability {values[position]!r} (NaN, infinite, "
+            "negative or above 1); the file is corrupt, relabel with `zmdevice label`"
+        )
+    if len(counts) and counts.min() < 1:
+        row = int(np.argmin(counts))
+        raise UserError(f"{path}: row {row + 1} lists no class; the file is corrupt, relabel")
+    sums = np.add.reduceat(values, offsets[:-1]) if len(values) else np.zeros(0)
+    if len(sums) and sums.max() > 1.01:
+        row = int(np.argmax(sums))
+        raise UserError(
+            f"{path}: the probabilities of row {row + 1} sum to {sums[row]:.3f}, more than 1; "
+            "the file is corrupt, relabel with `zmdevice label`"
+        )
 
 
 # Metadata entries that may legitimately differ between shards of one labeling job.
@@ -626,9 +740,12 @@ def combine_pseudolabels(
     seen: set[str] = set()
     with PseudoLabelWriter(out, combined) as writer:
         for path in paths:
-            source = pq.ParquetFile(path)
+            with _reading(path):
+                source = pq.ParquetFile(path)
             for group in range(source.num_row_groups):
-                table = source.read_row_group(group)
+                with _reading(path):
+                    table = source.read_row_group(group)
+                _validated_rows(path, table, len(combined["classes"]))
                 ids = table.column("id").to_pylist()
                 repeated = seen.intersection(ids)
                 if repeated:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zmdevice.errors import UserError
+from zmdevice.errors import UserError, listing
 
 METADATA_PREFIX = "zmdevice."
 IMAGE_SUFFIXES = frozenset(
@@ -24,6 +24,8 @@ IMAGE_SUFFIXES = frozenset(
 )
 TABLE_SUFFIXES = frozenset({".csv", ".jsonl", ".parquet"})
 BATCH_SIZE = 32
+MODEL_INPUTS = {"image": ["pixel_values"], "text": ["input_ids", "attention_mask"]}
+"""The input names of an exported model, by modality (``export._input_names`` writes them)."""
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -95,12 +97,13 @@ def _providers(device: str) -> list[str]:
 
 
 def preprocess_image(image, preprocess: dict) -> np.ndarray:
-    """The numpy twin of ``augment.image_transforms(...)["clean"]``.
+    """The image reference: the numpy twin of ``augment.image_transforms(...)["clean"]``.
 
     RGB (``data.to_rgb``) -> resize to (S, S) with PIL's bilinear filter -> [0, 1] ->
     (x - mean) / std -> CHW.
     torchvision's ``Resize`` on a PIL image calls the same ``Image.resize``, so both sides
-    see identical pixels.
+    see identical pixels. ``export/web/preprocess.mjs`` is the JavaScript twin (browser and
+    Node), tested against ``tests/fixtures/preprocess.json``.
 
     Args:
         image: a ``PIL.Image.Image`` of any mode and size.
@@ -127,17 +130,17 @@ def preprocess_image(image, preprocess: dict) -> np.ndarray:
 
 
 def load_image(path: Path):
-    """Open an image file fully (so corrupt files fail here, naming the file)."""
-    from PIL import Image, UnidentifiedImageError
+    """Open an image file fully (so corrupt or oversized files fail here, naming the file)."""
+    from zmdevice.data import UnreadableImage, open_image
 
+    if not Path(path).is_file():
+        raise UserError(f"image file not found: {path}")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except FileNotFoundError:
-        raise UserError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise UserError(f"cannot read image {path}: {error}; remove or replace the file") from None
+        return open_image(Path(path))
+    except UnreadableImage as error:
+        raise UserError(
+            f"cannot read image {path}: {error.reason}; remove or replace the file"
+        ) from None
 
 
 def configure_tokenizer(tokenizer, preprocess: dict):
@@ -149,6 +152,21 @@ def configure_tokenizer(tokenizer, preprocess: dict):
     pad_id = int(preprocess.get("pad_token_id", 0))
     tokenizer.enable_padding(pad_id=pad_id, pad_token=tokenizer.id_to_token(pad_id) or "[PAD]")
     return tokenizer
+
+
+def encode_texts(tokenizer, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """The text reference: ``input_ids`` and ``attention_mask`` int64 [B, L] of a batch.
+
+    ``tokenizer`` comes from ``configure_tokenizer``: its normaliser lowercases, [CLS]/[SEP]
+    are added, each text is cut to ``max_length`` ids and the batch is right-padded to its
+    longest text with ``pad_token_id`` (mask 0). ``export/web/preprocess.mjs`` is the
+    JavaScript twin, tested against ``tests/fixtures/preprocess.json``.
+    """
+    encodings = tokenizer.encode_batch(list(texts))
+    return {
+        "input_ids": np.asarray([e.ids for e in encodings], dtype=np.int64),
+        "attention_mask": np.asarray([e.attention_mask for e in encodings], dtype=np.int64),
+    }
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -189,6 +207,13 @@ class OnnxClassifier:
         }
         self.metadata.update(classes=self.classes, preprocess=self.preprocess)
         self.input_names = [node.name for node in self.session.get_inputs()]
+        expected = MODEL_INPUTS[self.modality]
+        if sorted(self.input_names) != sorted(expected):
+            raise UserError(
+                f"{self.path}: a zmdevice {self.modality} model takes the inputs "
+                f"{', '.join(expected)}, but this file takes {', '.join(self.input_names)}; "
+                "re-export the student with `zmdevice export models/NAME`"
+            )
         self.tokenizer = self._load_tokenizer() if self.modality == "text" else None
 
     def tokenizer_path(self) -> Path:
@@ -208,8 +233,16 @@ class OnnxClassifier:
             )
         try:
             tokenizer = Tokenizer.from_file(str(path))
-        except Exception as error:  # tokenizers raises a bare Exception on bad JSON.
-            raise UserError(f"cannot read tokenizer file {path}: {error}") from None
+        except BaseException as error:
+            # tokenizers raises a bare Exception on bad JSON and a Rust panic (a
+            # BaseException) on some malformed files; neither is the user's bug report.
+            if isinstance(error, KeyboardInterrupt | SystemExit):
+                raise
+            reason = " ".join(str(error).split())[:200]
+            raise UserError(
+                f"cannot read tokenizer file {path} ({reason}); copy the NAME.tokenizer.json "
+                "written by `zmdevice export` next to the model again"
+            ) from None
         return configure_tokenizer(tokenizer, self.preprocess)
 
     def encode_texts(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
@@ -217,11 +250,14 @@ class OnnxClassifier:
 
         Padding goes to the longest text of the batch (the model has a dynamic length).
         """
-        encodings = self.tokenizer.encode_batch(list(texts))
-        return {
-            "input_ids": np.asarray([e.ids for e in encodings], dtype=np.int64),
-            "attention_mask": np.asarray([e.attention_mask for e in encodings], dtype=np.int64),
-        }
+        try:
+            return encode_texts(self.tokenizer, texts)
+        except Exception as error:  # a tokenizer file that loads can still be broken
+            raise UserError(
+                f"tokenizer file {self.tokenizer_path()} cannot encode texts "
+                f"({' '.join(str(error).split())[:200]}); copy the NAME.tokenizer.json written "
+                "by `zmdevice export` next to the model again"
+            ) from None
 
     def encode_images(self, images: Sequence) -> dict[str, np.ndarray]:
         """Preprocess PIL images into ``pixel_values`` float32 [B, 3, S, S]."""
@@ -428,7 +464,7 @@ def label_indices_for(dataset, classes: list[str], source: Path) -> np.ndarray:
         if name not in index:
             raise UserError(
                 f"{source}: sample '{dataset.ids[row]}' has label '{name}', which is not a "
-                f"class of the model ({', '.join(classes)})"
+                f"class of the model ({listing(classes)})"
             )
     return np.asarray([index[name] for name in dataset.labels], dtype=np.int64)
 

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from zmdevice.config import METHODS, TrainConfig
-from zmdevice.errors import UserError, write_text_atomic
+from zmdevice.errors import UserError, check_writable, write_text_atomic
 
 RUN_FILES = (
     "student.safetensors",
@@ -153,6 +153,7 @@ def run_train(config: TrainConfig, on_step=None, clock=time.monotonic) -> dict:
 
     started, budget_started = time.perf_counter(), clock()
     out = default_out(config)
+    check_writable(out, "--out", folder=True)
     previous_run = claim_folder(config, out)
     setup = build_setup(config, out, on_step)
     delete(previous_run)
