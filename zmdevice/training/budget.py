@@ -32,7 +32,11 @@ PROBE_WARM_STEPS = 2
 PROBE_TIMED_STEPS = 4
 """Timed probe steps per stage kind (a multiple of ``loop.LOOKAHEAD_STEPS``)."""
 RESERVE_SHARE = 0.05
-"""Share of the budget kept free for what steps do not measure (checkpoints, logging)."""
+"""Share of the budget the plan leaves free for what the probe does not measure
+(checkpoints, logging, finishing, steps slower than measured)."""
+FINISH_SHARE = 0.02
+"""Share of the budget (besides two evaluations) left when a run stops on time, for
+finishing: BatchNorm recalibration, final test, saving, report and curves."""
 
 
 @dataclasses.dataclass
@@ -50,8 +54,8 @@ class Budget:
         return self.clock() - self.started
 
     def reserve(self) -> float:
-        """Seconds kept for finishing: recalibration, final test, saving."""
-        return 2 * self.plan["eval_seconds"]
+        """Seconds kept for finishing when the run stops on time."""
+        return 2 * self.plan["eval_seconds"] + FINISH_SHARE * self.seconds
 
     def out_of_time(self, setup: Setup, state: dict, plan: StagePlan) -> bool:
         """True (logged, and the run marked stopped) once only the reserve is left."""
