@@ -9,6 +9,8 @@ pieces live in ``zmdevice.training``:
                        ``StepModel``, the one module a step calls
 ``training.loop``      ``Setup`` (built once), the state dict, ``run_stage``, evaluation
 ``training.checkpoint`` the state dict to safetensors + JSON and back (``--resume``)
+``training.budget``    ``--time-budget``: measure, plan the steps, stop on time
+``training.guard``     the stage-2 collapse guard (rollback / stop)
 =====================  ===============================================================
 
 This module builds the setup, runs the stages and writes ``models/NAME/``: the student
@@ -88,6 +90,7 @@ def build_setup(config: TrainConfig, out: Path, on_step=None):
     from zmdevice.device import resolve_device
     from zmdevice.students import build_student
     from zmdevice.training.data import build_data, check_data, data_fingerprints, load_data
+    from zmdevice.training.guard import make_guard
     from zmdevice.training.loop import Setup
     from zmdevice.training.stages import StepModel, plan_stages
 
@@ -126,16 +129,18 @@ def build_setup(config: TrainConfig, out: Path, on_step=None):
         freeze_embeddings=device.type == "cpu" if freeze is None else freeze,
         fingerprints=data_fingerprints(config, labeled, unlabeled, test),
         on_step=on_step,
+        guard=make_guard(config),
     )
 
 
-def run_train(config: TrainConfig, on_step=None) -> dict:
+def run_train(config: TrainConfig, on_step=None, clock=time.monotonic) -> dict:
     """Train a student as ``config`` says and write ``models/NAME/``.
 
     Args:
         config: the typed settings (CLI flags and ``--config`` file).
         on_step: optional plain callback ``on_step(setup, state, values)`` after every step
             (tests use it to interrupt a run).
+        clock: seconds as a float, for --time-budget (tests pass a fake one).
 
     Returns:
         Summary dict; ``lines`` is the one-screen text the CLI prints.
@@ -143,14 +148,17 @@ def run_train(config: TrainConfig, on_step=None) -> dict:
     import torch
 
     from zmdevice.training import checkpoint
+    from zmdevice.training.budget import start_budget
     from zmdevice.training.loop import MetricsLog, StopTraining, begin_stage, new_state, run_stage
 
-    started = time.perf_counter()
+    started, budget_started = time.perf_counter(), clock()
     out = default_out(config)
     check_writable(out, "--out", folder=True)
     previous_run = claim_folder(config, out)
     setup = build_setup(config, out, on_step)
     delete(previous_run)
+    if config.time_budget is not None:
+        start_budget(setup, clock, budget_started)
     state = new_state(setup)
     if config.resume:
         checkpoint.load(setup, state)
@@ -159,6 +167,8 @@ def run_train(config: TrainConfig, on_step=None) -> dict:
     resumed_at = state["global_step"] if config.resume else None
     setup.log = MetricsLog(out / "metrics.jsonl", keep_until=resumed_at if resumed_at else -1)
     write_train_config(setup.config, out / "train_config.toml")
+    if setup.budget is not None and not config.resume:
+        setup.log.write(state, setup.plans[0], {"time_budget_plan": setup.budget.plan})
     plans = setup.plans
     try:
         while state["stage_index"] < len(plans):
@@ -167,6 +177,8 @@ def run_train(config: TrainConfig, on_step=None) -> dict:
             if plan.selects_model and state["best"]:
                 # Model selection: continue (or finish) from the best held-out weights.
                 setup.student.load_state_dict(state["best"]["state"])
+            if state["stopped"]:
+                break  # out of time, or a collapse: finish with the weights at hand
             state["stage_index"] += 1
             state["step"] = 0
             if state["stage_index"] < len(plans):
@@ -219,6 +231,9 @@ def write_train_config(config: TrainConfig, path: Path) -> None:
 
 def build_summary(setup, state: dict, final: dict, recalibrated: int, seconds: float) -> dict:
     """The dict ``run_train`` returns, with the CLI's ``lines``."""
+    from zmdevice.training.budget import summary_line as budget_line
+    from zmdevice.training.guard import summary_line as guard_line
+
     config, data, best = setup.config, setup.data, state["best"]
     stages = state["stage_summaries"]
     summary = {
@@ -236,6 +251,11 @@ def build_summary(setup, state: dict, final: dict, recalibrated: int, seconds: f
     if best:
         summary["heldout_agreement"] = best["agreement"]
         summary["best_kd_step"] = best["step"]
+    if setup.budget is not None:
+        summary["time_budget"] = setup.budget.record()
+    summary["stopped"] = state["stopped"]
+    if state["guard"] and state["guard"].get("fired"):
+        summary["collapse"] = state["guard"]["fired"]
     summary.update(final)
     lines = [
         f"trained {config.student} with {config.method} on {summary['device']} in "
@@ -249,6 +269,7 @@ def build_summary(setup, state: dict, final: dict, recalibrated: int, seconds: f
             f"  stage-1 held-out agreement with the FM: {100 * best['agreement']:.1f}% "
             f"(step {best['step']})"
         )
+    lines += [line for line in (budget_line(setup.budget, state), guard_line(state)) if line]
     if "test_accuracy" in final:
         lines.append(
             f"  test accuracy {100 * final['test_accuracy']:.1f}%, "

@@ -50,6 +50,10 @@ class Setup:
     """Data fingerprints (``data.data_fingerprints``), checked on resume."""
     log: MetricsLog | None = None
     on_step: Any = None
+    budget: Any = None
+    """training.budget.Budget of a --time-budget run, else None."""
+    guard: Any = None
+    """training.guard.CollapseGuard unless collapse_guard is off."""
 
 
 class StopTraining(Exception):
@@ -70,6 +74,8 @@ def new_state(setup: Setup) -> dict:
         "ahead": [],
         "best": {},
         "stage_summaries": [],
+        "guard": None,
+        "stopped": None,
     }
 
 
@@ -178,6 +184,8 @@ def run_stage(setup: Setup, state: dict, save_checkpoint) -> None:
     progress = tqdm(total=plan.steps, initial=state["step"], desc=label, leave=True,
                     disable=None, file=sys.stderr, dynamic_ncols=True)  # fmt: skip
     started = time.perf_counter()
+    if setup.guard is not None:
+        setup.guard.begin(setup, state, plan)
     setup.model.train()
     while state["step"] < plan.steps:
         batch = draw_batch(setup, state, plan)
@@ -203,10 +211,14 @@ def run_stage(setup: Setup, state: dict, save_checkpoint) -> None:
         if evaluate and evaluate_and_select(setup, state, plan):
             setup.log.write(state, plan, {"early_stop": True})
             break
+        if evaluate and setup.guard is not None and setup.guard.check(setup, state, plan):
+            break
         if config.checkpoint_every and state["step"] % config.checkpoint_every == 0 and not last:
             save_checkpoint(setup, state)
         if setup.on_step is not None:
             setup.on_step(setup, state, values)
+        if setup.budget is not None and setup.budget.out_of_time(setup, state, plan):
+            break
         if config.stop_after is not None and state["global_step"] >= config.stop_after and not last:
             save_checkpoint(setup, state)
             progress.close()
