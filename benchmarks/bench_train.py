@@ -1,4 +1,4 @@
-"""Issue 4's cost targets for `zmdevice train`, measured in one run per student.
+"""The cost targets of `zmdevice train` (benchmarks/PERFORMANCE.md), one run per student.
 
 For each student, a child process (so that peak RSS belongs to that student alone):
 

@@ -1,7 +1,7 @@
 #!/bin/bash
-# Issue 4's accuracy targets: Fashion-MNIST (40 labels, EfficientNet-Lite0 pseudo-labels)
+# The accuracy targets: Fashion-MNIST (40 labels, EfficientNet-Lite0 pseudo-labels)
 # and WordNet nouns (32 labels, MiniLM pseudo-labels); zeromatch vs its baselines with the
-# step budgets of MEASURED.md. Prints one test-accuracy line per run at the end.
+# step budgets of docs/measured.md. Prints one test-accuracy line per run at the end.
 #
 #   bash benchmarks/train_targets.sh [WORK_DIR] [DEVICE]      # defaults: benchmarks/work cpu
 #

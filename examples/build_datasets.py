@@ -1,6 +1,6 @@
 """Build the two benchmark data sets from the offline Debian sources into zmdevice's formats.
 
-Sources (Debian packages, see OFFLINE.md):
+Sources (Debian packages, installed by .ci/run):
   - Fashion-MNIST, ``apt-get install dataset-fashion-mnist``: idx files in
     /usr/share/datasets/fashion-mnist (60k train + 10k test, 28x28 grey, MIT licence).
   - WordNet 3.0, ``apt-get install wordnet-base``: /usr/share/wordnet/data.noun; each noun

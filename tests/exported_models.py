@@ -1,6 +1,6 @@
 """Tiny trained students, their data and their ONNX exports, shared by the export tests.
 
-An untrained MobileNet outputs logits near 1e-11 (OFFLINE.md), which makes parity and
+An untrained MobileNet outputs logits near 1e-11 (docs/measured.md), which makes parity and
 accuracy checks meaningless, so each tiny student is trained for a few dozen steps on a
 synthetic task it can learn (images: the dominant colour; text: animal vs plant words).
 Built once per test session (``build(root)`` caches by folder) and reused by

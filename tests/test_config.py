@@ -61,7 +61,7 @@ EXPORT = {
     "quantize": ("int8", "int8"),
     "test": ("file-test.csv", "flag-test.csv"),
     "calibration": ("file-cal", "flag-cal"),
-    "opset": (17, 18),
+    "opset": (20, 18),
 }
 COMMANDS = {
     "train": (TRAIN, "zmdevice.train.run_train", {"labeled": "l.csv", "unlabeled": "u.csv"}),
@@ -146,7 +146,7 @@ def test_a_bad_flag_value_names_the_flag_and_missing_required_settings_are_named
     result = CliRunner().invoke(app, ["train", "--labeled", "l"])
     assert result.exit_code == 2 and "--unlabeled is required" in result.output
     result = CliRunner().invoke(app, ["export", "m", "--opset", "3"])
-    assert result.exit_code == 2 and "--opset: opset must be >= 7" in result.output
+    assert result.exit_code == 2 and "--opset 3 is not supported" in result.output
 
 
 def test_modality_defaults_fill_only_what_is_not_set():

@@ -147,9 +147,9 @@ def test_batches_that_do_not_split_and_nested_launches_are_refused(monkeypatch):
     config = TrainConfig(labeled=Path("l.csv"), unlabeled=Path("u.csv"), labeled_batch_size=6,
                          unlabeled_batch_size=9, kd_batch_size=8)  # fmt: skip
     plans = plan_stages(config)
-    Ranks(0, 2).check_batch_sizes(plans[:1], config)  # kd_batch_size 8 splits
+    Ranks(0, 2).check_config(plans[:1], config)  # kd_batch_size 8 splits
     with pytest.raises(UserError, match="unlabeled_batch_size = 9 does not split over 2"):
-        Ranks(0, 2).check_batch_sizes(plans, config)
+        Ranks(0, 2).check_config(plans, config)
 
     command = torchrun_command(2, ["train", "--nproc", "2", "--out", "m", "--nproc=2"])
     assert command[-5:] == ["-m", "zmdevice", "train", "--out", "m"]

@@ -256,16 +256,16 @@ def interrupted_run(work: Path, monkeypatch, out: Path, label_base) -> Path:
     import zmdevice.label
 
     monkeypatch.setattr(zmdevice.label, "CHUNK_BATCHES", 4)  # 8 samples per part
-    write_part = zmdevice.label._write_part
+    write_part = zmdevice.label.write_part
 
     def write_then_die(*args, **kwargs):
         write_part(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(zmdevice.label, "_write_part", write_then_die)
+    monkeypatch.setattr(zmdevice.label, "write_part", write_then_die)
     result = invoke(label_args(label_base, out))
     assert result.exit_code == 130, result.output  # click's exit code for an interrupt
-    monkeypatch.setattr(zmdevice.label, "_write_part", write_part)
+    monkeypatch.setattr(zmdevice.label, "write_part", write_part)
     parts = out.with_name(f".{out.name}.parts")
     assert len(list(parts.glob("part-*.parquet"))) == 1
     return parts
@@ -401,8 +401,8 @@ def test_export_bad_out_or_opset_fails_before_exporting(models, tmp_path, monkey
 
 def test_export_opset_below_18_was_written_as_18():
     """Why opsets below 18 are refused: the exporter silently writes 18 for them."""
+    from zmdevice.config import SUPPORTED_OPSETS, check_opset
     from zmdevice.errors import UserError
-    from zmdevice.export import SUPPORTED_OPSETS, check_opset
 
     assert SUPPORTED_OPSETS.start == 18
     for opset in (3, 17, 24):
@@ -743,10 +743,12 @@ def test_messages_suggest_only_flags_of_the_running_command(text_train, tmp_path
 
 def test_every_flag_named_in_the_code_exists_on_some_command():
     """A static scan: every ``--flag`` written in the package is a real flag of the CLI."""
-    every = set().union(*command_flags().values(), {"--help"})
+    other_tools = {"--head"}  # `ray start --head`, Ray's own command
+    every = set().union(*command_flags().values(), {"--help"}, other_tools)
     mentioned = set()
     for path in (REPO / "zmdevice").glob("*.py"):
-        mentioned |= set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", path.read_text()))
+        # Underscored flags (--output_dir) belong to the ORT converter zmdevice runs.
+        mentioned |= set(re.findall(r"(?<![\w-])--[a-z][a-z-]+(?!\w)", path.read_text()))
     assert mentioned - every == set()
 
 

@@ -98,8 +98,9 @@ def test_label_text_writes_file_with_gold_quality_report(tmp_path, embed_dir, mo
     write_texts(tmp_path / "gold.csv", 9, labels=True)
     monkeypatch.chdir(tmp_path)
     summary = run_label(config(tmp_path, embed_dir, out=None, gold=tmp_path / "gold.csv"))
-    out = tmp_path / "labels" / "texts.parquet"  # the default output path
-    assert summary["out"] == "labels/texts.parquet" and out.is_file()
+    # The default output path: data name and teacher (its last path component).
+    out = tmp_path / "labels" / "texts-text-embed-m.parquet"
+    assert summary["out"] == "labels/texts-text-embed-m.parquet" and out.is_file()
     labels = read_pseudolabels(out, classes=CLASSES.split(","))
     assert labels.ids == [f"t{i:04d}" for i in range(30)]
     quality = labels.metadata["quality"]

@@ -29,7 +29,7 @@ def _one_thread():
 
 def randomise_for_parity(student):
     """Give BatchNorm statistics and the head real values: an untrained MobileNetV3 outputs
-    near-zero logits, which would make any equality check vacuous (OFFLINE.md)."""
+    near-zero logits, which would make any equality check vacuous (docs/measured.md)."""
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for module in student.modules():

@@ -15,19 +15,45 @@ Names given on the command line (``--teacher minilm``) resolve through these fil
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tomllib
 from pathlib import Path
 
 from zmdevice.errors import UserError
 
+CHECKOUT = Path(__file__).resolve().parent.parent
+"""The repository root, when zmdevice runs from a checkout (``PYTHONPATH=.``)."""
+
+
+def shipped_folder(package: str, in_checkout: str) -> Path:
+    """Where a data folder that ships with zmdevice lies.
+
+    pyproject.toml maps the top-level folders ``models/`` and ``examples/default/`` onto the
+    data-only packages ``zmdevice._catalog`` and ``zmdevice._default_data``: installed from a
+    wheel (or ``pip install .``) they are real folders inside the package. In a checkout,
+    whether installed in editable mode or put on ``PYTHONPATH``, those packages do not
+    exist (setuptools' editable finder maps only the top-level package) and the folder is
+    ``in_checkout``, relative to the repository root.
+    """
+    spec = importlib.util.find_spec(package)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if Path(location).is_dir():
+            return Path(location)
+    return CHECKOUT / in_checkout
+
 
 def catalog_dir() -> Path:
-    """The catalog folder: $ZMDEVICE_CATALOG, else ``models/`` at the repository root."""
+    """The catalog folder: $ZMDEVICE_CATALOG, else the shipped ``models/`` folder."""
     override = os.environ.get("ZMDEVICE_CATALOG")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parent.parent / "models"
+    return shipped_folder("zmdevice._catalog", "models")
+
+
+def default_data_dir() -> Path:
+    """The embedded default data (``examples/default/`` in the repository)."""
+    return shipped_folder("zmdevice._default_data", "examples/default")
 
 
 def list_entries(kind: str | None = None) -> dict[str, dict]:

@@ -105,7 +105,7 @@ def label(
         str | None, typer.Option(help="Catalog name (minilm, efficientnet-lite0) or kind:spec.")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Output file (default labels/NAME.parquet).")
+        Path | None, typer.Option(help="Output file (default labels/NAME-TEACHER.parquet).")
     ] = None,
     batch_size: Annotated[
         int | None, typer.Option(help=f"Teacher batch size (default {LabelConfig.batch_size}).")
@@ -206,6 +206,13 @@ def train(
     method: Annotated[str | None, typer.Option(help=method_help())] = None,
     kd_steps: Annotated[int | None, typer.Option(help="Stage-1 (distillation) steps.")] = None,
     ssl_steps: Annotated[int | None, typer.Option(help="Stage-2 (SSL) steps.")] = None,
+    time_budget: Annotated[
+        float | None,
+        typer.Option(
+            help="Minutes for the whole run: steps planned from measured step times "
+            "(split as kd_steps:ssl_steps), stops on time."
+        ),
+    ] = None,
     seed: Annotated[
         int | None, typer.Option(help=f"Random seed (default {TrainConfig.seed}).")
     ] = None,

@@ -18,6 +18,7 @@ from typing import Any
 from zmdevice.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+GUARD_ACTIONS = ("rollback", "stop", "off")
 
 
 class ConfigError(UserError):
@@ -124,7 +125,7 @@ class LabelConfig:
     teacher: str
     """Catalog name or kind:spec of the foundation model."""
     out: Path | None = None
-    """Output Parquet file; default labels/<data name>.parquet."""
+    """Output Parquet file; default labels/<data name>-<teacher>.parquet."""
     batch_size: int = 64
     """Teacher batch size."""
     device: str = "auto"
@@ -273,6 +274,17 @@ class TrainConfig:
     """CPU threads for torch; None = the cores this process may run on."""
     stop_after: int | None = None
     """Stop the whole run after this many steps in total (to split a run; then --resume)."""
+    time_budget: float | None = None
+    """Minutes for the whole run: the stages' steps are planned from measured step times,
+    split as kd_steps:ssl_steps, and training stops on time (``training.budget``)."""
+    collapse_guard: str = "rollback"
+    """Stage-2 collapse guard (``training.guard``): rollback (to the best weights, then
+    finish), stop (finish with the weights as they are) or off."""
+    collapse_agreement_drop: float = 0.10
+    """Collapse when held-out agreement with the FM falls this far below its stage-2 best."""
+    collapse_entropy_fraction: float = 0.5
+    """Collapse when the predicted-class entropy on the held-out slice falls below this
+    share of its stage-2 highest."""
 
     def __post_init__(self):
         check_device(self.device)
@@ -290,11 +302,14 @@ class TrainConfig:
         for key in ("lr", "head_lr", "temperature"):
             value = getattr(self, key)
             require(self, key, value is None or value > 0, "> 0")
-        for key, low, high in (("warmup", 0, 1), ("da_momentum", 0, 1)):
+        shares = ("warmup", "da_momentum", "collapse_agreement_drop", "collapse_entropy_fraction")
+        for key in shares:
             value = getattr(self, key)
-            require(self, key, value is None or low <= value < high, f"in [{low}, {high})")
+            require(self, key, value is None or 0 <= value < 1, "in [0, 1)")
         require(self, "threshold", 0 <= self.threshold <= 1, "in [0, 1]")
         require(self, "holdout_fraction", 0 < self.holdout_fraction < 1, "in (0, 1)")
+        require(self, "time_budget", self.time_budget is None or self.time_budget > 0, "> 0")
+        require(self, "collapse_guard", self.collapse_guard in GUARD_ACTIONS, "rollback/stop/off")
 
     def for_modality(self, modality: str) -> TrainConfig:
         """A copy with every None field of ``MODALITY_DEFAULTS`` set to the modality's value.
@@ -343,6 +358,19 @@ MODALITY_DEFAULTS = {
 
 # --------------------------------------------------------------------------- export
 
+SUPPORTED_OPSETS = range(18, 24)
+"""Opsets an export is written in: torch's dynamo exporter implements 18 and up (it
+silently writes 18 for a lower request), and 23 is the newest it and onnxruntime know."""
+
+
+def check_opset(opset: int) -> None:
+    """UserError unless ``opset`` is one the exporter really writes (``SUPPORTED_OPSETS``)."""
+    if opset not in SUPPORTED_OPSETS:
+        raise UserError(
+            f"--opset {opset} is not supported: choose {SUPPORTED_OPSETS.start}.."
+            f"{SUPPORTED_OPSETS.stop - 1} (default {ExportConfig.opset})"
+        )
+
 
 @dataclass
 class ExportConfig:
@@ -370,7 +398,7 @@ class ExportConfig:
             )
         if self.format not in ("onnx", "ort"):
             raise ConfigError("format", f"unknown --format '{self.format}': choose onnx or ort")
-        at_least(self, 7, "opset")
+        check_opset(self.opset)
 
 
 # --------------------------------------------------------------------------- loading

@@ -1,6 +1,6 @@
 """Readers for the data sets zmdevice works on: text tables, image folders, image tables.
 
-Formats (see DESIGN.md):
+Formats (see docs/design.md):
 
 - **Text table**: CSV, JSONL or Parquet with a text column (``text``), an optional id column
   (``id``) and an optional label column (``label``, class names). Column names come from

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from zmdevice.catalog import default_data_dir
 from zmdevice.errors import UserError
 
 
@@ -46,11 +47,6 @@ PLANS = {
         kd_steps=(300, 20), ssl_steps=(300, 20),
     ),
 }  # fmt: skip
-
-
-def default_data_dir() -> Path:
-    """The embedded default data shipped in the repository (examples/default)."""
-    return Path(__file__).resolve().parent.parent / "examples" / "default"
 
 
 def onnx_latency_ms(model: Path, example, repeats: int = 30) -> float:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from zmdevice import __version__
-from zmdevice.config import ExportConfig
+from zmdevice.config import ExportConfig, check_opset
 from zmdevice.errors import UserError, atomic_path, check_writable
 
 FORMAT = "zmdevice-onnx"
@@ -37,9 +37,6 @@ INT8_SUFFIX = ".int8.onnx"
 FORMATS = ("onnx", "ort")
 OPERATORS_SUFFIX = ".required_operators.config"
 CALIBRATION_IMAGES = 256
-SUPPORTED_OPSETS = range(18, 24)
-"""Opsets an export is written in: torch's dynamo exporter implements 18 and up (it
-silently writes 18 for a lower request), and 23 is the newest it and onnxruntime know."""
 SYNTHETIC_TEXTS = (
     "a dog",
     "bread",
@@ -372,15 +369,6 @@ def check_parity(student, model_bytes: bytes, feeds: list[dict], inputs: str, to
 # ------------------------------------------------------------------------------ export
 
 
-def check_opset(opset: int) -> None:
-    """UserError unless ``opset`` is one the exporter really writes (``SUPPORTED_OPSETS``)."""
-    if opset not in SUPPORTED_OPSETS:
-        raise UserError(
-            f"--opset {opset} is not supported: choose {SUPPORTED_OPSETS.start}.."
-            f"{SUPPORTED_OPSETS.stop - 1} (default 18)"
-        )
-
-
 def export_student(
     student,
     out_path: str | Path,
@@ -450,6 +438,11 @@ def export_student(
 
 
 # ------------------------------------------------------------------------------ int8
+
+
+def model_card_path(onnx_path: Path) -> Path:
+    """``NAME.onnx`` -> ``NAME.README.md``: the training folder's model card, copied."""
+    return onnx_path.with_name(f"{onnx_path.stem}.README.md")
 
 
 def int8_path(fp32_path: Path) -> Path:
@@ -757,6 +750,12 @@ def run_export(config) -> dict:
     ]
     if result.tokenizer_path:
         lines.append(f"tokenizer: {result.tokenizer_path} (keep it next to the .onnx file)")
+    card = model_card_path(out)
+    if (model_dir / "README.md").is_file():
+        # The model card travels with the model: an app developer sees what it is for.
+        with atomic_path(card) as tmp:
+            tmp.write_bytes((model_dir / "README.md").read_bytes())
+        lines.append(f"model card: {card}")
     summary: dict = {
         "model_dir": str(model_dir),
         "onnx": str(out),
@@ -766,6 +765,7 @@ def run_export(config) -> dict:
         "parity": asdict(parity),
         "metadata": result.metadata,
         "tokenizer": str(result.tokenizer_path) if result.tokenizer_path else None,
+        "model_card": str(card) if card.is_file() else None,
     }
     if config.quantize == "int8":
         quantized = quantize_int8(out, int8_path(out), calibration)

@@ -48,10 +48,18 @@ CHUNK_BATCHES = 16
 """Batches per part file: the most work a killed run can lose."""
 
 
-def default_out(data: Path) -> Path:
-    """labels/<data name>.parquet (the folder name for an image folder)."""
+def default_out(data: Path, teacher: str) -> Path:
+    """labels/<data name>-<teacher>.parquet (the folder name for an image folder).
+
+    The teacher is part of the name so that labeling a text table and an image folder that
+    share a name (``unlabeled.csv``, ``unlabeled/``), or one data set with two teachers,
+    never overwrites an earlier file. A ``kind:spec`` teacher keeps the last component of
+    each path in it: ``text-embed:/models/e5`` -> ``text-embed-e5``.
+    """
     name = data.name if data.is_dir() else data.stem
-    return Path("labels") / f"{name}.parquet"
+    parts = [Path(part).name if "/" in part else part for part in teacher.split(":")]
+    teacher_name = re.sub(r"[^A-Za-z0-9._=-]+", "-", "-".join(parts)).strip("-.")
+    return Path("labels") / f"{name}-{teacher_name}.parquet"
 
 
 def parse_shard(shard: str | None) -> tuple[int, int] | None:
@@ -191,7 +199,7 @@ def run_label(config: LabelConfig) -> dict:
     from zmdevice.device import resolve_device
     from zmdevice.teachers import build_teacher, teacher_modality
 
-    out = Path(config.out) if config.out else default_out(Path(config.data))
+    out = Path(config.out) if config.out else default_out(Path(config.data), config.teacher)
     check_writable(out, "--out", suffix=".parquet")
     if config.combine:
         return _combine(config, out)

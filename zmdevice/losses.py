@@ -5,7 +5,7 @@ small dict of detached tensors (mask rate, pseudo-labels, ...) for logging. Noth
 moves tensors between devices or keeps hidden state; AdaMatch's running class
 distributions live in the small explicit ``DistributionAlignment`` object passed in.
 
-Names follow ``METHOD.md``: ``L_s`` (supervised CE), ``L_u`` (FixMatch or AdaMatch on the
+Names follow ``docs/method.md``: ``L_s`` (supervised CE), ``L_u`` (FixMatch or AdaMatch on the
 main head), ``L_KD`` / ``L_KD2`` (CE against the foundation model's hard labels; the soft
 KL variant is beyond the paper) and the ``alpha_t`` ramp.
 

@@ -1,7 +1,8 @@
 """The in-memory training pipeline: cached inputs, resumable samplers, batched augmentation.
 
 On a 2-core CPU the data pipeline must stay well below the cost of the student's forward
-and backward pass (issue 4's target: a stage-2 step <= 1.15x the bare forward+backward).
+and backward pass (benchmarks/PERFORMANCE.md's target: a stage-2 step <= 1.15x the bare
+forward+backward).
 So each sample is decoded and tokenised once, before training:
 
 - images are resized once to the student's size and kept as one uint8 tensor

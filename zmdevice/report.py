@@ -1,13 +1,20 @@
-"""``report.md`` and ``curves.png`` of a training run, read back from ``metrics.jsonl``.
+"""What a training run leaves for people: ``report.md``, ``curves.png`` and ``README.md``.
 
-The curves show, per stage, the named losses (loss, sup, unsup, kd), the mask rate, and
-the held-out agreement with the FM (stage 1) and test accuracy when they were measured.
-matplotlib runs on the Agg backend (no display needed); it is imported here only.
+``report.md`` and ``curves.png`` are read back from ``metrics.jsonl``: per stage, the named
+losses (loss, sup, unsup, kd), the mask rate, and the held-out agreement with the FM
+(stage 1) and test accuracy when they were measured. matplotlib runs on the Agg backend
+(no display needed); it is imported here only.
+
+``README.md`` is the model card, in the Hugging Face layout (YAML front matter, then
+prose): what the model is for, the FM teacher and its measured quality, the training
+data's fingerprint, the budgets, the results and the limits. ``zmdevice export`` copies it
+next to the ONNX file as ``NAME.README.md``.
 """
 
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 
 from zmdevice.errors import atomic_path, write_text_atomic
@@ -25,10 +32,11 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def write_report(out: Path, summary: dict) -> None:
-    """Write ``out/report.md`` and ``out/curves.png`` from the summary and metrics.jsonl."""
+    """Write ``out/report.md``, ``out/curves.png`` and the model card ``out/README.md``."""
     records = read_metrics(out / "metrics.jsonl")
     plot_curves(records, out / "curves.png")
     write_text_atomic(out / "report.md", render_markdown(summary, records))
+    write_text_atomic(out / "README.md", render_model_card(out, summary))
 
 
 def render_markdown(summary: dict, records: list[dict]) -> str:
@@ -126,3 +134,211 @@ def plot_curves(records: list[dict], path: Path) -> None:
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=90)
     plt.close(figure)
+
+
+# --------------------------------------------------------------------------- model card
+
+
+def _yaml(value) -> str:
+    """A YAML scalar or flow list: JSON's quoting is valid YAML."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _label_file_metadata(train_config: dict) -> dict | None:
+    """The metadata of the run's pseudo-label file, when it still exists and reads."""
+    from zmdevice.errors import UserError
+    from zmdevice.pseudolabels import read_metadata
+
+    path = train_config.get("pseudo_labels")
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        return read_metadata(path)
+    except UserError:
+        return None
+
+
+def _base_model(student_config: dict) -> str | None:
+    """The Hugging Face id the student's weights started from, when there is one."""
+    from zmdevice.catalog import find_entry
+
+    entry = find_entry(str(student_config.get("student", "")), "student") or {}
+    weights = str(student_config.get("weights", ""))
+    if entry.get("base_model") and weights == entry.get("weights"):
+        return entry["base_model"]  # the preset's own weights, named in the catalog
+    # distilbert:<hub id> (a local folder or file is no hub id; "random" is none)
+    looks_like_hub_id = weights.count("/") == 1 and not Path(weights).exists()
+    return weights if looks_like_hub_id and ":" not in weights else None
+
+
+def render_model_card(out: Path, summary: dict) -> str:
+    """The model card of a trained student folder (``README.md``), from its files.
+
+    Reads ``config.json`` (student, classes, preprocessing), ``train_config.toml`` (data,
+    budgets) and the pseudo-label file's metadata (teacher, data fingerprint and, when the
+    file was made with ``--gold``, the teacher's measured quality).
+    """
+    student_config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    train_path = out / "train_config.toml"
+    train_config = (
+        tomllib.loads(train_path.read_text(encoding="utf-8")) if train_path.is_file() else {}
+    )
+    hyper = {**train_config, **train_config.get("extra", {})}  # flat, or an [extra] table
+    labels = _label_file_metadata(train_config)
+    modality = student_config.get("modality", "image")
+    task = f"{modality}-classification"
+    classes = list(student_config.get("classes", summary.get("classes", [])))
+    base_model = _base_model(student_config)
+    method = summary.get("method", train_config.get("method", "zeromatch"))
+    name = out.name
+
+    front = ["---", 'license: "apache-2.0"', 'library_name: "zmdevice"']
+    front.append(f"pipeline_tag: {_yaml(task)}")
+    tags = ["zmdevice", method, "knowledge-distillation", "semi-supervised", task, "onnx"]
+    front.append(f"tags: {_yaml(tags)}")
+    front.append(f"metrics: {_yaml(['accuracy', 'f1'])}")
+    if base_model:
+        front.append(f"base_model: {_yaml(base_model)}")
+    if "test_accuracy" in summary:
+        test_name = Path(str(train_config.get("test", "test"))).name
+        front += [
+            "model-index:",
+            f"- name: {_yaml(name)}",
+            "  results:",
+            f"  - task: {{type: {_yaml(task)}}}",
+            f"    dataset: {{name: {_yaml(test_name)}, type: {_yaml('custom')}}}",
+            "    metrics:",
+            f"    - {{type: accuracy, value: {summary['test_accuracy']:.4f}}}",
+            f"    - {{type: f1, name: macro-F1, value: {summary['test_macro_f1']:.4f}}}",
+        ]
+    front.append("---")
+
+    student_name = summary.get("student", student_config.get("student", "?"))
+    lines = [
+        *front,
+        "",
+        f"# {name}",
+        "",
+        f"A {student_name} {modality} classifier over {len(classes)} classes "
+        f"({', '.join(classes)}), trained by zmdevice with `--method {method}` "
+        "from a foundation model's zero-shot pseudo-labels and a few true labels.",
+        "",
+        "## Intended use",
+        "",
+        f"Classifying {modality}s like the training data into exactly these classes, on "
+        "device: export it with `zmdevice export` and run the ONNX file with onnxruntime "
+        "(no torch). It always answers one of the classes above; it has no 'none of "
+        "these' answer.",
+        "",
+        "## Foundation-model teacher",
+        "",
+    ]
+    if labels is None:
+        lines.append(
+            "No pseudo-label file was used (or it is no longer at the path the run "
+            "recorded), so the teacher is not known here."
+            if method not in ("zeromatch", "kd", "naive-pl")
+            else f"Pseudo-labels from {train_config.get('pseudo_labels')} (the file is no "
+            "longer there: teacher details unavailable)."
+        )
+    else:
+        teacher = labels.get("teacher", {})
+        lines.append(
+            f"Teacher `{teacher.get('spec', '?')}`, run zero-shot once by `zmdevice label` "
+            f"over {labels.get('data', {}).get('count', '?')} samples "
+            f"(pseudo-label file `{Path(str(train_config.get('pseudo_labels'))).name}`, "
+            f"created {labels.get('created', '?')})."
+        )
+        quality = labels.get("quality")
+        if quality:
+            lines += [
+                "",
+                f"Measured against {quality.get('count', '?')} true labels "
+                f"(`--gold {Path(str(quality.get('gold', '?'))).name}`): accuracy "
+                f"{100 * quality['accuracy']:.1f}%, macro-F1 "
+                f"{100 * quality.get('macro_f1', 0):.1f}%.",
+            ]
+            per_class = quality.get("per_class", {})
+            if isinstance(per_class, dict) and per_class:
+                recalls = ", ".join(
+                    f"{cls} {100 * row.get('recall', 0):.0f}%" for cls, row in per_class.items()
+                )
+                lines.append(f"Teacher recall per class: {recalls}.")
+        else:
+            lines += ["", "The teacher's accuracy was not measured (label without `--gold`)."]
+
+    lines += ["", "## Training data", ""]
+    fingerprint = (labels or {}).get("data", {}).get("fingerprint")
+    lines.append(
+        f"{summary.get('labeled', '?')} labeled samples (`{train_config.get('labeled', '?')}`) "
+        f"and {summary.get('unlabeled', '?')} unlabeled samples "
+        f"(`{train_config.get('unlabeled', '?')}`)."
+    )
+    if fingerprint:
+        lines.append(
+            f"Unlabeled data fingerprint (SHA-256 of ids and content, as `zmdevice` computes "
+            f"it): `{fingerprint}`."
+        )
+
+    lines += ["", "## Training", ""]
+    stages = summary.get("stages", [])
+    stage_text = "; ".join(
+        f"{stage['stage']} {stage['steps']} steps ({stage['seconds']} s)" for stage in stages
+    )
+    lines.append(
+        f"Method `{method}`, seed {train_config.get('seed', '?')}, on {summary.get('device', '?')} "
+        f"in {summary.get('seconds', '?')} s: {stage_text or 'no stages'}."
+    )
+    budget = {
+        key: hyper[key]
+        for key in ("kd_batch_size", "labeled_batch_size", "unlabeled_batch_size", "lr", "head_lr")
+        if key in hyper
+    }
+    if budget:
+        lines.append(
+            "Batch sizes and learning rates: "
+            + ", ".join(f"{key} {value}" for key, value in budget.items())
+            + "; every setting is in `train_config.toml` (rerun with `--config`)."
+        )
+    preprocess = student_config.get("preprocess", {})
+    if modality == "image":
+        lines.append(f"Inputs: RGB resized to {preprocess.get('image_size', '?')} px.")
+    else:
+        lines.append(f"Inputs: at most {preprocess.get('max_length', '?')} tokens.")
+
+    lines += ["", "## Results", ""]
+    if "heldout_agreement" in summary:
+        lines.append(
+            f"- Stage 1 agreement with the teacher on held-out training samples: "
+            f"{100 * summary['heldout_agreement']:.1f}% (step {summary.get('best_kd_step')})."
+        )
+    if "test_accuracy" in summary:
+        lines.append(
+            f"- Test (`{train_config.get('test')}`): accuracy "
+            f"{100 * summary['test_accuracy']:.1f}%, macro-F1 "
+            f"{100 * summary['test_macro_f1']:.1f}%."
+        )
+        if labels and labels.get("quality"):
+            lines.append(
+                f"- The teacher scored {100 * labels['quality']['accuracy']:.1f}% on its gold "
+                "labels (other samples than the test set unless they are the same file)."
+            )
+    else:
+        lines.append("- No test data was given (`--test`): accuracy not measured.")
+    lines.append(
+        "- Curves and per-stage numbers: `report.md` and `curves.png` in the training folder."
+    )
+
+    lines += [
+        "",
+        "## Limits",
+        "",
+        "- Trained on few true labels: its accuracy is bounded by the teacher's knowledge and "
+        "by how well the labeled samples cover each class; measure it on your own data "
+        "(`zmdevice evaluate`).",
+        "- The teacher's errors and biases (skewed class choices, prompt wording) carry over.",
+        "- Inputs unlike the training data (another domain, language or image style) get "
+        "confident answers that may be wrong.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -48,7 +48,7 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 
 # torchvision's MobileNetV3 uses BatchNorm momentum 0.01: after a short CPU run the running
-# statistics lag far behind the weights and eval-mode accuracy collapses (MEASURED.md).
+# statistics lag far behind the weights and eval-mode accuracy collapses (docs/measured.md).
 BATCHNORM_MOMENTUM = 0.1
 TEXT_DROPOUT = 0.1
 
@@ -137,7 +137,7 @@ class Student(nn.Module):
         scales (the usual AdamW practice). ``freeze_word_embeddings`` (text students)
         sets ``requires_grad = False`` on the word-embedding matrix and leaves it out:
         on CPU that cuts the AdamW step about 4x for the MiniLM-sized DistilBERT
-        (MEASURED.md). Image students ignore it.
+        (docs/measured.md). Image students ignore it.
 
         Returns:
             Up to four dicts with ``params``, ``lr``, ``weight_decay`` and ``name``
@@ -780,7 +780,7 @@ def recalibrate_batchnorm(student, batches: Iterable, max_batches: int | None = 
 
     The running mean/variance are reset and recomputed as a plain cumulative average over
     the given batches (momentum None), with all weights fixed; the modules' momentum and the
-    student's train/eval mode are restored afterwards. MEASURED.md: +1-3 points after a short
+    student's train/eval mode are restored afterwards. docs/measured.md: +1-3 points after a short
     CPU run, no labels needed. Text students have no BatchNorm: nothing happens.
 
     Args:

@@ -9,6 +9,8 @@ pieces live in ``zmdevice.training``:
                        ``StepModel``, the one module a step calls
 ``training.loop``      ``Setup`` (built once), the state dict, ``run_stage``, evaluation
 ``training.checkpoint`` the state dict to safetensors + JSON and back (``--resume``)
+``training.budget``    ``--time-budget``: measure, plan the steps, stop on time
+``training.guard``     the stage-2 collapse guard (rollback / stop)
 =====================  ===============================================================
 
 This module builds the setup, runs the stages and writes ``models/NAME/``: the student
@@ -88,6 +90,7 @@ def build_setup(config: TrainConfig, out: Path, on_step=None, ranks=None):
     from zmdevice.students import build_student
     from zmdevice.training.data import build_data, check_data, data_fingerprints, load_data
     from zmdevice.training.distributed import Ranks
+    from zmdevice.training.guard import make_guard
     from zmdevice.training.loop import Setup
     from zmdevice.training.stages import StepModel, plan_stages
 
@@ -98,7 +101,7 @@ def build_setup(config: TrainConfig, out: Path, on_step=None, ranks=None):
     device = ranks.start(resolve_device(config.device))
     set_threads(config, device, ranks)
     plans = plan_stages(config)
-    ranks.check_batch_sizes(plans, config)
+    ranks.check_config(plans, config)
 
     classes, labeled, unlabeled, pseudo, test = load_data(config)
     torch.manual_seed(config.seed)
@@ -130,16 +133,18 @@ def build_setup(config: TrainConfig, out: Path, on_step=None, ranks=None):
         fingerprints=data_fingerprints(config, labeled, unlabeled, test),
         on_step=on_step,
         ranks=ranks,
+        guard=make_guard(config),
     )
 
 
-def run_train(config: TrainConfig, on_step=None) -> dict:
+def run_train(config: TrainConfig, on_step=None, clock=time.monotonic) -> dict:
     """Train a student as ``config`` says and write ``models/NAME/``.
 
     Args:
         config: the typed settings (CLI flags and ``--config`` file).
         on_step: optional plain callback ``on_step(setup, state, values)`` after every step
             (tests use it to interrupt a run).
+        clock: seconds as a float, for --time-budget (tests pass a fake one).
 
     Returns:
         Summary dict; ``lines`` is the one-screen text the CLI prints.
@@ -147,10 +152,11 @@ def run_train(config: TrainConfig, on_step=None) -> dict:
     import torch
 
     from zmdevice.training import checkpoint
+    from zmdevice.training.budget import start_budget
     from zmdevice.training.distributed import NoLog, ranks_from_environment
     from zmdevice.training.loop import MetricsLog, StopTraining, begin_stage, new_state, run_stage
 
-    started = time.perf_counter()
+    started, budget_started = time.perf_counter(), clock()
     out = default_out(config)
     check_writable(out, "--out", folder=True)
     ranks = ranks_from_environment()
@@ -159,6 +165,8 @@ def run_train(config: TrainConfig, on_step=None) -> dict:
     main = ranks.is_main  # rank 0 alone writes files (one process: always)
     if main:
         delete(previous_run)
+    if config.time_budget is not None:
+        start_budget(setup, clock, budget_started)
     state = new_state(setup)
     if config.resume:
         checkpoint.load(setup, state)
@@ -173,6 +181,8 @@ def run_train(config: TrainConfig, on_step=None) -> dict:
     if main:
         write_train_config(setup.config, out / "train_config.toml")
     save = checkpoint.save if main else lambda setup, state: None
+    if setup.budget is not None and not config.resume:
+        setup.log.write(state, setup.plans[0], {"time_budget_plan": setup.budget.plan})
     plans = setup.plans
     try:
         while state["stage_index"] < len(plans):
@@ -182,6 +192,8 @@ def run_train(config: TrainConfig, on_step=None) -> dict:
                 # Model selection: continue (or finish) from the best held-out weights.
                 setup.student.load_state_dict(state["best"]["state"])
             ranks.share_weights(setup.student)  # rank 0 alone keeps ``best``
+            if state["stopped"]:
+                break  # out of time, or a collapse: finish with the weights at hand
             state["stage_index"] += 1
             state["step"] = 0
             if state["stage_index"] < len(plans):
@@ -241,6 +253,9 @@ def write_train_config(config: TrainConfig, path: Path) -> None:
 
 def build_summary(setup, state: dict, final: dict, recalibrated: int, seconds: float) -> dict:
     """The dict ``run_train`` returns, with the CLI's ``lines``."""
+    from zmdevice.training.budget import summary_line as budget_line
+    from zmdevice.training.guard import summary_line as guard_line
+
     config, data, best = setup.config, setup.data, state["best"]
     stages = state["stage_summaries"]
     summary = {
@@ -258,6 +273,11 @@ def build_summary(setup, state: dict, final: dict, recalibrated: int, seconds: f
     if best:
         summary["heldout_agreement"] = best["agreement"]
         summary["best_kd_step"] = best["step"]
+    if setup.budget is not None:
+        summary["time_budget"] = setup.budget.record()
+    summary["stopped"] = state["stopped"]
+    if state["guard"] and state["guard"].get("fired"):
+        summary["collapse"] = state["guard"]["fired"]
     summary.update(final)
     lines = [
         f"trained {config.student} with {config.method} on {summary['device']} in "
@@ -271,6 +291,7 @@ def build_summary(setup, state: dict, final: dict, recalibrated: int, seconds: f
             f"  stage-1 held-out agreement with the FM: {100 * best['agreement']:.1f}% "
             f"(step {best['step']})"
         )
+    lines += [line for line in (budget_line(setup.budget, state), guard_line(state)) if line]
     if "test_accuracy" in final:
         lines.append(
             f"  test accuracy {100 * final['test_accuracy']:.1f}%, "

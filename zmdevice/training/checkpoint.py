@@ -108,13 +108,9 @@ def save(setup: Setup, state: dict) -> None:
         "ahead": state["ahead"],
         "best": state["best"],
         "stage_summaries": state["stage_summaries"],
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "text": setup.data.views.rng.getstate() if setup.data.modality == "text" else None,
-        },
+        "rng": rng_state(setup),
+        "guard": state.get("guard"),
+        "budget": setup.budget.record() if setup.budget is not None else None,
     }
     tensors: dict = {}
     flat = flatten(tree, tensors, "state")
@@ -250,7 +246,22 @@ def restore(setup: Setup, state: dict, tree: dict) -> None:
         state["samplers"][name].load_state_dict(sampler_state)
     state["ahead"] = tree["ahead"]
     state["best"] = tree["best"]
-    rng = tree["rng"]
+    state["guard"] = tree.get("guard")
+    set_rng_state(setup, tree["rng"])
+
+
+def rng_state(setup: Setup) -> dict:
+    """Every random generator a run draws from."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "text": setup.data.views.rng.getstate() if setup.data.modality == "text" else None,
+    }
+
+
+def set_rng_state(setup: Setup, rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])

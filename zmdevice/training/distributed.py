@@ -82,8 +82,14 @@ class Ranks:
             return torch.get_num_threads()
         return max(1, cores // self.world_size)
 
-    def check_batch_sizes(self, plans, config) -> None:
-        """Every batch of every stage must split into equal slices."""
+    def check_config(self, plans, config) -> None:
+        """Every batch of every stage must split into equal slices; --time-budget (whose
+        step probe and clock are per process) runs on one process only, for now."""
+        if self.active and config.time_budget is not None:
+            raise UserError(
+                "time_budget: a time budget runs on one process only, for now; drop it or "
+                "train without --nproc / torchrun"
+            )
         for plan in plans:
             for name in plan.batch_fields():
                 size = getattr(config, name)

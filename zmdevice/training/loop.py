@@ -53,6 +53,10 @@ class Setup:
     on_step: Any = None
     ranks: Ranks = Ranks()
     """This process's rank and the world size (``training.distributed``)."""
+    budget: Any = None
+    """training.budget.Budget of a --time-budget run, else None."""
+    guard: Any = None
+    """training.guard.CollapseGuard unless collapse_guard is off."""
 
 
 class StopTraining(Exception):
@@ -73,6 +77,8 @@ def new_state(setup: Setup) -> dict:
         "ahead": [],
         "best": {},
         "stage_summaries": [],
+        "guard": None,
+        "stopped": None,
     }
 
 
@@ -183,6 +189,8 @@ def run_stage(setup: Setup, state: dict, save_checkpoint) -> None:
                     disable=None if setup.ranks.is_main else True, file=sys.stderr,
                     dynamic_ncols=True)  # fmt: skip
     started = time.perf_counter()
+    if setup.guard is not None:
+        setup.guard.begin(setup, state, plan)
     setup.model.train()
     ranks = setup.ranks
     while state["step"] < plan.steps:
@@ -211,10 +219,14 @@ def run_stage(setup: Setup, state: dict, save_checkpoint) -> None:
         if evaluate and ranks.decide(lambda: evaluate_and_select(setup, state, plan)):
             setup.log.write(state, plan, {"early_stop": True})
             break
+        if evaluate and setup.guard is not None and setup.guard.check(setup, state, plan):
+            break
         if config.checkpoint_every and state["step"] % config.checkpoint_every == 0 and not last:
             save_checkpoint(setup, state)
         if setup.on_step is not None:
             setup.on_step(setup, state, values)
+        if setup.budget is not None and setup.budget.out_of_time(setup, state, plan):
+            break
         if config.stop_after is not None and state["global_step"] >= config.stop_after and not last:
             save_checkpoint(setup, state)
             progress.close()

@@ -1,0 +1,157 @@
+"""The stage-2 collapse guard on tiny students: it only observes a healthy run, and on a
+forced collapse it warns, logs, and rolls back (or stops).
+
+Half of the pool is held out so the slice is large enough for the rule to be judged
+(``guard.MIN_HELDOUT``); the tiny image student gets enough stage-1 steps to predict every
+class before stage 2 (with 10 it still predicts one class, and there is nothing to lose).
+"""
+
+import pytest
+import torch
+from test_train import image_config, read_jsonl, text_config, weights
+
+from zmdevice.config import TrainConfig
+from zmdevice.errors import UserError
+from zmdevice.train import run_train
+from zmdevice.training.guard import class_entropy, collapse_reason
+
+JUDGED = {
+    "image": dict(holdout_fraction=0.5, kd_steps=30, lr=5e-3, head_lr=5e-3),
+    "text": dict(holdout_fraction=0.5),
+}
+
+
+def make_config(modality, data, out, **changes):
+    build = image_config if modality == "image" else text_config
+    return build(data, out, **{**JUDGED[modality], **changes})
+
+
+@pytest.fixture(params=["image", "text"])
+def case(request):
+    """(modality, data folder) of the tiny image and text runs."""
+    return request.param, request.getfixturevalue(f"{request.param}_data")
+
+
+def test_guard_only_observes_a_healthy_run(case, tmp_path):
+    modality, data = case
+    guarded = run_train(make_config(modality, data, tmp_path / "on"))
+    run_train(make_config(modality, data, tmp_path / "off", collapse_guard="off"))
+    assert guarded["stopped"] is None and "collapse" not in guarded
+    assert any("collapse guard: no collapse" in line for line in guarded["lines"])
+    on, off = weights(tmp_path / "on"), weights(tmp_path / "off")
+    assert sorted(on) == sorted(off) and all(on[name].equal(off[name]) for name in on)
+    observed = [
+        r for r in read_jsonl(tmp_path / "on" / "metrics.jsonl") if "guard_class_entropy" in r
+    ]
+    # Before stage 2's first step, then at every evaluation (eval_every = 5, 10 steps).
+    assert [r["step"] for r in observed] == [0, 5, 10]
+    assert {"guard_heldout_agreement", "guard_labeled_accuracy"} <= set(observed[0])
+    unobserved = read_jsonl(tmp_path / "off" / "metrics.jsonl")
+    assert not any("guard_class_entropy" in r for r in unobserved)
+
+
+def last_linear(module) -> torch.nn.Linear:
+    return [m for m in module.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+
+def collapse_after(step):
+    """An on_step that, after stage-2 ``step``, pushes every main-head prediction into
+    class 0."""
+
+    def force(setup, state, values):
+        if setup.plans[state["stage_index"]].kind == "ssl" and state["step"] == step:
+            with torch.no_grad():
+                last_linear(setup.student.head).bias[0] = 1e4
+
+    return force
+
+
+force_collapse = collapse_after(2)
+
+
+def test_forced_collapse_rolls_back_to_the_best_weights(case, tmp_path, capsys):
+    modality, data = case
+    out = tmp_path / "out"
+    summary = run_train(make_config(modality, data, out), on_step=force_collapse)
+    assert summary["stopped"] == "collapse"
+    fired = summary["collapse"]
+    assert fired["step"] == 5 and fired["action"] == "rollback" and fired["rolled_back_to"] == 0
+    assert "fell to" in fired["reason"]
+    assert summary["stages"][-1] == {**summary["stages"][-1], "stage": "ssl", "steps": 5}
+    assert any(line.startswith("  COLLAPSE at stage-2 step 5") for line in summary["lines"])
+    assert "warning: collapse at stage-2 step 5" in capsys.readouterr().err
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["collapse_action"] for r in records if "collapse" in r] == ["rollback"]
+    # The saved head is the pre-collapse one and predicts more than one class.
+    from zmdevice.students import load_student
+
+    student = load_student(out)
+    assert float(last_linear(student.head).bias[0].detach()) < 100
+    assert (out / "report.md").is_file()
+
+
+def test_forced_collapse_with_stop_keeps_the_weights(image_data, tmp_path):
+    out = tmp_path / "out"
+    config = make_config("image", image_data, out, collapse_guard="stop")
+    summary = run_train(config, on_step=force_collapse)
+    assert summary["collapse"]["action"] == "stop" and summary["collapse"]["rolled_back_to"] is None
+    assert float(weights(out)["head.bias"][0]) > 100
+
+
+def test_config_rigged_collapse_is_caught(image_data, tmp_path):
+    """FixMatch on every pseudo-label (threshold 0), weighted 50x, with a head learning rate
+    of 0.5: stage 2 drives the main head into one class within five steps."""
+    rigged = dict(ssl_loss="fixmatch", threshold=0.0, lambda_u=50.0, head_lr=0.5, ssl_steps=30)
+    summary = run_train(make_config("image", image_data, tmp_path / "on", **rigged))
+    assert summary["collapse"]["step"] == 5 and summary["collapse"]["rolled_back_to"] == 0
+    off = run_train(
+        make_config("image", image_data, tmp_path / "off", collapse_guard="off", **rigged)
+    )
+    assert off["stages"][-1]["steps"] == 30 and "collapse" not in off
+    records = read_jsonl(tmp_path / "on" / "metrics.jsonl")
+    start, collapsed = [r for r in records if "guard_heldout_agreement" in r]
+    assert collapsed["guard_heldout_agreement"] < start["guard_heldout_agreement"] - 0.10
+
+
+def test_resume_keeps_the_guard_memory(image_data, tmp_path):
+    whole = run_train(make_config("image", image_data, tmp_path / "whole"))
+    out = tmp_path / "split"
+    run_train(make_config("image", image_data, out, stop_after=37))  # stage-2 step 7
+    resumed = run_train(make_config("image", image_data, out, resume=True))
+    assert resumed["stopped"] is None and whole["stopped"] is None
+    expected, got = weights(tmp_path / "whole"), weights(out)
+    assert all(got[name].equal(expected[name]) for name in expected)
+    guard_records = [r for r in read_jsonl(out / "metrics.jsonl") if "guard_class_entropy" in r]
+    assert [r["step"] for r in guard_records] == [0, 5, 10]
+    # A collapse after the resume rolls back to weights remembered before the interruption.
+    again = tmp_path / "again"
+    run_train(make_config("image", image_data, again, stop_after=37))
+    resumed = run_train(make_config("image", image_data, again, resume=True), collapse_after(8))
+    assert resumed["collapse"]["step"] == 10 and resumed["collapse"]["rolled_back_to"] in (0, 5)
+
+
+def test_the_rule_on_given_signals():
+    config = TrainConfig(labeled="l", unlabeled="u")  # drop 0.10, entropy share 0.5
+    memory = {"best_agreement": 0.80, "highest_entropy": 1.0}
+    healthy = {"guard_heldout_agreement": 0.71, "guard_class_entropy": 0.51}
+    assert collapse_reason(config, healthy, memory) is None
+    agreement = collapse_reason(config, {**healthy, "guard_heldout_agreement": 0.69}, memory)
+    assert "agreement" in agreement and "69.0%" in agreement
+    entropy = collapse_reason(config, {**healthy, "guard_class_entropy": 0.49}, memory)
+    assert "entropy" in entropy
+    # Without an FM only the entropy is judged.
+    no_fm = {"highest_entropy": 1.0}
+    assert collapse_reason(config, {"guard_class_entropy": 0.49}, no_fm) is not None
+    assert collapse_reason(config, {"guard_class_entropy": 0.51}, no_fm) is None
+
+
+def test_class_entropy():
+    assert class_entropy(torch.tensor([0, 0, 0, 0]), 3) == 0.0
+    assert class_entropy(torch.tensor([0, 1, 2]), 3) == pytest.approx(torch.log(torch.tensor(3.0)))
+
+
+def test_guard_settings_are_checked(image_data, tmp_path):
+    with pytest.raises(UserError, match="collapse_guard"):
+        make_config("image", image_data, tmp_path, collapse_guard="sometimes")
+    with pytest.raises(UserError, match="collapse_entropy_fraction"):
+        make_config("image", image_data, tmp_path, collapse_entropy_fraction=1.5)

@@ -1,0 +1,651 @@
+"""The Python API: ``zmdevice.label``, ``train``, ``export`` and ``load``.
+
+Each function is the CLI command of the same name: it fills the same typed config
+(``zmdevice.config``) and calls the same stage function (``run_label``, ``run_train``,
+``run_export``), so a script and the command line write the same files and raise the same
+``UserError`` messages. What the API adds:
+
+- **In-memory data.** Wherever the CLI takes a data path, the API also takes a pandas
+  DataFrame (columns as in a table file), a list of strings or of ``(text, label)`` pairs,
+  or a list of PIL images or image paths (alone or in ``(image, label)`` pairs). Such data
+  is written once, under a name derived from its content, to the input cache
+  (``$ZMDEVICE_CACHE``, else ``$XDG_CACHE_HOME/zmdevice``, else ``~/.cache/zmdevice``),
+  and the stage reads that file. Texts therefore get the content-derived ids and the
+  fingerprint that the same texts get in a table on disk, and a pseudo-label file made from
+  a list fits ``train`` on the same list. A list of image paths is read as the folder
+  that holds them (ids relative to it); a PIL image gets the id ``i`` + 16 hex digits of
+  the SHA-1 of its pixels + ``.png``.
+- **Results as objects**: ``label`` returns the ``PseudoLabels`` it wrote (``.path``,
+  ``.summary``); ``train`` a ``TrainedStudent`` (``.out``, ``.predict``, ``.predict_proba``,
+  ``.evaluate``); ``load`` a torch-free ``Classifier`` for an exported ONNX file.
+- ``progress=False`` turns the progress bars off; ``on_step`` receives each record that
+  training logs to ``metrics.jsonl``.
+
+Outputs default to the CLI's paths relative to the working folder: ``labels/NAME-TEACHER
+.parquet``, ``models/STUDENT-METHOD/`` and ``export/NAME.onnx``.
+
+Only the standard library, numpy and the torch-free runtime are imported here; torch comes
+in with the function that trains or evaluates a student.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from zmdevice.errors import UserError, atomic_path, write_text_atomic
+from zmdevice.pseudolabels import PseudoLabels
+from zmdevice.runtime import OnnxClassifier, load_image
+
+DEFAULT_STUDENTS = {"image": "mobilenet_v3_small", "text": "distilbert"}
+"""The student ``train`` picks when none is named: the offline default of each modality."""
+
+# --------------------------------------------------------------------------- in-memory data
+
+
+def input_cache() -> Path:
+    """Where in-memory data is written for the stages to read (see the module docstring)."""
+    override = os.environ.get("ZMDEVICE_CACHE")
+    if override:
+        return Path(override) / "inputs"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "zmdevice" / "inputs"
+
+
+def data_path(data: Any, role: str, options=None) -> Path:
+    """A file or folder the stage functions can open for ``data``.
+
+    Args:
+        data: a path (returned as it is), a pandas DataFrame, or a list of texts, image
+            paths, PIL images, or ``(item, label)`` pairs of those.
+        role: what the data is for (``data``, ``labeled``, ...), named in errors.
+        options: the ``DataOptions`` the stage will read the file with (column names).
+
+    Raises:
+        UserError: an empty list, mixed kinds of items, or an unsupported type.
+    """
+    from zmdevice.config import DataOptions
+
+    options = options or DataOptions()
+    if isinstance(data, (str, os.PathLike)):
+        return Path(data)
+    if _is_dataframe(data):
+        return _write_table(_frame_rows(data, options), "table")
+    if isinstance(data, (list, tuple)):
+        return _write_items(list(data), role, options)
+    raise UserError(
+        f"{role}: expected a path, a pandas DataFrame, or a list of texts, images or "
+        f"(item, label) pairs; got {type(data).__name__}"
+    )
+
+
+def _is_dataframe(data: Any) -> bool:
+    # Checked by name so that pandas stays optional and is never imported here.
+    return type(data).__name__ == "DataFrame" and hasattr(data, "to_dict")
+
+
+def _frame_rows(frame, options) -> list[dict]:
+    """The rows of a DataFrame; image paths made absolute, their ids kept as written."""
+    rows = [{str(k): v for k, v in row.items()} for row in frame.to_dict("records")]
+    columns = {str(name) for name in frame.columns}
+    if options.path_column in columns and options.text_column not in columns:
+        for row in rows:
+            written = row[options.path_column]
+            if isinstance(written, (str, os.PathLike)):
+                row.setdefault(options.id_column, str(written))
+                row[options.path_column] = str(Path(written).resolve())
+    return rows
+
+
+def _split_labels(items: list, role: str) -> tuple[list, list[str] | None]:
+    """``(item, label)`` pairs -> items and labels; plain items -> items and None."""
+    pairs = [isinstance(item, tuple) and len(item) == 2 for item in items]
+    if not any(pairs):
+        return items, None
+    if not all(pairs):
+        raise UserError(f"{role}: mix of (item, label) pairs and plain items; use one kind")
+    return [item for item, _ in items], [str(label) for _, label in items]
+
+
+def _is_pil(item: Any) -> bool:
+    return hasattr(item, "getbands") and hasattr(item, "tobytes")
+
+
+def _item_kind(items: list, role: str) -> str:
+    """``text``, ``image`` (PIL images) or ``path`` (image files) for a list of items."""
+    from zmdevice.data import IMAGE_EXTENSIONS
+
+    def kind(item) -> str:
+        if _is_pil(item):
+            return "image"
+        if isinstance(item, os.PathLike):
+            return "path"
+        if isinstance(item, str):
+            return "text"
+        raise UserError(
+            f"{role}: items must be texts, PIL images or image paths, got {type(item).__name__}"
+        )
+
+    kinds = {kind(item) for item in items}
+    if len(kinds) > 1:
+        raise UserError(f"{role}: mix of {' and '.join(sorted(kinds))} items; use one kind")
+    found = kinds.pop()
+    if found == "text" and all(
+        item.lower().endswith(IMAGE_EXTENSIONS) and Path(item).is_file() for item in items
+    ):
+        return "path"  # strings that all name image files are image paths
+    return found
+
+
+def _write_items(items: list, role: str, options) -> Path:
+    if not items:
+        raise UserError(f"{role} is empty: give at least one item")
+    items, labels = _split_labels(items, role)
+    kind = _item_kind(items, role)
+    if kind == "text":
+        rows = [{options.text_column: text} for text in items]
+        name = "texts"
+    elif kind == "path":
+        paths = [Path(item).resolve() for item in items]
+        root = Path(os.path.commonpath([path.parent for path in paths]))
+        rows = [
+            {options.path_column: str(path), options.id_column: path.relative_to(root).as_posix()}
+            for path in paths
+        ]
+        name = "images"
+    else:
+        return _write_images(items, labels, options)
+    if labels is not None:
+        for row, label in zip(rows, labels, strict=True):
+            row[options.label_column] = label
+    return _write_table(rows, name)
+
+
+def _write_table(rows: list[dict], kind: str) -> Path:
+    """``rows`` as a JSONL table in the input cache, named after its kind and content
+    (``texts-<16 hex>.jsonl``: also the data name in default label file names)."""
+    if not rows:
+        raise UserError("an in-memory table is empty: give at least one row")
+    # JSONL keeps every string exactly (a CSV round trip may not) and any mix of types.
+    text = "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    path = input_cache() / f"{kind}-{digest}.jsonl"
+    if not path.is_file():
+        write_text_atomic(path, text)
+    return path
+
+
+def image_id(image) -> str:
+    """The content-derived id of a PIL image: ``i`` + 16 hex of the SHA-1 of its pixels."""
+    digest = hashlib.sha1(f"{image.mode} {image.size}\0".encode())
+    digest.update(image.tobytes())
+    return f"i{digest.hexdigest()[:16]}.png"
+
+
+def _write_images(images: list, labels: list[str] | None, options) -> Path:
+    """PIL images saved as PNG files plus an image table (path, id, label) beside them."""
+    folder = input_cache() / "images"
+    rows, seen = [], {}
+    for image in images:
+        name = image_id(image)
+        file = folder / name  # one file per distinct image, shared by every data set
+        if not file.is_file():
+            with atomic_path(file) as tmp:
+                image.save(tmp, format="PNG")
+        seen[name] = seen.get(name, 0) + 1  # repeats get ~2, ~3..., as repeated texts do
+        sample_id = name if seen[name] == 1 else f"{name.removesuffix('.png')}~{seen[name]}.png"
+        rows.append({options.path_column: str(file), options.id_column: sample_id})
+    if labels is not None:
+        for row, label in zip(rows, labels, strict=True):
+            row[options.label_column] = label
+    return _write_table(rows, "images")
+
+
+def class_spec(classes: Any) -> str:
+    """What ``--classes`` takes, for a spec string, a list of names or a name -> prompts dict.
+
+    A list of plain names becomes a comma list; names with commas, and dicts of prompts,
+    go to a JSON file in the input cache.
+    """
+    if isinstance(classes, (str, os.PathLike)):
+        return str(classes)
+    if isinstance(classes, (list, tuple)) and all(isinstance(name, str) for name in classes):
+        if all(name == name.strip() and name and "," not in name for name in classes):
+            return ",".join(classes)
+        content = json.dumps(list(classes), ensure_ascii=False)
+    elif isinstance(classes, dict):
+        content = json.dumps(classes, ensure_ascii=False)
+    else:
+        raise UserError(
+            f"classes: expected a list of names, a dict of name -> prompt(s), or what "
+            f"--classes takes; got {type(classes).__name__}"
+        )
+    path = input_cache() / f"classes-{hashlib.sha256(content.encode()).hexdigest()[:16]}.json"
+    if not path.is_file():
+        write_text_atomic(path, content)
+    return str(path)
+
+
+# --------------------------------------------------------------------------- run helpers
+
+
+class _NotATerminal:
+    """A stream that forwards everything but says it is not a terminal: progress bars
+    (tqdm with ``disable=None``) then stay off, while warnings still reach the user."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Show the stages' progress bars (on a terminal) or hide them, ours and Hugging
+    Face's (model loading)."""
+    if enabled:
+        yield
+        return
+    with _hugging_face_bars_off(), contextlib.redirect_stderr(_NotATerminal(sys.stderr)):
+        yield
+
+
+@contextlib.contextmanager
+def _hugging_face_bars_off() -> Iterator[None]:
+    try:
+        from huggingface_hub import utils as hub
+    except ImportError:  # the runtime-only install: no model loading that shows bars
+        yield
+        return
+    was_on = not hub.are_progress_bars_disabled()
+    hub.disable_progress_bars()
+    # transformers copies the switch when it is imported and keeps its own from then on.
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging = sys.modules.get("transformers.utils.logging")
+            # transformers' switch turns the hub's back on too.
+            (hf_logging.enable_progress_bar if hf_logging else hub.enable_progress_bars)()
+
+
+def _split_options(options: dict, accepted: set[str], command: str) -> None:
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise UserError(
+            f"zmdevice.{command}: unknown option(s) {', '.join(unknown)}; "
+            f"use {', '.join(sorted(accepted))}"
+        )
+
+
+def _field_names(config_class) -> set[str]:
+    return {item.name for item in dataclasses.fields(config_class)}
+
+
+# --------------------------------------------------------------------------- label
+
+
+@dataclasses.dataclass
+class LabelFile(PseudoLabels):
+    """The pseudo-labels ``zmdevice.label`` wrote, with where and how."""
+
+    path: Path | None = None
+    """The Parquet file (give it, or this object, to ``train``)."""
+    summary: dict = dataclasses.field(default_factory=dict)
+    """What the CLI prints (``summary["lines"]``) and ``--json`` gives."""
+
+
+def label(
+    data: Any,
+    classes: Any,
+    teacher: str,
+    out: str | os.PathLike | None = None,
+    *,
+    progress: bool = True,
+    **options: Any,
+) -> LabelFile:
+    """Run a foundation model zero-shot once over ``data``: `zmdevice label`.
+
+    Args:
+        data: a path as for the CLI, or in-memory data (module docstring).
+        classes: a list of class names, a dict of name -> prompt(s), or what ``--classes``
+            takes (comma list, class file).
+        teacher: a catalog name (``minilm``, ``efficientnet-lite0``) or ``kind:spec``.
+        out: the Parquet file; default ``labels/<data name>-<teacher>.parquet``.
+        progress: False hides the progress bar.
+        **options: any other ``LabelConfig`` field (``batch_size``, ``device``, ``top_k``,
+            ``gold`` (data as above), ``resume``, ``shard``, ``templates``, ``workers``,
+            ``combine``) or ``DataOptions`` field (``text_column``, ``skip_corrupt``, ...).
+
+    Returns:
+        The pseudo-labels (a ``PseudoLabels``) with ``.path`` and ``.summary``.
+    """
+    from zmdevice.config import DataOptions, LabelConfig
+    from zmdevice.label import run_label
+    from zmdevice.pseudolabels import read_pseudolabels
+
+    label_fields = _field_names(LabelConfig) - {"data", "classes", "teacher", "out"}
+    label_fields.discard("data_options")
+    data_fields = _field_names(DataOptions)
+    _split_options(options, label_fields | data_fields, "label")
+    data_options = DataOptions(**{k: v for k, v in options.items() if k in data_fields})
+    settings = {k: v for k, v in options.items() if k in label_fields}
+    if settings.get("gold") is not None:
+        settings["gold"] = data_path(settings["gold"], "gold", data_options)
+    config = LabelConfig(
+        data=data_path(data, "data", data_options),
+        classes=class_spec(classes),
+        teacher=teacher,
+        out=Path(out) if out is not None else None,
+        data_options=data_options,
+        **settings,
+    )
+    with progress_bars(progress):
+        summary = run_label(config)
+    labels = read_pseudolabels(summary["out"])
+    fields = {item.name: getattr(labels, item.name) for item in dataclasses.fields(PseudoLabels)}
+    return LabelFile(**fields, path=Path(summary["out"]), summary=summary)
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _metrics_forwarder(callbacks: list[Callable[[dict], Any]]):
+    """An ``on_step(run, values)`` for ``run_train`` that hands each new ``metrics.jsonl``
+    record (a logged step or an evaluation) to every callback, as a dict."""
+    read_up_to = {"offset": 0}
+
+    def on_step(setup, state, values) -> None:
+        path = Path(setup.out) / "metrics.jsonl"
+        if not path.is_file():
+            return
+        with path.open(encoding="utf-8") as handle:
+            handle.seek(read_up_to["offset"])
+            fresh = handle.read()
+        # Only whole lines: the log is flushed line by line, but be safe.
+        complete = fresh[: fresh.rfind("\n") + 1]
+        read_up_to["offset"] += len(complete.encode("utf-8"))
+        for line in complete.splitlines():
+            if line.strip():
+                record = json.loads(line)
+                for callback in callbacks:
+                    callback(record)
+
+    return on_step
+
+
+def _modality_of(path: Path) -> str:
+    from zmdevice.data import open_dataset
+
+    return open_dataset(path).modality
+
+
+def train(
+    labeled: Any,
+    unlabeled: Any,
+    pseudo_labels: PseudoLabels | str | os.PathLike | None = None,
+    student: str | None = None,
+    method: str = "zeromatch",
+    device: str = "cpu",
+    out: str | os.PathLike | None = None,
+    *,
+    test: Any = None,
+    progress: bool = True,
+    on_step: Callable[[dict], Any] | Sequence[Callable[[dict], Any]] | None = None,
+    **hyper: Any,
+) -> TrainedStudent:
+    """Train a student: `zmdevice train` (stage 1 KD, stage 2 SSL + auxiliary KD head).
+
+    Args:
+        labeled: the few true labels: a path, a DataFrame with a label column, or a list
+            of ``(item, label)`` pairs.
+        unlabeled: the training pool (labeled samples included), as data above.
+        pseudo_labels: what ``label`` returned, or the path of a pseudo-label file; needed by
+            ``zeromatch``, ``kd`` and ``naive-pl``.
+        student: a student preset; default ``mobilenet_v3_small`` for images, ``distilbert``
+            for text.
+        method: zeromatch, kd, supervised, fixmatch, adamatch or naive-pl.
+        device: cpu, cuda, cuda:N, mps or auto.
+        out: the output folder; default ``models/<student>-<method>``.
+        test: labeled test data, evaluated periodically and at the end.
+        progress: False hides the progress bars.
+        on_step: a callable (or a list of them) given each record written to
+            ``metrics.jsonl``: ``stage``, ``step``, ``global_step`` and the named losses of a
+            logged step, or the evaluation values.
+        **hyper: ``kd_steps``, ``ssl_steps``, ``seed``, ``soft_labels``, ``allow_partial``,
+            ``resume``, or any hyper-parameter of a ``--config`` file (``lr``,
+            ``kd_batch_size``, ``ssl_loss``, ...).
+    """
+    from zmdevice.config import TrainConfig
+    from zmdevice.train import run_train
+
+    if isinstance(pseudo_labels, PseudoLabels):
+        if getattr(pseudo_labels, "path", None) is None:
+            raise UserError(
+                "pseudo_labels: give the object zmdevice.label returned, or the path of a "
+                "pseudo-label file"
+            )
+        pseudo_labels = pseudo_labels.path
+    labeled_path = data_path(labeled, "labeled")
+    named = {"labeled", "unlabeled", "pseudo_labels", "student", "method", "device", "out", "test"}
+    _split_options(hyper, _field_names(TrainConfig) - named, "train")
+    config = TrainConfig(
+        labeled=labeled_path,
+        unlabeled=data_path(unlabeled, "unlabeled"),
+        pseudo_labels=Path(pseudo_labels) if pseudo_labels is not None else None,
+        student=student or DEFAULT_STUDENTS[_modality_of(labeled_path)],
+        method=method,
+        device=device,
+        out=Path(out) if out is not None else None,
+        test=data_path(test, "test") if test is not None else None,
+        **hyper,
+    )
+    callbacks = [on_step] if callable(on_step) else list(on_step or [])
+    with progress_bars(progress):
+        summary = run_train(config, on_step=_metrics_forwarder(callbacks) if callbacks else None)
+    return TrainedStudent(summary["out"], summary)
+
+
+# --------------------------------------------------------------------------- predicting
+
+
+class _ImageItems:
+    """A list of PIL images or image files, read like an ``ImageDataset`` by
+    ``evaluate.predict_student``."""
+
+    modality = "image"
+
+    def __init__(self, items: list):
+        self.items = items
+        self.source = Path("<images>")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load_image(self, index: int):
+        from zmdevice.data import to_rgb
+
+        item = self.items[index]
+        return to_rgb(item if _is_pil(item) else load_image(Path(item)))
+
+
+def _as_items(items: Any, modality: str) -> list:
+    """Texts (text model) or PIL images and image paths (image model), as a list."""
+    if _is_dataframe(items):
+        column = "text" if modality == "text" else "path"
+        if column not in items.columns:
+            raise UserError(f"items: the DataFrame has no '{column}' column")
+        items = items[column].tolist()
+    elif isinstance(items, (str, os.PathLike)) or _is_pil(items):
+        items = [items]  # one item
+    items = list(items)
+    for item in items:
+        fits = (
+            isinstance(item, str)
+            if modality == "text"
+            else _is_pil(item) or isinstance(item, (str, os.PathLike))
+        )
+        if not fits:
+            wanted = "strings" if modality == "text" else "PIL images or image paths"
+            raise UserError(
+                f"items: a {modality} model classifies {wanted}, got {type(item).__name__}"
+            )
+    return items
+
+
+class Classifier(OnnxClassifier):
+    """An exported model run by onnxruntime, no torch: what ``zmdevice.load`` returns.
+
+    ``predict_proba(items)`` -> float32 [len(items), len(classes)], rows summing to 1;
+    ``predict(items)`` -> one class name per item. Items are texts for a text model, PIL
+    images or image file paths for an image model.
+    """
+
+    def predict_proba(self, items: Any, batch_size: int = 32) -> np.ndarray:
+        items = _as_items(items, self.modality)
+        if self.modality == "image":
+            items = [item if _is_pil(item) else load_image(Path(item)) for item in items]
+        return super().predict_proba(items, batch_size=batch_size)
+
+    def predict(self, items: Any) -> list[str]:
+        return [self.classes[i] for i in self.predict_proba(items).argmax(axis=1)]
+
+    def evaluate(self, data: Any, **options: Any) -> dict:
+        """Accuracy, macro-F1, per-class scores and confusion on labeled ``data``."""
+        from zmdevice.runtime import run_evaluate_onnx
+
+        return run_evaluate_onnx(self.path, data_path(data, "data"), device="cpu", **options)
+
+
+class TrainedStudent:
+    """A trained student folder (``models/NAME``), usable from Python through PyTorch.
+
+    Attributes:
+        out: the folder ``train`` wrote (student, config, report, metrics).
+        summary: what ``train`` returned (empty when loaded from a folder).
+    """
+
+    def __init__(self, out: str | os.PathLike, summary: dict | None = None, device: str = "cpu"):
+        self.out = Path(out)
+        self.summary = summary or {}
+        self.device = device
+        self._model = None
+
+    def __repr__(self) -> str:
+        return f"TrainedStudent({str(self.out)!r})"
+
+    @property
+    def model(self):
+        """The ``students.Student`` (a torch module), loaded on first use."""
+        if self._model is None:
+            from zmdevice.students import load_student
+
+            self._model = load_student(self.out, device=self.device)
+        return self._model
+
+    @property
+    def classes(self) -> list[str]:
+        from zmdevice.students import read_student_config
+
+        return list(read_student_config(self.out)["classes"])
+
+    def predict_proba(self, items: Any, batch_size: int = 64) -> np.ndarray:
+        """float32 [len(items), len(classes)] class probabilities, rows summing to 1."""
+        from zmdevice.data import TextDataset
+        from zmdevice.evaluate import predict_student
+
+        model = self.model
+        items = _as_items(items, model.modality)
+        if model.modality == "text":
+            ids = [str(i) for i in range(len(items))]
+            dataset = TextDataset(source=Path("<texts>"), ids=ids, texts=items)
+        else:
+            dataset = _ImageItems(items)
+        return predict_student(model, dataset, batch_size=batch_size, device=self.device)
+
+    def predict(self, items: Any) -> list[str]:
+        """One class name per item."""
+        classes = self.classes
+        return [classes[i] for i in self.predict_proba(items).argmax(axis=1)]
+
+    def evaluate(self, data: Any, **options: Any) -> dict:
+        """Accuracy, macro-F1, per-class scores and confusion on labeled ``data``."""
+        from zmdevice.evaluate import run_evaluate_student
+
+        return run_evaluate_student(
+            self.out, data_path(data, "data"), device=self.device, **options
+        )
+
+    def export(self, out: str | os.PathLike | None = None, quantize: str | None = None) -> Path:
+        """``zmdevice.export(self, out, quantize)``."""
+        return export(self, out, quantize)
+
+
+# --------------------------------------------------------------------------- export, load
+
+
+def export(
+    model_or_dir: TrainedStudent | str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    quantize: str | None = None,
+    **options: Any,
+) -> Path:
+    """Export a trained student to one ONNX file: `zmdevice export`.
+
+    Args:
+        model_or_dir: what ``train`` returned, or a student folder.
+        out: the .onnx file; default ``export/<folder name>.onnx``.
+        quantize: "int8" also writes ``NAME.int8.onnx``.
+        **options: ``test`` (labeled data: compare int8 with fp32), ``calibration``
+            (images for static int8), ``opset``.
+
+    Returns:
+        The fp32 .onnx path (its model card ``NAME.README.md`` and, for text,
+        ``NAME.tokenizer.json`` lie beside it).
+    """
+    from zmdevice.config import ExportConfig
+    from zmdevice.export import run_export
+
+    accepted = _field_names(ExportConfig) - {"model_dir", "out", "quantize"}
+    _split_options(options, accepted, "export")
+    for key in ("test", "calibration"):
+        if options.get(key) is not None:
+            options[key] = data_path(options[key], key)
+    model_dir = model_or_dir.out if isinstance(model_or_dir, TrainedStudent) else model_or_dir
+    summary = run_export(
+        ExportConfig(
+            model_dir=Path(model_dir),
+            out=Path(out) if out is not None else None,
+            quantize=quantize,
+            **options,
+        )
+    )
+    return Path(summary["onnx"])
+
+
+def load(path: str | os.PathLike, *, device: str = "cpu") -> Classifier | TrainedStudent:
+    """An exported ``.onnx`` file as a torch-free ``Classifier``; a student folder
+    (``models/NAME``) as a ``TrainedStudent``."""
+    path = Path(path)
+    if path.is_dir():
+        from zmdevice.students import read_student_config
+
+        read_student_config(path)  # UserError when the folder is not a trained student
+        return TrainedStudent(path, device=device)
+    return Classifier(path, device=device)

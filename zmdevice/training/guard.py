@@ -1,0 +1,156 @@
+"""The stage-2 collapse guard: label-free signals, a fixed rule, a rollback.
+
+SSL losses can feed on their own mistakes until the main head puts nearly everything into a
+few classes. The guard watches, at every stage-2 evaluation and once before its first step,
+signals that need no test labels, all on the main head's clean-view predictions (eval mode,
+no gradient, no random numbers, so a guard that does not fire changes nothing):
+
+- ``guard_heldout_agreement``: agreement with the FM's labels on the held-out slice that
+  stage 1 keeps for model selection (methods with an FM only). Stage 2 draws its unlabeled
+  batches from the whole pool, so in stage 2 this measures agreement, not generalisation;
+- ``guard_class_entropy``: entropy (nats) of the predicted-class histogram on that slice;
+- ``guard_labeled_accuracy``: accuracy on the labeled set (logged, not part of the rule).
+
+The rule (thresholds in ``TrainConfig``; judged only on ``MIN_HELDOUT`` or more held-out
+samples): a collapse is held-out agreement more than
+``collapse_agreement_drop`` below its stage-2 best, or class entropy below
+``collapse_entropy_fraction`` of its stage-2 highest. The guard keeps in ``state["guard"]``
+(and so in checkpoints) the weights of the best evaluation: highest agreement with an FM,
+else the latest one the rule passed. On a collapse it warns on stderr, logs a ``collapse``
+record, and ends training: ``rollback`` restores those weights first, ``stop`` keeps the
+weights as they are.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from zmdevice.training.loop import Setup, cpu_state, predict
+from zmdevice.training.stages import StagePlan
+
+MIN_HELDOUT = 20
+"""Held-out samples below which the guard only logs: on a handful of samples one changed
+prediction moves agreement by many points and the class histogram is noise."""
+
+
+def make_guard(config) -> CollapseGuard | None:
+    return None if config.collapse_guard == "off" else CollapseGuard()
+
+
+def class_entropy(predicted: torch.Tensor, num_classes: int) -> float:
+    """Entropy in nats of the histogram of ``predicted`` class ids."""
+    counts = torch.bincount(predicted, minlength=num_classes).double()
+    shares = counts[counts > 0] / counts.sum().clamp(min=1)
+    return float(-(shares * shares.log()).sum()) + 0.0  # no -0.0
+
+
+def observe(setup: Setup) -> dict:
+    """The guard's signals for the student as it is now."""
+    data, size = setup.data, setup.config.eval_batch_size
+    predicted = predict(setup.student, data, data.holdout, size, setup.device)
+    signals = {"guard_class_entropy": class_entropy(predicted, len(data.classes))}
+    if data.fm_label is not None:
+        agreement = (predicted == data.fm_label[data.holdout]).float().mean()
+        signals["guard_heldout_agreement"] = float(agreement)
+    labeled = predict(setup.student, data, data.labeled_index, size, setup.device)
+    signals["guard_labeled_accuracy"] = float((labeled == data.labeled_y).float().mean())
+    return signals
+
+
+def collapse_reason(config, signals: dict, memory: dict) -> str | None:
+    """Why ``signals`` are a collapse by the rule, or None."""
+    agreement, best = signals.get("guard_heldout_agreement"), memory.get("best_agreement")
+    drop = config.collapse_agreement_drop
+    if agreement is not None and best is not None and agreement < best - drop:
+        return (
+            f"held-out agreement with the FM fell to {100 * agreement:.1f}% from its "
+            f"stage-2 best {100 * best:.1f}% (more than "
+            f"{100 * drop:.0f} points)"
+        )
+    entropy, highest = signals["guard_class_entropy"], memory["highest_entropy"]
+    if entropy < config.collapse_entropy_fraction * highest:
+        return (
+            f"predicted-class entropy on the held-out slice fell to {entropy:.3f} nats from "
+            f"{highest:.3f} (below {config.collapse_entropy_fraction:g} of it)"
+        )
+    return None
+
+
+class CollapseGuard:
+    """Observes stage-2 evaluations; ``check`` says when training must end."""
+
+    def begin(self, setup: Setup, state: dict, plan: StagePlan) -> None:
+        """The stage-2 baseline, before its first step (kept on resume)."""
+        if plan.uses_labeled and state.get("guard") is None:
+            self.check(setup, state, plan)
+
+    def check(self, setup: Setup, state: dict, plan: StagePlan) -> bool:
+        """Observe and log; on a collapse act as configured and return True."""
+        if not plan.uses_labeled:
+            return False
+        config = setup.config
+        signals = observe(setup)
+        memory = state.get("guard")
+        if memory is None:
+            memory = state["guard"] = {"highest_entropy": signals["guard_class_entropy"]}
+        judged = len(setup.data.holdout) >= MIN_HELDOUT
+        reason = collapse_reason(config, signals, memory) if judged else None
+        setup.log.write(state, plan, signals)
+        if reason is None:
+            self.remember(setup, state, memory, signals)
+            return False
+        action = config.collapse_guard
+        rolled_back_to = memory.get("best_step") if action == "rollback" else None
+        if rolled_back_to is not None:
+            setup.student.load_state_dict(memory["best_state"])
+        memory["fired"] = {
+            "step": state["step"],
+            "reason": reason,
+            "action": action,
+            "rolled_back_to": rolled_back_to,
+        }
+        setup.log.write(state, plan, {"collapse": reason, "collapse_action": action})
+        done = (
+            f"rolled back to the weights of stage-2 step {rolled_back_to}"
+            if rolled_back_to is not None
+            else "kept the weights as they are"
+        )
+        print(
+            f"warning: collapse at stage-2 step {state['step']}: {reason}; stopped training and "
+            f"{done} (collapse_guard = {action})",
+            file=sys.stderr,
+        )
+        state["stopped"] = "collapse"
+        return True
+
+    @staticmethod
+    def remember(setup: Setup, state: dict, memory: dict, signals: dict) -> None:
+        """Update the best signals and keep the weights of the best evaluation."""
+        memory["highest_entropy"] = max(memory["highest_entropy"], signals["guard_class_entropy"])
+        agreement = signals.get("guard_heldout_agreement")
+        best = memory.get("best_agreement")
+        if agreement is None or best is None or agreement > best:
+            if agreement is not None:
+                memory["best_agreement"] = agreement
+            memory["best_step"] = state["step"]
+            memory["best_state"] = cpu_state(setup.student)
+
+
+def summary_line(state: dict) -> str | None:
+    """The summary's line about the guard (None when it was off or never observed)."""
+    memory = state.get("guard")
+    if not memory:
+        return None
+    fired = memory.get("fired")
+    if fired is None:
+        best = memory.get("best_agreement")
+        agreement = "" if best is None else f", best held-out FM agreement {100 * best:.1f}%"
+        return f"  collapse guard: no collapse in stage 2{agreement}"
+    action = (
+        f"rolled back to step {fired['rolled_back_to']}"
+        if fired["rolled_back_to"] is not None
+        else "kept the weights as they were"
+    )
+    return f"  COLLAPSE at stage-2 step {fired['step']}: {fired['reason']}; {action}"
