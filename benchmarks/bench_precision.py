@@ -63,8 +63,11 @@ def alternate(functions: dict, rounds: int) -> dict[str, list]:
     return results
 
 
-def teacher_rows(teacher_name: str, data: Path, classes: str, count: int, batch_size: int):
-    """Speed and agreement of each teacher variant on the first ``count`` samples."""
+def teacher_rows(
+    teacher_name: str, data: Path, classes: str, count: int, batch_size: int, variants=None
+):
+    """Speed and agreement of each teacher variant (default: all of ``TEACHER_VARIANTS``;
+    the first is the baseline) on the first ``count`` samples."""
     import torch
 
     from zmdevice.data import load_classes, open_dataset
@@ -74,7 +77,8 @@ def teacher_rows(teacher_name: str, data: Path, classes: str, count: int, batch_
     dataset = open_dataset(data)
     class_list = load_classes(classes)
     teachers = {}
-    for runtime, precision in TEACHER_VARIANTS:
+    variants = variants or TEACHER_VARIANTS
+    for runtime, precision in variants:
         teacher = build_teacher(
             teacher_name, class_list, device="cpu", precision=precision, runtime=runtime
         )
@@ -107,7 +111,7 @@ def teacher_rows(teacher_name: str, data: Path, classes: str, count: int, batch_
 
     results = alternate({name: timed(t) for name, t in teachers.items()}, len(batches))
     sizes = [len(b["input_ids"] if hasattr(b, "keys") else b) for b in batches]
-    baseline_name = variant_name(*TEACHER_VARIANTS[0])
+    baseline_name = variant_name(*variants[0])
     reference = torch.cat([probs for _, probs in results[baseline_name]]).numpy()
     rates = {
         name: statistics.median(n / seconds for n, (seconds, _) in zip(sizes, runs, strict=True))
@@ -219,6 +223,12 @@ def main() -> None:
     parser.add_argument("--image-classes", default=str(IMAGES / "classes.toml"))
     parser.add_argument("--count-images", type=int, default=0, help="images (0: none)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--image-variants",
+        nargs="*",
+        default=["torch:fp32", "torch:bf16", "onnx:fp32"],
+        help="runtime:precision pairs for the image teacher (bf16 is slow where emulated)",
+    )
     parser.add_argument("--students", nargs="*", default=[], help="student presets to time")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per precision")
     parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
@@ -238,8 +248,10 @@ def main() -> None:
         runs.append(("minilm", args.texts, args.text_classes, args.count))
     if args.count_images:
         runs.append(("efficientnet-lite0", args.images, args.image_classes, args.count_images))
+    image_variants = [tuple(v.split(":")) for v in args.image_variants]
     for name, data, classes, count in runs:
-        rows = teacher_rows(name, data, classes, count, args.batch_size)
+        variants = image_variants if name == "efficientnet-lite0" else None
+        rows = teacher_rows(name, data, classes, count, args.batch_size, variants)
         teachers += rows
         for row in rows:
             print(
