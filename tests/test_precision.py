@@ -208,3 +208,78 @@ def test_onnx_imagenet_teacher_matches_torch(tmp_path, monkeypatch):
     torch.save(timm.create_model("test_efficientnet").state_dict(), tmp_path / "w.pth")
     build_teacher(spec, classes, runtime="onnx")
     assert len(list(Path(tmp_path / "cache" / "teachers").glob("*.onnx"))) == 2
+
+
+# ----------------------------------------------------------------------------- label
+
+
+def write_texts(path: Path, count: int) -> Path:
+    words = ["game team ball", "vote law election", "atom cell experiment", "the match"]
+    rows = [f"t{i:03d},{words[i % 4]} {words[(3 * i) % 4]}" for i in range(count)]
+    path.write_text("id,text\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def label_config(tmp_path, embed, **values):
+    from zmdevice.config import LabelConfig
+
+    settings = dict(
+        data=write_texts(tmp_path / "texts.csv", 24),
+        classes="sports,politics,science",
+        teacher=f"text-embed:{embed}",
+        out=tmp_path / "out.parquet",
+        batch_size=4,
+        device="cpu",
+        workers=0,
+    )
+    return LabelConfig(**{**settings, **values})
+
+
+def test_label_records_what_ran_and_onnx_labels_like_torch(embed, tmp_path):
+    from zmdevice.label import run_label
+    from zmdevice.pseudolabels import read_pseudolabels
+
+    onnx = run_label(label_config(tmp_path, embed))  # auto on a CPU: onnx, fp32
+    assert (onnx["precision"], onnx["runtime"]) == ("fp32", "onnx")
+    assert "(fp32, onnx runtime, 0 loader workers)" in onnx["lines"][1]
+    eager = run_label(
+        label_config(tmp_path, embed, out=tmp_path / "eager.parquet", runtime="torch")
+    )
+    assert (eager["precision"], eager["runtime"]) == ("fp32", "torch")
+    a, b = (
+        read_pseudolabels(tmp_path / "out.parquet"),
+        read_pseudolabels(tmp_path / "eager.parquet"),
+    )
+    assert (
+        a.metadata["teacher"]["runtime"] == "onnx" and b.metadata["teacher"]["runtime"] == "torch"
+    )
+    np.testing.assert_array_equal(a.label, b.label)
+    np.testing.assert_allclose(a.dense_probs(), b.dense_probs(), atol=2e-3)
+
+
+def test_bad_precision_and_runtime_flags_are_one_line_errors(embed, tmp_path):
+    with pytest.raises(UserError, match="unknown --precision 'fp8'"):
+        label_config(tmp_path, embed, precision="fp8")
+    with pytest.raises(UserError, match="unknown --runtime 'jit'"):
+        label_config(tmp_path, embed, runtime="jit")
+
+
+def test_resume_refuses_a_precision_resolved_otherwise(embed, tmp_path, monkeypatch):
+    from zmdevice import label as label_module
+    from zmdevice.label import run_label
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt  # killed after the last part, before the final file
+
+    monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: ("avx512_bf16",))
+    monkeypatch.setattr(label_module, "combine_pseudolabels", fail)
+    with pytest.raises(KeyboardInterrupt):
+        run_label(label_config(tmp_path, embed, runtime="torch"))  # auto -> bf16 here
+    monkeypatch.undo()
+    monkeypatch.setenv("ZMDEVICE_CACHE", str(tmp_path / "cache"))
+    # The same flags on a CPU without bf16: auto resolves to fp32, and the parts are bf16.
+    with pytest.raises(UserError, match=r"--resume: .* precision bf16.*pass --precision bf16"):
+        run_label(label_config(tmp_path, embed, runtime="torch", resume=True))
+    summary = run_label(label_config(tmp_path, embed, runtime="torch", precision="bf16",
+                                     resume=True))  # fmt: skip
+    assert summary["count"] == 24 and summary["precision"] == "bf16"

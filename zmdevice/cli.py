@@ -55,6 +55,14 @@ DeviceOption = Annotated[
     str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", show_default=True)
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary.")]
+PrecisionOption = Annotated[
+    str,
+    typer.Option(
+        help="auto, fp32, bf16 or fp16: the dtype the model computes in (auto: what was "
+        "measured fastest for this device and model; see zmdevice/precision.py).",
+        show_default=True,
+    ),
+]
 
 
 @app.command()
@@ -102,6 +110,15 @@ def label(
         bool,
         typer.Option(help="Join the shard files NAME.shard-I-of-N.parquet into --out."),
     ] = False,
+    precision: PrecisionOption = "auto",
+    runtime: Annotated[
+        str,
+        typer.Option(
+            help="auto, torch or onnx: run the teacher in PyTorch or as an ONNX export in "
+            "onnxruntime (auto: onnx on a CPU for sentence encoders and ImageNet classifiers).",
+            show_default=True,
+        ),
+    ] = "auto",
     as_json: JsonOption = False,
 ) -> None:
     """Run a foundation model zero-shot once and write the pseudo-label file."""
@@ -121,6 +138,8 @@ def label(
         templates=templates,
         workers=workers,
         combine=combine,
+        precision=precision,
+        runtime=runtime,
         data_options=DataOptions(
             text_column=text_column,
             id_column=id_column,

@@ -140,6 +140,8 @@ def iterate_batches(dataset, teacher, indices, batch_size: int, workers: int):
         collate_fn=_Collate(teacher.collate),
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
+        # Page-locked batches copy to a GPU without a staging copy (and asynchronously).
+        pin_memory=getattr(teacher.device, "type", None) == "cuda",
     )
     for kept, batch, skipped in loader:
         probs = teacher.predict_proba(batch).numpy() if kept else np.zeros((0, 0), np.float32)
@@ -160,6 +162,8 @@ def _settings(config: LabelConfig, fingerprint: str, shard, top_k: int, count: i
         "chunk_batches": CHUNK_BATCHES,
         "count": count,
         "skip_corrupt": config.data_options.skip_corrupt,
+        "precision": config.precision,
+        "runtime": config.runtime,
     }
 
 
@@ -200,7 +204,15 @@ def run_label(config: LabelConfig) -> dict:
     settings = _settings(config, fingerprint, shard, top_k, len(indices))
     done_parts = _prepare_parts(parts_dir, settings, config.resume, out)
     device = resolve_device(config.device)
-    teacher = build_teacher(config.teacher, classes, device=device, templates=config.templates)
+    teacher = build_teacher(
+        config.teacher,
+        classes,
+        device=device,
+        templates=config.templates,
+        precision=config.precision,
+        runtime=config.runtime,
+    )
+    _check_same_numerics(parts_dir, done_parts, teacher.info)
     run = json.loads((parts_dir / "run.json").read_text())
     metadata = build_metadata(
         classes=classes.names,
@@ -318,6 +330,22 @@ def _prepare_parts(parts_dir: Path, settings: dict, resume: bool, out: Path) -> 
     return set()
 
 
+def _check_same_numerics(parts_dir: Path, done: set[int], info: dict) -> None:
+    """A resumed run must label at the precision and runtime of the interrupted one: with
+    ``auto`` both are resolved on the machine, which may not be the same machine."""
+    if not done:
+        return
+    before = read_metadata(parts_dir / f"part-{min(done):06d}.parquet")["teacher"]
+    keys = ("precision", "runtime")
+    if any(before.get(k) != info.get(k) for k in keys):
+        raise UserError(
+            f"--resume: the interrupted run in {parts_dir} labeled with precision "
+            f"{before.get('precision')}, runtime {before.get('runtime')}; this one resolved "
+            f"{info['precision']}, {info['runtime']}: pass --precision {before.get('precision')} "
+            f"--runtime {before.get('runtime')}, or delete that folder"
+        )
+
+
 def _write_part(parts_dir, number, metadata, ids, probs, skipped, stats) -> None:
     part_meta = dict(metadata)
     part_meta["skipped"] = {"count": len(skipped), "examples": skipped[:10]}
@@ -379,7 +407,8 @@ def _summary(out, metadata, labeled_now, elapsed, quality_lines, workers, device
     lines = [
         f"wrote {out}: {len(labels)} samples, {len(names)} classes, teacher "
         f"{metadata['teacher']['spec']}",
-        f"  {rate:.1f} samples/s this run on {device} ({workers} loader workers); "
+        f"  {rate:.1f} samples/s this run on {device} ({teacher_numerics(metadata)}, "
+        f"{workers} loader workers); "
         f"{size / max(len(labels), 1):.1f} bytes/sample ({size / 1024:.1f} KiB)",
         "  pseudo-label counts: "
         + ", ".join(f"{n} {int(c)}" for n, c in zip(names, counts, strict=True)),
@@ -399,6 +428,8 @@ def _summary(out, metadata, labeled_now, elapsed, quality_lines, workers, device
         "count": int(len(labels)),
         "classes": names,
         "teacher": metadata["teacher"]["spec"],
+        "precision": metadata["teacher"].get("precision"),
+        "runtime": metadata["teacher"].get("runtime"),
         "samples_per_s": rate,
         "bytes": size,
         "bytes_per_sample": size / max(len(labels), 1),
@@ -408,6 +439,12 @@ def _summary(out, metadata, labeled_now, elapsed, quality_lines, workers, device
         "quality": metadata.get("quality"),
         "lines": lines,
     }
+
+
+def teacher_numerics(metadata: dict) -> str:
+    """ "bf16, torch runtime": how the teacher of a pseudo-label file ran (older files: fp32)."""
+    teacher = metadata["teacher"]
+    return f"{teacher.get('precision', 'fp32')}, {teacher.get('runtime', 'torch')} runtime"
 
 
 def _combine(config: LabelConfig, out: Path) -> dict:
