@@ -123,13 +123,8 @@ def measure(student_name: str, steps: int, samples: int) -> dict:
     from zmdevice.catalog import require_entry
     from zmdevice.config import TrainConfig
     from zmdevice.students import WEIGHTS_FILE, build_student
-    from zmdevice.train import (
-        CHECKPOINT_FILE,
-        MODALITY_DEFAULTS,
-        TrainHyper,
-        run_train,
-        save_checkpoint,
-    )
+    from zmdevice.train import run_train
+    from zmdevice.training import checkpoint
 
     modality = require_entry(student_name, "student", "--student")["modality"]
     classes = [f"class{i}" for i in range(8 if modality == "text" else 10)]
@@ -140,7 +135,7 @@ def measure(student_name: str, steps: int, samples: int) -> dict:
         labeled, unlabeled = make_text_data(root, samples, classes)
     write_fake_labels(root / "labels.parquet", unlabeled, classes)
 
-    hyper = TrainHyper(**MODALITY_DEFAULTS[modality])
+    hyper = TrainConfig(labeled=labeled, unlabeled=unlabeled).for_modality(modality)
     n_l, n_u = hyper.labeled_batch_size, hyper.unlabeled_batch_size
     # The same memory layout as training uses, so the ratio compares like with like.
     bare = build_student(student_name, classes, seed=1).train().use_channels_last()
@@ -149,14 +144,14 @@ def measure(student_name: str, steps: int, samples: int) -> dict:
     bare_times: list[float] = []
     previous_end = None
 
-    def on_step(run, values):
+    def on_step(setup, state, values):
         nonlocal previous_end
         now = time.perf_counter()
-        if run.stage_index != 1:
+        if state["stage_index"] != 1:
             return
         if previous_end is not None:
             step_times.append(now - previous_end)
-        data = run.data
+        data = setup.data
         labeled_rows = torch.randint(len(data.labeled_y), (n_l,))
         pool = torch.randint(data.num_pool, (n_u,))
         groups = [("weak", data.labeled_index[labeled_rows]), ("weak", pool), ("strong", pool)]
@@ -165,8 +160,8 @@ def measure(student_name: str, steps: int, samples: int) -> dict:
         bare.zero_grad(set_to_none=True)
         bare(**inputs).float().logsumexp(dim=1).mean().backward()
         bare_times.append(time.perf_counter() - start)
-        if run.step == steps:
-            save_checkpoint(run)  # the last step is left out of the median anyway
+        if state["step"] == steps:
+            checkpoint.save(setup, state)  # the last step is left out of the median anyway
         previous_end = time.perf_counter()
 
     config = TrainConfig(
@@ -178,7 +173,9 @@ def measure(student_name: str, steps: int, samples: int) -> dict:
         device="cpu",
         kd_steps=3,
         ssl_steps=steps,
-        extra={"eval_every": 0, "checkpoint_every": 0, "bn_recalibration_batches": 1},
+        eval_every=0,
+        checkpoint_every=0,
+        bn_recalibration_batches=1,
     )
     run_train(config, on_step=on_step)
     # The first steps warm up allocator and caches; the last one also evaluates and saves.
@@ -199,7 +196,9 @@ def measure(student_name: str, steps: int, samples: int) -> dict:
         "peak_rss_gb": round(rss_gb, 2),
         "rss_target_gb": TARGETS.get(student_name, (None, None))[1],
         "weights_bytes": (model / WEIGHTS_FILE).stat().st_size,
-        "resume_checkpoint_bytes": (model / CHECKPOINT_FILE).stat().st_size,
+        "resume_checkpoint_bytes": sum(
+            path.stat().st_size for path in (model / checkpoint.FOLDER).iterdir()
+        ),
     }
     shutil.rmtree(root, ignore_errors=True)  # synthetic data and checkpoints: 0.2-0.3 GB
     return result

@@ -46,7 +46,8 @@ def measure(name: str, inputs: dict, repeats: int, freeze: bool, channels_last: 
 
     def forward_backward():
         optimizer.zero_grad(set_to_none=True)
-        main, kd = student.forward_heads(**inputs)
+        features = student.features(**inputs)
+        main, kd = student.head(features), student.kd_head(features)
         (F.cross_entropy(main, targets) + F.cross_entropy(kd, targets)).backward()
 
     def full_step():

@@ -257,11 +257,17 @@ def test_label_records_what_ran_and_onnx_labels_like_torch(embed, tmp_path):
     np.testing.assert_allclose(a.dense_probs(), b.dense_probs(), atol=2e-3)
 
 
-def test_bad_precision_and_runtime_flags_are_one_line_errors(embed, tmp_path):
-    with pytest.raises(UserError, match="unknown --precision 'fp8'"):
-        label_config(tmp_path, embed, precision="fp8")
-    with pytest.raises(UserError, match="unknown --runtime 'jit'"):
-        label_config(tmp_path, embed, runtime="jit")
+def test_bad_precision_and_runtime_flags_are_one_line_errors(tmp_path):
+    from zmdevice.config import LabelConfig, TrainConfig, load_config
+
+    flags = {"data": tmp_path, "classes": "a,b", "teacher": "minilm"}
+    with pytest.raises(UserError, match="--precision: precision must be one of auto, fp32, bf16"):
+        load_config(LabelConfig, None, {**flags, "precision": "fp8"})
+    with pytest.raises(UserError, match="--runtime: runtime must be one of auto, torch, onnx"):
+        load_config(LabelConfig, None, {**flags, "runtime": "jit"})
+    train_flags = {"labeled": tmp_path, "unlabeled": tmp_path, "precision": "half"}
+    with pytest.raises(UserError, match="--precision: precision must be one of"):
+        load_config(TrainConfig, None, train_flags)
 
 
 def test_resume_refuses_a_precision_resolved_otherwise(embed, tmp_path, monkeypatch):

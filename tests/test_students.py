@@ -113,7 +113,8 @@ def test_kd_head_shapes_and_one_backbone_pass(name):
         inputs = {"input_ids": input_ids, "attention_mask": mask}
         assert [type(m) for m in head] == [nn.Linear, nn.GELU, nn.Linear]
         assert head[0].in_features == head[0].out_features == student.feature_dim
-    main, kd = student.forward_heads(**inputs)
+    features = student.features(**inputs)
+    main, kd = student.head(features), student.kd_head(features)
     assert main.shape == kd.shape == (2, 3)
     torch.testing.assert_close(main, student(**inputs))
     # the KD head is a new module beside the main head, not a copy of it
@@ -440,7 +441,8 @@ def test_students_train_save_and_load_across_devices(tmp_path, name):
         input_ids, mask = student.encode_texts(["a dog barks", "the red fruit"])
         inputs = {"input_ids": input_ids, "attention_mask": mask}
     on_gpu = {k: v.cuda() for k, v in inputs.items()}
-    main, kd = student.forward_heads(**on_gpu)
+    features = student.features(**on_gpu)
+    main, kd = student.head(features), student.kd_head(features)
     (main.logsumexp(1).mean() + kd.logsumexp(1).mean()).backward()
     assert all(p.grad is not None for p in student.kd_head.parameters())
     student.eval()

@@ -1,17 +1,13 @@
-"""Augmentations: clean / weak / strong image views and a strong view for token ids.
+"""Augmentations: the clean image view and a strong view for token ids.
 
-Images (torchvision.transforms.v2, imported lazily):
+Images: ``clean`` = RGB -> PIL resize to (S, S), bilinear -> float32 / 255 ->
+(x - mean) / std. This is exactly what the numpy runtime does (``runtime.preprocess_image``),
+so the student is trained and evaluated on the inputs it will see after export. The
+training views (weak: reflect-pad S // 8, random S x S crop, horizontal flip; strong:
+RandAugment(2, 9), then weak) are built batched on cached pixels in ``zmdevice.pipeline``.
 
-- ``clean``: RGB -> PIL resize to (S, S), bilinear -> float32 / 255 -> (x - mean) / std.
-  This is exactly what the numpy runtime does (``runtime.preprocess_image``), so the
-  student is trained and evaluated on the inputs it will see after export.
-- ``weak``: ``clean`` then reflect-pad S // 8, random S x S crop, horizontal flip (p=0.5).
-- ``strong``: RandAugment(2 ops, magnitude 9) on the resized uint8 PIL image, then ``weak``.
-
-Text (on cached token ids, no re-tokenising): weak = identity; strong = :class:`TextAugment`.
-
-Randomness: the image views draw from torch's global generator (``torch.manual_seed``);
-TextAugment from the ``random.Random`` passed in. The same seed gives the same views.
+Text (on cached token ids, no re-tokenising): weak = identity; strong = :class:`TextAugment`,
+drawing from the ``random.Random`` passed in (the same seed gives the same views).
 """
 
 from __future__ import annotations
@@ -60,43 +56,10 @@ class ResizeNormalize:
         return self.to_tensor(self.resize(image))
 
 
-class ImageView:
-    """One augmented view: optional RandAugment on the resized PIL image, then pad-crop-flip.
-
-    A plain class rather than a closure so DataLoader workers can pickle it.
-    """
-
-    def __init__(self, base: ResizeNormalize, *, flip_crop: bool, randaugment: bool):
-        from torchvision.transforms import v2
-
-        self.base = base
-        size = base.image_size
-        self.randaugment = v2.RandAugment(num_ops=2, magnitude=9) if randaugment else None
-        self.flip_crop = (
-            v2.Compose(
-                [
-                    v2.RandomCrop(size, padding=size // 8, padding_mode="reflect"),
-                    v2.RandomHorizontalFlip(p=0.5),
-                ]
-            )
-            if flip_crop
-            else None
-        )
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = self.base.resize(image)
-        if self.randaugment is not None:
-            image = self.randaugment(image)
-        tensor = self.base.to_tensor(image)
-        if self.flip_crop is not None:
-            tensor = self.flip_crop(tensor)
-        return tensor
-
-
 def image_transforms(
     image_size: int, mean: Sequence[float], std: Sequence[float]
 ) -> dict[str, Callable[[Image.Image], torch.Tensor]]:
-    """The three image views of a student.
+    """The clean image view of a student (training builds its views batched: ``pipeline``).
 
     Args:
         image_size: S, the side of the square student input in pixels.
@@ -104,16 +67,11 @@ def image_transforms(
         std: per-channel standard deviation (RGB).
 
     Returns:
-        ``{"clean", "weak", "strong"}``: callables PIL image -> float32 tensor [3, S, S].
+        ``{"clean"}``: a callable PIL image -> float32 tensor [3, S, S].
     """
     if image_size < 8:
         raise ValueError(f"image_size must be at least 8, got {image_size}")
-    base = ResizeNormalize(image_size, mean, std)
-    return {
-        "clean": base,
-        "weak": ImageView(base, flip_crop=True, randaugment=False),
-        "strong": ImageView(base, flip_crop=True, randaugment=True),
-    }
+    return {"clean": ResizeNormalize(image_size, mean, std)}
 
 
 class TextAugment:

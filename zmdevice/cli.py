@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from zmdevice.config import DataOptions, ExportConfig, LabelConfig, TrainConfig, methods_help
 from zmdevice.errors import UserError
 
 app = typer.Typer(
@@ -52,34 +53,48 @@ def emit_summary(summary: dict, as_json: bool, lines: list[str]) -> None:
 
 
 DeviceOption = Annotated[
-    str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", show_default=True)
+    str | None, typer.Option(help=f"auto, cpu, cuda, cuda:N or mps (default {TrainConfig.device}).")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary.")]
 PrecisionOption = Annotated[
-    str,
+    str | None,
     typer.Option(
-        help="auto, fp32, bf16 or fp16: the dtype the model computes in (auto: what was "
-        "measured fastest for this device and model; see zmdevice/precision.py).",
-        show_default=True,
+        help="auto, fp32, bf16 or fp16: the dtype the model computes in (default auto: what "
+        "was measured fastest for this device and model; see zmdevice/precision.py)."
     ),
 ]
+
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(help="TOML file with any of the command's settings; typed flags win over it."),
+]
+
+
+def typed_flags(local_values: dict, skip=("config", "as_json")) -> dict:
+    """The command's flags (None = not typed; ``config.load_config`` ignores those)."""
+    return {key: value for key, value in local_values.items() if key not in skip}
 
 
 @app.command()
 @user_errors_exit_2
 def label(
     data: Annotated[
-        Path, typer.Argument(help="Text table (CSV/JSONL/Parquet) or image folder/table.")
-    ],
-    classes: Annotated[str, typer.Option(help="Comma list, one-per-line file, or TOML/JSON.")],
+        Path | None, typer.Argument(help="Text table (CSV/JSONL/Parquet) or image folder/table.")
+    ] = None,
+    classes: Annotated[
+        str | None, typer.Option(help="Comma list, one-per-line file, or TOML/JSON.")
+    ] = None,
     teacher: Annotated[
-        str, typer.Option(help="Catalog name (minilm, efficientnet-lite0) or kind:spec.")
-    ],
+        str | None, typer.Option(help="Catalog name (minilm, efficientnet-lite0) or kind:spec.")
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Output file (default labels/NAME.parquet).")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Teacher batch size.")] = 64,
-    device: DeviceOption = "auto",
+    batch_size: Annotated[
+        int | None, typer.Option(help=f"Teacher batch size (default {LabelConfig.batch_size}).")
+    ] = None,
+    device: DeviceOption = None,
     top_k: Annotated[
         int | None,
         typer.Option(help="Most probabilities kept per sample (default: all classes up to 1024)."),
@@ -87,19 +102,30 @@ def label(
     gold: Annotated[
         Path | None, typer.Option(help="Labeled data: report the teacher's accuracy on it.")
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run.")] = False,
+    resume: Annotated[bool | None, typer.Option(help="Continue an interrupted run.")] = None,
     shard: Annotated[str | None, typer.Option(help="Label only slice I of N, as I/N.")] = None,
     templates: Annotated[
         str | None,
         typer.Option(help="CLIP prompt templates: 'paper' (default), 'openai', or a file."),
     ] = None,
-    text_column: Annotated[str, typer.Option(help="Text column of a table.")] = "text",
-    id_column: Annotated[str, typer.Option(help="Id column of a table.")] = "id",
-    label_column: Annotated[str, typer.Option(help="Label column of a table.")] = "label",
-    path_column: Annotated[str, typer.Option(help="Path column of an image table.")] = "path",
+    text_column: Annotated[
+        str | None,
+        typer.Option(help=f"Text column of a table (default {DataOptions.text_column})."),
+    ] = None,
+    id_column: Annotated[
+        str | None, typer.Option(help=f"Id column of a table (default {DataOptions.id_column}).")
+    ] = None,
+    label_column: Annotated[
+        str | None,
+        typer.Option(help=f"Label column of a table (default {DataOptions.label_column})."),
+    ] = None,
+    path_column: Annotated[
+        str | None,
+        typer.Option(help=f"Path column of an image table (default {DataOptions.path_column})."),
+    ] = None,
     skip_corrupt: Annotated[
-        bool, typer.Option(help="Skip and count unreadable images instead of failing.")
-    ] = False,
+        bool | None, typer.Option(help="Skip and count unreadable images instead of failing.")
+    ] = None,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -107,81 +133,68 @@ def label(
         ),
     ] = None,
     combine: Annotated[
-        bool,
+        bool | None,
         typer.Option(help="Join the shard files NAME.shard-I-of-N.parquet into --out."),
-    ] = False,
-    precision: PrecisionOption = "auto",
+    ] = None,
+    precision: PrecisionOption = None,
     runtime: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="auto, torch or onnx: run the teacher in PyTorch or as an ONNX export in "
-            "onnxruntime (auto: onnx on a CPU for sentence encoders and ImageNet classifiers).",
-            show_default=True,
+            "onnxruntime (default auto: onnx on a CPU for sentence encoders and ImageNet "
+            "classifiers)."
         ),
-    ] = "auto",
+    ] = None,
+    config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Run a foundation model zero-shot once and write the pseudo-label file."""
-    from zmdevice.config import DataOptions, LabelConfig
+    flags = typed_flags(locals())  # first: only the parameters are local yet
+    from zmdevice.config import load_config
 
-    config = LabelConfig(
-        data=data,
-        classes=classes,
-        teacher=teacher,
-        out=out,
-        batch_size=batch_size,
-        device=device,
-        top_k=top_k,
-        gold=gold,
-        resume=resume,
-        shard=shard,
-        templates=templates,
-        workers=workers,
-        combine=combine,
-        precision=precision,
-        runtime=runtime,
-        data_options=DataOptions(
-            text_column=text_column,
-            id_column=id_column,
-            label_column=label_column,
-            path_column=path_column,
-            skip_corrupt=skip_corrupt,
-        ),
-    )
+    label_config = load_config(LabelConfig, config, flags)
     from zmdevice.label import run_label
 
-    summary = run_label(config)
+    summary = run_label(label_config)
     emit_summary(summary, as_json, summary.get("lines", []))
+
+
+def method_help() -> str:
+    return f"Training method (default {TrainConfig.method}). {methods_help()}."
 
 
 @app.command()
 @user_errors_exit_2
 def train(
     labeled: Annotated[
-        Path, typer.Option(help="Labeled data (table with a label column, or class folders).")
-    ],
-    unlabeled: Annotated[Path, typer.Option(help="Unlabeled training data.")],
+        Path | None,
+        typer.Option(help="Labeled data (table with a label column, or class folders)."),
+    ] = None,
+    unlabeled: Annotated[Path | None, typer.Option(help="Unlabeled training data.")] = None,
     pseudo_labels: Annotated[
         Path | None, typer.Option(help="Pseudo-label file from `zmdevice label`.")
     ] = None,
     student: Annotated[
-        str,
-        typer.Option(help="mobilenet_v3_small, mobilenet_v3_large, distilbert, or a tiny preset."),
-    ] = "mobilenet_v3_small",
+        str | None,
+        typer.Option(
+            help=f"mobilenet_v3_small, mobilenet_v3_large, distilbert, or a tiny preset (default {TrainConfig.student})."
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default models/NAME).")] = None,
-    device: DeviceOption = "auto",
-    method: Annotated[
-        str, typer.Option(help="zeromatch, kd, supervised, fixmatch, adamatch or naive-pl.")
-    ] = "zeromatch",
+    device: DeviceOption = None,
+    method: Annotated[str | None, typer.Option(help=method_help())] = None,
     kd_steps: Annotated[int | None, typer.Option(help="Stage-1 (distillation) steps.")] = None,
     ssl_steps: Annotated[int | None, typer.Option(help="Stage-2 (SSL) steps.")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    config: Annotated[
-        Path | None, typer.Option(help="TOML file with any TrainConfig field.")
+    seed: Annotated[
+        int | None, typer.Option(help=f"Random seed (default {TrainConfig.seed}).")
     ] = None,
+    config: ConfigOption = None,
     resume: Annotated[
-        bool, typer.Option(help="Continue from the last checkpoint in --out.")
-    ] = False,
+        bool | None, typer.Option(help="Continue from the last checkpoint in --out.")
+    ] = None,
+    overwrite: Annotated[
+        bool | None, typer.Option(help="Delete a previous run's files in --out first.")
+    ] = None,
     test: Annotated[
         Path | None, typer.Option(help="Labeled test data for periodic evaluation.")
     ] = None,
@@ -189,44 +202,32 @@ def train(
         bool | None, typer.Option(help="Distil the FM's probabilities (KL) instead of hard labels.")
     ] = None,
     allow_partial: Annotated[
-        bool, typer.Option(help="Train on the ids the pseudo-label file covers.")
-    ] = False,
+        bool | None, typer.Option(help="Train on the ids the pseudo-label file covers.")
+    ] = None,
     ssl_loss: Annotated[
-        str | None, typer.Option(help="L_u of zeromatch: adamatch (default) or fixmatch.")
+        str | None,
+        typer.Option(
+            help=f"L_u of zeromatch: adamatch or fixmatch (default {TrainConfig.ssl_loss})."
+        ),
     ] = None,
     alpha: Annotated[
-        str | None, typer.Option(help="KD weight alpha_t: ramp (default, 0 -> 1) or constant.")
+        str | None,
+        typer.Option(
+            help=f"KD weight alpha_t: ramp (0 -> 1) or constant (default {TrainConfig.alpha})."
+        ),
     ] = None,
+    precision: PrecisionOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Train a student: stage 1 distils the FM, stage 2 SSL with the auxiliary KD head.
 
-    Further settings (batch sizes, learning rates, threshold, EMA, checkpoint interval, ...)
+    Further settings (batch sizes, learning rates, threshold, checkpoint interval, ...)
     go in the --config TOML file; train_config.toml in the output lists them all.
     """
-    from zmdevice.config import load_train_config
+    flags = typed_flags(locals())  # first: only the parameters are local yet
+    from zmdevice.config import load_config
 
-    overrides = dict(
-        labeled=labeled,
-        unlabeled=unlabeled,
-        pseudo_labels=pseudo_labels,
-        student=student,
-        out=out,
-        device=device,
-        method=method,
-        kd_steps=kd_steps,
-        ssl_steps=ssl_steps,
-        seed=seed,
-        resume=resume,
-        test=test,
-        soft_labels=soft_labels,
-        allow_partial=allow_partial,
-    )
-    train_config = load_train_config(config, overrides)
-    # Flags for hyper-parameters land beside the --config file's keys (the flag wins).
-    train_config.extra.update(
-        {key: value for key, value in (("ssl_loss", ssl_loss), ("alpha", alpha)) if value}
-    )
+    train_config = load_config(TrainConfig, config, flags)
     from zmdevice.train import run_train
 
     summary = run_train(train_config)
@@ -236,7 +237,9 @@ def train(
 @app.command()
 @user_errors_exit_2
 def export(
-    model_dir: Annotated[Path, typer.Argument(help="A trained student folder (models/NAME).")],
+    model_dir: Annotated[
+        Path | None, typer.Argument(help="A trained student folder (models/NAME).")
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Output file (default export/NAME.onnx).")
     ] = None,
@@ -250,23 +253,20 @@ def export(
         Path | None,
         typer.Option(help="Images for static int8 calibration (default: the training data)."),
     ] = None,
-    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
+    opset: Annotated[
+        int | None, typer.Option(help=f"ONNX opset (default {ExportConfig.opset}).")
+    ] = None,
+    config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Export a trained student to one self-contained ONNX file (main head only)."""
-    from zmdevice.config import ExportConfig
+    flags = typed_flags(locals())  # first: only the parameters are local yet
+    from zmdevice.config import load_config
+
+    export_config = load_config(ExportConfig, config, flags)
     from zmdevice.export import run_export
 
-    summary = run_export(
-        ExportConfig(
-            model_dir=model_dir,
-            out=out,
-            quantize=quantize,
-            test=test,
-            calibration=calibration,
-            opset=opset,
-        )
-    )
+    summary = run_export(export_config)
     emit_summary(summary, as_json, summary.get("lines", []))
 
 

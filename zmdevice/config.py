@@ -1,7 +1,10 @@
-"""Typed configs, one dataclass per stage; defaults are written here and nowhere else.
+"""Typed configs, one dataclass per command; every default is written here and nowhere else.
 
-The CLI and ``--config`` TOML files map onto these; conflicts are rejected in
-``__post_init__`` with a ``UserError`` naming the field.
+The CLI maps the flags the user typed and an optional ``--config`` TOML file onto these
+(``load_config``): a typed flag always wins over the file, a flag left out never does.
+File values are type-checked when the file is read and every field is range-checked in
+``__post_init__``; a bad value is a ``UserError`` naming the key, where it came from and
+what is expected.
 """
 
 from __future__ import annotations
@@ -10,19 +13,91 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from zmdevice.errors import UserError
+from zmdevice.precision import PRECISIONS, RUNTIMES
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-METHODS = ("zeromatch", "kd", "supervised", "fixmatch", "adamatch", "naive-pl")
+
+
+class ConfigError(UserError):
+    """A bad value of one field; ``load_config`` adds which flag or file gave it."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
 
 
 def check_device(device: str) -> str:
     """Accept auto, cpu, cuda, cuda:N or mps; anything else is a user error."""
     base = device.split(":", 1)[0]
     if base not in DEVICES or (":" in device and not (base == "cuda" and device[5:].isdigit())):
-        raise UserError(f"unknown device '{device}': use one of auto, cpu, cuda, cuda:N, mps")
+        raise ConfigError(
+            "device", f"unknown device '{device}': use one of auto, cpu, cuda, cuda:N, mps"
+        )
     return device
+
+
+def require(config, key: str, ok: bool, expected: str) -> None:
+    """Raise a ``ConfigError`` for ``key`` unless ``ok``: '<key> must be <expected>, got <v>'."""
+    if not ok:
+        raise ConfigError(key, f"{key} must be {expected}, got {getattr(config, key)!r}")
+
+
+def check_choice(config, key: str, choices) -> None:
+    """``key`` is one of ``choices``."""
+    require(config, key, getattr(config, key) in choices, f"one of {', '.join(choices)}")
+
+
+def at_least(config, minimum, *keys: str) -> None:
+    """Each of ``keys`` is None or >= ``minimum``."""
+    for key in keys:
+        value = getattr(config, key)
+        require(config, key, value is None or value >= minimum, f">= {minimum}")
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method: its stages, as data. Behaviour of each kind: ``training.stages``."""
+
+    summary: str
+    """One line for the CLI help."""
+    stages: tuple[str, ...]
+    """Stage kinds in order: 'kd' (distil the FM) or 'ssl:<L_u>' with L_u one of none,
+    fixmatch, adamatch, fm-labels, ssl_loss (the ``ssl_loss`` setting); '+kd-head' adds the
+    auxiliary KD head and alpha_t * lambda_p * L_KD2."""
+    uses_fm: bool
+    """Needs --pseudo-labels."""
+
+
+METHODS = {
+    "zeromatch": Method(
+        "stage 1 distils the FM, stage 2 L_s + L_u + alpha_t * lambda_p * L_KD2 (the paper)",
+        ("kd", "ssl:ssl_loss+kd-head"),
+        uses_fm=True,
+    ),
+    "kd": Method("stage 1 only: the student distils the FM's labels", ("kd",), uses_fm=True),
+    "supervised": Method("L_s on the labeled set only", ("ssl:none",), uses_fm=False),
+    "fixmatch": Method("L_s + FixMatch L_u (no FM)", ("ssl:fixmatch",), uses_fm=False),
+    "adamatch": Method("L_s + AdaMatch L_u (no FM)", ("ssl:adamatch",), uses_fm=False),
+    "naive-pl": Method(
+        "L_s + CE vs the FM's labels on unlabeled data, taken as true labels",
+        ("ssl:fm-labels",),
+        uses_fm=True,
+    ),
+}
+"""Every --method. A new method that combines existing losses is one entry here."""
+
+
+def methods_help() -> str:
+    return "; ".join(f"{name}: {method.summary}" for name, method in METHODS.items())
+
+
+# --------------------------------------------------------------------------- label
 
 
 @dataclass
@@ -74,18 +149,29 @@ class LabelConfig:
     """Column names and corrupt-image policy."""
     combine: bool = False
     """Instead of labeling, join the shard files of ``out`` (``NAME.shard-I-of-N.parquet``)."""
+    precision: str = "auto"
+    """auto, fp32, bf16 or fp16: the teacher's compute dtype (``zmdevice.precision``)."""
+    runtime: str = "auto"
+    """Teacher runtime: auto, torch or onnx (auto: onnx on a CPU where the teacher exports)."""
 
     def __post_init__(self):
         check_device(self.device)
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.top_k is not None and self.top_k < 1:
-            raise UserError(f"--top-k must be at least 1, got {self.top_k}")
+        at_least(self, 1, "batch_size", "top_k")
+        at_least(self, 0, "workers")
+        check_choice(self, "precision", PRECISIONS)
+        check_choice(self, "runtime", RUNTIMES)
+
+
+# --------------------------------------------------------------------------- train
 
 
 @dataclass
 class TrainConfig:
-    """`zmdevice train`: ZeroMatch (stage 1 KD, stage 2 SSL + auxiliary KD) and baselines."""
+    """`zmdevice train`: ZeroMatch (stage 1 KD, stage 2 SSL + auxiliary KD) and baselines.
+
+    Fields whose default is None and that ``MODALITY_DEFAULTS`` lists take the student's
+    modality default (``for_modality``); the other defaults are the CPU image settings.
+    """
 
     labeled: Path
     """Labeled data (the few true labels)."""
@@ -100,59 +186,158 @@ class TrainConfig:
     device: str = "auto"
     """auto, cpu, cuda, cuda:N or mps."""
     method: str = "zeromatch"
-    """zeromatch, kd, supervised, fixmatch, adamatch or naive-pl."""
+    """One of ``METHODS``."""
     kd_steps: int | None = None
-    """Stage-1 steps; None = the student's CPU default."""
+    """Stage-1 steps; None = the modality's default."""
     ssl_steps: int | None = None
-    """Stage-2 steps; None = the student's CPU default."""
+    """Stage-2 steps; None = the modality's default (single-stage methods: both stages')."""
     seed: int = 0
     """Seed for weights, sampling and augmentation."""
     resume: bool = False
     """Continue exactly from the last checkpoint in ``out``."""
+    overwrite: bool = False
+    """Delete the files of a previous run in ``out`` before training."""
     test: Path | None = None
     """Optional labeled test data evaluated periodically."""
-    soft_labels: bool | None = None
+    soft_labels: bool = False
     """Beyond the paper: KL to the FM's probabilities instead of CE on hard labels."""
     allow_partial: bool = False
     """Train on the intersection when the pseudo-label file misses some ids."""
-    extra: dict = field(default_factory=dict)
-    """Further hyper-parameters (batch sizes, lr, ...), owned by zmdevice.train."""
+    classes: list[str] | None = None
+    """Explicit class list (checked against the pseudo-label file); None = from the data."""
+    gold_unlabeled: Path | None = None
+    """True labels of the pool, only for the pseudo-label accuracy diagnostic."""
+    image_size: int | None = None
+    """Image side S in pixels; None = the student preset's (32 for mobilenet_v3_small)."""
+    max_length: int | None = None
+    """Longest token sequence; None = the student preset's (40 for distilbert)."""
+    kd_batch_size: int | None = None
+    """Stage-1 batch (all samples, weak view); None = the modality's default."""
+    labeled_batch_size: int = 16
+    """Stage-2 labeled batch."""
+    unlabeled_batch_size: int | None = None
+    """Stage-2 unlabeled batch (weak + strong view each); None = the modality's default."""
+    lr: float | None = None
+    """Peak learning rate of the backbone (AdamW); None = the modality's default."""
+    head_lr: float | None = None
+    """Peak learning rate of the heads; None = the modality's default."""
+    weight_decay: float | None = None
+    """AdamW weight decay (matrices and kernels only); None = the modality's default."""
+    warmup: float | None = None
+    """Share of each stage's steps warming up linearly, then cosine to 0; None = default."""
+    ssl_loss: str = "adamatch"
+    """L_u of zeromatch: adamatch (as the paper) or fixmatch."""
+    threshold: float = 0.95
+    """FixMatch confidence threshold / AdaMatch relative threshold."""
+    da_momentum: float = 0.99
+    """EMA momentum of AdaMatch's class distributions (paper: 0.999; see MODALITY_DEFAULTS)."""
+    lambda_u: float = 1.0
+    """Weight of L_u."""
+    lambda_p: float = 1.0
+    """Weight of L_KD2 (the paper's lambda_p)."""
+    alpha: str = "ramp"
+    """alpha_t schedule: ramp (0 -> 1 linearly over stage 2) or constant (1.0, ablation)."""
+    temperature: float = 1.0
+    """Temperature of the soft-label KL (with soft_labels)."""
+    holdout_fraction: float = 0.05
+    """Share of the training samples held out of stage 1 for model selection."""
+    holdout_max: int = 2000
+    """Cap on the held-out slice (keeps its evaluation cheap)."""
+    early_stop_agreement: float = 0.9999
+    """Stage 1 stops once held-out agreement with the pseudo-labels exceeds this."""
+    eval_every: int = 50
+    """Steps between held-out / test evaluations (0 = only at the end of a stage)."""
+    log_every: int = 10
+    """Steps between metrics.jsonl lines."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints (0 = only at stage ends)."""
+    grad_clip: float | None = None
+    """Max gradient norm (0 = no clipping); None = the modality's default."""
+    freeze_word_embeddings: bool | None = None
+    """Text: keep the word-embedding matrix fixed; None = on CPU only."""
+    eval_batch_size: int = 256
+    """Batch of evaluation and BatchNorm recalibration passes."""
+    bn_recalibration_batches: int = 40
+    """Clean unlabeled batches that re-estimate BatchNorm statistics before saving (0 = off)."""
+    image_cache_gb: float = 1.0
+    """Decoded training images beyond this size live in a memory-mapped file (in --out)."""
+    threads: int | None = None
+    """CPU threads for torch; None = the cores this process may run on."""
+    stop_after: int | None = None
+    """Stop the whole run after this many steps in total (to split a run; then --resume)."""
+    precision: str = "auto"
+    """auto, fp32, bf16 or fp16: the student's compute dtype in training steps (weights,
+    optimizer and losses stay fp32; ``zmdevice.precision``). The run records the resolved one."""
 
     def __post_init__(self):
         check_device(self.device)
-        if self.method not in METHODS:
-            raise UserError(f"unknown --method '{self.method}': use one of {', '.join(METHODS)}")
-        for name in ("kd_steps", "ssl_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        if self.resume and self.overwrite:
+            raise ConfigError("overwrite", "--resume and --overwrite exclude each other")
+        require(self, "method", self.method in METHODS, f"one of {', '.join(METHODS)}")
+        require(self, "ssl_loss", self.ssl_loss in ("adamatch", "fixmatch"), "adamatch/fixmatch")
+        require(self, "alpha", self.alpha in ("ramp", "constant"), "ramp or constant")
+        check_choice(self, "precision", PRECISIONS)
+        at_least(self, 0, "kd_steps", "ssl_steps", "eval_every", "checkpoint_every")
+        at_least(self, 0, "weight_decay", "lambda_u", "lambda_p", "grad_clip", "image_cache_gb")
+        at_least(self, 0, "bn_recalibration_batches")
+        at_least(self, 1, "kd_batch_size", "labeled_batch_size", "unlabeled_batch_size")
+        at_least(self, 1, "eval_batch_size", "holdout_max", "log_every", "threads", "stop_after")
+        at_least(self, 1, "image_size", "max_length")
+        for key in ("lr", "head_lr", "temperature"):
+            value = getattr(self, key)
+            require(self, key, value is None or value > 0, "> 0")
+        for key, low, high in (("warmup", 0, 1), ("da_momentum", 0, 1)):
+            value = getattr(self, key)
+            require(self, key, value is None or low <= value < high, f"in [{low}, {high})")
+        require(self, "threshold", 0 <= self.threshold <= 1, "in [0, 1]")
+        require(self, "holdout_fraction", 0 < self.holdout_fraction < 1, "in (0, 1)")
+
+    def for_modality(self, modality: str) -> TrainConfig:
+        """A copy with every None field of ``MODALITY_DEFAULTS`` set to the modality's value.
+
+        A method without stage 1 spends both stages' default budget in its one stage.
+        """
+        table = dict(MODALITY_DEFAULTS[modality])
+        if "kd" not in METHODS[self.method].stages:
+            table["ssl_steps"] += table["kd_steps"]
+        return dataclasses.replace(
+            self, **{key: value for key, value in table.items() if getattr(self, key) is None}
+        )
 
 
-def load_train_config(config_file: Path | None, overrides: dict) -> TrainConfig:
-    """Build a TrainConfig from an optional TOML file plus CLI values (CLI wins if set).
+# Why da_momentum 0.99 and not USB's 0.999: 0.999 averages over ~1,000 steps, longer than a
+# whole CPU stage 2 (150-500 steps). After stage 1, p_model starts at the student's first
+# batch, i.e. the FM's skewed class distribution, and then lags behind the student, so
+# alignment keeps boosting classes the FM under-predicted. Fashion-MNIST, 40 labels,
+# EfficientNet-Lite0 labels, 500 + 500 steps: 65.4% (0.999, 3 seeds) vs 69.6% (0.99, 2 seeds).
+MODALITY_DEFAULTS = {
+    "image": dict(
+        kd_steps=500,
+        ssl_steps=500,
+        kd_batch_size=64,
+        unlabeled_batch_size=64,
+        lr=2e-3,
+        head_lr=2e-3,
+        weight_decay=5e-4,
+        warmup=0.05,
+        grad_clip=0.0,
+    ),
+    "text": dict(
+        kd_steps=150,
+        ssl_steps=150,
+        kd_batch_size=32,
+        unlabeled_batch_size=16,
+        lr=1e-4,
+        head_lr=1e-3,
+        weight_decay=0.01,
+        warmup=0.1,
+        grad_clip=1.0,
+    ),
+}
+"""CPU defaults of the TrainConfig fields that depend on the student's modality."""
 
-    Keys of the file that are not TrainConfig fields go to ``extra`` (hyper-parameters).
-    """
-    values: dict = {}
-    if config_file is not None:
-        if not Path(config_file).is_file():
-            raise UserError(f"config file not found: {config_file}")
-        try:
-            values = tomllib.loads(Path(config_file).read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as error:
-            raise UserError(f"config file {config_file} is not valid TOML: {error}") from None
-    field_names = {f.name for f in dataclasses.fields(TrainConfig)}
-    extra = dict(values.pop("extra", {}))
-    extra.update({k: values.pop(k) for k in list(values) if k not in field_names})
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    for key, value in overrides.items():
-        # A CLI value replaces the file's only when it differs from the flag's default.
-        if key not in values or value != defaults.get(key):
-            values[key] = value
-    for key in ("labeled", "unlabeled", "pseudo_labels", "out", "test"):
-        if values.get(key) is not None:
-            values[key] = Path(values[key])
-    return TrainConfig(**values, extra=extra)
+
+# --------------------------------------------------------------------------- export
 
 
 @dataclass
@@ -174,4 +359,101 @@ class ExportConfig:
 
     def __post_init__(self):
         if self.quantize not in (None, "int8"):
-            raise UserError(f"unknown --quantize '{self.quantize}': the only choice is int8")
+            raise ConfigError(
+                "quantize", f"unknown --quantize '{self.quantize}': the only choice is int8"
+            )
+        at_least(self, 7, "opset")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def config_fields(cls) -> dict[str, dataclasses.Field]:
+    """The settable keys of a config class: its fields, with ``data_options`` flattened."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "data_options" in fields:
+        del fields["data_options"]
+        fields.update({f.name: f for f in dataclasses.fields(DataOptions)})
+    return fields
+
+
+TYPE_NAMES = {
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "Path": ("a path (string)", lambda v: isinstance(v, str)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "list[str]": ("a list of strings", lambda v: isinstance(v, list) and all(
+        isinstance(item, str) for item in v)),
+}  # fmt: skip
+
+
+def check_type(key: str, value: Any, annotation: str, source: str) -> None:
+    """UserError naming ``key`` and ``source`` unless ``value`` fits ``annotation``."""
+    options = [part.strip() for part in annotation.split("|") if part.strip() != "None"]
+    if any(TYPE_NAMES[option][1](value) for option in options):
+        return
+    expected = " or ".join(TYPE_NAMES[option][0] for option in options)
+    raise UserError(f"{source}: {key} = {value!r} must be {expected}")
+
+
+def read_config_file(cls, config_file: Path) -> dict:
+    """The file's keys for ``cls``, type-checked; unknown keys are a UserError."""
+    path = Path(config_file)
+    if not path.is_file():
+        raise UserError(f"--config {path}: file not found")
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"--config {path} is not valid TOML: {error}") from None
+    # Files written before the hyper-parameters became fields kept them in an [extra] table.
+    if isinstance(values.get("extra"), dict) and "extra" not in config_fields(cls):
+        values.update(values.pop("extra"))
+    known = config_fields(cls)
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UserError(
+            f"config file {path}: unknown key(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+    for key, value in values.items():
+        check_type(key, value, str(known[key].type), f"config file {path}")
+    return values
+
+
+def load_config(cls, config_file: Path | None, flags: dict):
+    """Build ``cls`` from an optional TOML file and the flags the user typed.
+
+    Args:
+        cls: LabelConfig, TrainConfig or ExportConfig.
+        config_file: the ``--config`` file, or None.
+        flags: field -> value of every flag; None means "not typed" and never overrides.
+    """
+    from_file = read_config_file(cls, config_file) if config_file is not None else {}
+    typed = {key: value for key, value in flags.items() if value is not None}
+    values = {**from_file, **typed}
+    fields = config_fields(cls)
+    for key, value in values.items():
+        if "Path" in str(fields[key].type) and isinstance(value, str):
+            values[key] = Path(value)
+    missing = [
+        key
+        for key, item in fields.items()
+        if item.default is dataclasses.MISSING
+        and item.default_factory is dataclasses.MISSING
+        and key not in values
+    ]
+    if missing:
+        key = missing[0]
+        raise UserError(f"--{key.replace('_', '-')} is required (a flag or `{key} =` in --config)")
+    if any(f.name == "data_options" for f in dataclasses.fields(cls)):
+        names = [f.name for f in dataclasses.fields(DataOptions)]
+        values["data_options"] = DataOptions(**{k: values.pop(k) for k in names if k in values})
+    try:
+        return cls(**values)
+    except ConfigError as error:
+        if error.key in typed:
+            raise UserError(f"--{error.key.replace('_', '-')}: {error}") from None
+        if error.key in from_file:
+            raise UserError(f"config file {config_file}: {error}") from None
+        raise

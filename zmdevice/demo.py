@@ -119,6 +119,7 @@ def run_demo(out: Path, modality: str = "text", quick: bool = False, device: str
             pseudo_labels=labels, student=plan.student, out=model_dir, device=device,
             method="zeromatch", kd_steps=plan.kd_steps[choice],
             ssl_steps=plan.ssl_steps[choice], seed=0, test=data / plan.test,
+            overwrite=True,  # a rerun of the demo replaces its own earlier model
         )
     )  # fmt: skip
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from zmdevice import __version__
+from zmdevice.config import ExportConfig
 from zmdevice.errors import UserError, atomic_path
 
 FORMAT = "zmdevice-onnx"
@@ -370,7 +371,7 @@ def export_student(
     student,
     out_path: str | Path,
     *,
-    opset: int = 18,
+    opset: int = ExportConfig.opset,
     examples: list | None = None,
     examples_source: str | None = None,
     tolerance: float = PARITY_TOLERANCE,

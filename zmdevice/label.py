@@ -162,8 +162,6 @@ def _settings(config: LabelConfig, fingerprint: str, shard, top_k: int, count: i
         "chunk_batches": CHUNK_BATCHES,
         "count": count,
         "skip_corrupt": config.data_options.skip_corrupt,
-        "precision": config.precision,
-        "runtime": config.runtime,
     }
 
 
@@ -331,8 +329,9 @@ def _prepare_parts(parts_dir: Path, settings: dict, resume: bool, out: Path) -> 
 
 
 def _check_same_numerics(parts_dir: Path, done: set[int], info: dict) -> None:
-    """A resumed run must label at the precision and runtime of the interrupted one: with
-    ``auto`` both are resolved on the machine, which may not be the same machine."""
+    """A resumed run must label at the precision and runtime of the interrupted one. The
+    resolved ones are compared, not the flags: ``auto`` resolves per machine, and an explicit
+    flag equal to what ``auto`` gave before is the same run."""
     if not done:
         return
     before = read_metadata(parts_dir / f"part-{min(done):06d}.parquet")["teacher"]

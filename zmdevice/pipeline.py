@@ -12,8 +12,8 @@ So each sample is decoded and tokenised once, before training:
 - texts are tokenised once to id lists; the strong view edits the cached ids
   (``zmdevice.augment.TextAugment``) and batches are padded to their longest member.
 
-The definitions of the views are those of ``zmdevice.augment`` (``image_transforms``),
-re-expressed on batched tensors for speed. All randomness comes from torch's global
+The clean view is ``zmdevice.augment``'s (``image_transforms``) on the cached pixels; weak
+and strong exist only here, on batched tensors. All randomness comes from torch's global
 generator (augmentation) and each sampler's own generator (data order), so a checkpoint
 that stores those states resumes the exact stream.
 """
@@ -228,13 +228,3 @@ class TextViews:
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, : len(ids)] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
-def tokenize_dataset(student, texts: list[str], chunk: int = 4096) -> list[list[int]]:
-    """Token ids (special tokens included, no padding) of every text, via the student."""
-    out: list[list[int]] = []
-    for start in range(0, len(texts), chunk):
-        ids, mask = student.encode_texts(texts[start : start + chunk])
-        lengths = mask.sum(dim=1).tolist()
-        out.extend(row[:n] for row, n in zip(ids.tolist(), lengths, strict=True))
-    return out

@@ -92,13 +92,6 @@ class Student(nn.Module):
         """Main-head logits [B, C]."""
         return self.head(self.features(**inputs))
 
-    def forward_heads(self, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Main and KD logits, both [B, C], from one backbone pass (stage 2)."""
-        if self.kd_head is None:
-            raise RuntimeError("forward_heads needs attach_kd_head() first")
-        feats = self.features(**inputs)
-        return self.head(feats), self.kd_head(feats)
-
     def attach_kd_head(self, seed: int | None = None) -> nn.Module:
         """Add a new, randomly initialised KD head beside the main head and return it.
 
@@ -217,10 +210,6 @@ class ImageStudent(Student):
         self.channels_last = True
         return self
 
-    def forward_heads(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Main and KD logits [B, C] of images [B, 3, S, S] from one backbone pass."""
-        return super().forward_heads(pixel_values=pixel_values)
-
     def _new_kd_head(self) -> nn.Module:
         head = nn.Linear(self.feature_dim, len(self.classes))
         _init_linear(head)
@@ -265,12 +254,6 @@ class TextStudent(Student):
     ) -> torch.Tensor:
         """Main-head logits [B, C] of tokens [B, L]."""
         return self.head(self.features(input_ids, attention_mask))
-
-    def forward_heads(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Main and KD logits [B, C] of tokens [B, L] from one encoder pass."""
-        return super().forward_heads(input_ids=input_ids, attention_mask=attention_mask)
 
     def _new_kd_head(self) -> nn.Module:
         return _mlp_head(self.feature_dim, len(self.classes))
