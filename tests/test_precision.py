@@ -7,6 +7,7 @@ import pytest
 import tiny_teachers
 import torch
 from PIL import Image
+from test_train import text_config, text_data, weights  # noqa: F401 (text_data: a fixture)
 
 from zmdevice import precision as precision_module
 from zmdevice.data import ClassList
@@ -289,3 +290,48 @@ def test_resume_refuses_a_precision_resolved_otherwise(embed, tmp_path, monkeypa
     summary = run_label(label_config(tmp_path, embed, runtime="torch", precision="bf16",
                                      resume=True))  # fmt: skip
     assert summary["count"] == 24 and summary["precision"] == "bf16"
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def test_bf16_training_resumes_exactly_and_records_its_precision(text_data, tmp_path):  # noqa: F811
+    import tomllib
+
+    from zmdevice.train import run_train
+
+    summary = run_train(text_config(text_data, tmp_path / "full", precision="bf16"))
+    assert summary["precision"] == "bf16" and "  precision bf16 (asked for" in summary["lines"][1]
+    recorded = tomllib.loads((tmp_path / "full" / "train_config.toml").read_text())
+    assert recorded["precision"] == "bf16"
+    assert "precision bf16" in (tmp_path / "full" / "report.md").read_text()
+
+    # Exact resume within one precision: stopped in stage 2, resumed, same weights.
+    run_train(text_config(text_data, tmp_path / "split", precision="bf16", stop_after=13))
+    run_train(text_config(text_data, tmp_path / "split", precision="bf16", resume=True))
+    full, split = weights(tmp_path / "full"), weights(tmp_path / "split")
+    assert all(torch.equal(full[key], split[key]) for key in full)
+
+    # Not across precisions: auto resolves to fp32 on this CPU, the checkpoint is bf16.
+    run_train(text_config(text_data, tmp_path / "other", precision="bf16", stop_after=5))
+    with pytest.raises(UserError, match=r"precision 'fp32' \(checkpoint 'bf16'\)"):
+        run_train(text_config(text_data, tmp_path / "other", precision="fp32", resume=True))
+
+    # bf16 really ran: the weights differ from an fp32 run's.
+    fp32 = run_train(text_config(text_data, tmp_path / "fp32", precision="fp32"))
+    assert fp32["precision"] == "fp32"
+    other = weights(tmp_path / "fp32")
+    assert not all(torch.equal(full[key], other[key]) for key in full)
+
+
+def test_auto_precision_of_a_training_run_follows_the_cpu(
+    text_data,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    from zmdevice.train import run_train
+
+    monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: ("amx_bf16",))
+    summary = run_train(text_config(text_data, tmp_path / "bf16cpu", kd_steps=2, ssl_steps=2))
+    assert summary["precision"] == "bf16"
+    assert summary["precision_reason"] == "auto: transformer on a CPU with bf16 instructions"
