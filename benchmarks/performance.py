@@ -416,7 +416,8 @@ def train_rows(report: dict) -> list[Row]:
             continue
         subject = r["student"]
         rows += [
-            Row(subject, "stage-2 batch, torch threads", None, f"{r['batch']}; {r['threads']}"),
+            Row(subject, "stage-2 batch, torch threads, precision", None,
+                f"{r['batch']}; {r['threads']}; {r.get('precision', 'fp32')}"),
             Row(subject, "stage-2 step (ms, mean)", r["step_s"], f"{1000 * r['step_s']:.0f}"),
             Row(subject, "bare student forward+backward (ms, mean)",
                 r["bare_forward_backward_s"], f"{1000 * r['bare_forward_backward_s']:.0f}"),
@@ -583,8 +584,8 @@ def sections(report: dict) -> list[tuple[str, str, list[Row]]]:
         ("Training step", "Mean stage-2 step of `run_train` (zeromatch, default batch "
          "sizes, synthetic data; data pipeline + augmentation + forward + losses + backward "
          "+ optimizer step) against the mean bare forward+backward of the same student "
-         "preset on a ready batch of the same composition, timed right after each step in "
-         "the same process. Means, not medians: image views are built 4 steps at a time.",
+         "preset on a ready batch of the same composition, at the precision the run chose, "
+         "timed right after each step in the same process. Means, not medians: image views are built 4 steps at a time.",
          train_rows(report)),
         ("ONNX vs PyTorch latency", "One process per student: a student trained briefly on "
          "the embedded default data, exported with `--quantize int8 --test`; median batch-1 "
