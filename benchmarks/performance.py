@@ -585,7 +585,8 @@ def sections(report: dict) -> list[tuple[str, str, list[Row]]]:
          "sizes, synthetic data; data pipeline + augmentation + forward + losses + backward "
          "+ optimizer step) against the mean bare forward+backward of the same student "
          "preset on a ready batch of the same composition, at the precision the run chose, "
-         "timed right after each step in the same process. Means, not medians: image views are built 4 steps at a time.",
+         "timed right after each step in the same process. Means, not medians: image views "
+         "are built 4 steps at a time.",
          train_rows(report)),
         ("ONNX vs PyTorch latency", "One process per student: a student trained briefly on "
          "the embedded default data, exported with `--quantize int8 --test`; median batch-1 "

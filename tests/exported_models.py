@@ -122,6 +122,27 @@ def _write_train_config(model_dir: Path, unlabeled: Path) -> None:
     )
 
 
+def model_file(paths: dict, name: str) -> Path:
+    """``image_onnx``/``text_onnx`` or their int8 twins ``image_int8``/``text_int8``."""
+    from zmdevice.export import int8_path
+
+    if name.endswith("_int8"):
+        return int8_path(Path(paths[name.replace("_int8", "_onnx")]))
+    return Path(paths[name])
+
+
+def predict_json(model: Path, inputs: list[str], top_k: int) -> dict:
+    """What `zmdevice predict MODEL INPUT... --top-k K --json` prints, decoded."""
+    from typer.testing import CliRunner
+
+    from zmdevice.cli import app
+
+    arguments = ["predict", str(model), *inputs, "--top-k", str(top_k), "--json"]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output[-2000:]
+    return json.loads(result.stdout)
+
+
 def build(root: Path) -> dict:
     """Train, save and export the tiny students under ``root`` (once per root).
 

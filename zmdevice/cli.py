@@ -145,6 +145,20 @@ def label(
             "classifiers)."
         ),
     ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="local (this machine) or ray (a Ray cluster; needs the ray extra)."),
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join (default: start a local one).")
+    ] = None,
+    ray_workers: Annotated[
+        int | None, typer.Option(help="Ray teacher workers (each loads the teacher; default 1).")
+    ] = None,
+    gpus_per_worker: Annotated[
+        float | None,
+        typer.Option(help="GPUs per Ray teacher worker (default 0: the teacher runs on CPUs)."),
+    ] = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -255,6 +269,13 @@ def export(
     ] = None,
     opset: Annotated[
         int | None, typer.Option(help=f"ONNX opset (default {ExportConfig.opset}).")
+    ] = None,
+    format: Annotated[
+        str | None,
+        typer.Option(
+            help="ort: also write NAME.ort (ONNX Runtime mobile format) and the operator "
+            "config of a minimal onnxruntime build (default onnx)."
+        ),
     ] = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,

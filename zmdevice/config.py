@@ -116,6 +116,9 @@ class DataOptions:
     """Skip and count unreadable images instead of failing on the first one."""
 
 
+ENGINES = ("local", "ray")
+
+
 @dataclass
 class LabelConfig:
     """`zmdevice label`: run a foundation model zero-shot once, write pseudo-labels."""
@@ -153,13 +156,30 @@ class LabelConfig:
     """auto, fp32, bf16 or fp16: the teacher's compute dtype (``zmdevice.precision``)."""
     runtime: str = "auto"
     """Teacher runtime: auto, torch or onnx (auto: onnx on a CPU where the teacher exports)."""
+    engine: str = "local"
+    """local: this process and its loader workers; ray: a Ray Data actor pool."""
+    ray_address: str | None = None
+    """Ray cluster to join (as printed by ``ray start --head``); None starts a local one."""
+    ray_workers: int = 1
+    """Ray teacher actors; each loads the teacher once and labels batch after batch."""
+    gpus_per_worker: float = 0.0
+    """GPUs per Ray teacher actor (fractions share a GPU); 0 runs the teacher on CPUs."""
 
     def __post_init__(self):
         check_device(self.device)
-        at_least(self, 1, "batch_size", "top_k")
-        at_least(self, 0, "workers")
+        at_least(self, 1, "batch_size", "top_k", "ray_workers")
+        at_least(self, 0, "workers", "gpus_per_worker")
         check_choice(self, "precision", PRECISIONS)
         check_choice(self, "runtime", RUNTIMES)
+        if self.engine not in ENGINES:
+            choices = ", ".join(ENGINES)
+            raise ConfigError("engine", f"--engine '{self.engine}': use one of {choices}")
+        if self.engine == "ray" and self.device not in ("auto", "cpu"):
+            raise ConfigError(
+                "device",
+                f"--device {self.device} with --engine ray: the Ray workers' device follows "
+                "--gpus-per-worker (0: CPU, more: a GPU each); leave --device at auto",
+            )
 
 
 # --------------------------------------------------------------------------- train
@@ -356,12 +376,16 @@ class ExportConfig:
     """Calibration images for static int8 (default: the student's training data)."""
     opset: int = 18
     """ONNX opset version."""
+    format: str = "onnx"
+    """'onnx', or 'ort' to also write ONNX Runtime's mobile format (NAME.ort)."""
 
     def __post_init__(self):
         if self.quantize not in (None, "int8"):
             raise ConfigError(
                 "quantize", f"unknown --quantize '{self.quantize}': the only choice is int8"
             )
+        if self.format not in ("onnx", "ort"):
+            raise ConfigError("format", f"unknown --format '{self.format}': choose onnx or ort")
         at_least(self, 7, "opset")
 
 

@@ -13,6 +13,10 @@ same rows as an uninterrupted one.
 ``--shard I/N`` labels the I-th of N contiguous slices of the data (0-based) into
 ``NAME.shard-I-of-N.parquet``; the same command with ``--combine`` instead of ``--shard``
 joins the N shard files into ``NAME.parquet``.
+
+``--engine ray`` (``zmdevice.label_ray``) labels the same chunks on a Ray cluster instead of
+this process: Ray workers predict, this process writes the same part files and the same
+output, so either engine can resume the other's parts.
 """
 
 from __future__ import annotations
@@ -178,6 +182,10 @@ def run_label(config: LabelConfig) -> dict:
     out = Path(config.out) if config.out else default_out(Path(config.data))
     if config.combine:
         return _combine(config, out)
+    if config.engine == "ray":
+        from zmdevice.label_ray import import_ray
+
+        import_ray()  # a missing extra fails before anything is written
     shard = parse_shard(config.shard)
     classes = load_classes(config.classes)
     dataset = open_dataset(config.data, config.data_options)
@@ -201,7 +209,9 @@ def run_label(config: LabelConfig) -> dict:
     fingerprint = dataset.fingerprint()
     settings = _settings(config, fingerprint, shard, top_k, len(indices))
     done_parts = _prepare_parts(parts_dir, settings, config.resume, out)
-    device = resolve_device(config.device)
+    # The ray engine's workers load their own teacher; this copy, on the CPU, only lends
+    # them its preprocessing, fills the metadata and answers --gold.
+    device = resolve_device(config.device if config.engine == "local" else "cpu")
     teacher = build_teacher(
         config.teacher,
         classes,
@@ -234,9 +244,17 @@ def run_label(config: LabelConfig) -> dict:
     chunks = [indices[s : s + chunk] for s in range(0, len(indices), chunk)]
     workers = pick_workers(config.workers, teacher)
     started = time.perf_counter()
-    labeled_now = _label_chunks(
-        dataset, teacher, chunks, done_parts, config.batch_size, workers, parts_dir, metadata
-    )
+    if config.engine == "ray":
+        from zmdevice.label_ray import label_chunks_ray
+
+        labeled_now = label_chunks_ray(
+            config, dataset, teacher, classes, chunks, done_parts, parts_dir, metadata
+        )
+        device = f"Ray ({config.ray_workers} teacher workers)"
+    else:
+        labeled_now = _label_chunks(
+            dataset, teacher, chunks, done_parts, config.batch_size, workers, parts_dir, metadata
+        )
     elapsed = time.perf_counter() - started
 
     quality, quality_lines = None, []
@@ -261,18 +279,8 @@ def _label_chunks(dataset, teacher, chunks, done, batch_size, workers, parts_dir
     Returns:
         How many samples were labeled now.
     """
-    from tqdm import tqdm
-
     todo = [j for j in range(len(chunks)) if j not in done]
-    progress = tqdm(
-        total=sum(len(c) for c in chunks),
-        initial=sum(len(chunks[j]) for j in done if j < len(chunks)),
-        unit=dataset.modality,
-        desc=f"label {parts_dir.name[1 : -len('.parts')]}",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        disable=None,  # a bar on a terminal; none in logs, where it would print every update
-    )
+    progress = chunk_progress(dataset, chunks, done, parts_dir)
     remaining = [i for j in todo for i in chunks[j]]
     current, seen, labeled = iter(todo), 0, 0
     chunk = next(current, None)
@@ -292,11 +300,26 @@ def _label_chunks(dataset, teacher, chunks, done, batch_size, workers, parts_dir
             # Only this chunk's share of the teacher's counters goes into its part.
             stats = {k: v - stats_before.get(k, 0) for k, v in teacher.stats.items()}
             stats_before = dict(teacher.stats)
-            _write_part(parts_dir, chunk, metadata, ids, probs_list, skipped_ids, stats)
+            write_part(parts_dir, chunk, metadata, ids, probs_list, skipped_ids, stats)
             ids, probs_list, skipped_ids, seen = [], [], [], 0
             chunk = next(current, None)
     progress.close()
     return labeled
+
+
+def chunk_progress(dataset, chunks, done, parts_dir: Path):
+    """A progress bar over all samples, starting at those the finished chunks hold."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=sum(len(c) for c in chunks),
+        initial=sum(len(chunks[j]) for j in done if j < len(chunks)),
+        unit=dataset.modality,
+        desc=f"label {parts_dir.name[1 : -len('.parts')]}",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=None,  # a bar on a terminal; none in logs, where it would print every update
+    )
 
 
 def _prepare_parts(parts_dir: Path, settings: dict, resume: bool, out: Path) -> set[int]:
@@ -345,7 +368,9 @@ def _check_same_numerics(parts_dir: Path, done: set[int], info: dict) -> None:
         )
 
 
-def _write_part(parts_dir, number, metadata, ids, probs, skipped, stats) -> None:
+def write_part(parts_dir, number, metadata, ids, probs, skipped, stats) -> None:
+    """Write chunk ``number`` atomically: ``ids``, their probabilities (a list of float32
+    [b, C] arrays, in id order), the skipped ids and the teacher's counters for this chunk."""
     part_meta = dict(metadata)
     part_meta["skipped"] = {"count": len(skipped), "examples": skipped[:10]}
     if stats:

@@ -95,12 +95,13 @@ def _providers(device: str) -> list[str]:
 
 
 def preprocess_image(image, preprocess: dict) -> np.ndarray:
-    """The numpy twin of ``augment.image_transforms(...)["clean"]``.
+    """The image reference: the numpy twin of ``augment.image_transforms(...)["clean"]``.
 
     RGB (``data.to_rgb``) -> resize to (S, S) with PIL's bilinear filter -> [0, 1] ->
     (x - mean) / std -> CHW.
     torchvision's ``Resize`` on a PIL image calls the same ``Image.resize``, so both sides
-    see identical pixels.
+    see identical pixels. ``export/web/preprocess.mjs`` is the JavaScript twin (browser and
+    Node), tested against ``tests/fixtures/preprocess.json``.
 
     Args:
         image: a ``PIL.Image.Image`` of any mode and size.
@@ -149,6 +150,21 @@ def configure_tokenizer(tokenizer, preprocess: dict):
     pad_id = int(preprocess.get("pad_token_id", 0))
     tokenizer.enable_padding(pad_id=pad_id, pad_token=tokenizer.id_to_token(pad_id) or "[PAD]")
     return tokenizer
+
+
+def encode_texts(tokenizer, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """The text reference: ``input_ids`` and ``attention_mask`` int64 [B, L] of a batch.
+
+    ``tokenizer`` comes from ``configure_tokenizer``: its normaliser lowercases, [CLS]/[SEP]
+    are added, each text is cut to ``max_length`` ids and the batch is right-padded to its
+    longest text with ``pad_token_id`` (mask 0). ``export/web/preprocess.mjs`` is the
+    JavaScript twin, tested against ``tests/fixtures/preprocess.json``.
+    """
+    encodings = tokenizer.encode_batch(list(texts))
+    return {
+        "input_ids": np.asarray([e.ids for e in encodings], dtype=np.int64),
+        "attention_mask": np.asarray([e.attention_mask for e in encodings], dtype=np.int64),
+    }
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -217,11 +233,7 @@ class OnnxClassifier:
 
         Padding goes to the longest text of the batch (the model has a dynamic length).
         """
-        encodings = self.tokenizer.encode_batch(list(texts))
-        return {
-            "input_ids": np.asarray([e.ids for e in encodings], dtype=np.int64),
-            "attention_mask": np.asarray([e.attention_mask for e in encodings], dtype=np.int64),
-        }
+        return encode_texts(self.tokenizer, texts)
 
     def encode_images(self, images: Sequence) -> dict[str, np.ndarray]:
         """Preprocess PIL images into ``pixel_values`` float32 [B, 3, S, S]."""

@@ -3,9 +3,11 @@
 //   node drive.mjs 'http://127.0.0.1:8000/web/index.html?model=../m.onnx&image=../x.png' [URL...]
 //
 // Prints one JSON line per URL (the page's window.zmdevice state: status "done" with the
-// result, or "error" with a message). One browser serves all URLs. Uses the system
+// result (and "results" for several text= parameters), "loaded" when the URL gave a model
+// but no input, or "error" with a message). One browser serves all URLs. Uses the system
 // Chromium (CHROMIUM env var, default /usr/bin/chromium) through playwright-core, which
-// never downloads a browser. Exit code 0 when every page classified its image, else 1.
+// never downloads a browser. With ZMDEVICE_SCREENSHOTS=DIR, saves DIR/page-N.png of each
+// page. Exit code 0 when every page finished ("done"), else 1.
 
 import { chromium } from 'playwright-core';
 
@@ -24,19 +26,22 @@ const browser = await chromium.launch({
 });
 let allDone = true;
 try {
-  for (const url of urls) {
+  for (const [index, url] of urls.entries()) {
     let state;
-    const page = await browser.newPage();
+    const page = await browser.newPage({ viewport: { width: 820, height: 760 } });
     page.on('console', (message) => console.error(`[page] ${message.text()}`));
     page.on('pageerror', (error) => console.error(`[page error] ${error.message}`));
     try {
       await page.goto(url);
       await page.waitForFunction(
-        () => window.zmdevice && ['done', 'error'].includes(window.zmdevice.status),
+        () => window.zmdevice && ['done', 'loaded', 'error'].includes(window.zmdevice.status),
         null,
         { timeout: Number(process.env.ZMDEVICE_PAGE_TIMEOUT_MS || 60000) },
       );
       state = await page.evaluate(() => window.zmdevice);
+      if (process.env.ZMDEVICE_SCREENSHOTS) {
+        await page.screenshot({ path: `${process.env.ZMDEVICE_SCREENSHOTS}/page-${index}.png`, fullPage: true });
+      }
     } catch (error) {
       state = { status: 'error', error: String(error.message || error) };
     }

@@ -1,224 +1,73 @@
-// Classify an image in the browser with an exported zmdevice student (onnxruntime-web).
+// Classify an image or a text in the browser with an exported zmdevice student
+// (onnxruntime-web, WASM). Nothing leaves the page.
 //
-// Everything the page needs is inside the .onnx file: the class names and preprocessing
-// sit in the model's metadata_props (zmdevice.classes, zmdevice.preprocess), which
-// onnxruntime-web does not expose, so readMetadata() reads them from the protobuf itself.
+// Everything the page needs is inside the .onnx file: the class names, the modality and
+// the preprocessing sit in the model's metadata_props, which onnxruntime-web does not
+// expose, so preprocess.mjs reads them from the protobuf itself. The page shows the image
+// or the text input according to zmdevice.modality. A text model also needs the tokenizer
+// file written beside it (NAME.tokenizer.json), read by @huggingface/tokenizers.
 //
-// Preprocessing is the Python runtime's, step for step: RGB (transparency on white) ->
-// PIL-exact bilinear resize to S x S (resizeBilinear) -> /255 -> (x - mean) / std -> CHW.
-// The pixels then equal `zmdevice predict`'s wherever the browser decodes the file to the
-// same pixels as PIL (PNG, BMP, GIF: yes; JPEG decoders may differ by a level or two).
+// All preprocessing lives in preprocess.mjs, shared with the Node.js sample (../node/):
+// pixels and token ids equal the Python runtime's (tests/fixtures/preprocess.json).
 
+import { Tokenizer } from './node_modules/@huggingface/tokenizers/dist/tokenizers.min.mjs';
 import * as ort from './node_modules/onnxruntime-web/dist/ort.wasm.min.mjs';
+import {
+  imageInput,
+  parseModelMetadata,
+  readMetadata,
+  runFixture,
+  softmax,
+  textInputs,
+  tokenizerFileName,
+  topK,
+} from './preprocess.mjs';
 
 // Only ort-wasm-simd-threaded.{mjs,wasm} are fetched from here. One thread: several
 // threads need cross-origin isolation (COOP/COEP headers) that a plain static server lacks.
 ort.env.wasm.wasmPaths = new URL('./node_modules/onnxruntime-web/dist/', import.meta.url).href;
 ort.env.wasm.numThreads = 1;
 
-/** Read a protobuf varint at `pos`; returns [value, next position]. */
-function readVarint(bytes, pos) {
-  let value = 0;
-  let scale = 1;
-  for (;;) {
-    const byte = bytes[pos++];
-    value += (byte & 0x7f) * scale;
-    if (byte < 0x80) return [value, pos];
-    scale *= 128;
-  }
-}
-
-/** Walk one protobuf message, calling visit(field, start, end) per length-delimited field. */
-function walkMessage(bytes, start, end, visit) {
-  let pos = start;
-  while (pos < end) {
-    let key;
-    [key, pos] = readVarint(bytes, pos);
-    const field = Math.floor(key / 8);
-    const wireType = key & 7;
-    if (wireType === 0) {
-      [, pos] = readVarint(bytes, pos);
-    } else if (wireType === 1) {
-      pos += 8;
-    } else if (wireType === 5) {
-      pos += 4;
-    } else if (wireType === 2) {
-      let length;
-      [length, pos] = readVarint(bytes, pos);
-      visit(field, pos, pos + length);
-      pos += length;
-    } else {
-      throw new Error(`unsupported protobuf wire type ${wireType}`);
-    }
-  }
-}
-
-/** The ONNX ModelProto's metadata_props (field 14) as a plain object. */
-export function readMetadata(bytes) {
-  const decoder = new TextDecoder();
-  const metadata = {};
-  walkMessage(bytes, 0, bytes.length, (field, start, end) => {
-    if (field !== 14) return;
-    let key = '';
-    let value = '';
-    walkMessage(bytes, start, end, (entryField, s, e) => {
-      if (entryField === 1) key = decoder.decode(bytes.subarray(s, e));
-      if (entryField === 2) value = decoder.decode(bytes.subarray(s, e));
-    });
-    metadata[key] = value;
-  });
-  return metadata;
-}
-
-// PIL's bilinear resize (Pillow's Resample.c), reproduced so that the page feeds the model
-// the same pixels as `zmdevice predict` for images of any size: a triangle filter widened
-// by the downscale factor, weights in 22-bit fixed point, a horizontal pass to 8-bit
-// pixels, then a vertical pass.
-const PRECISION_BITS = 22;
-
-/** Per output pixel: first input index, count, and fixed-point weights. */
-function resizeCoefficients(inSize, outSize) {
-  const scale = inSize / outSize;
-  const filterScale = Math.max(scale, 1);
-  const support = 1 * filterScale; // the bilinear (triangle) filter's support is 1
-  const coefficients = [];
-  for (let out = 0; out < outSize; out++) {
-    const center = (out + 0.5) * scale;
-    const first = Math.max(Math.trunc(center - support + 0.5), 0);
-    const count = Math.min(Math.trunc(center + support + 0.5), inSize) - first;
-    const weights = [];
-    let total = 0;
-    for (let i = 0; i < count; i++) {
-      const w = Math.max(1 - Math.abs((i + first - center + 0.5) / filterScale), 0);
-      weights.push(w);
-      total += w;
-    }
-    const fixed = weights.map((w) => {
-      const v = (total !== 0 ? w / total : w) * (1 << PRECISION_BITS);
-      return Math.trunc(v < 0 ? v - 0.5 : v + 0.5);
-    });
-    coefficients.push({ first, count, fixed });
-  }
-  return coefficients;
-}
-
-function clip8(sum) {
-  if (sum >= 2 ** (PRECISION_BITS + 8)) return 255;
-  if (sum <= 0) return 0;
-  return Math.floor(sum / 2 ** PRECISION_BITS);
-}
-
-/** RGB bytes [h, w, 3] -> [size, size, 3], exactly as PIL's Image.resize(BILINEAR). */
-export function resizeBilinear(rgb, width, height, size) {
-  if (width === size && height === size) return rgb;
-  const horizontal = resizeCoefficients(width, size);
-  const vertical = resizeCoefficients(height, size);
-  // Pillow resizes only the rows the vertical pass reads.
-  const rowFirst = vertical[0].first;
-  const rowLast = vertical[size - 1].first + vertical[size - 1].count;
-  let source = rgb;
-  let sourceWidth = width;
-  let rowOffset = 0;
-  if (width !== size) {
-    const rows = rowLast - rowFirst;
-    const temp = new Uint8Array(rows * size * 3);
-    for (let y = 0; y < rows; y++) {
-      for (let x = 0; x < size; x++) {
-        const { first, count, fixed } = horizontal[x];
-        for (let c = 0; c < 3; c++) {
-          let sum = 1 << (PRECISION_BITS - 1);
-          for (let i = 0; i < count; i++) {
-            sum += rgb[((y + rowFirst) * width + first + i) * 3 + c] * fixed[i];
-          }
-          temp[(y * size + x) * 3 + c] = clip8(sum);
-        }
-      }
-    }
-    source = temp;
-    sourceWidth = size;
-    rowOffset = rowFirst;
-  }
-  if (height === size && rowOffset === 0) return source;
-  const out = new Uint8Array(size * size * 3);
-  for (let y = 0; y < size; y++) {
-    const { first, count, fixed } = vertical[y];
-    for (let x = 0; x < size; x++) {
-      for (let c = 0; c < 3; c++) {
-        let sum = 1 << (PRECISION_BITS - 1);
-        for (let i = 0; i < count; i++) {
-          sum += source[((first - rowOffset + i) * sourceWidth + x) * 3 + c] * fixed[i];
-        }
-        out[(y * size + x) * 3 + c] = clip8(sum);
-      }
-    }
-  }
-  return out;
-}
-
-/** RGB bytes [S, S, 3] -> normalised float32 CHW tensor [1, 3, S, S]. */
-export function toTensor(rgb, preprocess) {
-  const size = preprocess.image_size;
-  const plane = size * size;
-  const data = new Float32Array(3 * plane);
-  const order = (preprocess.channel_order || 'RGB').toUpperCase() === 'BGR' ? [2, 1, 0] : [0, 1, 2];
-  for (let i = 0; i < plane; i++) {
-    for (let c = 0; c < 3; c++) {
-      const value = rgb[3 * i + order[c]] / 255;
-      data[c * plane + i] = (value - preprocess.mean[c]) / preprocess.std[c];
-    }
-  }
-  return new ort.Tensor('float32', data, [1, 3, size, size]);
-}
-
-function softmax(logits) {
-  const max = Math.max(...logits);
-  const exp = Array.from(logits, (x) => Math.exp(x - max));
-  const sum = exp.reduce((a, b) => a + b, 0);
-  return exp.map((x) => x / sum);
-}
+const TOP_K = 5;
 
 /** Load a model from its bytes: session plus decoded zmdevice metadata. */
-export async function loadModel(bytes) {
-  const raw = readMetadata(bytes);
-  if (!raw['zmdevice.classes']) throw new Error('this .onnx file has no zmdevice metadata');
-  if (raw['zmdevice.modality'] !== 'image') {
-    throw new Error('this page classifies images; the model is a text model');
-  }
+export async function loadModel(bytes, name) {
+  const info = parseModelMetadata(readMetadata(bytes));
   const session = await ort.InferenceSession.create(bytes, { executionProviders: ['wasm'] });
-  return {
-    session,
-    classes: JSON.parse(raw['zmdevice.classes']),
-    preprocess: JSON.parse(raw['zmdevice.preprocess']),
-  };
+  return { name, session, tokenizer: null, ...info };
 }
 
-/** Classify one decoded image (an ImageBitmap or <img>); shows the model's input on `canvas`. */
-export async function classify(model, image, canvas) {
-  const size = model.preprocess.image_size;
-  // The image at its own size (no browser resampling); transparent pixels land on white,
-  // as zmdevice.data.to_rgb composites them in Python.
+function result(model, logitsTensor, extra) {
+  const logits = Array.from(logitsTensor.data);
+  const probabilities = softmax(logits);
+  const top = topK(probabilities, model.classes, model.classes.length);
+  return { class: top[0].class, top, probabilities, logits, classes: model.classes, ...extra };
+}
+
+/** Classify one decoded image (ImageBitmap); shows the model's input pixels on `canvas`. */
+export async function classifyImage(model, image, canvas) {
+  // The image at its own size (no browser resampling), unblended: preprocess.mjs
+  // composites transparent pixels on white as Python does.
   const work = document.createElement('canvas');
   work.width = image.width;
   work.height = image.height;
   const context = work.getContext('2d', { willReadFrequently: true });
-  context.fillStyle = '#ffffff';
-  context.fillRect(0, 0, image.width, image.height);
   context.drawImage(image, 0, 0);
   const rgba = context.getImageData(0, 0, image.width, image.height).data;
-  const rgb = new Uint8Array(image.width * image.height * 3);
-  for (let i = 0, j = 0; i < rgba.length; i += 4, j += 3) {
-    rgb[j] = rgba[i];
-    rgb[j + 1] = rgba[i + 1];
-    rgb[j + 2] = rgba[i + 2];
-  }
-  const resized = resizeBilinear(rgb, image.width, image.height, size);
-  showPixels(canvas, resized, size);
-  const outputs = await model.session.run({ pixel_values: toTensor(resized, model.preprocess) });
-  const probabilities = softmax(outputs.logits.data);
-  let best = 0;
-  for (let i = 1; i < probabilities.length; i++) if (probabilities[i] > probabilities[best]) best = i;
-  const logits = Array.from(outputs.logits.data);
-  return { class: model.classes[best], index: best, probabilities, logits, classes: model.classes };
+  const input = imageInput(rgba, image.width, image.height, 4, model.preprocess);
+  showPixels(canvas, input.rgb, model.preprocess.image_size);
+  const outputs = await model.session.run({ pixel_values: new ort.Tensor('float32', input.data, input.dims) });
+  return result(model, outputs.logits, {});
+}
+
+/** Classify one text (text model with its tokenizer loaded). */
+export async function classifyText(model, text) {
+  const batch = textInputs(model.tokenizer, [text], model.preprocess);
+  const outputs = await model.session.run({
+    input_ids: new ort.Tensor('int64', batch.ids, batch.dims),
+    attention_mask: new ort.Tensor('int64', batch.mask, batch.dims),
+  });
+  return result(model, outputs.logits, { ids: batch.rows[0] });
 }
 
 function showPixels(canvas, rgb, size) {
@@ -232,39 +81,8 @@ function showPixels(canvas, rgb, size) {
 }
 
 async function decodeImage(blob) {
-  // colorSpaceConversion 'none': pixels as stored, like PIL (no colour-profile transform).
+  // Pixels as stored, like PIL: no colour-profile transform, no premultiplied alpha.
   return createImageBitmap(blob, { colorSpaceConversion: 'none', premultiplyAlpha: 'none' });
-}
-
-// ---- page wiring -------------------------------------------------------------------------
-const state = { status: 'idle' };
-window.zmdevice = state;
-const resultBox = document.getElementById('result');
-const canvas = document.getElementById('canvas');
-let model = null;
-let image = null;
-
-function show(text) {
-  resultBox.textContent = text;
-}
-
-async function run() {
-  if (!model || !image) return;
-  state.status = 'running';
-  const started = performance.now();
-  const result = await classify(model, image, canvas);
-  result.milliseconds = performance.now() - started;
-  Object.assign(state, { status: 'done', result });
-  const ranked = result.probabilities
-    .map((p, i) => [p, result.classes[i]])
-    .sort((a, b) => b[0] - a[0])
-    .slice(0, 5);
-  show(ranked.map(([p, name]) => `${name}\t${p.toFixed(3)}`).join('\n'));
-}
-
-function fail(error) {
-  Object.assign(state, { status: 'error', error: String(error && error.message ? error.message : error) });
-  show(`error: ${state.error}`);
 }
 
 async function fetchBytes(url) {
@@ -273,33 +91,126 @@ async function fetchBytes(url) {
   return new Uint8Array(await response.arrayBuffer());
 }
 
-document.getElementById('model-file').addEventListener('change', async (event) => {
-  try {
-    model = await loadModel(new Uint8Array(await event.target.files[0].arrayBuffer()));
-    show(`model loaded: ${model.classes.length} classes`);
-    await run();
-  } catch (error) {
-    fail(error);
-  }
-});
+async function fetchJson(url) {
+  return JSON.parse(new TextDecoder().decode(await fetchBytes(url)));
+}
 
-document.getElementById('image-file').addEventListener('change', async (event) => {
-  try {
-    image = await decodeImage(event.target.files[0]);
-    await run();
-  } catch (error) {
-    fail(error);
-  }
-});
+// ---- page wiring -------------------------------------------------------------------------
+const state = { status: 'idle' };
+window.zmdevice = state;
+const element = (id) => document.getElementById(id);
+let model = null;
+let image = null;
 
+function showModel() {
+  element('model-name').textContent = `${model.name} (${model.modality}, ${model.student || 'student'}` +
+    `${model.quantization ? ', int8' : ''})`;
+  element('model-classes').textContent = model.classes.join(', ');
+  element('model-info').hidden = false;
+  element('image-input').hidden = model.modality !== 'image';
+  element('text-input').hidden = model.modality !== 'text';
+  element('tokenizer-input').hidden = model.modality !== 'text' || model.tokenizer !== null;
+  state.model = { name: model.name, modality: model.modality, classes: model.classes };
+}
+
+function showResult(outcome) {
+  const list = element('ranking');
+  list.replaceChildren(
+    ...outcome.top.slice(0, TOP_K).map(({ class: name, probability }) => {
+      const row = document.createElement('li');
+      const label = document.createElement('span');
+      label.className = 'label';
+      label.textContent = name;
+      const bar = document.createElement('span');
+      bar.className = 'bar';
+      bar.style.setProperty('--p', probability.toFixed(4));
+      const value = document.createElement('span');
+      value.className = 'value';
+      value.textContent = `${(100 * probability).toFixed(1)}%`;
+      row.append(label, bar, value);
+      return row;
+    }),
+  );
+  element('status').textContent = `${outcome.class} in ${outcome.milliseconds.toFixed(1)} ms`;
+}
+
+async function run() {
+  if (!model) return;
+  const text = element('text').value;
+  if (model.modality === 'image' && !image) return;
+  if (model.modality === 'text' && (!model.tokenizer || text === '')) return;
+  state.status = 'running';
+  const started = performance.now();
+  const outcome = model.modality === 'image' ? await classifyImage(model, image, element('canvas')) : await classifyText(model, text);
+  outcome.milliseconds = performance.now() - started;
+  Object.assign(state, { status: 'done', result: outcome });
+  showResult(outcome);
+}
+
+function fail(error) {
+  Object.assign(state, { status: 'error', error: String(error && error.message ? error.message : error) });
+  element('status').textContent = `error: ${state.error}`;
+}
+
+const guarded = (action) => (event) => action(event).catch(fail);
+
+element('model-file').addEventListener('change', guarded(async (event) => {
+  const file = event.target.files[0];
+  model = await loadModel(new Uint8Array(await file.arrayBuffer()), file.name);
+  showModel();
+  element('status').textContent = model.modality === 'text'
+    ? `text model: now pick its tokenizer file ${tokenizerFileName(model.preprocess)}`
+    : 'image model: pick an image';
+  await run();
+}));
+
+element('tokenizer-file').addEventListener('change', guarded(async (event) => {
+  model.tokenizer = new Tokenizer(JSON.parse(await event.target.files[0].text()), {});
+  showModel();
+  await run();
+}));
+
+element('image-file').addEventListener('change', guarded(async (event) => {
+  image = await decodeImage(event.target.files[0]);
+  await run();
+}));
+
+element('text').addEventListener('input', guarded(run));
+
+// URL mode: index.html?model=URL&image=URL or ?model=URL&text=..., the tokenizer fetched
+// from beside the model. ?fixture=URL&tokenizer=URL runs preprocess.mjs on the shared
+// fixture instead (the tests compare its output with the Python runtime's).
 const params = new URLSearchParams(window.location.search);
-if (params.get('model') && params.get('image')) {
+if (params.get('fixture')) {
   state.status = 'running';
   (async () => {
-    model = await loadModel(await fetchBytes(params.get('model')));
-    const response = await fetch(params.get('image'));
-    if (!response.ok) throw new Error(`cannot fetch ${params.get('image')}: HTTP ${response.status}`);
-    image = await decodeImage(await response.blob());
+    const tokenizer = new Tokenizer(await fetchJson(params.get('tokenizer')), {});
+    Object.assign(state, { status: 'done', result: runFixture(await fetchJson(params.get('fixture')), tokenizer) });
+  })().catch(fail);
+} else if (params.get('model')) {
+  state.status = 'running';
+  (async () => {
+    const modelUrl = new URL(params.get('model'), window.location.href);
+    model = await loadModel(await fetchBytes(modelUrl), modelUrl.pathname.split('/').pop());
+    if (model.modality === 'text') {
+      model.tokenizer = new Tokenizer(await fetchJson(new URL(tokenizerFileName(model.preprocess), modelUrl)), {});
+      // Several text= parameters: each one is classified (state.results), the first shown.
+      const texts = params.getAll('text');
+      state.results = [];
+      for (const text of texts.slice(1)) state.results.push(await classifyText(model, text));
+      element('text').value = texts[0] ?? '';
+      showModel();
+      await run();
+      if (state.result) state.results.unshift(state.result);
+      if (state.status === 'running') state.status = 'loaded';
+      return;
+    } else if (params.get('image')) {
+      const response = await fetch(params.get('image'));
+      if (!response.ok) throw new Error(`cannot fetch ${params.get('image')}: HTTP ${response.status}`);
+      image = await decodeImage(await response.blob());
+    }
+    showModel();
     await run();
+    if (state.status === 'running') state.status = 'loaded';
   })().catch(fail);
 }

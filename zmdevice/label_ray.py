@@ -1,0 +1,266 @@
+"""`zmdevice label --engine ray`: the local engine's chunks, labeled by a Ray Data actor pool.
+
+The driver (``zmdevice.label.run_label``) opens the data, assigns ids and splits the work
+into the same chunks as the local engine; this module sends the unfinished chunks, one row
+per teacher batch, through two Ray Data stages:
+
+1. *prepare* (CPU actors, an autoscaling pool): read and decode each sample of the batch with
+   the teacher's own ``prepare`` and ``collate``;
+2. *teacher* (``--ray-workers`` actors, ``--gpus-per-worker`` GPUs each): load the teacher
+   once, predict batch after batch.
+
+Rows carry only positions into the driver's data set, never ids: the ids stay the ones
+zmdevice's reader gave (a CSV reader of Ray's own would turn the id ``007`` into ``7``).
+The driver gathers the predicted batches of each chunk and, once a chunk is whole, writes
+its part file with the local engine's ``write_part``. Batches are the local engine's batches
+(whole batches inside a chunk, in data order), so the combined file is the same file, and
+``--resume`` may even continue a run the other engine began.
+
+Two ways a Ray Data pipeline stalls are avoided on purpose: teacher actors never take every
+CPU (a pool that does leaves none for the prepare stage, which then waits forever), and
+every batch is its own block (with few blocks one actor would get all of them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from zmdevice.errors import UserError
+
+PREPARE_CPUS = 1.0
+"""CPUs kept free for the prepare stage (less on a one-CPU machine)."""
+IN_FLIGHT_PER_ACTOR = 2
+"""Batches queued at a teacher actor: one to run, one whose input is already on its way."""
+
+
+def import_ray():
+    """``ray`` with Ray Data, or a one-line error naming the extra to install."""
+    try:
+        import ray
+        import ray.data  # noqa: F401  (ray without the [data] extra lacks its dependencies)
+    except ImportError as error:
+        raise UserError(
+            f"--engine ray needs Ray Data ({error}); install it with "
+            "pip install 'zmdevice[ray]' (or pip install 'ray[data]')"
+        ) from None
+    return ray
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """Ray resources of the two stages."""
+
+    teacher_cpus: float
+    """CPUs each teacher actor asks for (and torch threads it uses, rounded down, >= 1)."""
+    prepare_cpus: float
+    """CPUs each prepare actor asks for."""
+    prepare_actors: int
+    """Most prepare actors the autoscaling pool may start."""
+
+
+def plan_pool(total_cpus: float, node_cpus: float, workers: int, gpus_per_worker: float):
+    """Share the cluster's CPUs between ``workers`` teacher actors and the prepare stage.
+
+    GPU actors need one CPU each to feed their GPU; CPU actors split what is left after the
+    prepare stage's share, but no actor may ask for more than a node minus that share, or
+    it would not fit on any node beside a prepare actor.
+
+    Args:
+        total_cpus: CPUs of the whole cluster.
+        node_cpus: CPUs of its largest node.
+    """
+    prepare_cpus = min(PREPARE_CPUS, total_cpus / 2)
+    spare = total_cpus - prepare_cpus
+    share = min(spare / workers, node_cpus - prepare_cpus)
+    teacher_cpus = min(1.0, share) if gpus_per_worker > 0 else share
+    left = total_cpus - workers * teacher_cpus
+    return PoolPlan(
+        teacher_cpus=teacher_cpus,
+        prepare_cpus=prepare_cpus,
+        prepare_actors=max(1, math.floor(left / prepare_cpus + 1e-9)),
+    )
+
+
+class PrepareBatch:
+    """Ray Data stage 1: positions of one batch -> the teacher's collated input."""
+
+    def __init__(self, dataset, prepare, collate):
+        from zmdevice.label import _Collate
+
+        self.dataset, self.prepare, self.collate = dataset, prepare, _Collate(collate)
+
+    def __call__(self, row: dict) -> dict:
+        from zmdevice.label import _Prepared
+
+        view = _Prepared(self.dataset, self.prepare, row["indices"])
+        try:
+            work = self.collate([view[p] for p in range(len(view))])
+        except UserError as error:  # an unreadable image: the driver says it in one line
+            return {"chunk": row["chunk"], "batch": row["batch"], "work": None, "error": str(error)}
+        return {"chunk": row["chunk"], "batch": row["batch"], "work": work, "error": ""}
+
+
+def worker_numerics(config, info: dict) -> tuple[str, str]:
+    """(precision, runtime) for the teacher actors. CPU actors get what the driver's copy
+    resolved, so every chunk is labeled as the metadata says even on other machines; GPU
+    actors resolve the flags themselves (onnx runs on CPUs only)."""
+    if config.gpus_per_worker:
+        return config.precision, config.runtime
+    return info["precision"], info["runtime"]
+
+
+class TeacherBatch:
+    """Ray Data stage 2: load the teacher once; collated input -> float32 [b, C] probabilities.
+
+    ``UserError`` s (a teacher missing on a node, an unreadable sample upstream) travel on as
+    the row's ``error``: Ray would otherwise wrap them in its own task errors, and the user
+    should get the one line the local engine prints.
+    """
+
+    def __init__(self, spec, classes, templates, device, threads, numerics):
+        import torch
+
+        from zmdevice.teachers import build_teacher
+
+        torch.set_num_threads(threads)
+        self.teacher, self.error = None, ""
+        try:
+            precision, runtime = numerics
+            self.teacher = build_teacher(
+                spec, classes, device=device, templates=templates, precision=precision,
+                runtime=runtime,
+            )  # fmt: skip
+        except UserError as error:
+            self.error = str(error)
+
+    def __call__(self, row: dict) -> dict:
+        error = row["error"] or self.error
+        if error:
+            return {"chunk": row["chunk"], "batch": row["batch"], "result": None, "error": error}
+        kept, inputs, skipped = row["work"]
+        before = dict(self.teacher.stats)
+        probs = self.teacher.predict_proba(inputs).numpy() if kept else np.zeros((0, 0), np.float32)
+        stats = {k: v - before.get(k, 0) for k, v in self.teacher.stats.items()}
+        result = (kept, probs, skipped, stats)
+        return {"chunk": row["chunk"], "batch": row["batch"], "result": result, "error": ""}
+
+
+def batch_rows(chunks, todo: list[int], batch_size: int) -> list[dict]:
+    """One row per teacher batch of the chunks in ``todo``: chunk, batch number, positions."""
+    return [
+        {"chunk": j, "batch": b, "indices": list(chunks[j][s : s + batch_size])}
+        for j in todo
+        for b, s in enumerate(range(0, len(chunks[j]), batch_size))
+    ]
+
+
+def label_chunks_ray(config, dataset, teacher, classes, chunks, done, parts_dir, metadata) -> int:
+    """Label the chunks not in ``done`` on Ray; write a part file per chunk (see module doc).
+
+    Joins the cluster at ``config.ray_address``, or starts a local one (and stops it again)
+    when none is running in this process.
+
+    Returns:
+        How many samples were labeled now.
+    """
+    ray = import_ray()
+    started_here = not ray.is_initialized()
+    if started_here:
+        _start(ray, config.ray_address)
+    try:
+        return _run(ray, config, dataset, teacher, classes, chunks, done, parts_dir, metadata)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _start(ray, address: str | None) -> None:
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        where = f"--ray-address {address}" if address else "a local Ray cluster"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+        raise UserError(
+            f"{where}: could not start or join it ({first}); check that `ray start --head` "
+            "runs there and the address is the one it printed"
+        ) from None
+
+
+def _run(ray, config, dataset, teacher, classes, chunks, done, parts_dir, metadata) -> int:
+    from zmdevice.label import chunk_progress, write_part
+
+    todo = [j for j in range(len(chunks)) if j not in done]
+    rows = batch_rows(chunks, todo, config.batch_size)
+    if not rows:
+        return 0
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    plan = plan_pool(
+        ray.cluster_resources().get("CPU", 0), max(nodes, default=0), config.ray_workers,
+        config.gpus_per_worker,
+    )  # fmt: skip
+    if plan.teacher_cpus <= 0:
+        raise UserError(
+            f"--ray-workers {config.ray_workers}: the Ray cluster has too few CPUs "
+            "for the teacher workers and the prepare stage; add nodes or lower --ray-workers"
+        )
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the driver's own bar counts samples, not blocks
+    context.enable_operator_progress_bars = False
+    device = "cuda" if config.gpus_per_worker > 0 else "cpu"
+    labeled = (
+        ray.data.from_items(rows, override_num_blocks=len(rows))
+        .map(
+            PrepareBatch,
+            fn_constructor_args=(dataset, teacher.prepare, teacher.collate),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.prepare_actors),
+            num_cpus=plan.prepare_cpus,
+        )
+        .map(
+            TeacherBatch,
+            fn_constructor_args=(
+                config.teacher, classes, config.templates, device,
+                max(1, int(plan.teacher_cpus)), worker_numerics(config, teacher.info),
+            ),
+            compute=ray.data.ActorPoolStrategy(
+                size=config.ray_workers, max_tasks_in_flight_per_actor=IN_FLIGHT_PER_ACTOR
+            ),
+            num_cpus=plan.teacher_cpus,
+            num_gpus=config.gpus_per_worker,
+        )
+    )  # fmt: skip
+
+    batches_of = {j: math.ceil(len(chunks[j]) / config.batch_size) for j in todo}
+    pending: dict[int, dict[int, tuple]] = {j: {} for j in todo}
+    progress, count = chunk_progress(dataset, chunks, done, parts_dir), 0
+    try:
+        for row in labeled.iter_rows():
+            if row["error"]:
+                raise UserError(row["error"])
+            chunk, kept, skipped = row["chunk"], row["result"][0], row["result"][2]
+            pending[chunk][row["batch"]] = row["result"]
+            count += len(kept)
+            progress.update(len(kept) + len(skipped))
+            if len(pending[chunk]) == batches_of[chunk]:
+                by_number = pending.pop(chunk)
+                results = [by_number[b] for b in range(batches_of[chunk])]
+                write_part(
+                    parts_dir, chunk, metadata,
+                    [dataset.ids[i] for r in results for i in r[0]],
+                    [r[1] for r in results if r[0]],
+                    [dataset.ids[i] for r in results for i in r[2]],
+                    _sum_counts(r[3] for r in results),
+                )  # fmt: skip
+    finally:
+        progress.close()
+    return count
+
+
+def _sum_counts(counters) -> dict:
+    total: dict = {}
+    for counts in counters:
+        for key, value in counts.items():
+            total[key] = total.get(key, 0) + value
+    return total
