@@ -77,6 +77,12 @@ def test_model_family_tells_transformers_from_convnets():
 
     assert model_family(build_student("tiny-distilbert", ["a", "b"])) == "transformer"
     assert model_family(build_student("tiny-mobilenet", ["a", "b"])) == "convnet"
+    attention_pool = torch.nn.Sequential(*[torch.nn.Conv2d(3, 3, 1) for _ in range(4)])
+    attention_pool.append(torch.nn.MultiheadAttention(3, 1))  # as CLIP's ResNets
+    assert model_family(attention_pool) == "convnet"
+    patch_embedding = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1))
+    patch_embedding.extend(torch.nn.MultiheadAttention(3, 1) for _ in range(2))  # a ViT
+    assert model_family(patch_embedding) == "transformer"
 
 
 def test_autocast_runs_matrix_products_in_the_chosen_dtype_and_fp32_untouched():

@@ -128,15 +128,20 @@ class Precision:
 
 
 def model_family(model) -> str:
-    """ "transformer" when the module contains attention layers, else "convnet".
+    """Whether a model is a "transformer" (more attention layers than convolutions) or a
+    "convnet".
 
-    The decision only needs to tell these apart: DistilBERT, MiniLM, ViTs and LMs have
-    attention modules; MobileNetV3 and EfficientNet have none.
+    DistilBERT, MiniLM and LMs have only attention layers, a ViT one convolution (its patch
+    embedding); MobileNetV3 and EfficientNet have only convolutions, and CLIP's ResNets one
+    attention pooling over dozens of convolutions.
     """
+    import torch
+
+    attention = convolution = 0
     for module in model.modules():
-        if "attention" in type(module).__name__.lower():
-            return "transformer"
-    return "convnet"
+        attention += "attention" in type(module).__name__.lower()
+        convolution += isinstance(module, torch.nn.modules.conv._ConvNd)
+    return "transformer" if attention > convolution else "convnet"
 
 
 def choose_precision(requested: str, hardware: Hardware, family: str) -> Precision:
