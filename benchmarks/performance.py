@@ -37,7 +37,7 @@ BENCH = ROOT / "benchmarks"
 REPORT_JSON = BENCH / "performance.json"
 PAGE = BENCH / "PERFORMANCE.md"
 WORK = BENCH / "work" / "performance"
-JOBS = ("label", "train", "export")
+JOBS = ("label", "train", "export", "precision")
 FORMAT = "zmdevice-performance"
 FORMAT_VERSION = 1
 
@@ -62,8 +62,14 @@ class Budget:
     """Training steps of the exported text student (``bench_export.py --text-steps``)."""
     repeats: int
     """Timed batch-1 inferences per runtime (``bench_export.py --repeats``)."""
+    precision_texts: int = 1024
+    """MiniLM texts of the precision job (``bench_precision.py --count``), per variant."""
+    precision_images: int = 256
+    """EfficientNet-Lite0 images of the precision job (``--count-images``), per variant."""
+    precision_steps: int = 8
+    """Timed training steps per precision and student (``bench_precision.py --steps``)."""
     students: tuple[str, ...] = ("mobilenet_v3_small", "distilbert")
-    """Students of the training and export jobs."""
+    """Students of the training, export and precision jobs."""
 
 
 FULL = Budget(
@@ -85,6 +91,9 @@ QUICK = Budget(
     image_steps=20,
     text_steps=10,
     repeats=20,
+    precision_texts=128,
+    precision_images=32,
+    precision_steps=2,
 )
 
 
@@ -111,6 +120,19 @@ def job_commands(budget: Budget, work: Path) -> list[tuple[str, list[str], Path]
             train_json,
         ),
     ]  # fmt: skip
+    precision_json = work / "precision.json"
+    jobs.append(
+        (
+            "precision",
+            [python, "benchmarks/bench_precision.py", "--count", str(budget.precision_texts),
+             "--count-images", str(budget.precision_images),
+             "--batch-size", str(budget.label_batch_size),
+             "--image-variants", "torch:fp32", "onnx:fp32",
+             "--steps", str(budget.precision_steps), "--students", *budget.students,
+             "--json", rel(precision_json)],
+            precision_json,
+        )
+    )  # fmt: skip
     for student in budget.students:
         out = work / f"export-{student}.json"
         jobs.append(
@@ -394,7 +416,8 @@ def train_rows(report: dict) -> list[Row]:
             continue
         subject = r["student"]
         rows += [
-            Row(subject, "stage-2 batch, torch threads", None, f"{r['batch']}; {r['threads']}"),
+            Row(subject, "stage-2 batch, torch threads, precision", None,
+                f"{r['batch']}; {r['threads']}; {r.get('precision', 'fp32')}"),
             Row(subject, "stage-2 step (ms, mean)", r["step_s"], f"{1000 * r['step_s']:.0f}"),
             Row(subject, "bare student forward+backward (ms, mean)",
                 r["bare_forward_backward_s"], f"{1000 * r['bare_forward_backward_s']:.0f}"),
@@ -429,6 +452,52 @@ def export_rows(report: dict) -> list[Row]:
                 f"{r['beyond_interpreter_s']:.2f} (total {r['predict_s']:.2f})",
                 tuple_or_none(targets, "beyond_interpreter_s"), " s"),
         ]  # fmt: skip
+    return rows
+
+
+FM_SPEEDUP_TARGET = {"minilm": 1.5}
+"""Default-variant labeling throughput over fp32 eager, at least, per teacher."""
+STEP_SPEEDUP_TARGET = {"distilbert": 1.6}
+"""Default-precision training step speed over fp32 eager, at least, per student."""
+
+
+def precision_rows(report: dict) -> list[Row]:
+    """Each teacher variant's speed and agreement, each student precision's step time; the
+    default (``auto`` on this machine) against the fp32 eager baseline, judged."""
+    results, _ = job_results(report, "precision")
+    rows = []
+    for result in results:
+        flags = ", ".join(result["cpu_bf16_flags"]) or "none"
+        rows.append(
+            Row("this CPU", "bf16 instructions; torch CPU capability", None,
+                f"{flags}; {result['cpu_capability']}")
+        )  # fmt: skip
+        for t in result["teachers"]:
+            subject = f"{t['teacher']} {t['variant']}" + (" (default)" if t["default"] else "")
+            speed_target = FM_SPEEDUP_TARGET.get(t["teacher"]) if t["default"] else None
+            agreement_target = result["agreement_target"] if t["default"] else None
+            rows += [
+                Row(subject, f"items/s ({t['items']} items, batch {t['batch_size']})",
+                    t["items_per_s"], f"{t['items_per_s']:.1f}"),
+                Row(subject, "ratio to fp32 eager", t["ratio_to_fp32_eager"],
+                    f"{t['ratio_to_fp32_eager']:.2f}x",
+                    None if speed_target is None else (">=", speed_target), "x"),
+                Row(subject, "labels agreeing with fp32 eager (%)", 100 * t["label_agreement"],
+                    f"{100 * t['label_agreement']:.2f}",
+                    None if agreement_target is None else (">=", 100 * agreement_target), "%"),
+                Row(subject, "max probability difference; same float16 (%)", None,
+                    f"{t['max_abs_prob_diff']:.1e}; {100 * t['same_fp16_share']:.1f}"),
+            ]  # fmt: skip
+        for r in result["students"]:
+            subject = f"{r['student']} {r['precision']}" + (" (default)" if r["default"] else "")
+            target = STEP_SPEEDUP_TARGET.get(r["student"]) if r["default"] else None
+            rows += [
+                Row(subject, f"bare training step (ms, median; batch {r['batch']})", r["step_s"],
+                    f"{1000 * r['step_s']:.0f}"),
+                Row(subject, "speed-up over fp32 eager", r["speedup_vs_fp32"],
+                    f"{r['speedup_vs_fp32']:.2f}x", None if target is None else (">=", target),
+                    "x"),
+            ]  # fmt: skip
     return rows
 
 
@@ -515,13 +584,21 @@ def sections(report: dict) -> list[tuple[str, str, list[Row]]]:
         ("Training step", "Mean stage-2 step of `run_train` (zeromatch, default batch "
          "sizes, synthetic data; data pipeline + augmentation + forward + losses + backward "
          "+ optimizer step) against the mean bare forward+backward of the same student "
-         "preset on a ready batch of the same composition, timed right after each step in "
-         "the same process. Means, not medians: image views are built 4 steps at a time.",
+         "preset on a ready batch of the same composition, at the precision the run chose, "
+         "timed right after each step in the same process. Means, not medians: image views "
+         "are built 4 steps at a time.",
          train_rows(report)),
         ("ONNX vs PyTorch latency", "One process per student: a student trained briefly on "
          "the embedded default data, exported with `--quantize int8 --test`; median batch-1 "
          "latency of PyTorch eager and onnxruntime with the same threads and input.",
          export_rows(report)),
+        ("Precision and runtime", "`bench_precision.py`: the teachers' batched forward in "
+         "PyTorch fp32 eager (the baseline), bf16 autocast and onnxruntime (the teacher's "
+         "cached ONNX export), and one bare training step (forward + backward + AdamW) per "
+         "precision, the variants alternating batch by batch in one process; medians. "
+         "Agreement: the same argmax label as fp32 eager. `(default)` marks what `--precision "
+         "auto --runtime auto` picks on this machine (`zmdevice/precision.py`).",
+         precision_rows(report)),
         ("Sizes", "Files as written by the jobs above.", size_rows(report)),
         ("Pseudo-label file size vs float32", "The same probabilities written as a "
          "pseudo-label file (ids and metadata included) and as a float32 `.npy` (no ids).",
@@ -655,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("command", nargs="?", choices=("run", "render"), default="run")
     parser.add_argument("--quick", action="store_true", help="small budgets (a few minutes)")
-    parser.add_argument("--jobs", default=",".join(JOBS), help="comma list of label,train,export")
+    parser.add_argument("--jobs", default=",".join(JOBS), help="comma list of " + ",".join(JOBS))
     parser.add_argument("--json", type=Path, default=REPORT_JSON, help="the stored numbers")
     parser.add_argument("--page", type=Path, default=PAGE, help="the Markdown page")
     parser.add_argument("--work", type=Path, default=WORK, help="scratch folder of the jobs")

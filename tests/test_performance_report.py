@@ -240,3 +240,43 @@ def test_render_without_json_is_a_clear_error(tmp_path, capsys):
     missing = tmp_path / "none.json"
     assert performance.main(["render", "--json", str(missing)]) == 2
     assert "not found" in capsys.readouterr().out
+
+
+def precision_result():
+    def teacher(name, variant, ratio, agreement, default):
+        return {"teacher": name, "variant": variant, "default": default, "items": 256,
+                "batch_size": 64, "items_per_s": 100 * ratio, "ratio_to_fp32_eager": ratio,
+                "label_agreement": agreement, "max_abs_prob_diff": 1e-6,
+                "same_fp16_share": 0.99}  # fmt: skip
+
+    def student(name, precision, speedup, default):
+        return {"student": name, "precision": precision, "default": default, "batch": 48,
+                "steps": 8, "step_s": 1 / speedup, "speedup_vs_fp32": speedup}  # fmt: skip
+
+    return {
+        "cpu_bf16_flags": [],
+        "cpu_capability": "AVX2",
+        "threads": 2,
+        "agreement_target": 0.995,
+        "teachers": [
+            teacher("minilm", "torch fp32", 1.0, 1.0, False),
+            teacher("minilm", "torch bf16", 0.3, 0.99, False),  # not the default: not judged
+            teacher("minilm", "onnx fp32", 1.3, 0.999, True),
+        ],
+        "students": [
+            student("distilbert", "fp32", 1.0, True),
+            student("distilbert", "bf16", 0.4, False),
+        ],
+    }
+
+
+def test_precision_rows_judge_only_the_default_variant(report):
+    report = {**report, "jobs": [*report["jobs"], job("precision", precision_result())]}
+    got = statuses(report)
+    assert got[("minilm", "ratio to fp32 eager")] == "missed"  # 1.3 < 1.5
+    assert got[("minilm", "labels agreeing with fp32 eager (%)")] == "met"  # 99.9 >= 99.5
+    assert got[("distilbert", "speed-up over fp32 eager")] == "missed"  # fp32 default: 1.0
+    rows = [r for _, _, rows in performance.sections(report) for r in rows]
+    judged_subjects = {r.subject for r in rows if r.target and r.quantity.startswith("ratio to")}
+    assert judged_subjects == {"minilm onnx fp32 (default)"}
+    assert "bf16 instructions; torch CPU capability" in performance.render(report)

@@ -79,6 +79,13 @@ DeviceOption = Annotated[
     str | None, typer.Option(help=f"auto, cpu, cuda, cuda:N or mps (default {TrainConfig.device}).")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary.")]
+PrecisionOption = Annotated[
+    str | None,
+    typer.Option(
+        help="auto, fp32, bf16 or fp16: the dtype the model computes in (default auto: what "
+        "was measured fastest for this device and model; see zmdevice/precision.py)."
+    ),
+]
 
 
 ConfigOption = Annotated[
@@ -151,6 +158,15 @@ def label(
     combine: Annotated[
         bool | None,
         typer.Option(help="Join the shard files NAME.shard-I-of-N.parquet into --out."),
+    ] = None,
+    precision: PrecisionOption = None,
+    runtime: Annotated[
+        str | None,
+        typer.Option(
+            help="auto, torch or onnx: run the teacher in PyTorch or as an ONNX export in "
+            "onnxruntime (default auto: onnx on a CPU for sentence encoders and ImageNet "
+            "classifiers)."
+        ),
     ] = None,
     engine: Annotated[
         str | None,
@@ -244,6 +260,7 @@ def train(
             help=f"KD weight alpha_t: ramp (0 -> 1) or constant (default {TrainConfig.alpha})."
         ),
     ] = None,
+    precision: PrecisionOption = None,
     nproc: Annotated[
         int,
         typer.Option(help="Train on this many processes (one per GPU or CPU-core group)."),

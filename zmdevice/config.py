@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from zmdevice.errors import UserError
+from zmdevice.precision import PRECISIONS, RUNTIMES
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 GUARD_ACTIONS = ("rollback", "stop", "off")
@@ -43,6 +44,11 @@ def require(config, key: str, ok: bool, expected: str) -> None:
     """Raise a ``ConfigError`` for ``key`` unless ``ok``: '<key> must be <expected>, got <v>'."""
     if not ok:
         raise ConfigError(key, f"{key} must be {expected}, got {getattr(config, key)!r}")
+
+
+def check_choice(config, key: str, choices) -> None:
+    """``key`` is one of ``choices``."""
+    require(config, key, getattr(config, key) in choices, f"one of {', '.join(choices)}")
 
 
 def at_least(config, minimum, *keys: str) -> None:
@@ -147,6 +153,10 @@ class LabelConfig:
     """Column names and corrupt-image policy."""
     combine: bool = False
     """Instead of labeling, join the shard files of ``out`` (``NAME.shard-I-of-N.parquet``)."""
+    precision: str = "auto"
+    """auto, fp32, bf16 or fp16: the teacher's compute dtype (``zmdevice.precision``)."""
+    runtime: str = "auto"
+    """Teacher runtime: auto, torch or onnx (auto: onnx on a CPU where the teacher exports)."""
     engine: str = "local"
     """local: this process and its loader workers; ray: a Ray Data actor pool."""
     ray_address: str | None = None
@@ -160,6 +170,8 @@ class LabelConfig:
         check_device(self.device)
         at_least(self, 1, "batch_size", "top_k", "ray_workers")
         at_least(self, 0, "workers", "gpus_per_worker")
+        check_choice(self, "precision", PRECISIONS)
+        check_choice(self, "runtime", RUNTIMES)
         if self.engine not in ENGINES:
             choices = ", ".join(ENGINES)
             raise ConfigError("engine", f"--engine '{self.engine}': use one of {choices}")
@@ -285,6 +297,9 @@ class TrainConfig:
     collapse_entropy_fraction: float = 0.5
     """Collapse when the predicted-class entropy on the held-out slice falls below this
     share of its stage-2 highest."""
+    precision: str = "auto"
+    """auto, fp32, bf16 or fp16: the student's compute dtype in training steps (weights,
+    optimizer and losses stay fp32; ``zmdevice.precision``). The run records the resolved one."""
 
     def __post_init__(self):
         check_device(self.device)
@@ -293,6 +308,7 @@ class TrainConfig:
         require(self, "method", self.method in METHODS, f"one of {', '.join(METHODS)}")
         require(self, "ssl_loss", self.ssl_loss in ("adamatch", "fixmatch"), "adamatch/fixmatch")
         require(self, "alpha", self.alpha in ("ramp", "constant"), "ramp or constant")
+        check_choice(self, "precision", PRECISIONS)
         at_least(self, 0, "kd_steps", "ssl_steps", "eval_every", "checkpoint_every")
         at_least(self, 0, "weight_decay", "lambda_u", "lambda_p", "grad_clip", "image_cache_gb")
         at_least(self, 0, "bn_recalibration_batches")

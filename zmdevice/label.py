@@ -163,6 +163,8 @@ def iterate_batches(dataset, teacher, indices, batch_size: int, workers: int):
         collate_fn=_Collate(teacher.collate),
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
+        # Page-locked batches copy to a GPU without a staging copy (and asynchronously).
+        pin_memory=getattr(teacher.device, "type", None) == "cuda",
     )
     for item in loader:
         if isinstance(item, UserError):
@@ -233,7 +235,15 @@ def run_label(config: LabelConfig) -> dict:
     # The ray engine's workers load their own teacher; this copy, on the CPU, only lends
     # them its preprocessing, fills the metadata and answers --gold.
     device = resolve_device(config.device if config.engine == "local" else "cpu")
-    teacher = build_teacher(config.teacher, classes, device=device, templates=config.templates)
+    teacher = build_teacher(
+        config.teacher,
+        classes,
+        device=device,
+        templates=config.templates,
+        precision=config.precision,
+        runtime=config.runtime,
+    )
+    _check_same_numerics(parts_dir, done_parts, teacher.info)
     run = _read_run(parts_dir) if done_parts else _start_parts(parts_dir, settings)
     metadata = build_metadata(
         classes=classes.names,
@@ -427,6 +437,23 @@ def _start_parts(parts_dir: Path, settings: dict) -> dict:
     return run
 
 
+def _check_same_numerics(parts_dir: Path, done: set[int], info: dict) -> None:
+    """A resumed run must label at the precision and runtime of the interrupted one. The
+    resolved ones are compared, not the flags: ``auto`` resolves per machine, and an explicit
+    flag equal to what ``auto`` gave before is the same run."""
+    if not done:
+        return
+    before = read_metadata(parts_dir / f"part-{min(done):06d}.parquet")["teacher"]
+    keys = ("precision", "runtime")
+    if any(before.get(k) != info.get(k) for k in keys):
+        raise UserError(
+            f"--resume: the interrupted run in {parts_dir} labeled with precision "
+            f"{before.get('precision')}, runtime {before.get('runtime')}; this one resolved "
+            f"{info['precision']}, {info['runtime']}: pass --precision {before.get('precision')} "
+            f"--runtime {before.get('runtime')}, or delete that folder"
+        )
+
+
 def write_part(parts_dir, number, metadata, ids, probs, skipped, stats) -> None:
     """Write chunk ``number`` atomically: ``ids``, their probabilities (a list of float32
     [b, C] arrays, in id order), the skipped ids and the teacher's counters for this chunk."""
@@ -490,7 +517,8 @@ def _summary(out, metadata, labeled_now, elapsed, quality_lines, workers, device
     lines = [
         f"wrote {out}: {len(labels)} samples, {len(names)} classes, teacher "
         f"{metadata['teacher']['spec']}",
-        f"  {rate:.1f} samples/s this run on {device} ({workers} loader workers); "
+        f"  {rate:.1f} samples/s this run on {device} ({teacher_numerics(metadata)}, "
+        f"{workers} loader workers); "
         f"{size / max(len(labels), 1):.1f} bytes/sample ({size / 1024:.1f} KiB)",
         "  pseudo-label counts: "
         + listing(f"{n} {int(c)}" for n, c in zip(names, counts, strict=True)),
@@ -510,6 +538,8 @@ def _summary(out, metadata, labeled_now, elapsed, quality_lines, workers, device
         "count": int(len(labels)),
         "classes": names,
         "teacher": metadata["teacher"]["spec"],
+        "precision": metadata["teacher"].get("precision"),
+        "runtime": metadata["teacher"].get("runtime"),
         "samples_per_s": rate,
         "bytes": size,
         "bytes_per_sample": size / max(len(labels), 1),
@@ -519,6 +549,12 @@ def _summary(out, metadata, labeled_now, elapsed, quality_lines, workers, device
         "quality": metadata.get("quality"),
         "lines": lines,
     }
+
+
+def teacher_numerics(metadata: dict) -> str:
+    """ "bf16, torch runtime": how the teacher of a pseudo-label file ran (older files: fp32)."""
+    teacher = metadata["teacher"]
+    return f"{teacher.get('precision', 'fp32')}, {teacher.get('runtime', 'torch')} runtime"
 
 
 def _combine(config: LabelConfig, out: Path) -> dict:

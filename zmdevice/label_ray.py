@@ -103,6 +103,15 @@ class PrepareBatch:
         return {"chunk": row["chunk"], "batch": row["batch"], "work": work, "error": ""}
 
 
+def worker_numerics(config, info: dict) -> tuple[str, str]:
+    """(precision, runtime) for the teacher actors. CPU actors get what the driver's copy
+    resolved, so every chunk is labeled as the metadata says even on other machines; GPU
+    actors resolve the flags themselves (onnx runs on CPUs only)."""
+    if config.gpus_per_worker:
+        return config.precision, config.runtime
+    return info["precision"], info["runtime"]
+
+
 class TeacherBatch:
     """Ray Data stage 2: load the teacher once; collated input -> float32 [b, C] probabilities.
 
@@ -111,7 +120,7 @@ class TeacherBatch:
     should get the one line the local engine prints.
     """
 
-    def __init__(self, spec, classes, templates, device, threads):
+    def __init__(self, spec, classes, templates, device, threads, numerics):
         import torch
 
         from zmdevice.teachers import build_teacher
@@ -119,7 +128,11 @@ class TeacherBatch:
         torch.set_num_threads(threads)
         self.teacher, self.error = None, ""
         try:
-            self.teacher = build_teacher(spec, classes, device=device, templates=templates)
+            precision, runtime = numerics
+            self.teacher = build_teacher(
+                spec, classes, device=device, templates=templates, precision=precision,
+                runtime=runtime,
+            )  # fmt: skip
         except UserError as error:
             self.error = str(error)
 
@@ -209,7 +222,7 @@ def _run(ray, config, dataset, teacher, classes, chunks, done, parts_dir, metada
             TeacherBatch,
             fn_constructor_args=(
                 config.teacher, classes, config.templates, device,
-                max(1, int(plan.teacher_cpus)),
+                max(1, int(plan.teacher_cpus)), worker_numerics(config, teacher.info),
             ),
             compute=ray.data.ActorPoolStrategy(
                 size=config.ray_workers, max_tasks_in_flight_per_actor=IN_FLIGHT_PER_ACTOR

@@ -44,7 +44,8 @@ def render_markdown(summary: dict, records: list[dict]) -> str:
     lines = [
         f"# {summary['student']} trained with {summary['method']}",
         "",
-        f"- device: {summary['device']}; {summary['seconds']} s in all",
+        f"- device: {summary['device']}, precision {summary.get('precision', 'fp32')}"
+        f" ({summary.get('precision_reason', 'not recorded')}); {summary['seconds']} s in all",
         f"- {summary['labeled']} labeled, {summary['unlabeled']} unlabeled samples, "
         f"{len(summary['classes'])} classes",
         "",

@@ -151,7 +151,13 @@ def _catalog_weights(name: str, source: dict) -> Path:
 
 
 def build_teacher(
-    spec: str, classes, *, device: Any = "cpu", templates: str | None = None
+    spec: str,
+    classes,
+    *,
+    device: Any = "cpu",
+    templates: str | None = None,
+    precision: str = "fp32",
+    runtime: str = "torch",
 ) -> Teacher:
     """Build a frozen teacher for ``classes`` (a ``zmdevice.data.ClassList``).
 
@@ -160,14 +166,23 @@ def build_teacher(
         classes: the target classes with optional per-class prompts.
         device: torch device (or its name) the model runs on.
         templates: CLIP templates: None/"paper", "openai", or a file with one per line.
+        precision: auto, fp32, bf16 or fp16 (``zmdevice.precision``); class weights and
+            probabilities are computed in fp32 whatever the network runs in.
+        runtime: auto, torch or onnx (``zmdevice.precision.choose_runtime``).
 
     Raises:
-        UserError: unknown teacher, missing weights, unusable model.
+        UserError: unknown teacher, missing weights, unusable model, a precision or
+            runtime this teacher or device cannot use.
     """
     import torch
 
+    from zmdevice.precision import check_precision, choose_runtime
+
     kind, rest, entry = resolve_spec(spec)
     device = torch.device(device)
+    numerics = _Numerics(
+        check_precision(precision), choose_runtime(runtime, device.type, kind, precision), device
+    )
     builders = {
         "clip": _build_clip,
         "text-embed": _build_text_embed,
@@ -175,7 +190,7 @@ def build_teacher(
         "llm": _build_llm,
         "imagenet": _build_imagenet,
     }
-    teacher = builders[kind](rest, classes, device, entry, templates)
+    teacher = builders[kind](rest, classes, numerics, entry, templates)
     teacher.spec = f"{kind}:{rest}"
     teacher.info = {
         "name": spec,
@@ -183,6 +198,7 @@ def build_teacher(
         "spec": teacher.spec,
         "catalog": {k: v for k, v in entry.items() if k != "weights_from"} or None,
         **teacher.info,
+        **numerics.info(),
     }
     teacher.device = device
     return teacher
@@ -193,6 +209,61 @@ def _freeze(model):
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
+
+
+@dataclass
+class _Numerics:
+    """How a teacher's network runs: precision (autocast) and runtime (torch or onnx).
+
+    The builders route the network call, and nothing else, through :meth:`network` or
+    :meth:`autocast`: prompt embeddings, class weights and the zero-shot head stay fp32.
+    """
+
+    request: str
+    """--precision as asked (``auto`` resolved per model by ``set_model``)."""
+    runtime: str
+    """"torch" or "onnx", already resolved."""
+    device: Any
+    precision: Any = None
+    """The resolved ``zmdevice.precision.Precision`` once the model is known."""
+
+    def set_model(self, model) -> None:
+        from zmdevice.precision import Hardware, model_family, teacher_precision
+
+        hardware = Hardware.probe(self.device)
+        self.precision = teacher_precision(
+            self.request, self.runtime, hardware, model_family(model)
+        )
+
+    def autocast(self, function):
+        """``function`` run under the chosen precision's autocast."""
+        precision = self.precision
+
+        def run(*args, **kwargs):
+            with precision.autocast():
+                return function(*args, **kwargs)
+
+        return run
+
+    def network(self, module, example: tuple, names: list[str], dynamic: dict, identity):
+        """``module`` (tensors in, one float tensor out) as it will run: under autocast with
+        a float32 result, or as its cached ONNX export. ``identity`` = (spec, weights path,
+        dict of whatever else shapes the graph) keys the ONNX cache."""
+        self.set_model(module)
+        if self.runtime == "onnx":
+            from zmdevice.onnx_teacher import cache_key, onnx_module
+
+            onnx = onnx_module(module, example, names, dynamic, cache_key(*identity))
+            return lambda *inputs: onnx(*inputs).to(self.device)
+        run = self.autocast(module)
+        return lambda *inputs: run(*(x.to(self.device) for x in inputs)).float()
+
+    def info(self) -> dict:
+        return {
+            "precision": self.precision.name,
+            "precision_reason": self.precision.reason,
+            "runtime": self.runtime,
+        }
 
 
 def _existing_path(value: str) -> Path | None:
@@ -256,7 +327,25 @@ def mean_pool(hidden, mask):
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
-def _build_text_embed(name, classes, device, entry, templates) -> Teacher:
+def sentence_encoder(model):
+    """(input_ids, attention_mask) -> L2-normalised mean-pooled embeddings [B, D], pooling
+    in fp32 whatever precision the transformer ran in (bf16 sums over tokens lose digits)."""
+    import torch
+
+    class SentenceEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask)
+            pooled = mean_pool(hidden.last_hidden_state.float(), attention_mask)
+            return torch.nn.functional.normalize(pooled, dim=-1)
+
+    return SentenceEncoder().eval()
+
+
+def _build_text_embed(name, classes, numerics, entry, templates) -> Teacher:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -264,20 +353,30 @@ def _build_text_embed(name, classes, device, entry, templates) -> Teacher:
     max_length = int(preprocess.get("max_length", 128))
     scale = float(preprocess.get("scale", TEXT_EMBED_SCALE))
     tokenizer = _load_hf("text-embed", name, AutoTokenizer)
-    model = _freeze(_load_hf("text-embed", name, AutoModel)).to(device)
-
-    def embed(batch):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        hidden = model(**batch).last_hidden_state
-        return torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
-
+    model = _freeze(_load_hf("text-embed", name, AutoModel)).to(numerics.device)
+    encoder = sentence_encoder(model)
     texts = class_texts(classes, preprocess.get("template", TEXT_EMBED_TEMPLATE))
     collate = _TokenizeCollate(tokenizer, max_length)
+
+    def fp32_embed(batch):
+        return encoder(*(batch[k].to(numerics.device) for k in ("input_ids", "attention_mask")))
+
+    # Class weights from the fp32 PyTorch encoder, whatever runs the data: a few texts, and
+    # every sample is compared with them.
     with torch.inference_mode():
-        weights = class_weights([embed(collate(texts[n])) for n in classes.names])
+        weights = class_weights([fp32_embed(collate(texts[n])) for n in classes.names])
+    example = collate([t for n in classes.names for t in texts[n]] + ["a", "b c"])
+    names = ["input_ids", "attention_mask"]
+    network = numerics.network(
+        encoder,
+        tuple(example[k] for k in names),
+        names,
+        {k: {0: "batch", 1: "sequence"} for k in names},
+        (f"text-embed:{name}", _existing_path(name), {"max_length": max_length}),
+    )
 
     def forward(batch):
-        return zero_shot_probs(embed(batch), weights, scale)
+        return zero_shot_probs(network(batch["input_ids"], batch["attention_mask"]), weights, scale)
 
     return Teacher(
         spec="",
@@ -311,12 +410,15 @@ def zero_shot_probs(features, weights, scale: float):
     return (scale * features @ weights.T).softmax(dim=-1)
 
 
-def _build_nli(name, classes, device, entry, templates) -> Teacher:
+def _build_nli(name, classes, numerics, entry, templates) -> Teacher:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = _load_hf("nli", name, AutoTokenizer)
+    device = numerics.device
     model = _freeze(_load_hf("nli", name, AutoModelForSequenceClassification)).to(device)
+    numerics.set_model(model)
+    run_model = numerics.autocast(model)
     label2id = {k.lower(): v for k, v in (model.config.label2id or {}).items()}
     entail = next((v for k, v in label2id.items() if k.startswith("entail")), None)
     if entail is None:
@@ -342,7 +444,7 @@ def _build_nli(name, classes, device, entry, templates) -> Teacher:
         )
 
     def forward(batch):
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        logits = run_model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
         return torch.softmax(logits[:, entail].view(-1, num_classes), dim=-1)
 
     return Teacher(
@@ -381,7 +483,7 @@ def map_answer(answer: str, classes: list[str]) -> int | None:
     return found[0] if len(found) == 1 else None
 
 
-def _build_llm(rest, classes, device, entry, templates) -> Teacher:
+def _build_llm(rest, classes, numerics, entry, templates) -> Teacher:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -395,7 +497,10 @@ def _build_llm(rest, classes, device, entry, templates) -> Teacher:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation continues after the prompt's last token
+    device = numerics.device
     model = _freeze(_load_hf("llm", name, loader)).to(device)
+    numerics.set_model(model)
+    run_model, generate = numerics.autocast(model), numerics.autocast(model.generate)
     names = list(classes.names)
     listing = ", ".join(names)
     preprocess = entry.get("preprocess", {})
@@ -420,7 +525,7 @@ def _build_llm(rest, classes, device, entry, templates) -> Teacher:
                 enc = tokenizer([prompt] * len(names), return_tensors="pt").to(device)
                 dec = tokenizer(names, padding=True, return_tensors="pt").to(device)
                 labels = dec.input_ids.masked_fill(dec.attention_mask == 0, -100)
-                logits = model(**enc, labels=labels).logits
+                logits = run_model(**enc, labels=labels).logits
                 targets, mask = labels.clamp(min=0), dec.attention_mask
             else:
                 prompt_ids = tokenizer(prompt, truncation=True, max_length=max_length).input_ids
@@ -435,7 +540,7 @@ def _build_llm(rest, classes, device, entry, templates) -> Teacher:
                     ids[i, : len(seq)] = torch.tensor(seq)
                     mask[i, : len(seq)] = 1
                 ids, mask = ids.to(device), mask.to(device)
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+                logits = run_model(input_ids=ids, attention_mask=mask).logits[:, :-1]
                 targets = ids[:, 1:]
                 mask = mask[:, 1:].clone()
                 mask[:, : len(prompt_ids) - 1] = 0  # score only the class-name tokens
@@ -447,7 +552,7 @@ def _build_llm(rest, classes, device, entry, templates) -> Teacher:
         if mode == "score":
             return score(batch["prompts"])
         tokens = {k: v.to(device) for k, v in batch["tokens"].items()}
-        out = model.generate(
+        out = generate(
             **tokens,
             max_new_tokens=max_new_tokens,
             do_sample=False,
@@ -524,9 +629,11 @@ def fill_template(template, label: str) -> str:
     return template.replace("{label}", label).replace("{}", label)
 
 
-def _build_clip(rest, classes, device, entry, templates) -> Teacher:
+def _build_clip(rest, classes, numerics, entry, templates) -> Teacher:
     import open_clip
     import torch
+
+    device = numerics.device
 
     arch, _, pretrained = rest.partition(":")
     if not pretrained:
@@ -565,8 +672,11 @@ def _build_clip(rest, classes, device, entry, templates) -> Teacher:
         weights_matrix = class_weights(per_class)
         scale = float(model.logit_scale.exp())
 
+    numerics.set_model(model.visual)
+    encode_image = numerics.autocast(model.encode_image)
+
     def forward(images):
-        features = model.encode_image(images.to(device)).float()
+        features = encode_image(images.to(device)).float()
         return zero_shot_probs(
             torch.nn.functional.normalize(features, dim=-1), weights_matrix, scale
         )
@@ -769,9 +879,11 @@ class _ImageTransform:
         return (tensor - mean) / std
 
 
-def _build_imagenet(rest, classes, device, entry, templates) -> Teacher:
+def _build_imagenet(rest, classes, numerics, entry, templates) -> Teacher:
     import timm
     import torch
+
+    device = numerics.device
 
     parts = rest.split(":")
     options = dict(p.split("=", 1) for p in parts if "=" in p)
@@ -806,9 +918,16 @@ def _build_imagenet(rest, classes, device, entry, templates) -> Teacher:
     else:
         matrix = similarity_map(classes, imagenet)
     mapping = torch.from_numpy(matrix).to(device)
+    network = numerics.network(
+        model,
+        (torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)),),
+        ["pixel_values"],
+        {"pixel_values": {0: "batch"}},
+        (f"imagenet:{name}", weights, {"size": size}),
+    )
 
     def forward(images):
-        probs = model(images.to(device)).float().softmax(-1) @ mapping
+        probs = network(images).softmax(-1) @ mapping
         return probs / probs.sum(-1, keepdim=True).clamp(min=1e-12)
 
     return Teacher(

@@ -87,6 +87,7 @@ def build_setup(config: TrainConfig, out: Path, on_step=None, ranks=None):
 
     from zmdevice.catalog import require_entry
     from zmdevice.device import resolve_device
+    from zmdevice.precision import Hardware, choose_precision, model_family
     from zmdevice.students import build_student
     from zmdevice.training.data import build_data, check_data, data_fingerprints, load_data
     from zmdevice.training.distributed import Ranks
@@ -120,13 +121,18 @@ def build_setup(config: TrainConfig, out: Path, on_step=None, ranks=None):
     student.to(device).use_channels_last()
     ranks.prepare(student, device)
     freeze = config.freeze_word_embeddings
+    precision = choose_precision(config.precision, Hardware.probe(device), model_family(student))
+    # The resolved precision is the run's setting: train_config.toml records it, and a
+    # resume where ``auto`` resolves otherwise (another machine) is refused as a new run.
+    config = dataclasses.replace(config, precision=precision.name)
     return Setup(
         config=config,
         plans=plans,
         data=data,
         student=student,
-        model=StepModel(student),
+        model=StepModel(student, precision),
         device=device,
+        precision=precision,
         out=out,
         soft=config.soft_labels and METHODS[config.method].uses_fm,
         freeze_embeddings=device.type == "cpu" if freeze is None else freeze,
@@ -263,6 +269,8 @@ def build_summary(setup, state: dict, final: dict, recalibrated: int, seconds: f
         "method": config.method,
         "student": config.student,
         "device": str(setup.device),
+        "precision": setup.precision.name,
+        "precision_reason": setup.precision.reason,
         "classes": data.classes,
         "labeled": len(data.labeled_y),
         "unlabeled": data.num_pool,
@@ -282,7 +290,8 @@ def build_summary(setup, state: dict, final: dict, recalibrated: int, seconds: f
     lines = [
         f"trained {config.student} with {config.method} on {summary['device']} in "
         f"{summary['seconds']:.0f} s ({len(data.labeled_y)} labeled, "
-        f"{data.num_pool} unlabeled, {len(data.classes)} classes)"
+        f"{data.num_pool} unlabeled, {len(data.classes)} classes)",
+        f"  precision {setup.precision.name} ({setup.precision.reason})",
     ]
     for stage in stages:
         lines.append(f"  {stage['stage']}: {stage['steps']} steps, {stage['seconds']:.1f} s")

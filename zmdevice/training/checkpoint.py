@@ -104,6 +104,7 @@ def save(setup: Setup, state: dict) -> None:
         "optimizer": state["optimizer"].state_dict() if state["optimizer"] else None,
         "scheduler": state["scheduler"].state_dict() if state["scheduler"] else None,
         "alignment": state["alignment"].state_dict() if state["alignment"] else None,
+        "scaler": state["scaler"].state_dict(),
         "samplers": {name: sampler.state_dict() for name, sampler in state["samplers"].items()},
         "ahead": state["ahead"],
         "best": state["best"],
@@ -242,6 +243,8 @@ def restore(setup: Setup, state: dict, tree: dict) -> None:
         match_parameter_layouts(state["optimizer"])
     if tree["alignment"] is not None:
         state["alignment"].load_state_dict(tree["alignment"])
+    if tree.get("scaler"):  # empty when no loss scaling ran (fp32, bf16)
+        state["scaler"].load_state_dict(tree["scaler"])
     for name, sampler_state in tree["samplers"].items():
         state["samplers"][name].load_state_dict(sampler_state)
     state["ahead"] = tree["ahead"]

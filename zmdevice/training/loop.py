@@ -43,6 +43,8 @@ class Setup:
     model: StepModel
     """The student as one training-step module."""
     device: Any
+    precision: Any
+    """The resolved ``zmdevice.precision.Precision`` of the training steps."""
     out: Path
     soft: bool
     """Distil FM probabilities (KL) instead of hard labels."""
@@ -79,6 +81,9 @@ def new_state(setup: Setup) -> dict:
         "stage_summaries": [],
         "guard": None,
         "stopped": None,
+        # Loss scaling for fp16 (a disabled scaler, a no-op, otherwise); its scale is part
+        # of the state so that a resumed fp16 run steps exactly as an uninterrupted one.
+        "scaler": setup.precision.grad_scaler(),
     }
 
 
@@ -200,10 +205,13 @@ def run_stage(setup: Setup, state: dict, save_checkpoint) -> None:
         with ranks.own_rng(config.seed, state["global_step"], setup.device):
             named = plan.losses(setup.model, batch, context)
         optimizer.zero_grad(set_to_none=True)
-        named["loss"].backward()
+        scaler = state["scaler"]
+        scaler.scale(named["loss"]).backward()
         if config.grad_clip > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(setup.model.parameters(), config.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         state["step"] += 1
         state["global_step"] += 1

@@ -9,6 +9,7 @@ e.g. by DistributedDataParallel.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,18 +32,22 @@ class StepModel(nn.Module):
     """The student as a training step sees it: main logits and, if attached, KD logits.
 
     ``forward(inputs, kd_rows)`` runs the backbone once; the KD head reads the features of
-    the first ``kd_rows`` rows (the weak views; strong views are not distilled).
+    the first ``kd_rows`` rows (the weak views; strong views are not distilled). The network
+    runs under ``precision``'s autocast (a ``zmdevice.precision.Precision``; None = fp32);
+    the logits come back float32, so every loss is computed in fp32.
     """
 
-    def __init__(self, student):
+    def __init__(self, student, precision=None):
         super().__init__()
         self.student = student
+        self.precision = precision
 
     def forward(self, inputs: dict, kd_rows: int = 0):
-        features = self.student.features(**inputs)
-        logits = self.student.head(features)
-        kd_logits = self.student.kd_head(features[:kd_rows]) if kd_rows else None
-        return logits, kd_logits
+        with self.precision.autocast() if self.precision else contextlib.nullcontext():
+            features = self.student.features(**inputs)
+            logits = self.student.head(features)
+            kd_logits = self.student.kd_head(features[:kd_rows]) if kd_rows else None
+        return logits.float(), None if kd_logits is None else kd_logits.float()
 
 
 @dataclass(frozen=True)
