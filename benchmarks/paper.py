@@ -4,14 +4,19 @@
     python benchmarks/paper.py run --only text --max-runs 5
     python benchmarks/paper.py table          # benchmarks/RESULTS.md from the JSON files
     python benchmarks/paper.py plan           # list the runs and which are done
+    python benchmarks/paper.py run --split dev --methods zeromatch-fs --seeds 0 --only text
+
+Protocol: every setting is chosen on the dev split (``--split dev``: the run is evaluated on
+dev only, its id starts with ``dev-``); test (the default) is read only for the final rows.
+Each result JSON says which split produced it (``"split"``).
 
 Data: Fashion-MNIST with `efficientnet-lite0` pseudo-labels and WordNet noun categories with
 `minilm` pseudo-labels, built once by `examples/build_datasets.py` into
 `benchmarks/work/data` and labeled once (the label files are reused by every run). Each run
 drives the public CLI (`zmdevice train`, then `zmdevice evaluate` on the test split) in its
 own process, so memory does not leak between runs, and stores one JSON file in
-`benchmarks/results/` with the test accuracy, the wall time and the environment. The table
-is generated from those files only, never typed by hand.
+`benchmarks/results/` with the accuracy on its split, the wall time, the steps and the
+environment. The table is generated from those files only, never typed by hand.
 """
 
 from __future__ import annotations
@@ -63,6 +68,12 @@ class Method:
     uses_fm: bool = True
     flags: tuple[str, ...] = ()
     config: dict = field(default_factory=dict, hash=False)
+    labels: str = "zero-shot"
+    """FM pseudo-labels: "zero-shot", or "few-shot" (adapted to the run's labeled set)."""
+    student: str | None = None
+    """Student preset; None = the data set's."""
+    total_steps: int | None = None
+    """Step budget; None = the data set's."""
 
 
 METHODS = [
@@ -75,6 +86,26 @@ METHODS = [
     Method("zeromatch-soft", "zeromatch", flags=("--soft-labels",)),
     Method("zeromatch-alpha1", "zeromatch", config={"alpha": "constant"}),
 ]
+PRETRAINED_IMAGE = "efficientnet_lite0"
+VARIANTS = [
+    # ZeroMatch with the few-shot teacher's pseudo-labels (zmdevice.fewshot).
+    Method("zeromatch-fs", "zeromatch", labels="few-shot"),
+    Method("kd-fs", "kd", labels="few-shot"),
+    Method("naive-pl-fs", "naive-pl", labels="few-shot"),
+    # The pretrained image student at a few input sizes (images only).
+    *(
+        Method(f"zeromatch-effl0-{size}", "zeromatch", student=PRETRAINED_IMAGE,
+               config={"image_size": size, "lr": 5e-4, "head_lr": 2e-3})
+        for size in (32, 64, 96)
+    ),
+    *(
+        Method(f"zeromatch-fs-effl0-{size}", "zeromatch", labels="few-shot",
+               student=PRETRAINED_IMAGE, config={"image_size": size, "lr": 5e-4, "head_lr": 2e-3})
+        for size in (32, 64, 96)
+    ),
+]  # fmt: skip
+"""Candidates screened on dev beside the table's rows (see docs/benchmark-protocol.md)."""
+ALL_METHODS = {m.name: m for m in [*METHODS, *VARIANTS]}
 NOISE_LEVELS = (0.3, 0.6)
 """FM-quality sweep: this fraction of pseudo-labels replaced by uniformly random classes."""
 
@@ -86,20 +117,40 @@ class Run:
     method: Method
     seed: int
     noise: float = 0.0
+    split: str = "test"
 
     @property
     def run_id(self) -> str:
         noise = f"-noise{int(self.noise * 100)}" if self.noise else ""
-        return f"{self.dataset}-k{self.labels_per_class}-{self.method.name}{noise}-s{self.seed}"
+        prefix = "dev-" if self.split == "dev" else ""
+        k = self.labels_per_class
+        return f"{prefix}{self.dataset}-k{k}-{self.method.name}{noise}-s{self.seed}"
 
 
-def plan_runs(only: str | None) -> list[Run]:
+def plan_runs(
+    only: str | None,
+    methods: list[str] | None = None,
+    seeds: list[int] | None = None,
+    split: str = "test",
+    labels_per_class: list[int] | None = None,
+) -> list[Run]:
     """Every row of the table, ordered so that a partial run fills the most rows first.
 
     Seed 0 of every method on both data sets, then the FM-quality sweep, then the harder
-    1-label setting, then seeds 1 and 2 of the 4-label rows.
+    1-label setting, then seeds 1 and 2 of the 4-label rows. Given ``methods`` (names of
+    ``ALL_METHODS``), only those, for ``seeds`` (default 0, 1, 2) and ``labels_per_class``
+    (default 4), evaluated on ``split``; image-only variants are skipped for text.
     """
     datasets = [d for d in DATASETS if only in (None, d)]
+    if methods:
+        return [
+            Run(d, k, ALL_METHODS[name], seed, split=split)
+            for k in labels_per_class or [4]
+            for seed in (seeds if seeds is not None else [0, 1, 2])
+            for name in methods
+            for d in datasets
+            if not (d == "text" and ALL_METHODS[name].student == PRETRAINED_IMAGE)
+        ]
     zeromatch = next(m for m in METHODS if m.name == "zeromatch")
     runs = [Run(d, 4, method, 0) for d in datasets for method in METHODS]
     runs += [Run(d, 4, zeromatch, 0, noise) for d in datasets for noise in NOISE_LEVELS]
@@ -180,6 +231,22 @@ def labeled_table(dataset: str, labels_per_class: int, seed: int) -> Path:
     return path
 
 
+def split_data(dataset: str, split: str) -> Path:
+    """The labeled evaluation split: ``dev`` (choices) or ``test`` (final rows)."""
+    folder = data_dir(dataset)
+    return folder / (split if dataset == "images" else f"{split}.csv")
+
+
+def pseudo_label_file(run: Run) -> Path:
+    """The FM labels of a run: zero-shot (optionally degraded), or few-shot adapted."""
+    if run.method.labels == "few-shot":
+        from peers import chosen_fewshot_settings, fewshot_label_file
+
+        settings = chosen_fewshot_settings(run.dataset, run.labels_per_class)
+        return fewshot_label_file(run.dataset, run.labels_per_class, run.seed, **settings)
+    return noisy_labels(run.dataset, run.noise)
+
+
 def noisy_labels(dataset: str, noise: float) -> Path:
     """A copy of the pseudo-label file with ``noise`` of its rows set to random classes."""
     source = WORK / "labels" / f"{dataset}-unlabeled.parquet"
@@ -232,23 +299,25 @@ def execute(run: Run) -> dict:
     dataset = DATASETS[run.dataset]
     folder = data_dir(run.dataset)
     unlabeled = folder / ("unlabeled" if run.dataset == "images" else "unlabeled.csv")
-    test = folder / ("test" if run.dataset == "images" else "test.csv")
+    evaluation_data = split_data(run.dataset, run.split)
     out = WORK / "runs" / run.run_id
     method = run.method
+    student = method.student or dataset.student
+    total_steps = method.total_steps or dataset.total_steps
     if method.method == "zeromatch":
-        kd_steps = ssl_steps = dataset.total_steps // 2
+        kd_steps = ssl_steps = total_steps // 2
     elif method.method == "kd":
-        kd_steps, ssl_steps = dataset.total_steps, 0
+        kd_steps, ssl_steps = total_steps, 0
     else:
-        kd_steps, ssl_steps = 0, dataset.total_steps
+        kd_steps, ssl_steps = 0, total_steps
     args = [
         "train", "--labeled", str(labeled_table(run.dataset, run.labels_per_class, run.seed)),
-        "--unlabeled", str(unlabeled), "--student", dataset.student, "--method", method.method,
+        "--unlabeled", str(unlabeled), "--student", student, "--method", method.method,
         "--kd-steps", str(kd_steps), "--ssl-steps", str(ssl_steps), "--seed", str(run.seed),
         "--out", str(out), "--device", "cpu",
     ]  # fmt: skip
     if method.uses_fm:
-        args += ["--pseudo-labels", str(noisy_labels(run.dataset, run.noise))]
+        args += ["--pseudo-labels", str(pseudo_label_file(run))]
     args += list(method.flags)
     if method.config:
         config = out.parent / f"{run.run_id}.toml"
@@ -258,7 +327,7 @@ def execute(run: Run) -> dict:
     started = time.time()
     train_summary = zmdevice(*args)
     train_seconds = time.time() - started
-    evaluation = zmdevice("evaluate", str(out), "--data", str(test), "--device", "cpu")
+    evaluation = zmdevice("evaluate", str(out), "--data", str(evaluation_data), "--device", "cpu")
     return {
         "run_id": run.run_id,
         "dataset": run.dataset,
@@ -266,12 +335,15 @@ def execute(run: Run) -> dict:
         "method": method.name,
         "seed": run.seed,
         "noise": run.noise,
+        "split": run.split,
         "teacher": dataset.teacher,
-        "student": dataset.student,
+        "fm_labels": method.labels if method.uses_fm else None,
+        "student": student,
+        "config": method.config,
         "kd_steps": kd_steps,
         "ssl_steps": ssl_steps,
-        "test_accuracy": evaluation["accuracy"],
-        "test_macro_f1": evaluation.get("macro_f1"),
+        f"{run.split}_accuracy": evaluation["accuracy"],
+        f"{run.split}_macro_f1": evaluation.get("macro_f1"),
         "train_seconds": round(train_seconds, 1),
         "train_summary": {k: v for k, v in train_summary.items() if k != "lines"},
         "environment": environment(),
@@ -312,7 +384,7 @@ def command_run(args) -> int:
         if args.only in (None, dataset.name):
             prepare_data(dataset)
             fm_result(dataset.name)
-    for run in plan_runs(args.only):
+    for run in selected_runs(args):
         target = RESULTS / f"{run.run_id}.json"
         if target.is_file():
             continue
@@ -324,8 +396,8 @@ def command_run(args) -> int:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         os.replace(tmp, target)
         print(
-            f"[paper] {run.run_id}: test accuracy {100 * result['test_accuracy']:.1f}% "
-            f"in {result['train_seconds']:.0f} s",
+            f"[paper] {run.run_id}: {run.split} accuracy "
+            f"{100 * result[f'{run.split}_accuracy']:.1f}% in {result['train_seconds']:.0f} s",
             flush=True,
         )
         done += 1
@@ -333,8 +405,18 @@ def command_run(args) -> int:
     return 0
 
 
+def selected_runs(args) -> list[Run]:
+    methods = args.methods.split(",") if args.methods else None
+    unknown = [m for m in methods or [] if m not in ALL_METHODS]
+    if unknown:
+        raise SystemExit(f"unknown --methods {unknown}; choose from {sorted(ALL_METHODS)}")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    ks = [int(k) for k in args.labels_per_class.split(",")] if args.labels_per_class else None
+    return plan_runs(args.only, methods, seeds, args.split, ks)
+
+
 def command_plan(args) -> int:
-    for run in plan_runs(args.only):
+    for run in selected_runs(args):
         state = "done" if (RESULTS / f"{run.run_id}.json").is_file() else "todo"
         print(f"{state}  {run.run_id}")
     return 0
@@ -454,6 +536,10 @@ def main(argv: list[str] | None = None) -> int:
         command = sub.add_parser(name)
         command.add_argument("--only", choices=sorted(DATASETS))
         command.add_argument("--max-runs", type=int, help="stop after this many new runs")
+        command.add_argument("--methods", help="comma list of method names (default: the table)")
+        command.add_argument("--seeds", help="comma list of seeds (with --methods; default 0,1,2)")
+        command.add_argument("--labels-per-class", help="comma list (with --methods; default 4)")
+        command.add_argument("--split", choices=("dev", "test"), default="test")
     args = parser.parse_args(argv)
     return {"run": command_run, "plan": command_plan, "table": command_table}[args.command](args)
 

@@ -102,6 +102,13 @@ def label(
         bool,
         typer.Option(help="Join the shard files NAME.shard-I-of-N.parquet into --out."),
     ] = False,
+    few_shot: Annotated[
+        Path | None,
+        typer.Option(
+            help="Labeled data: adapt the teacher to it in its feature space (a probe times "
+            "the zero-shot probabilities) before labeling; text-embed and imagenet teachers."
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Run a foundation model zero-shot once and write the pseudo-label file."""
@@ -131,7 +138,7 @@ def label(
     )
     from zmdevice.label import run_label
 
-    summary = run_label(config)
+    summary = run_label(config, few_shot=few_shot)
     emit_summary(summary, as_json, summary.get("lines", []))
 
 

@@ -163,8 +163,10 @@ def _settings(config: LabelConfig, fingerprint: str, shard, top_k: int, count: i
     }
 
 
-def run_label(config: LabelConfig) -> dict:
+def run_label(config: LabelConfig, few_shot: Path | None = None) -> dict:
     """Label ``config.data`` with ``config.teacher``; see the module docstring.
+
+    ``few_shot``: a labeled data set the teacher is adapted to first (``zmdevice.fewshot``).
 
     Returns:
         Summary dict (output path, counts, throughput, sizes, quality) with ``lines``.
@@ -198,9 +200,17 @@ def run_label(config: LabelConfig) -> dict:
     top_k = config.top_k or default_top_k(len(classes))
     fingerprint = dataset.fingerprint()
     settings = _settings(config, fingerprint, shard, top_k, len(indices))
+    labeled = None
+    if few_shot is not None:
+        labeled = open_dataset(few_shot, config.data_options, require_labels=True)
+        settings["few_shot"] = labeled.fingerprint()
     done_parts = _prepare_parts(parts_dir, settings, config.resume, out)
     device = resolve_device(config.device)
     teacher = build_teacher(config.teacher, classes, device=device, templates=config.templates)
+    if labeled is not None:
+        from zmdevice.fewshot import adapt_teacher
+
+        teacher = adapt_teacher(teacher, labeled, classes)
     run = json.loads((parts_dir / "run.json").read_text())
     metadata = build_metadata(
         classes=classes.names,

