@@ -82,7 +82,9 @@ def cache_features(dataset: str) -> None:
             teacher = build_teacher(DATASETS[dataset].teacher, classes_of(dataset))
         data = open_dataset(split_source(dataset, split))
         started = time.time()
-        features, probs = teacher_outputs(teacher, data)
+        # Texts by length: a batch pads to its longest text (same results, less work).
+        order = np.argsort([len(t) for t in data.texts]) if dataset == "text" else None
+        features, probs = teacher_outputs(teacher, data, order=order)
         seconds = time.time() - started
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + ".tmp.npz")
@@ -184,33 +186,51 @@ def fewshot_label_file(dataset: str, k: int, seed: int, l2: float, weight: float
     Computed from the cached FM outputs with ``zmdevice.fewshot`` (the code behind
     ``zmdevice label --few-shot``), metadata as the label command writes it.
     """
-    from zmdevice.data import open_dataset
     from zmdevice.fewshot import fit_adapter
-    from zmdevice.pseudolabels import PseudoLabelWriter, build_metadata, default_top_k
 
     tag = f"l2{l2:g}-w{weight:g}"
     path = WORK / "labels" / f"{dataset}-unlabeled-fewshot-k{k}-s{seed}-{tag}.parquet"
     if path.is_file():
         return path
-    classes = classes_of(dataset)
     pool = load_split(dataset, "pool")
     rows, labels = labeled_rows(dataset, k, seed, pool)
     adapter = fit_adapter(
-        pool["features"][rows], labels, len(classes), l2=l2, zero_shot_weight=weight
+        pool["features"][rows], labels, len(classes_of(dataset)), l2=l2, zero_shot_weight=weight
     )
-    probs = adapter.probs(pool["features"], pool["probs"])
+    few_shot = {
+        "labeled": str(labeled_table(dataset, k, seed)),
+        "examples": len(labels),
+        "l2": l2,
+        "zero_shot_weight": weight,
+    }
+    write_pool_labels(dataset, path, adapter.probs(pool["features"], pool["probs"]), few_shot)
+    return path
+
+
+def zero_shot_label_file(dataset: str) -> Path:
+    """The pool's zero-shot pseudo-labels (paper.py's label file) from the cached FM pass."""
+    path = WORK / "labels" / f"{dataset}-unlabeled.parquet"
+    if not path.is_file():
+        write_pool_labels(dataset, path, load_split(dataset, "pool")["probs"], None)
+    return path
+
+
+def write_pool_labels(dataset: str, path: Path, probs: np.ndarray, few_shot: dict | None):
+    """A pseudo-label file of the pool with the metadata ``zmdevice label`` writes."""
+    from zmdevice.data import open_dataset
+    from zmdevice.pseudolabels import PseudoLabelWriter, build_metadata, default_top_k
+
+    classes = classes_of(dataset)
     data = open_dataset(split_source(dataset, "pool"))
+    ids = [str(i) for i in load_split(dataset, "pool")["ids"]]
+    if ids != list(data.ids):
+        raise RuntimeError(f"{features_path(dataset, 'pool')} is stale: rerun `features`")
+    teacher = {"spec": DATASETS[dataset].teacher, "source": "peers.py feature cache"}
+    if few_shot:
+        teacher["few_shot"] = few_shot
     metadata = build_metadata(
         classes=classes.names,
-        teacher={
-            "spec": DATASETS[dataset].teacher,
-            "few_shot": {
-                "labeled": str(labeled_table(dataset, k, seed)),
-                "examples": len(labels),
-                "l2": l2,
-                "zero_shot_weight": weight,
-            },
-        },
+        teacher=teacher,
         data={
             "source": str(split_source(dataset, "pool")),
             "modality": data.modality,
@@ -221,9 +241,10 @@ def fewshot_label_file(dataset: str, k: int, seed: int, l2: float, weight: float
         top_k=default_top_k(len(classes)),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    with PseudoLabelWriter(path, metadata) as writer:
-        writer.write_probs([str(i) for i in pool["ids"]], probs)
-    return path
+    tmp = path.with_name(f".{path.name}.tmp")
+    with PseudoLabelWriter(tmp, metadata) as writer:
+        writer.write_probs(ids, probs)
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- probes

@@ -103,26 +103,31 @@ def fit_adapter(
     )
 
 
-def teacher_outputs(teacher, dataset, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """FM features [N, D] and zero-shot probabilities [N, C] of every sample (in-process)."""
+def teacher_outputs(
+    teacher, dataset, batch_size: int = 64, order=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """FM features [N, D] and zero-shot probabilities [N, C] of every sample (in-process).
+
+    ``order``: the sample order to run in (e.g. texts by length, so batches pad less); the
+    results come back in the data set's order either way.
+    """
     import torch
 
     if teacher.features_and_probs is None:
         raise UserError(
-            f"--few-shot needs a teacher with a feature space (text-embed or imagenet); "
+            "--few-shot needs a teacher with a feature space (text-embed or imagenet); "
             f"'{teacher.spec}' has none"
         )
+    order = np.arange(len(dataset)) if order is None else np.asarray(order)
     features, probs = [], []
     with torch.inference_mode():
-        for start in range(0, len(dataset), batch_size):
-            items = [
-                teacher.prepare(dataset[i])
-                for i in range(start, min(start + batch_size, len(dataset)))
-            ]
+        for start in range(0, len(order), batch_size):
+            items = [teacher.prepare(dataset[int(i)]) for i in order[start : start + batch_size]]
             batch_features, batch_probs = teacher.features_and_probs(teacher.collate(items))
             features.append(batch_features.float().cpu().numpy())
             probs.append(batch_probs.float().cpu().numpy())
-    return np.concatenate(features), np.concatenate(probs)
+    restore = np.argsort(order)
+    return np.concatenate(features)[restore], np.concatenate(probs)[restore]
 
 
 def adapt_teacher(
