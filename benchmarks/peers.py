@@ -241,10 +241,8 @@ def write_pool_labels(dataset: str, path: Path, probs: np.ndarray, few_shot: dic
         top_k=default_top_k(len(classes)),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with PseudoLabelWriter(tmp, metadata) as writer:
+    with PseudoLabelWriter(path, metadata) as writer:  # written atomically
         writer.write_probs(ids, probs)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- probes
