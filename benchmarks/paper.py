@@ -92,6 +92,8 @@ VARIANTS = [
     Method("zeromatch-fs", "zeromatch", labels="few-shot"),
     Method("kd-fs", "kd", labels="few-shot"),
     Method("naive-pl-fs", "naive-pl", labels="few-shot"),
+    # AdaMatch's distribution-alignment momentum: USB's 0.999 against the default 0.99.
+    Method("zeromatch-fs-da999", "zeromatch", labels="few-shot", config={"da_momentum": 0.999}),
     # The pretrained image student at a few input sizes (images only).
     *(
         Method(f"zeromatch-effl0-{size}", "zeromatch", student=PRETRAINED_IMAGE,
@@ -173,10 +175,10 @@ def data_dir(dataset: str) -> Path:
 
 
 def prepare_data(dataset: Dataset) -> None:
-    """Build the data set once and cache the FM's pass over pool, dev and test once.
+    """Build the data set once.
 
-    The zero-shot pseudo-label file of the pool is written from that cache (peers.py):
-    the same teacher and preprocessing as ``zmdevice label``, one FM pass for every use.
+    The FM's outputs come from ``peers.py features`` (one cached pass over pool, dev and
+    test); the pseudo-label files are written from that cache when a run needs them.
     """
     folder = data_dir(dataset.name)
     if not (folder / "BUILD.json").is_file():
@@ -189,10 +191,6 @@ def prepare_data(dataset: Dataset) -> None:
             ],
             check=True,
         )  # fmt: skip
-    from peers import cache_features, zero_shot_label_file
-
-    cache_features(dataset.name)
-    zero_shot_label_file(dataset.name)
 
 
 def gold_rows(dataset: str) -> list[dict]:
@@ -243,8 +241,10 @@ def pseudo_label_file(run: Run) -> Path:
 
 
 def noisy_labels(dataset: str, noise: float) -> Path:
-    """A copy of the pseudo-label file with ``noise`` of its rows set to random classes."""
-    source = WORK / "labels" / f"{dataset}-unlabeled.parquet"
+    """The zero-shot pseudo-label file, with ``noise`` of its rows set to random classes."""
+    from peers import zero_shot_label_file
+
+    source = zero_shot_label_file(dataset)
     if not noise:
         return source
     path = WORK / "labels" / f"{dataset}-unlabeled-noise{int(noise * 100)}.parquet"
@@ -311,8 +311,16 @@ def execute(run: Run) -> dict:
         "--kd-steps", str(kd_steps), "--ssl-steps", str(ssl_steps), "--seed", str(run.seed),
         "--out", str(out), "--device", "cpu",
     ]  # fmt: skip
+    unlabeled_used = None
     if method.uses_fm:
-        args += ["--pseudo-labels", str(pseudo_label_file(run))]
+        from zmdevice.pseudolabels import read_metadata
+
+        labels = pseudo_label_file(run)
+        args += ["--pseudo-labels", str(labels)]
+        partial = read_metadata(labels).get("partial_pool")
+        if partial:  # the FM pass covered part of the pool: train on what it covers
+            args.append("--allow-partial")
+            unlabeled_used = partial["covered"]
     args += list(method.flags)
     if method.config:
         config = out.parent / f"{run.run_id}.toml"
@@ -337,6 +345,7 @@ def execute(run: Run) -> dict:
         "config": method.config,
         "kd_steps": kd_steps,
         "ssl_steps": ssl_steps,
+        "unlabeled_used": unlabeled_used or dataset.max_unlabeled,
         f"{run.split}_accuracy": evaluation["accuracy"],
         f"{run.split}_macro_f1": evaluation.get("macro_f1"),
         "train_seconds": round(train_seconds, 1),

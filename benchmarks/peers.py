@@ -23,6 +23,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -67,42 +68,129 @@ def features_path(dataset: str, split: str) -> Path:
     return FEATURES / f"{dataset}-{split}.npz"
 
 
-def cache_features(dataset: str) -> None:
-    """One FM pass over pool, dev and test; stores ids, features, probs and the seconds."""
+CHUNK = 1000
+"""Samples per cached part: the most work a killed `features` run loses."""
+
+
+def cache_features(
+    dataset: str,
+    splits: tuple[str, ...] = ("dev", "pool", "test"),
+    worker: tuple[int, int] = (0, 1),
+) -> None:
+    """One FM pass over each split, in parts of ``CHUNK`` samples (resumable).
+
+    The pool runs in a fixed random order with every labeled draw's examples first, so a
+    pass cut short still covers each labeled set and a uniform sample of the rest
+    (``load_split(..., allow_partial=True)``). The parts are joined, in data order, into
+    one file per split when the last one is done. ``worker = (i, n)``: this process takes
+    parts i, i + n, ... (n processes share a pass).
+    """
     from zmdevice.data import open_dataset
     from zmdevice.fewshot import teacher_outputs
     from zmdevice.teachers import build_teacher
 
     teacher = None
-    for split in ("dev", "test", "pool"):
+    for split in splits:
         path = features_path(dataset, split)
         if path.is_file():
             continue
-        if teacher is None:
-            teacher = build_teacher(DATASETS[dataset].teacher, classes_of(dataset))
         data = open_dataset(split_source(dataset, split))
-        started = time.time()
-        # Texts by length: a batch pads to its longest text (same results, less work).
-        order = np.argsort([len(t) for t in data.texts]) if dataset == "text" else None
-        features, probs = teacher_outputs(teacher, data, order=order)
-        seconds = time.time() - started
-        path.parent.mkdir(parents=True, exist_ok=True)
+        order = np.random.default_rng(0).permutation(len(data))
+        if split == "pool":
+            position = {sample_id: n for n, sample_id in enumerate(data.ids)}
+            first = [position[i] for i in labeled_ids(dataset)]
+            order = np.concatenate([first, [i for i in order if i not in set(first)]])
+        parts = parts_dir(dataset, split)
+        parts.mkdir(parents=True, exist_ok=True)
+        starts = range(0, len(order), CHUNK)
+        for number, start in enumerate(starts):
+            part = parts / f"{number:04d}.npz"
+            if part.is_file() or number % worker[1] != worker[0]:
+                continue
+            if teacher is None:
+                teacher = build_teacher(DATASETS[dataset].teacher, classes_of(dataset))
+            chunk = order[start : start + CHUNK]
+            if dataset == "text":  # by length: a batch pads to its longest text
+                chunk = chunk[np.argsort([len(data.texts[i]) for i in chunk], kind="stable")]
+            started = time.time()
+            features, probs = teacher_outputs(teacher, _Subset(data, chunk))
+            tmp = part.with_name(part.stem + ".tmp.npz")
+            np.savez(tmp, index=chunk, features=features, probs=probs)
+            os.replace(tmp, part)
+            print(
+                f"[peers] {dataset}-{split} part {number}: {len(chunk)} samples in "
+                f"{time.time() - started:.0f} s",
+                flush=True,
+            )
+        if len(list(parts.glob("[0-9]*.npz"))) < len(starts):
+            continue  # another worker's parts are not done yet
+        index, features, probs = _join_parts(parts)
+        restore = np.argsort(index)
         tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, ids=np.array(data.ids), features=features, probs=probs)
+        np.savez(tmp, ids=np.array(data.ids), features=features[restore], probs=probs[restore])
         os.replace(tmp, path)
-        print(f"[peers] {dataset}-{split}: {len(data)} samples in {seconds:.0f} s", flush=True)
+        shutil.rmtree(parts)
 
 
-def load_split(dataset: str, split: str) -> dict:
-    """Cached features of a split, with true class ids for dev/test."""
+class _Subset:
+    """``dataset[j]`` = the ``indices[j]``-th sample of a data set."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        return self.dataset[int(self.indices[position])]
+
+
+def parts_dir(dataset: str, split: str) -> Path:
+    return FEATURES / f"{dataset}-{split}.parts"
+
+
+def _join_parts(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    parts = [np.load(p) for p in sorted(folder.glob("[0-9]*.npz"))]
+    return tuple(
+        np.concatenate([part[key] for part in parts]) for key in ("index", "features", "probs")
+    )
+
+
+def labeled_ids(dataset: str) -> list[str]:
+    """Ids of every labeled draw paper.py and this script use (both K, every seed)."""
+    ids = []
+    for k in LABELS_PER_CLASS:
+        for seed in SEEDS:
+            with open(labeled_table(dataset, k, seed), newline="", encoding="utf-8") as handle:
+                ids += [row["id"] for row in csv.DictReader(handle) if row["id"] not in ids]
+    return ids
+
+
+def load_split(dataset: str, split: str, allow_partial: bool = False) -> dict:
+    """Cached features of a split, with true class ids for dev/test.
+
+    ``allow_partial``: the pool's finished parts when its pass is not complete (a subset).
+    """
     from zmdevice.data import label_indices, open_dataset
 
-    stored = np.load(features_path(dataset, split))
+    path = features_path(dataset, split)
+    if not path.is_file() and allow_partial and parts_dir(dataset, split).is_dir():
+        index, features, probs = _join_parts(parts_dir(dataset, split))
+        ids = open_dataset(split_source(dataset, split)).ids
+        keep = np.argsort(index)
+        return {
+            "ids": np.array([ids[i] for i in index[keep]]),
+            "features": features[keep],
+            "probs": probs[keep],
+            "complete": False,
+        }
+    stored = np.load(path)
     result = {k: stored[k] for k in ("ids", "features", "probs")}
+    result["complete"] = True
     if split != "pool":
         data = open_dataset(split_source(dataset, split), require_labels=True)
         if list(data.ids) != [str(i) for i in result["ids"]]:
-            raise RuntimeError(f"{features_path(dataset, split)} is stale: rerun `features`")
+            raise RuntimeError(f"{path} is stale: rerun `features`")
         result["labels"] = label_indices(data, classes_of(dataset))
     return result
 
@@ -133,7 +221,7 @@ def screen_fewshot(dataset: str) -> dict:
     path = RESULTS / f"{dataset}-dev-fewshot-screen.json"
     if path.is_file():
         return json.loads(path.read_text())
-    pool, dev = load_split(dataset, "pool"), load_split(dataset, "dev")
+    pool, dev = load_split(dataset, "pool", allow_partial=True), load_split(dataset, "dev")
     classes = len(classes_of(dataset))
     grid = []
     for k in LABELS_PER_CLASS:
@@ -188,11 +276,11 @@ def fewshot_label_file(dataset: str, k: int, seed: int, l2: float, weight: float
     """
     from zmdevice.fewshot import fit_adapter
 
-    tag = f"l2{l2:g}-w{weight:g}"
+    pool = load_split(dataset, "pool", allow_partial=True)
+    tag = f"l2{l2:g}-w{weight:g}" + ("" if pool["complete"] else f"-n{len(pool['ids'])}")
     path = WORK / "labels" / f"{dataset}-unlabeled-fewshot-k{k}-s{seed}-{tag}.parquet"
     if path.is_file():
         return path
-    pool = load_split(dataset, "pool")
     rows, labels = labeled_rows(dataset, k, seed, pool)
     adapter = fit_adapter(
         pool["features"][rows], labels, len(classes_of(dataset)), l2=l2, zero_shot_weight=weight
@@ -203,7 +291,8 @@ def fewshot_label_file(dataset: str, k: int, seed: int, l2: float, weight: float
         "l2": l2,
         "zero_shot_weight": weight,
     }
-    write_pool_labels(dataset, path, adapter.probs(pool["features"], pool["probs"]), few_shot)
+    probs = adapter.probs(pool["features"], pool["probs"])
+    write_pool_labels(dataset, path, pool["ids"], probs, few_shot)
     return path
 
 
@@ -211,19 +300,24 @@ def zero_shot_label_file(dataset: str) -> Path:
     """The pool's zero-shot pseudo-labels (paper.py's label file) from the cached FM pass."""
     path = WORK / "labels" / f"{dataset}-unlabeled.parquet"
     if not path.is_file():
-        write_pool_labels(dataset, path, load_split(dataset, "pool")["probs"], None)
+        pool = load_split(dataset, "pool")
+        write_pool_labels(dataset, path, pool["ids"], pool["probs"], None)
     return path
 
 
-def write_pool_labels(dataset: str, path: Path, probs: np.ndarray, few_shot: dict | None):
-    """A pseudo-label file of the pool with the metadata ``zmdevice label`` writes."""
+def write_pool_labels(dataset: str, path: Path, ids, probs: np.ndarray, few_shot: dict | None):
+    """A pseudo-label file of (part of) the pool with the metadata ``zmdevice label`` writes.
+
+    A file covering part of the pool says so in ``partial_pool`` (train it with
+    ``--allow-partial``).
+    """
     from zmdevice.data import open_dataset
     from zmdevice.pseudolabels import PseudoLabelWriter, build_metadata, default_top_k
 
     classes = classes_of(dataset)
     data = open_dataset(split_source(dataset, "pool"))
-    ids = [str(i) for i in load_split(dataset, "pool")["ids"]]
-    if ids != list(data.ids):
+    ids = [str(i) for i in ids]
+    if not set(ids) <= set(data.ids):
         raise RuntimeError(f"{features_path(dataset, 'pool')} is stale: rerun `features`")
     teacher = {"spec": DATASETS[dataset].teacher, "source": "peers.py feature cache"}
     if few_shot:
@@ -239,6 +333,7 @@ def write_pool_labels(dataset: str, path: Path, probs: np.ndarray, few_shot: dic
             "shard": None,
         },
         top_k=default_top_k(len(classes)),
+        partial_pool={"covered": len(ids), "of": len(data)} if len(ids) < len(data) else None,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     with PseudoLabelWriter(path, metadata) as writer:  # written atomically
