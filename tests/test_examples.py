@@ -121,11 +121,13 @@ def test_build_refuses_foreign_folder_and_small_pool(tmp_path, fashion_dir):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.txt").write_text("precious")
     with pytest.raises(build.BuildError, match="exists and was not made by this script"):
-        build.build_images(tmp_path / "mine", fashion_dir=fashion_dir)
+        build.build_images(tmp_path / "mine", fashion_dir=fashion_dir, max_dev=5)
     assert (tmp_path / "mine" / "thesis.txt").read_text() == "precious"
     with pytest.raises(build.BuildError, match="fewer than --labels-per-class 7"):
-        build.build_images(tmp_path / "x", fashion_dir=fashion_dir, labels_per_class=7)
+        build.build_images(tmp_path / "x", fashion_dir=fashion_dir, labels_per_class=7, max_dev=5)
     assert not (tmp_path / "x").exists()
+    with pytest.raises(build.BuildError, match="too few examples for a dev split of 100"):
+        build.build_images(tmp_path / "y", fashion_dir=fashion_dir, max_dev=100)
     assert not list(tmp_path.glob(".x.*"))  # the staging folder is cleaned up
 
 

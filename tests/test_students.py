@@ -73,9 +73,7 @@ def test_efficientnet_lite0_student_starts_from_the_teachers_imagenet_weights(tm
         expected = reference.forward_head(reference.forward_features(pixels), pre_logits=True)
         torch.testing.assert_close(student.features(pixel_values=pixels), expected)
     assert student.feature_dim == 1280 and student.image_size == 32
-    assert all(
-        m.momentum == 0.1 for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d)
-    )
+    assert all(m.momentum == 0.1 for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d))
     random_init = build_student("efficientnet_lite0:", CLASSES).eval()
     assert random_init.config["weights"] == "random"
     assert not torch.allclose(random_init.features(pixel_values=pixels), expected)
