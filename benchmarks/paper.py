@@ -525,7 +525,9 @@ def _deployed(dataset: Dataset, name: str) -> str:
         method = ALL_METHODS[name]
         student = method.student or dataset.student
         size = method.config.get("image_size")
-        key = f"{student} at {size} px" if size else student
+        # Entries are "preset" or "preset at S px" (the preset's own size when S is unset).
+        keys = [k for k in models if k == student or k.startswith(f"{student} at ")]
+        key = f"{student} at {size} px" if size else (keys[0] if keys else student)
     if key not in models:
         return ""
     entry = models[key]
