@@ -10,19 +10,25 @@ Output (``--out DIR``, default ``data/``)::
 
     DIR/images/unlabeled/train-00042.png         unlabeled pool (a flat image folder)
     DIR/images/labeled/<class>/train-00042.png   K per class, drawn from the pool
+    DIR/images/dev/<class>/train-00123.png       dev split: train images outside the pool
     DIR/images/test/<class>/test-00007.png       test split (from the 10k test set)
     DIR/images/unlabeled_gold.csv                id,path,label: true labels of the pool
     DIR/images/classes.toml                      class -> description
     DIR/text/unlabeled.csv                       id,text (the pool; ids = WordNet offsets)
     DIR/text/unlabeled_gold.csv                  id,text,label: the pool with true labels
     DIR/text/labeled.csv                         id,text,label: K per class from the pool
+    DIR/text/dev.csv                             id,text,label: disjoint from pool and test
     DIR/text/test.csv                            id,text,label: disjoint from the pool
     DIR/text/classes.toml                        class -> description for zero-shot
     DIR/*/BUILD.json                             how the folder was built
 
 Labeled examples are also in the unlabeled pool (as in the paper), with the same content;
-for text they keep the same id. Everything is drawn with ``--seed``: the same flags give
-byte-identical files. Usage::
+for text they keep the same id. The dev split is for choosing settings (test is only for
+final tables): it shares no example with the pool (hence none with the labeled set) nor
+with test. It is drawn from what the pool leaves, by its own random stream, so adding it
+left the pool, labeled and test files of earlier builds unchanged; only when the pool would
+take every example are the dev examples taken out of it. Everything is drawn with
+``--seed``: the same flags give byte-identical files. Usage::
 
     python examples/build_datasets.py --out data --labels-per-class 4 --seed 0
 """
@@ -212,6 +218,24 @@ def sample_indices(n: int, limit: int | None, rng: random.Random) -> list[int]:
     return sorted(rng.sample(range(n), limit))
 
 
+def split_dev(
+    candidates: Sequence[int], pool: list[int], limit: int, rng: random.Random
+) -> tuple[list[int], list[int]]:
+    """``(pool, dev)``: ``limit`` dev indices from ``candidates`` outside ``pool``.
+
+    When fewer than ``limit`` candidates lie outside the pool, the dev indices are drawn from
+    the pool instead and removed from it. Both lists come back sorted and disjoint.
+    """
+    in_pool = set(pool)
+    rest = [i for i in candidates if i not in in_pool]
+    if len(rest) >= limit:
+        return pool, sorted(rng.sample(rest, limit))
+    if len(pool) <= limit:
+        raise BuildError(f"too few examples for a dev split of {limit}; lower --max-dev")
+    dev = set(rng.sample(pool, limit))
+    return [i for i in pool if i not in dev], sorted(dev)
+
+
 def per_class(
     labels: Sequence, pool: Sequence[int], k: int, rng: random.Random, classes: Sequence
 ) -> list[int]:
@@ -295,6 +319,7 @@ def build_images(
     seed: int = 0,
     max_unlabeled: int | None = None,
     max_test: int | None = None,
+    max_dev: int = 1000,
 ) -> dict:
     """Write ``out`` (e.g. data/images) from Fashion-MNIST; returns the split sizes."""
     splits = load_fashion(fashion_dir)
@@ -302,6 +327,7 @@ def build_images(
     test_x, test_y = splits["test"]
     names = [FASHION_CLASSES[int(y)] for y in train_y]
     pool = sample_indices(len(train_y), max_unlabeled, _rng(seed, "pool"))
+    pool, dev = split_dev(range(len(train_y)), pool, max_dev, _rng(seed, "dev"))
     labeled = per_class(names, pool, labels_per_class, _rng(seed, "labeled"), FASHION_CLASSES)
     test = sample_indices(len(test_y), max_test, _rng(seed, "test"))
 
@@ -318,6 +344,8 @@ def build_images(
             target = staging.path / "labeled" / names[i] / source.name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
+        for i in dev:
+            _save_png(train_x[i], staging.path / "dev" / names[i] / f"train-{i:05d}.png")
         for i in test:
             cls = FASHION_CLASSES[int(test_y[i])]
             _save_png(test_x[i], staging.path / "test" / cls / f"test-{i:05d}.png")
@@ -327,13 +355,19 @@ def build_images(
             FASHION_DESCRIPTIONS,
             "Fashion-MNIST classes (folder names of labeled/ and test/)",
         )
-        sizes = {"unlabeled": len(pool), "labeled": len(labeled), "test": len(test)}
+        sizes = {
+            "unlabeled": len(pool),
+            "labeled": len(labeled),
+            "dev": len(dev),
+            "test": len(test),
+        }
         staging.commit(
             {
                 "source": "Fashion-MNIST (Zalando SE, MIT licence)",
                 "labels_per_class": labels_per_class,
                 "seed": seed,
                 "max_unlabeled": max_unlabeled,
+                "max_dev": max_dev,
                 "max_test": max_test,
                 "sizes": sizes,
             }
@@ -352,11 +386,12 @@ def build_text(
     seed: int = 0,
     max_unlabeled: int | None = None,
     max_test: int | None = 5000,
+    max_dev: int = 1000,
 ) -> dict:
     """Write ``out`` (e.g. data/text) from WordNet noun definitions; returns the split sizes.
 
     The test split is drawn first from all synsets; the unlabeled pool from the rest, so
-    no synset and no definition is in both.
+    no synset and no definition is in both; the dev split comes from what the pool leaves.
     """
     rows = read_wordnet_nouns(wordnet_file, WORDNET_CATEGORIES)
     classes = list(WORDNET_DESCRIPTIONS)
@@ -364,12 +399,13 @@ def build_text(
     test_set = set(test)
     rest = [i for i in range(len(rows)) if i not in test_set]
     pool = [rest[j] for j in sample_indices(len(rest), max_unlabeled, _rng(seed, "pool"))]
+    pool, dev = split_dev(rest, pool, max_dev, _rng(seed, "dev"))
     labels = [row[2] for row in rows]
     labeled = per_class(labels, pool, labels_per_class, _rng(seed, "labeled"), classes)
     # data.noun is grouped by category; list rows in a fixed pseudo-random order instead so
     # the head of a file shows every class (ids, not positions, identify the rows).
-    pool, labeled, test = (
-        sorted(part, key=lambda i: _shuffle_key(rows[i][0])) for part in (pool, labeled, test)
+    pool, labeled, dev, test = (
+        sorted(part, key=lambda i: _shuffle_key(rows[i][0])) for part in (pool, labeled, dev, test)
     )
 
     staging = _Staging(out)
@@ -378,13 +414,19 @@ def build_text(
         _write_csv(folder / "unlabeled.csv", ("id", "text"), [rows[i][:2] for i in pool])
         _write_csv(folder / "unlabeled_gold.csv", ("id", "text", "label"), [rows[i] for i in pool])
         _write_csv(folder / "labeled.csv", ("id", "text", "label"), [rows[i] for i in labeled])
+        _write_csv(folder / "dev.csv", ("id", "text", "label"), [rows[i] for i in dev])
         _write_csv(folder / "test.csv", ("id", "text", "label"), [rows[i] for i in test])
         _write_classes(
             folder / "classes.toml",
             WORDNET_DESCRIPTIONS,
             "WordNet 3.0 noun categories (lexicographer files) of the definitions",
         )
-        sizes = {"unlabeled": len(pool), "labeled": len(labeled), "test": len(test)}
+        sizes = {
+            "unlabeled": len(pool),
+            "labeled": len(labeled),
+            "dev": len(dev),
+            "test": len(test),
+        }
         staging.commit(
             {
                 "source": "WordNet 3.0 data.noun (Princeton University, WordNet 3.0 licence)",
@@ -392,6 +434,7 @@ def build_text(
                 "labels_per_class": labels_per_class,
                 "seed": seed,
                 "max_unlabeled": max_unlabeled,
+                "max_dev": max_dev,
                 "max_test": max_test,
                 "sizes": sizes,
             }
@@ -419,11 +462,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="cap on each test split (default: all 10k images; 5,000 texts)",
     )
+    parser.add_argument(
+        "--max-dev", type=int, default=1000, help="size of each dev split (default: 1,000)"
+    )
     parser.add_argument("--only", choices=("images", "text"), help="build only one data set")
     parser.add_argument("--fashion-dir", type=Path, default=FASHION_DIR)
     parser.add_argument("--wordnet-file", type=Path, default=WORDNET_NOUNS)
     args = parser.parse_args(argv)
-    for name in ("labels_per_class", "max_unlabeled", "max_test"):
+    for name in ("labels_per_class", "max_unlabeled", "max_test", "max_dev"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -436,6 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "labels_per_class": args.labels_per_class,
         "seed": args.seed,
         "max_unlabeled": args.max_unlabeled,
+        "max_dev": args.max_dev,
     }
     try:
         # Check every source first, so a missing one fails before an hour of building.

@@ -67,14 +67,19 @@ def test_read_idx_roundtrip_and_bad_header(tmp_path):
 
 def test_build_images(tmp_path, fashion_dir):
     sizes = build.build_images(
-        tmp_path / "out", fashion_dir=fashion_dir, labels_per_class=2, max_test=None
+        tmp_path / "out", fashion_dir=fashion_dir, labels_per_class=2, max_test=None, max_dev=5
     )
-    assert sizes == {"unlabeled": 60, "labeled": 20, "test": 20}
+    # The pool would take every training image: the 5 dev images are taken out of it.
+    assert sizes == {"unlabeled": 55, "labeled": 20, "dev": 5, "test": 20}
     out = tmp_path / "out"
     unlabeled = open_dataset(out / "unlabeled")
     labeled = open_dataset(out / "labeled", require_labels=True)
+    dev = open_dataset(out / "dev", require_labels=True)
     test = open_dataset(out / "test", require_labels=True)
-    assert (len(unlabeled), len(labeled), len(test)) == (60, 20, 20)
+    assert (len(unlabeled), len(labeled), len(dev), len(test)) == (55, 20, 5, 20)
+    dev_names = {sample_id.split("/")[-1] for sample_id in dev.ids}
+    assert not dev_names & set(unlabeled.ids)
+    assert all(name.startswith("train-") for name in dev_names)
     assert unlabeled.labels is None
     classes = load_classes(str(out / "classes.toml"))
     assert classes.names == build.FASHION_CLASSES and classes.has_prompts
@@ -101,7 +106,7 @@ def test_build_images(tmp_path, fashion_dir):
 
 
 def test_build_images_is_deterministic_and_seeded(tmp_path, fashion_dir):
-    kwargs = {"fashion_dir": fashion_dir, "labels_per_class": 1, "max_unlabeled": 30}
+    kwargs = {"fashion_dir": fashion_dir, "labels_per_class": 1, "max_unlabeled": 30, "max_dev": 5}
     build.build_images(tmp_path / "a", seed=3, max_test=5, **kwargs)
     build.build_images(tmp_path / "b", seed=3, max_test=5, **kwargs)
     build.build_images(tmp_path / "c", seed=4, max_test=5, **kwargs)
@@ -116,11 +121,13 @@ def test_build_refuses_foreign_folder_and_small_pool(tmp_path, fashion_dir):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.txt").write_text("precious")
     with pytest.raises(build.BuildError, match="exists and was not made by this script"):
-        build.build_images(tmp_path / "mine", fashion_dir=fashion_dir)
+        build.build_images(tmp_path / "mine", fashion_dir=fashion_dir, max_dev=5)
     assert (tmp_path / "mine" / "thesis.txt").read_text() == "precious"
     with pytest.raises(build.BuildError, match="fewer than --labels-per-class 7"):
-        build.build_images(tmp_path / "x", fashion_dir=fashion_dir, labels_per_class=7)
+        build.build_images(tmp_path / "x", fashion_dir=fashion_dir, labels_per_class=7, max_dev=5)
     assert not (tmp_path / "x").exists()
+    with pytest.raises(build.BuildError, match="too few examples for a dev split of 100"):
+        build.build_images(tmp_path / "y", fashion_dir=fashion_dir, max_dev=100)
     assert not list(tmp_path.glob(".x.*"))  # the staging folder is cleaned up
 
 
@@ -169,14 +176,16 @@ def test_build_text(tmp_path):
     fake_data_noun(tmp_path / "data.noun")
     out = tmp_path / "text"
     sizes = build.build_text(
-        out, wordnet_file=tmp_path / "data.noun", labels_per_class=2, max_test=10
+        out, wordnet_file=tmp_path / "data.noun", labels_per_class=2, max_test=10, max_dev=4
     )
-    assert sizes == {"unlabeled": 38, "labeled": 16, "test": 10}
+    assert sizes == {"unlabeled": 34, "labeled": 16, "dev": 4, "test": 10}
     unlabeled = open_dataset(out / "unlabeled.csv")
     gold = open_dataset(out / "unlabeled_gold.csv", require_labels=True)
     labeled = open_dataset(out / "labeled.csv", require_labels=True)
     test = open_dataset(out / "test.csv", require_labels=True)
+    dev = open_dataset(out / "dev.csv", require_labels=True)
     assert unlabeled.labels is None
+    assert len(dev) == 4 and not set(dev.ids) & (set(unlabeled.ids) | set(test.ids))
     assert gold.ids == unlabeled.ids and gold.texts == unlabeled.texts
     pool = dict(zip(unlabeled.ids, unlabeled.texts, strict=True))
     # Labeled examples are part of the pool with the same ids and texts.
@@ -195,7 +204,8 @@ def test_build_text_cli_and_missing_source(tmp_path, capsys):
     fake_data_noun(tmp_path / "data.noun")
     code = build.main(
         ["--out", str(tmp_path / "d"), "--only", "text", "--wordnet-file",
-         str(tmp_path / "data.noun"), "--labels-per-class", "1", "--max-test", "8", "--seed", "5"]
+         str(tmp_path / "data.noun"), "--labels-per-class", "1", "--max-test", "8", "--seed", "5",
+         "--max-dev", "4"]
     )  # fmt: skip
     assert code == 0 and len(open_dataset(tmp_path / "d" / "text" / "test.csv")) == 8
     # A missing source fails before anything is built (here: before the images).
@@ -221,6 +231,8 @@ def test_build_real_debian_sources(tmp_path):
     assert len(images) == 100 and len(text) == 100
     assert len(open_dataset(tmp_path / "images" / "unlabeled")) == 300
     assert len(open_dataset(tmp_path / "text" / "labeled.csv")) == 32
+    assert len(open_dataset(tmp_path / "text" / "dev.csv", require_labels=True)) == 1000
+    assert len(open_dataset(tmp_path / "images" / "dev", require_labels=True)) == 1000
     image_classes = load_classes(str(tmp_path / "images" / "classes.toml"))
     label_indices(images, image_classes)  # every folder is a known class
     assert images.load_image(0).size == (28, 28)

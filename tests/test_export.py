@@ -230,6 +230,21 @@ def test_real_students_export_with_parity_on_the_default_data(tmp_path):
     assert result.parity.logit_scale > 1e-4  # BN statistics of real images: not ~1e-11
 
 
+@pytest.mark.slow
+def test_pretrained_efficientnet_lite0_student_exports_with_parity(tmp_path):
+    from zmdevice.data import load_classes
+    from zmdevice.export import sample_examples
+    from zmdevice.students import build_student
+
+    classes = load_classes(str(DEFAULT_DATA / "images" / "classes.toml")).names
+    images = sample_examples(DEFAULT_DATA / "images" / "unlabeled", "image", 8)
+    student = build_student("efficientnet_lite0", classes, preprocess={"image_size": 64})
+    result = export_student(student.eval(), tmp_path / "effl0.onnx", examples=images)
+    assert result.parity.relative_error < 1e-4
+    probs = OnnxClassifier(tmp_path / "effl0.onnx").predict_proba(images)
+    assert probs.shape == (8, len(classes))
+
+
 def _pre(student, image):
     from zmdevice.runtime import preprocess_image
 

@@ -56,6 +56,32 @@ def test_image_presets_give_features_and_logits(name):
     assert student.config["preprocess"]["image_size"] == size
 
 
+def test_efficientnet_lite0_student_starts_from_the_teachers_imagenet_weights(tmp_path):
+    """Offline ImageNet weights (the efficientnet-lite0 teacher's pip package): the student's
+    feature is the teacher's pre-logits feature; the folder reloads without the package."""
+    import timm
+
+    from zmdevice.catalog import require_entry
+    from zmdevice.teachers import catalog_weights, load_weights_in_order
+
+    student = build_student("efficientnet_lite0", CLASSES, preprocess={"image_size": 32}).eval()
+    entry = require_entry("efficientnet_lite0", "student", "--student")
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    load_weights_in_order(reference, catalog_weights("test", entry["weights_from"]))
+    pixels = images(size=32)
+    with torch.no_grad():
+        expected = reference.forward_head(reference.forward_features(pixels), pre_logits=True)
+        torch.testing.assert_close(student.features(pixel_values=pixels), expected)
+    assert student.feature_dim == 1280 and student.image_size == 32
+    assert all(m.momentum == 0.1 for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    random_init = build_student("efficientnet_lite0:", CLASSES).eval()
+    assert random_init.config["weights"] == "random"
+    assert not torch.allclose(random_init.features(pixel_values=pixels), expected)
+    save_student(student, tmp_path / "s")
+    loaded = load_student(tmp_path / "s")
+    torch.testing.assert_close(loaded(pixel_values=pixels), student(pixel_values=pixels))
+
+
 def test_real_mobilenets_have_the_penultimate_width_as_feature():
     assert build_student("mobilenet_v3_small", CLASSES).feature_dim == 1024
     large = build_student("mobilenet_v3_large", CLASSES)

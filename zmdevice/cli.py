@@ -159,6 +159,13 @@ def label(
         bool | None,
         typer.Option(help="Join the shard files NAME.shard-I-of-N.parquet into --out."),
     ] = None,
+    few_shot: Annotated[
+        Path | None,
+        typer.Option(
+            help="Labeled data: adapt the teacher to it in its feature space (a probe times "
+            "the zero-shot probabilities) before labeling; text-embed and imagenet teachers."
+        ),
+    ] = None,
     precision: PrecisionOption = None,
     runtime: Annotated[
         str | None,

@@ -157,6 +157,9 @@ class LabelConfig:
     """auto, fp32, bf16 or fp16: the teacher's compute dtype (``zmdevice.precision``)."""
     runtime: str = "auto"
     """Teacher runtime: auto, torch or onnx (auto: onnx on a CPU where the teacher exports)."""
+    few_shot: Path | None = None
+    """Labeled data the teacher is adapted to before labeling (``zmdevice.fewshot``: a probe
+    on the FM's features times its zero-shot probabilities); None: the paper's zero-shot."""
     engine: str = "local"
     """local: this process and its loader workers; ray: a Ray Data actor pool."""
     ray_address: str | None = None
@@ -175,6 +178,12 @@ class LabelConfig:
         if self.engine not in ENGINES:
             choices = ", ".join(ENGINES)
             raise ConfigError("engine", f"--engine '{self.engine}': use one of {choices}")
+        if self.engine == "ray" and self.few_shot is not None:
+            raise ConfigError(
+                "few_shot",
+                "--few-shot works with --engine local only (Ray workers load the "
+                "plain teacher); label with the local engine",
+            )
         if self.engine == "ray" and self.device not in ("auto", "cpu"):
             raise ConfigError(
                 "device",

@@ -194,6 +194,9 @@ def _settings(config: LabelConfig, fingerprint: str, shard, top_k: int, count: i
 def run_label(config: LabelConfig) -> dict:
     """Label ``config.data`` with ``config.teacher``; see the module docstring.
 
+    ``config.few_shot``: a labeled data set the teacher is adapted to first
+    (``zmdevice.fewshot``).
+
     Returns:
         Summary dict (output path, counts, throughput, sizes, quality) with ``lines``.
     """
@@ -231,6 +234,10 @@ def run_label(config: LabelConfig) -> dict:
     top_k = config.top_k or default_top_k(len(classes))
     fingerprint = dataset.fingerprint()
     settings = _settings(config, fingerprint, shard, top_k, len(indices))
+    labeled = None
+    if config.few_shot is not None:
+        labeled = open_dataset(config.few_shot, config.data_options, require_labels=True)
+        settings["few_shot"] = labeled.fingerprint()
     done_parts = _check_parts(parts_dir, settings, config.resume, out)
     # The ray engine's workers load their own teacher; this copy, on the CPU, only lends
     # them its preprocessing, fills the metadata and answers --gold.
@@ -243,6 +250,10 @@ def run_label(config: LabelConfig) -> dict:
         precision=config.precision,
         runtime=config.runtime,
     )
+    if labeled is not None:
+        from zmdevice.fewshot import adapt_teacher
+
+        teacher = adapt_teacher(teacher, labeled, classes)
     _check_same_numerics(parts_dir, done_parts, teacher.info)
     run = _read_run(parts_dir) if done_parts else _start_parts(parts_dir, settings)
     metadata = build_metadata(

@@ -449,6 +449,8 @@ def build_student(
             student = _build_mobilenet(preset, entry, weights, list(classes), settings)
         elif family == "distilbert":
             student = _build_distilbert(preset, entry, weights, list(classes), settings)
+        elif family == "efficientnet_lite":
+            student = _build_efficientnet_lite(preset, entry, weights, list(classes), settings)
         else:
             raise UserError(f"catalog entry '{preset}' has unknown family '{family}'")
     student.config["weights"] = weights or "random"
@@ -465,21 +467,26 @@ def _mobilenet_config(preset: str, entry: dict, classes: list[str], settings: di
         architecture["last_channel"] = int(spec["last_channel"])
     elif variant not in ("small", "large"):
         raise UserError(f"catalog entry '{preset}': variant must be small, large or custom")
-    image_size = int(settings.get("image_size", 32))
-    if image_size < 8:
-        raise UserError(f"student image_size must be at least 8 pixels, got {image_size}")
     return {
         "student": preset,
         "modality": "image",
         "classes": classes,
         "architecture": architecture,
-        "preprocess": {
-            "image_size": image_size,
-            "mean": [float(x) for x in settings.get("mean", [0.485, 0.456, 0.406])],
-            "std": [float(x) for x in settings.get("std", [0.229, 0.224, 0.225])],
-            "channel_order": "RGB",
-            "resize": "bilinear",
-        },
+        "preprocess": _image_preprocess(settings),
+    }
+
+
+def _image_preprocess(settings: dict) -> dict:
+    """The preprocess part of an image student's config.json."""
+    image_size = int(settings.get("image_size", 32))
+    if image_size < 8:
+        raise UserError(f"student image_size must be at least 8 pixels, got {image_size}")
+    return {
+        "image_size": image_size,
+        "mean": [float(x) for x in settings.get("mean", [0.485, 0.456, 0.406])],
+        "std": [float(x) for x in settings.get("std", [0.229, 0.224, 0.225])],
+        "channel_order": "RGB",
+        "resize": "bilinear",
     }
 
 
@@ -564,6 +571,61 @@ def _load_imagenet_weights(student, variant: str, weights: str) -> None:
             f"({len(mismatched)} unexpected, {len(missing)} missing tensors, e.g. {example})"
         )
     student.backbone.load_state_dict(state)
+
+
+def _efficientnet_lite_module(config: dict):
+    """The ImageStudent of an EfficientNet-Lite config (random init, BN momentum 0.1).
+
+    timm's ``tf_efficientnet_lite*`` up to its pooled 1280-d feature (conv head, BN, ReLU6,
+    average pool, dropout 0.2); the 1000-class layer is replaced by the student's heads.
+    """
+    import timm
+
+    architecture = config["architecture"]
+    backbone = timm.create_model(architecture["timm_name"], pretrained=False, num_classes=1000)
+    feature_dim = backbone.num_features
+    backbone.reset_classifier(0)
+    for module in backbone.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = BATCHNORM_MOMENTUM
+    architecture["feature_dim"] = feature_dim
+    return ImageStudent(config, backbone, feature_dim)
+
+
+def _build_efficientnet_lite(
+    preset: str, entry: dict, weights: str, classes: list[str], settings: dict
+):
+    """EfficientNet-Lite student; ``weights``: "" (random), "imagenet" (the catalog's pip
+    package) or a ``.pth`` ImageNet state dict of the same architecture."""
+    from zmdevice.teachers import catalog_weights, load_weights_in_order
+
+    config = {
+        "student": preset,
+        "modality": "image",
+        "classes": classes,
+        "architecture": {"family": "efficientnet_lite", "timm_name": entry["timm_name"]},
+        "preprocess": _image_preprocess(settings),
+    }
+    student = _efficientnet_lite_module(config)
+    if not weights:
+        return student
+    if weights == "imagenet":
+        if "weights_from" not in entry:
+            raise UserError(f"catalog entry '{preset}' names no ImageNet weights package")
+        path = catalog_weights(f"--student {preset}", entry["weights_from"])
+    else:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise UserError(f"student weights file not found: {path}")
+    # The ImageNet file holds the 1000-class layer too: load it into a full model, keep
+    # everything but that layer.
+    import timm
+
+    full = timm.create_model(entry["timm_name"], pretrained=False, num_classes=1000)
+    load_weights_in_order(full, path)
+    state = {k: v for k, v in full.state_dict().items() if not k.startswith("classifier.")}
+    student.backbone.load_state_dict(state)
+    return student
 
 
 def _distilbert_architecture(hf_config) -> dict:
@@ -909,7 +971,9 @@ def load_student(model_dir: str | Path, device: str | torch.device = "cpu"):
     for key in ("format", "format_version", "zmdevice_version"):
         config.pop(key, None)
     with torch.random.fork_rng(devices=[]):
-        if config["modality"] == "image":
+        if config["architecture"]["family"] == "efficientnet_lite":
+            student = _efficientnet_lite_module(config)
+        elif config["modality"] == "image":
             student = _mobilenet_module(config)
         elif config["modality"] == "text":
             tokenizer_path = model_dir / config["preprocess"].get("tokenizer", TOKENIZER_FILE)

@@ -67,6 +67,9 @@ class Teacher:
         stats: running counters a teacher reports (e.g. the LLM's unmapped answers).
         device: the torch device it runs on.
         model: the frozen ``torch.nn.Module`` (eval mode, no gradients).
+        features_and_probs: batch -> (features [B, D], probabilities [B, C]) from one pass,
+            for teachers with a feature space (text-embed, imagenet); None otherwise.
+            ``zmdevice.fewshot`` adapts such a teacher with a few labeled examples.
     """
 
     spec: str
@@ -79,6 +82,7 @@ class Teacher:
     stats: dict = field(default_factory=dict)
     device: Any = None
     model: Any = None
+    features_and_probs: Callable[[Any], tuple] | None = None
 
     def predict_proba(self, batch) -> Any:
         """float32 [B, C] class probabilities (CPU torch tensor) for a collated batch."""
@@ -116,7 +120,7 @@ def resolve_spec(spec: str) -> tuple[str, str, dict]:
     kind, _, rest = entry["spec"].partition(":")
     source = entry.get("weights_from")
     if source:
-        rest = rest.replace("{weights}", str(_catalog_weights(name, source)))
+        rest = rest.replace("{weights}", str(catalog_weights(f"--teacher {name}", source)))
     if options:
         if kind != "imagenet" or not all("=" in option for option in options):
             raise UserError(
@@ -132,8 +136,11 @@ def teacher_modality(spec: str) -> str:
     return "image" if kind in ("clip", "imagenet") else "text"
 
 
-def _catalog_weights(name: str, source: dict) -> Path:
-    """Locate a catalog teacher's weights provided by a pip package (``weights_from``)."""
+def catalog_weights(flag: str, source: dict) -> Path:
+    """Locate a catalog model's weights provided by a pip package (``weights_from``).
+
+    ``flag`` names the model in the error, e.g. "--teacher efficientnet-lite0".
+    """
     import importlib
 
     module_name, _, attribute = source["function"].rpartition(".")
@@ -141,7 +148,7 @@ def _catalog_weights(name: str, source: dict) -> Path:
         module = importlib.import_module(module_name)
     except ImportError:
         raise UserError(
-            f"--teacher {name} needs the package '{source['package']}': "
+            f"{flag} needs the package '{source['package']}': "
             f"pip install {source['package']} (or zmdevice[offline-models])"
         ) from None
     target: Any = module
@@ -375,6 +382,10 @@ def _build_text_embed(name, classes, numerics, entry, templates) -> Teacher:
         (f"text-embed:{name}", _existing_path(name), {"max_length": max_length}),
     )
 
+    def features_and_probs(batch):
+        features = network(batch["input_ids"], batch["attention_mask"])
+        return features, zero_shot_probs(features, weights, scale)
+
     def forward(batch):
         return zero_shot_probs(network(batch["input_ids"], batch["attention_mask"]), weights, scale)
 
@@ -387,6 +398,7 @@ def _build_text_embed(name, classes, numerics, entry, templates) -> Teacher:
         forward=forward,
         model=model,
         info={"preprocess": {"max_length": max_length, "scale": scale}, "prompts": texts},
+        features_and_probs=features_and_probs,
     )
 
 
@@ -926,6 +938,11 @@ def _build_imagenet(rest, classes, numerics, entry, templates) -> Teacher:
         (f"imagenet:{name}", weights, {"size": size}),
     )
 
+    def features_and_probs(images):
+        features = model.forward_head(model.forward_features(images.to(device)), pre_logits=True)
+        probs = model.get_classifier()(features).float().softmax(-1) @ mapping
+        return features, probs / probs.sum(-1, keepdim=True).clamp(min=1e-12)
+
     def forward(images):
         probs = network(images).softmax(-1) @ mapping
         return probs / probs.sum(-1, keepdim=True).clamp(min=1e-12)
@@ -951,4 +968,5 @@ def _build_imagenet(rest, classes, numerics, entry, templates) -> Teacher:
                 for c, n in enumerate(classes.names)
             },
         },
+        features_and_probs=features_and_probs,
     )

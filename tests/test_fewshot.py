@@ -1,0 +1,154 @@
+"""zmdevice.fewshot: the probe times the zero-shot prior, and `label --few-shot` end to end."""
+
+import csv
+import dataclasses
+
+import numpy as np
+import pytest
+import tiny_teachers
+import torch
+
+from zmdevice.config import LabelConfig
+from zmdevice.data import load_classes, open_dataset
+from zmdevice.errors import UserError
+from zmdevice.fewshot import adapt_teacher, fit_adapter, teacher_outputs
+from zmdevice.label import run_label
+from zmdevice.pseudolabels import read_pseudolabels
+from zmdevice.teachers import build_teacher
+
+torch.set_num_threads(1)
+CLASSES = "sports,politics,science"
+WORDS = {
+    "sports": ["game team ball", "the match"],
+    "politics": ["vote law election", "a vote"],
+    "science": ["atom cell experiment", "atom cell"],
+}
+
+
+@pytest.fixture(scope="module")
+def embed_dir(tmp_path_factory):
+    return tiny_teachers.make_text_embed(tmp_path_factory.mktemp("embed") / "m")
+
+
+def clusters(rng, per_class=4, dim=6, spread=0.05):
+    """Three tight clusters around orthogonal directions: (features, labels)."""
+    centres = np.eye(3, dim)
+    labels = np.repeat(np.arange(3), per_class)
+    return centres[labels] + spread * rng.standard_normal((len(labels), dim)), labels
+
+
+def test_probe_alone_separates_clusters_the_prior_gets_wrong():
+    rng = np.random.default_rng(0)
+    features, labels = clusters(rng)
+    adapter = fit_adapter(features, labels, 3, l2=0.001, zero_shot_weight=0.0)
+    test_features, test_labels = clusters(rng, per_class=20)
+    wrong_prior = np.full((len(test_labels), 3), 0.1)
+    wrong_prior[np.arange(len(test_labels)), (test_labels + 1) % 3] = 0.8
+    probs = adapter.probs(test_features, wrong_prior)
+    assert (probs.argmax(1) == test_labels).all()
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+
+
+def test_zero_shot_weight_and_l2_trade_the_probe_against_the_prior():
+    rng = np.random.default_rng(1)
+    features, labels = clusters(rng)
+    test_features, test_labels = clusters(rng, per_class=20)
+    prior = np.full((len(test_labels), 3), 0.05)
+    prior[np.arange(len(test_labels)), (test_labels + 1) % 3] = 0.9
+    # A heavily penalised probe is nearly flat: the prior decides.
+    flat = fit_adapter(features, labels, 3, l2=100.0, zero_shot_weight=1.0)
+    assert (flat.probs(test_features, prior).argmax(1) == (test_labels + 1) % 3).all()
+    # A confident probe outweighs the same prior.
+    sharp = fit_adapter(features, labels, 3, l2=1e-4, zero_shot_weight=1.0)
+    assert (sharp.probs(test_features, prior).argmax(1) == test_labels).all()
+
+
+def test_fit_is_deterministic_and_needs_labels():
+    rng = np.random.default_rng(2)
+    features, labels = clusters(rng)
+    first = fit_adapter(features, labels, 3)
+    second = fit_adapter(features, labels, 3)
+    np.testing.assert_array_equal(first.weight, second.weight)
+    with pytest.raises(UserError, match="needs labeled examples"):
+        fit_adapter(features[:0], labels[:0], 3)
+
+
+def write_table(path, rows, labels=True):
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "text", "label"] if labels else ["id", "text"])
+        for row in rows:
+            writer.writerow(row if labels else row[:2])
+    return path
+
+
+def texts(count):
+    names = list(WORDS)
+    return [(f"t{i:03d}", WORDS[names[i % 3]][(i // 3) % 2], names[i % 3]) for i in range(count)]
+
+
+def test_adapted_teacher_keeps_features_and_records_the_labeled_set(tmp_path, embed_dir):
+    classes = load_classes(CLASSES)
+    teacher = build_teacher(f"text-embed:{embed_dir}", classes)
+    labeled = open_dataset(write_table(tmp_path / "l.csv", texts(6)), require_labels=True)
+    adapted = adapt_teacher(teacher, labeled, classes, l2=1e-3, zero_shot_weight=0.0)
+    pool = open_dataset(write_table(tmp_path / "p.csv", texts(12)), require_labels=True)
+    features, zero_shot = teacher_outputs(teacher, pool)
+    adapted_features, probs = teacher_outputs(adapted, pool)
+    np.testing.assert_allclose(adapted_features, features)
+    truth = np.array([classes.index(label) for label in pool.labels])
+    assert (probs.argmax(1) == truth).all()  # the tiny embedder's texts separate by word
+    assert adapted.info["few_shot"]["examples"] == 6
+    assert adapted.info["few_shot"]["fingerprint"] == labeled.fingerprint()
+    assert teacher.info.get("few_shot") is None  # the original is left alone
+
+
+def test_label_few_shot_writes_the_adapted_teachers_labels(tmp_path, embed_dir):
+    write_table(tmp_path / "texts.csv", texts(12), labels=False)
+    write_table(tmp_path / "l.csv", texts(6))
+    base = dict(
+        data=tmp_path / "texts.csv",
+        classes=CLASSES,
+        teacher=f"text-embed:{embed_dir}",
+        batch_size=4,
+        device="cpu",
+        workers=0,
+    )
+    run_label(LabelConfig(**base, out=tmp_path / "zs.parquet"))
+    run_label(LabelConfig(**base, out=tmp_path / "fs.parquet", few_shot=tmp_path / "l.csv"))
+    zero_shot, few_shot = (read_pseudolabels(tmp_path / n) for n in ("zs.parquet", "fs.parquet"))
+    assert zero_shot.metadata["teacher"].get("few_shot") is None
+    assert few_shot.metadata["teacher"]["few_shot"]["examples"] == 6
+    assert not np.allclose(zero_shot.dense_probs(), few_shot.dense_probs())
+    # The file holds what the library's adapted teacher predicts, and is not less accurate.
+    classes = load_classes(CLASSES)
+    adapted = adapt_teacher(
+        build_teacher(f"text-embed:{embed_dir}", classes),
+        open_dataset(tmp_path / "l.csv", require_labels=True),
+        classes,
+    )
+    _, expected = teacher_outputs(adapted, open_dataset(tmp_path / "texts.csv"))
+    np.testing.assert_array_equal(few_shot.label, expected.argmax(1))
+    truth = np.array([classes.index(row[2]) for row in texts(12)])
+    assert (few_shot.label == truth).mean() >= (zero_shot.label == truth).mean()
+
+
+def test_few_shot_with_an_unknown_class_or_a_teacher_without_features_fails(tmp_path, embed_dir):
+    write_table(tmp_path / "texts.csv", texts(6), labels=False)
+    write_table(tmp_path / "bad.csv", [("x", "game team ball", "cooking")])
+    config = LabelConfig(
+        data=tmp_path / "texts.csv",
+        classes=CLASSES,
+        teacher=f"text-embed:{embed_dir}",
+        out=tmp_path / "o.parquet",
+        device="cpu",
+        workers=0,
+    )
+    with pytest.raises(UserError, match="cooking"):
+        run_label(dataclasses.replace(config, few_shot=tmp_path / "bad.csv"))
+    assert not (tmp_path / "o.parquet").exists()
+    teacher = build_teacher(f"text-embed:{embed_dir}", load_classes(CLASSES))
+    teacher.features_and_probs = None
+    labeled = open_dataset(write_table(tmp_path / "l.csv", texts(3)), require_labels=True)
+    with pytest.raises(UserError, match="needs a teacher with a feature space"):
+        adapt_teacher(teacher, labeled, load_classes(CLASSES))
