@@ -354,6 +354,9 @@ class TrainConfig:
 # batch, i.e. the FM's skewed class distribution, and then lags behind the student, so
 # alignment keeps boosting classes the FM under-predicted. Fashion-MNIST, 40 labels,
 # EfficientNet-Lite0 labels, 500 + 500 steps: 65.4% (0.999, 3 seeds) vs 69.6% (0.99, 2 seeds).
+# Those are TEST accuracies of an earlier round, so this default is not yet chosen by the
+# protocol of docs/benchmark-protocol.md; the dev-split rerun (benchmarks/paper.py variant
+# zeromatch-fs-da999) is pending.
 MODALITY_DEFAULTS = {
     "image": dict(
         kd_steps=500,
