@@ -98,8 +98,10 @@ class PrepareBatch:
         view = _Prepared(self.dataset, self.prepare, row["indices"])
         try:
             work = self.collate([view[p] for p in range(len(view))])
-        except UserError as error:  # an unreadable image: the driver says it in one line
-            return {"chunk": row["chunk"], "batch": row["batch"], "work": None, "error": str(error)}
+        except UserError as error:
+            work = error
+        if isinstance(work, UserError):  # an unreadable image: the driver says it in one line
+            return {"chunk": row["chunk"], "batch": row["batch"], "work": None, "error": str(work)}
         return {"chunk": row["chunk"], "batch": row["batch"], "work": work, "error": ""}
 
 
