@@ -59,9 +59,11 @@ def environment(tmp_path: Path) -> dict:
 
 
 def workflow_blocks() -> list[str]:
-    """The runnable blocks: "The workflow" up to its "Embed in apps" part (npm, servers)."""
+    """The runnable blocks: "The workflow" up to its "Embed in apps" part (npm, servers),
+    without the "Scaling out" parts (they start Ray clusters and torchrun on other hosts)."""
     workflow = section("The workflow").split("\n### Embed in apps")[0]
-    return blocks(workflow, "bash")
+    parts = workflow.split("\n### ")
+    return [b for part in parts if not part.startswith("Scaling out") for b in blocks(part, "bash")]
 
 
 def test_the_readme_has_what_the_tests_run():
