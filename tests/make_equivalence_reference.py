@@ -157,6 +157,7 @@ def make_text_data(root: Path) -> Path:
     return root
 
 
+# Its own data, not test_train's fixtures: the recorded hashes must not move when those change.
 def make_image_data(root: Path) -> Path:
     import numpy as np
     from PIL import Image
