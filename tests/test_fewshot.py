@@ -152,3 +152,41 @@ def test_few_shot_with_an_unknown_class_or_a_teacher_without_features_fails(tmp_
     labeled = open_dataset(write_table(tmp_path / "l.csv", texts(3)), require_labels=True)
     with pytest.raises(UserError, match="needs a teacher with a feature space"):
         adapt_teacher(teacher, labeled, load_classes(CLASSES))
+
+
+def test_label_refine_spreads_from_the_labeled_set_and_records_how(tmp_path, embed_dir):
+    write_table(tmp_path / "texts.csv", texts(24), labels=False)
+    write_table(tmp_path / "l.csv", texts(6))
+    base = dict(
+        data=tmp_path / "texts.csv",
+        classes=CLASSES,
+        teacher=f"text-embed:{embed_dir}",
+        batch_size=4,
+        device="cpu",
+        workers=0,
+    )
+    run_label(LabelConfig(**base, out=tmp_path / "zs.parquet"))
+    summary = run_label(
+        LabelConfig(**base, out=tmp_path / "rf.parquet", few_shot=tmp_path / "l.csv", refine=True)
+    )
+    zero_shot, refined = (read_pseudolabels(tmp_path / n) for n in ("zs.parquet", "rf.parquet"))
+    info = refined.metadata["teacher"]["refine"]
+    assert info["labeled"] == 6 and info["prior_weight"] in (0.0, 1.0)
+    assert refined.metadata["teacher"].get("few_shot") is None  # refinement fits its own prior
+    assert list(refined.ids) == list(zero_shot.ids)
+    assert not (tmp_path / ".rf.parquet.parts").exists()
+    assert summary["out"] == str(tmp_path / "rf.parquet")
+    truth = np.array([load_classes(CLASSES).index(row[2]) for row in texts(24)])
+    assert (refined.label == truth).mean() >= (zero_shot.label == truth).mean()
+    # Without labeled examples only the teacher's own labels are spread.
+    run_label(LabelConfig(**base, out=tmp_path / "r0.parquet", refine=True))
+    assert read_pseudolabels(tmp_path / "r0.parquet").metadata["teacher"]["refine"]["labeled"] == 0
+
+
+def test_refine_with_shards_or_ray_is_refused_up_front(tmp_path):
+    from zmdevice.config import ConfigError
+
+    base = dict(data=tmp_path / "t.csv", classes=CLASSES, teacher="minilm", refine=True)
+    for extra in ({"shard": "0/2"}, {"engine": "ray"}):
+        with pytest.raises(ConfigError, match="--refine needs every sample"):
+            LabelConfig(**base, **extra)

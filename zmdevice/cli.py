@@ -166,6 +166,13 @@ def label(
             "the zero-shot probabilities) before labeling; text-embed and imagenet teachers."
         ),
     ] = None,
+    refine: Annotated[
+        bool | None,
+        typer.Option(
+            help="Smooth the labels over the data's neighbour graph in the teacher's feature "
+            "space, from the --few-shot examples and the teacher's own probabilities."
+        ),
+    ] = None,
     precision: PrecisionOption = None,
     runtime: Annotated[
         str | None,

@@ -160,6 +160,9 @@ class LabelConfig:
     few_shot: Path | None = None
     """Labeled data the teacher is adapted to before labeling (``zmdevice.fewshot``: a probe
     on the FM's features times its zero-shot probabilities); None: the paper's zero-shot."""
+    refine: bool = False
+    """Spread the labels over the neighbour graph of the data's FM features, from the
+    ``few_shot`` examples and the teacher's probabilities (``zmdevice.refine``)."""
     engine: str = "local"
     """local: this process and its loader workers; ray: a Ray Data actor pool."""
     ray_address: str | None = None
@@ -183,6 +186,13 @@ class LabelConfig:
                 "few_shot",
                 "--few-shot works with --engine local only (Ray workers load the "
                 "plain teacher); label with the local engine",
+            )
+        if self.refine and (self.engine == "ray" or self.shard is not None):
+            flag = "--engine ray" if self.engine == "ray" else "--shard"
+            raise ConfigError(
+                "refine",
+                f"--refine needs every sample's features in one run, not {flag}: label "
+                "with the local engine and without --shard",
             )
         if self.engine == "ray" and self.device not in ("auto", "cpu"):
             raise ConfigError(

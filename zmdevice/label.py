@@ -151,8 +151,9 @@ def pick_workers(requested: int | None, teacher) -> int:
     return workers
 
 
-def iterate_batches(dataset, teacher, indices, batch_size: int, workers: int):
-    """Yield (indices kept, probabilities float32 [b, C] numpy, indices skipped) per batch."""
+def iterate_batches(dataset, teacher, indices, batch_size: int, workers: int, features=False):
+    """Yield (indices kept, probabilities float32 [b, C] numpy, indices skipped) per batch;
+    with ``features``, a fourth item: the FM features float32 [b, D] from the same pass."""
     import torch
 
     loader = torch.utils.data.DataLoader(
@@ -170,6 +171,13 @@ def iterate_batches(dataset, teacher, indices, batch_size: int, workers: int):
         if isinstance(item, UserError):
             raise item
         kept, batch, skipped = item
+        if features:
+            import torch
+
+            with torch.inference_mode():
+                batch_features, probs = teacher.features_and_probs(batch)
+            yield kept, probs.float().cpu().numpy(), skipped, batch_features.float().cpu().numpy()
+            continue
         probs = teacher.predict_proba(batch).numpy() if kept else np.zeros((0, 0), np.float32)
         yield kept, probs, skipped
 
@@ -188,6 +196,7 @@ def _settings(config: LabelConfig, fingerprint: str, shard, top_k: int, count: i
         "chunk_batches": CHUNK_BATCHES,
         "count": count,
         "skip_corrupt": config.data_options.skip_corrupt,
+        "refine": config.refine,
     }
 
 
@@ -250,7 +259,19 @@ def run_label(config: LabelConfig) -> dict:
         precision=config.precision,
         runtime=config.runtime,
     )
-    if labeled is not None:
+    if config.refine and teacher.features_and_probs is None:
+        raise UserError(
+            f"--refine needs a teacher with a feature space (text-embed or imagenet); "
+            f"'{config.teacher}' has none: label without --refine"
+        )
+    refine_seeds = None
+    if labeled is not None and config.refine:
+        # Refinement fits its own few-shot prior per cross-validation fold (zmdevice.refine),
+        # so the parts keep the plain teacher's probabilities.
+        from zmdevice.fewshot import teacher_outputs
+
+        refine_seeds = (teacher_outputs(teacher, labeled)[0], label_indices(labeled, classes))
+    elif labeled is not None:
         from zmdevice.fewshot import adapt_teacher
 
         teacher = adapt_teacher(teacher, labeled, classes)
@@ -296,6 +317,7 @@ def run_label(config: LabelConfig) -> dict:
                 workers,
                 parts_dir,
                 metadata,
+                with_features=config.refine,
             )
     except BaseException:
         # Finished chunks stay for --resume; a run that finished none leaves nothing.
@@ -306,22 +328,42 @@ def run_label(config: LabelConfig) -> dict:
 
     quality, quality_lines = None, []
     parts = [parts_dir / f"part-{j:06d}.parquet" for j in range(len(chunks))]
-    if gold is not None:
+    target = out
+    if config.refine:
+        target = parts_dir / "unrefined.parquet"  # joined here, refined into ``out`` below
+    if gold is not None and not config.refine:
         quality, quality_lines = _gold_report(
             gold, gold_truth, teacher, classes.names, config.batch_size, workers, config.gold,
             known=_labels_by_id(parts),
         )  # fmt: skip
     combined = combine_pseudolabels(
-        parts, out, metadata_update={"quality": quality, "created": run["created"]}
+        parts, target, metadata_update={"quality": quality, "created": run["created"]}
     )
+    if config.refine:
+        ids, refined, refined_metadata = _refine(target, parts, refine_seeds)
+        if gold is not None:
+            known = dict(zip(ids, refined.argmax(axis=1).tolist(), strict=True))
+            quality, quality_lines = _gold_report(
+                gold, gold_truth, teacher, classes.names, config.batch_size, workers,
+                config.gold, known=known,
+            )  # fmt: skip
+        refined_metadata["quality"] = quality
+        with PseudoLabelWriter(out, refined_metadata) as writer:
+            for start in range(0, len(ids), REFINE_WRITE_ROWS):
+                stop = start + REFINE_WRITE_ROWS
+                writer.write_probs(ids[start:stop], refined[start:stop])
+        combined = read_metadata(out)
     shutil.rmtree(parts_dir, ignore_errors=True)
     return _summary(out, combined, labeled_now, elapsed, quality_lines, workers, device)
 
 
-def _label_chunks(dataset, teacher, chunks, done, batch_size, workers, parts_dir, metadata):
+def _label_chunks(
+    dataset, teacher, chunks, done, batch_size, workers, parts_dir, metadata, with_features=False
+):
     """Label the chunks not in ``done`` through one DataLoader; write a part file per chunk.
 
     Chunks are whole batches (except the very last), so batches never straddle two chunks.
+    ``with_features``: each part also keeps the FM features of its samples (for --refine).
 
     Returns:
         How many samples were labeled now.
@@ -333,13 +375,16 @@ def _label_chunks(dataset, teacher, chunks, done, batch_size, workers, parts_dir
     chunk = next(current, None)
     ids: list[str] = []
     probs_list: list[np.ndarray] = []
+    features_list: list[np.ndarray] = []
     skipped_ids: list[str] = []
     stats_before = dict(teacher.stats)
-    for kept, probs, skipped in iterate_batches(dataset, teacher, remaining, batch_size, workers):
+    batches = iterate_batches(dataset, teacher, remaining, batch_size, workers, with_features)
+    for kept, probs, skipped, *features in batches:
         ids += [dataset.ids[i] for i in kept]
         skipped_ids += [dataset.ids[i] for i in skipped]
         if kept:
             probs_list.append(probs)
+            features_list += features
         seen += len(kept) + len(skipped)
         labeled += len(kept)
         progress.update(len(kept) + len(skipped))
@@ -347,8 +392,10 @@ def _label_chunks(dataset, teacher, chunks, done, batch_size, workers, parts_dir
             # Only this chunk's share of the teacher's counters goes into its part.
             stats = {k: v - stats_before.get(k, 0) for k, v in teacher.stats.items()}
             stats_before = dict(teacher.stats)
+            if with_features:  # before the part: a part on disk means its features are too
+                write_part_features(parts_dir, chunk, features_list)
             write_part(parts_dir, chunk, metadata, ids, probs_list, skipped_ids, stats)
-            ids, probs_list, skipped_ids, seen = [], [], [], 0
+            ids, probs_list, features_list, skipped_ids, seen = [], [], [], [], 0
             chunk = next(current, None)
     progress.close()
     return labeled
@@ -475,6 +522,59 @@ def write_part(parts_dir, number, metadata, ids, probs, skipped, stats) -> None:
     with PseudoLabelWriter(parts_dir / f"part-{number:06d}.parquet", part_meta) as writer:
         if ids:
             writer.write_probs(ids, np.concatenate(probs))
+
+
+def features_path(part: Path) -> Path:
+    """The FM features kept beside a part file for --refine."""
+    return part.with_name(part.stem + ".features.npy")
+
+
+def write_part_features(parts_dir: Path, number: int, features: list[np.ndarray]) -> None:
+    """float16 [n, D] features of part ``number`` (``.npy``: read back without pickle)."""
+    from zmdevice.errors import atomic_path
+
+    target = features_path(parts_dir / f"part-{number:06d}.parquet")
+    with atomic_path(target) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, np.concatenate(features).astype(np.float16), allow_pickle=False)
+
+
+def _refine(unrefined: Path, parts: list[Path], seeds) -> tuple[list[str], np.ndarray, dict]:
+    """The joined labels of ``unrefined`` refined over the neighbour graph of the parts'
+    features (``seeds``: the labeled examples' features and class ids, or None).
+
+    Returns:
+        (ids, refined probabilities float32 [N, C], the output's metadata).
+    """
+    from zmdevice.pseudolabels import read_pseudolabels
+    from zmdevice.refine import refine_labels
+
+    labels = read_pseudolabels(unrefined)
+    features = []
+    for part in parts:
+        path = features_path(part)
+        try:
+            features.append(np.load(path, allow_pickle=False))
+        except (OSError, ValueError) as error:
+            raise UserError(
+                f"{path}: FM features of a finished part are unreadable ({error}); delete "
+                f"that part and its .features.npy, then rerun with --resume"
+            ) from error
+    features = np.concatenate(features)
+    if len(features) != len(labels.ids):
+        raise UserError(
+            f"{parts[0].parent}: the parts' features cover {len(features)} samples, their "
+            f"labels {len(labels.ids)}; delete that folder and label again"
+        )
+    labeled_features, labeled_classes = seeds if seeds is not None else (None, None)
+    refined, info = refine_labels(features, labels.dense_probs(), labeled_features, labeled_classes)
+    metadata = dict(labels.metadata)
+    metadata["teacher"] = dict(metadata["teacher"], refine={**info, "method": REFINE_METHOD})
+    return list(labels.ids), refined, metadata
+
+
+REFINE_METHOD = "label spreading on the k-NN graph of L2-normalised FM features"
+REFINE_WRITE_ROWS = 65536
+"""Rows per row group of a refined output file."""
 
 
 def _labels_by_id(parts: list[Path]) -> dict[str, int]:

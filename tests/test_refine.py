@@ -1,0 +1,83 @@
+"""zmdevice.refine: label spreading over the k-NN graph, and its prior chosen by
+cross-validation on the labeled examples."""
+
+import numpy as np
+import pytest
+import torch
+
+from zmdevice.errors import UserError
+from zmdevice.refine import knn_graph, refine_labels, spread
+
+torch.set_num_threads(1)
+
+
+def clusters(rng, per_class=40, classes=3, dim=8, noise=0.15):
+    """Separated clusters around orthogonal directions: (features, class ids)."""
+    labels = np.repeat(np.arange(classes), per_class)
+    return np.eye(classes, dim)[labels] + noise * rng.standard_normal((len(labels), dim)), labels
+
+
+def noisy_prior(rng, labels, classes=3, correct=0.6):
+    """Teacher probabilities right on about ``correct`` of the samples, else a random class."""
+    guess = np.where(
+        rng.random(len(labels)) < correct, labels, rng.integers(0, classes, len(labels))
+    )
+    probs = np.full((len(labels), classes), 0.2 / (classes - 1), dtype=np.float32)
+    probs[np.arange(len(labels)), guess] = 0.8
+    return probs
+
+
+def test_graph_is_symmetric_normalised_and_spreading_keeps_distributions():
+    rng = np.random.default_rng(0)
+    features, labels = clusters(rng)
+    graph = knn_graph(features).to_dense().numpy()
+    np.testing.assert_allclose(graph, graph.T, atol=1e-6)
+    assert (np.diag(graph) == 0).all()
+    assert np.abs(np.linalg.eigvalsh(graph)).max() <= 1 + 1e-4  # D^-1/2 W D^-1/2
+    # Almost every edge stays inside a cluster.
+    rows, cols = np.nonzero(graph)
+    assert (labels[rows] == labels[cols]).mean() > 0.95
+    probs = spread(knn_graph(features), noisy_prior(rng, labels))
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+
+
+def test_spreading_the_prior_alone_corrects_a_noisy_teacher():
+    rng = np.random.default_rng(1)
+    features, labels = clusters(rng)
+    prior = noisy_prior(rng, labels)
+    refined, info = refine_labels(features, prior)
+    assert info == {"prior_weight": 1.0, "labeled": 0}
+    before, after = (prior.argmax(1) == labels).mean(), (refined.argmax(1) == labels).mean()
+    assert before < 0.8 and after > 0.95
+
+
+def test_labeled_examples_overrule_a_wrong_prior_by_cross_validation():
+    rng = np.random.default_rng(2)
+    features, labels = clusters(rng)
+    labeled_features, labeled = clusters(rng, per_class=4)
+    wrong = noisy_prior(rng, (labels + 1) % 3, correct=1.0)  # every sample one class off
+    refined, info = refine_labels(features, wrong, labeled_features, labeled)
+    scores = {float(w): s for w, s in info["cross_validation"].items()}
+    assert set(scores) == {0.0, 1.0}
+    assert scores[info["prior_weight"]] == max(scores.values())
+    assert (refined.argmax(1) == labels).mean() > 0.95
+    assert (wrong.argmax(1) == labels).mean() == 0.0
+
+
+def test_one_example_per_class_keeps_the_prior_and_results_are_deterministic():
+    rng = np.random.default_rng(3)
+    features, labels = clusters(rng)
+    labeled_features, labeled = clusters(rng, per_class=1)
+    prior = noisy_prior(rng, labels)
+    first, info = refine_labels(features, prior, labeled_features, labeled)
+    assert info["prior_weight"] == 1.0 and info["cross_validation"] == {}
+    second, _ = refine_labels(features, prior, labeled_features, labeled)
+    np.testing.assert_array_equal(first, second)
+
+
+def test_too_many_samples_is_refused_before_any_work(monkeypatch):
+    import zmdevice.refine as refine
+
+    monkeypatch.setattr(refine, "MAX_SAMPLES", 10)
+    with pytest.raises(UserError, match="--refine .* without --refine"):
+        refine_labels(np.zeros((20, 4)), np.full((20, 2), 0.5))
