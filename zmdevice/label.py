@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import shutil
 import sys
@@ -132,23 +131,15 @@ class _Collate:
 
 def pick_workers(requested: int | None, teacher) -> int:
     """Worker processes: as asked, else up to 4 leaving a core to the model for images and
-    none for text; 0 when the teacher's preprocessing cannot be sent to a spawned worker
-    (macOS/Windows).
+    none for text.
 
     Tokenising a batch takes about 1% of even MiniLM's forward pass, so a text worker only
     adds its start-up and competes with the model for the cores; decoding and resizing
-    images is real work that overlaps the forward pass.
+    images is real work that overlaps the forward pass. Every teacher's ``prepare`` and
+    ``collate`` pickle, so workers also start where processes are spawned (macOS, Windows).
     """
-    import multiprocessing
-
     default = 0 if teacher.modality == "text" else min(4, max((os.cpu_count() or 1) - 1, 0))
-    workers = requested if requested is not None else default
-    if workers and multiprocessing.get_start_method() != "fork":
-        try:
-            pickle.dumps((teacher.prepare, teacher.collate))
-        except Exception:  # closures and local objects cannot cross to a spawned process
-            return 0
-    return workers
+    return requested if requested is not None else default
 
 
 def iterate_batches(dataset, teacher, indices, batch_size: int, workers: int):

