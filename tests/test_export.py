@@ -112,22 +112,17 @@ def test_parity_failure_is_loud_relative_to_tiny_logits_and_writes_nothing(
     assert not out.parent.exists() or not any(out.parent.iterdir())  # no temp files left
 
 
-def test_legacy_exporter_is_the_fallback_when_dynamo_fails(models, tmp_path, monkeypatch):
+def test_an_exporter_failure_is_one_export_error_naming_the_student(models, tmp_path, monkeypatch):
     from zmdevice.students import load_student
 
-    real_export = torch.onnx.export
-
-    def dynamo_breaks(*args, dynamo=True, **kwargs):
-        if dynamo:
-            raise RuntimeError("simulated dynamo failure")
-        return real_export(*args, dynamo=False, **kwargs)
+    def dynamo_breaks(*args, **kwargs):
+        raise RuntimeError("simulated dynamo\nfailure")
 
     monkeypatch.setattr(torch.onnx, "export", dynamo_breaks)
-    result = export_student(load_student(models["image_dir"]), tmp_path / "legacy.onnx")
-    assert result.exporter.startswith("legacy (dynamo failed: simulated dynamo failure")
-    assert result.parity.relative_error < 1e-4
-    classifier = OnnxClassifier(tmp_path / "legacy.onnx")
-    assert classifier.logits({"pixel_values": np.zeros((4, 3, 16, 16), np.float32)}).shape == (4, 3)
+    out = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match="cannot export student .* simulated dynamo failure$"):
+        export_student(load_student(models["image_dir"]), out)
+    assert not out.exists()
 
 
 def test_int8_variants_keep_metadata_shrink_and_keep_accuracy(models):

@@ -301,13 +301,13 @@ def test_label_combine_with_a_corrupt_shard_names_it(work, label_base):
 
 
 def test_label_combine_with_nan_in_a_shard_names_it(work, label_base):
-    from zmdevice.pseudolabels import read_metadata
+    from zmdevice.pseudolabels import read_pseudolabel_metadata
 
     out = work / "out.parquet"
     for shard in ("0/2", "1/2"):
         assert invoke(label_args(label_base, out, "--shard", shard)).exit_code == 0
     shard = work / "out.shard-1-of-2.parquet"
-    metadata = read_metadata(shard)
+    metadata = read_pseudolabel_metadata(shard)
     metadata.pop("path")
     rewrite_rows(shard, metadata, prob=lambda p: np.full_like(p, np.nan))
     check_fails(work, label_args(label_base, out, "--combine"), shard, "NaN")
@@ -438,9 +438,9 @@ def corrupt_pseudolabels(path: Path, damage: str) -> str:
     """Damage a valid pseudo-label file one way; returns what the message must name."""
     import pyarrow as pa
 
-    from zmdevice.pseudolabels import read_metadata
+    from zmdevice.pseudolabels import read_pseudolabel_metadata
 
-    metadata = read_metadata(path)
+    metadata = read_pseudolabel_metadata(path)
     metadata.pop("path")
     if damage == "flipped-body":
         flip_bytes(path, 8)

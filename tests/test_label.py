@@ -17,7 +17,7 @@ from zmdevice.cli import app
 from zmdevice.config import DataOptions, LabelConfig
 from zmdevice.errors import UserError
 from zmdevice.label import parse_shard, run_label, shard_range
-from zmdevice.pseudolabels import read_metadata, read_pseudolabels
+from zmdevice.pseudolabels import read_pseudolabel_metadata, read_pseudolabels
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,7 +187,9 @@ def test_shards_combine_into_the_unsharded_file(tmp_path, embed_dir):
             config(tmp_path, embed_dir, shard=f"{index}/3", workers=1 if index == 0 else 0)
         )
         assert summary["out"].endswith(f"out.shard-{index}-of-3.parquet")
-    assert read_metadata(tmp_path / "out.shard-1-of-3.parquet")["data"]["shard"] == "1/3"
+    assert (
+        read_pseudolabel_metadata(tmp_path / "out.shard-1-of-3.parquet")["data"]["shard"] == "1/3"
+    )
     combined = run_label(config(tmp_path, embed_dir, combine=True))
     assert combined["count"] == 25
     run_label(config(tmp_path, embed_dir, out=tmp_path / "whole.parquet"))
@@ -256,7 +258,7 @@ def test_images_with_a_corrupt_file_are_skipped_and_counted(tmp_path):
     summary = run_label(LabelConfig(**base, data_options=DataOptions(skip_corrupt=True)))
     assert summary["count"] == 6 and summary["skipped"] == 1
     assert any("skipped 1 unreadable" in line for line in summary["lines"])
-    assert read_metadata(tmp_path / "i.parquet")["skipped"]["examples"] == ["9.png"]
+    assert read_pseudolabel_metadata(tmp_path / "i.parquet")["skipped"]["examples"] == ["9.png"]
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, embed_dir):

@@ -52,7 +52,19 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".gif",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+)
+"""The one list of image file suffixes (lower case): folders, tables, predict inputs."""
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
 MAX_IMAGE_PIXELS = 100_000_000
 """Largest image decoded (width x height); a bigger one is treated as unreadable. A
@@ -450,10 +462,6 @@ def _as_text(value) -> str | None:
     return text if text.strip() else None
 
 
-def _n_rows(columns: dict[str, list]) -> int:
-    return len(next(iter(columns.values()))) if columns else 0
-
-
 def _labels(
     path: Path, columns: dict[str, list], options: DataOptions, require: bool
 ) -> list[str] | None:
@@ -565,7 +573,7 @@ def _image_table(
     )
 
 
-def _scan_images(folder: Path) -> list[str]:
+def scan_images(folder: Path) -> list[str]:
     """Relative POSIX paths of all image files under ``folder``, sorted; hidden ones skipped."""
     found = []
     visited: set[tuple[int, int]] = set()
@@ -587,7 +595,7 @@ def _scan_images(folder: Path) -> list[str]:
 
 
 def _open_image_folder(folder: Path, options: DataOptions, require_labels: bool) -> ImageDataset:
-    relative = _scan_images(folder)
+    relative = scan_images(folder)
     if not relative:
         raise UserError(
             f"empty data set: no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}"
@@ -744,27 +752,38 @@ def _read_class_file(path: Path) -> dict[str, list[str]]:
     return mapping
 
 
-def label_indices(dataset: TextDataset | ImageDataset, classes: ClassList) -> np.ndarray:
+def label_indices(
+    dataset: TextDataset | ImageDataset, classes: ClassList | Sequence[str], *, owner: str = ""
+) -> np.ndarray:
     """Class index of every sample's label.
+
+    Args:
+        dataset: a labeled data set.
+        classes: the classes (a ``ClassList`` or the names), index = class id.
+        owner: whose classes they are, for the error ("the model", "the student DIR").
 
     Returns:
         int64 array [N].
 
     Raises:
-        UserError: the data set has no labels, or a label is not one of the classes.
+        UserError: the data set has no labels, or a label is not one of the classes (the
+            first such sample named, the other unknown labels counted).
     """
     import numpy as np
 
+    names = list(classes.names if isinstance(classes, ClassList) else classes)
     if dataset.labels is None:
         kind = "a label column" if dataset.modality == "text" else "class sub-folders"
         raise UserError(f"{dataset.source} has no labels: labeled data needs {kind}")
-    lookup = {name: i for i, name in enumerate(classes.names)}
-    out = np.empty(len(dataset.labels), dtype=np.int64)
-    for i, label in enumerate(dataset.labels):
-        if label not in lookup:
-            raise UserError(
-                f"unknown label '{label}' at {dataset.describe(i)}; "
-                f"the classes are: {listing(classes.names)}"
-            )
-        out[i] = lookup[label]
-    return out
+    lookup = {name: i for i, name in enumerate(names)}
+    unknown = [i for i, label in enumerate(dataset.labels) if label not in lookup]
+    if unknown:
+        first = dataset.labels[unknown[0]]
+        others = sorted({dataset.labels[i] for i in unknown} - {first})
+        more = f" (other unknown labels: {listing(others, 5)})" if others else ""
+        whose = f" of {owner}" if owner else ""
+        raise UserError(
+            f"unknown label '{first}' at {dataset.describe(unknown[0])}{more}; "
+            f"the classes{whose} are: {listing(names)}"
+        )
+    return np.asarray([lookup[label] for label in dataset.labels], dtype=np.int64)

@@ -34,7 +34,6 @@ PARITY_TOLERANCE = 1e-4
 """Max |onnxruntime - PyTorch| over all parity logits, relative to max |PyTorch logit|."""
 PARITY_BATCH_SIZES = (1, 3, 8)
 INT8_SUFFIX = ".int8.onnx"
-FORMATS = ("onnx", "ort")
 OPERATORS_SUFFIX = ".required_operators.config"
 CALIBRATION_IMAGES = 256
 SYNTHETIC_TEXTS = (
@@ -76,8 +75,6 @@ class ExportResult:
     """What ``export_student`` wrote."""
 
     path: Path
-    exporter: str
-    """'dynamo' or 'legacy (dynamo failed: ...)'."""
     opset: int
     size_bytes: int
     parity: ParityReport
@@ -202,12 +199,11 @@ def _input_names(modality: str) -> list[str]:
 
 
 def _trace_graph(student, example: dict[str, np.ndarray], opset: int):
-    """The ONNX ModelProto of the main head; dynamo exporter first, legacy as fallback.
+    """The ONNX ModelProto of the main head, written by torch's dynamo exporter.
 
-    Returns:
-        (model_proto, exporter description).
+    Raises:
+        ExportError: the exporter fails (the student names itself, the reason follows).
     """
-    import onnx
     import torch
 
     module = _head_module(student)
@@ -216,18 +212,12 @@ def _trace_graph(student, example: dict[str, np.ndarray], opset: int):
     batch = torch.export.Dim("batch", min=1, max=65536)
     if student.modality == "image":
         dynamic_shapes = {"pixel_values": {0: batch}}
-        dynamic_axes = {"pixel_values": {0: "batch"}, "logits": {0: "batch"}}
     else:
         max_length = int(student.config["preprocess"]["max_length"])
         sequence = torch.export.Dim("sequence", min=1, max=max(max_length, 2))
         dynamic_shapes = {
             "input_ids": {0: batch, 1: sequence},
             "attention_mask": {0: batch, 1: sequence},
-        }
-        dynamic_axes = {
-            "input_ids": {0: "batch", 1: "sequence"},
-            "attention_mask": {0: "batch", 1: "sequence"},
-            "logits": {0: "batch"},
         }
     quiet = io.StringIO()
     try:
@@ -245,29 +235,12 @@ def _trace_graph(student, example: dict[str, np.ndarray], opset: int):
                 opset_version=opset,
                 verbose=False,
             )
-        return program.model_proto, "dynamo"
-    except Exception as error:  # any exporter failure: try the legacy TorchScript path
-        dynamo_error = " ".join(str(error).split())[:160]
-    buffer = io.BytesIO()
-    try:
-        with contextlib.redirect_stdout(quiet), warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                args,
-                buffer,
-                dynamo=False,
-                input_names=names,
-                output_names=["logits"],
-                dynamic_axes=dynamic_axes,
-                opset_version=opset,
-            )
-    except Exception as error:
+    except Exception as error:  # any exporter failure: one line naming the student
         raise ExportError(
-            f"cannot export student '{student.config.get('student')}' to ONNX: dynamo exporter: "
-            f"{dynamo_error}; legacy exporter: {' '.join(str(error).split())[:160]}"
+            f"cannot export student '{student.config.get('student')}' to ONNX: "
+            f"{' '.join(str(error).split())[:200]}"
         ) from error
-    return onnx.load_from_string(buffer.getvalue()), f"legacy (dynamo failed: {dynamo_error})"
+    return program.model_proto
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -420,7 +393,7 @@ def export_student(
     inputs = examples_source or f"{len(examples)} given inputs"
     feeds = parity_feeds(student, list(examples), tokenizer)
     # Trace with a batch > 1 (dynamo specialises a batch of 1) and, for text, padding.
-    model_proto, exporter = _trace_graph(student, feeds[1], opset)
+    model_proto = _trace_graph(student, feeds[1], opset)
     strip_debug_info(model_proto)
     write_metadata(model_proto, metadata)
     model_bytes = model_proto.SerializeToString()
@@ -434,7 +407,7 @@ def export_student(
             Path(tmp).write_text(student.tokenizer.to_str(), encoding="utf-8")
             _readable(tmp)
     size = _save_model(model_proto, out_path)
-    return ExportResult(out_path, exporter, opset, size, parity, metadata, tokenizer_path)
+    return ExportResult(out_path, opset, size, parity, metadata, tokenizer_path)
 
 
 # ------------------------------------------------------------------------------ int8
@@ -692,11 +665,10 @@ def sample_examples(data: Path, modality: str, count: int, text_column: str = "t
 def _check_test_data(test: Path, student) -> None:
     """UserError now, not after the export, when ``--test`` data cannot be evaluated."""
     from zmdevice.config import DataOptions
-    from zmdevice.data import open_dataset
-    from zmdevice.runtime import label_indices_for
+    from zmdevice.data import label_indices, open_dataset
 
     dataset = open_dataset(test, DataOptions(), modality=student.modality, require_labels=True)
-    label_indices_for(dataset, list(student.classes), Path(test))
+    label_indices(dataset, student.classes, owner="the model")
 
 
 def run_export(config) -> dict:
@@ -742,7 +714,7 @@ def run_export(config) -> dict:
     parity = result.parity
     lines = [
         f"exported {model_dir} -> {out} ({result.size_bytes / 1e6:.2f} MB, opset {config.opset}, "
-        f"{result.exporter} exporter)",
+        "dynamo exporter)",
         f"parity onnxruntime vs PyTorch: max relative logit error {parity.relative_error:.1e} "
         f"(abs {parity.max_abs_error:.1e}, scale {parity.logit_scale:.2g}), top class agrees on "
         f"{100 * parity.argmax_agreement:.0f}% over batch/length cases {parity.cases}, "
@@ -760,7 +732,7 @@ def run_export(config) -> dict:
         "model_dir": str(model_dir),
         "onnx": str(out),
         "size_bytes": result.size_bytes,
-        "exporter": result.exporter,
+        "exporter": "dynamo",  # kept for readers of earlier summaries (benchmarks)
         "opset": config.opset,
         "parity": asdict(parity),
         "metadata": result.metadata,

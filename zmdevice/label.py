@@ -40,7 +40,7 @@ from zmdevice.pseudolabels import (
     build_metadata,
     combine_pseudolabels,
     default_top_k,
-    read_metadata,
+    read_pseudolabel_metadata,
 )
 
 CHUNK_BATCHES = 16
@@ -445,7 +445,7 @@ def _check_same_numerics(parts_dir: Path, done: set[int], info: dict) -> None:
     flag equal to what ``auto`` gave before is the same run."""
     if not done:
         return
-    before = read_metadata(parts_dir / f"part-{min(done):06d}.parquet")["teacher"]
+    before = read_pseudolabel_metadata(parts_dir / f"part-{min(done):06d}.parquet")["teacher"]
     keys = ("precision", "runtime")
     if any(before.get(k) != info.get(k) for k in keys):
         raise UserError(
@@ -586,7 +586,7 @@ def _combine(config: LabelConfig, out: Path) -> dict:
             f"{out.parent} (expected {shard_path(out, missing[0], total).name})"
         )
     paths = [found[(i, total)] for i in range(total)]
-    first = read_metadata(paths[0])
+    first = read_pseudolabel_metadata(paths[0])
     if first["teacher"].get("name") != config.teacher:
         raise UserError(
             f"--combine: {paths[0]} was labeled by teacher '{first['teacher'].get('name')}', "

@@ -473,7 +473,7 @@ class PseudoLabelWriter:
             self.abort(value)
 
 
-def read_metadata(path: str | Path) -> dict:
+def read_pseudolabel_metadata(path: str | Path) -> dict:
     """The metadata of a pseudo-label file, validated (format, version, classes).
 
     Raises:
@@ -601,11 +601,11 @@ def read_pseudolabels(path: str | Path, *, classes: list[str] | None = None) -> 
         classes: when given, the file's class list must equal it (names and order).
 
     Raises:
-        UserError: see :func:`read_metadata`, :func:`check_classes`; or corrupt rows.
+        UserError: see :func:`read_pseudolabel_metadata`, :func:`check_classes`; or corrupt rows.
     """
     import pyarrow.parquet as pq
 
-    metadata = read_metadata(path)
+    metadata = read_pseudolabel_metadata(path)
     if classes is not None:
         check_classes(path, metadata["classes"], classes)
     with _reading(path):
@@ -706,7 +706,7 @@ def combine_pseudolabels(
 
     if not paths:
         raise UserError(f"nothing to combine into {out}: no shard files given or found")
-    metas = [read_metadata(p) for p in paths]
+    metas = [read_pseudolabel_metadata(p) for p in paths]
     first = metas[0]
     for path, meta in zip(paths[1:], metas[1:], strict=True):
         for key in sorted(set(first) | set(meta)):

@@ -77,10 +77,6 @@ class Student(nn.Module):
         self.kd_head = head.to(device=reference.device, dtype=reference.dtype)
         return self.kd_head
 
-    def detach_kd_head(self) -> None:
-        """Remove the KD head (inference and export use the main head only)."""
-        self.kd_head = None
-
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Parameters of everything but the heads."""
         raise NotImplementedError
