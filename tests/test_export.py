@@ -193,7 +193,7 @@ DEFAULT_DATA = Path(__file__).resolve().parent.parent / "examples" / "default"
 @pytest.mark.slow
 def test_real_students_export_with_parity_on_the_default_data(tmp_path):
     """MiniLM-initialised DistilBERT (real tokenizer, dynamic length, int8) and MobileNetV3."""
-    from zmdevice.data import load_classes
+    from zmdevice.classes import load_classes
     from zmdevice.export import sample_examples
     from zmdevice.students import build_student, recalibrate_batchnorm
 
@@ -208,7 +208,7 @@ def test_real_students_export_with_parity_on_the_default_data(tmp_path):
     ids, mask = student.encode_texts(texts)
     feed = classifier.encode_texts(texts)
     np.testing.assert_array_equal(feed["input_ids"], ids.numpy())
-    from zmdevice.export import int8_path, quantize_int8
+    from zmdevice.quantize import int8_path, quantize_int8
 
     quantized = quantize_int8(out, int8_path(out))
     assert quantized["size_bytes"] <= 0.3 * out.stat().st_size
@@ -227,7 +227,7 @@ def test_real_students_export_with_parity_on_the_default_data(tmp_path):
 
 @pytest.mark.slow
 def test_pretrained_efficientnet_lite0_student_exports_with_parity(tmp_path):
-    from zmdevice.data import load_classes
+    from zmdevice.classes import load_classes
     from zmdevice.export import sample_examples
     from zmdevice.students import build_student
 

@@ -13,11 +13,10 @@ from zmdevice.pseudolabels import (
     PseudoLabelWriter,
     build_metadata,
     combine_pseudolabels,
-    compress_probs,
-    default_top_k,
     read_pseudolabel_metadata,
     read_pseudolabels,
 )
+from zmdevice.topk import compress_probs, default_top_k
 
 
 def softmax_rows(rng, n, c, spread):

@@ -34,7 +34,7 @@ def models(tmp_path_factory):
 )
 def test_preprocess_image_is_bit_identical_to_the_training_clean_transform(mode, size):
     from zmdevice.augment import image_transforms
-    from zmdevice.data import to_rgb
+    from zmdevice.images import to_rgb
 
     rng = np.random.default_rng(0)
     channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]

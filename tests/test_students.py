@@ -19,12 +19,7 @@ from zmdevice.students import (
 CLASSES = ["cat", "dog", "bird"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomise_for_parity(student):

@@ -9,7 +9,7 @@ import tiny_teachers
 import torch
 from PIL import Image
 
-from zmdevice.data import ClassList
+from zmdevice.classes import ClassList
 from zmdevice.errors import UserError
 from zmdevice.teachers import KINDS, build_teacher, teacher_class
 from zmdevice.teachers.base import class_weights, zero_shot_probs
@@ -334,7 +334,7 @@ def test_real_minilm_separates_obvious_topics():
 
 @pytest.mark.slow
 def test_real_efficientnet_lite0_loads_and_maps_fashion_classes():
-    from zmdevice.data import load_classes
+    from zmdevice.classes import load_classes
 
     classes = load_classes(str(ROOT / "examples/default/images/classes.toml"))
     teacher = build_teacher("efficientnet-lite0", classes)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from zmdevice.data import IMAGE_EXTENSIONS, TABLE_SUFFIXES, scan_images
+from zmdevice.data import TABLE_SUFFIXES
 from zmdevice.errors import UserError
+from zmdevice.images import IMAGE_EXTENSIONS, scan_images
 
 METADATA_PREFIX = "zmdevice."
 BATCH_SIZE = 32
@@ -103,7 +104,7 @@ def preprocess_image(image, preprocess: dict) -> np.ndarray:
     """
     from PIL import Image
 
-    from zmdevice.data import to_rgb
+    from zmdevice.images import to_rgb
 
     size = int(preprocess["image_size"])
     image = to_rgb(image)  # the training data's conversion: transparency on white
@@ -119,7 +120,7 @@ def preprocess_image(image, preprocess: dict) -> np.ndarray:
 
 def load_image(path: Path):
     """Open an image file fully (so corrupt or oversized files fail here, naming the file)."""
-    from zmdevice.data import UnreadableImage, open_image
+    from zmdevice.images import UnreadableImage, open_image
 
     if not Path(path).is_file():
         raise UserError(f"image file not found: {path}")
