@@ -97,7 +97,7 @@ def build_teacher(
     precision: str = "fp32",
     runtime: str = "torch",
 ) -> Teacher:
-    """Build a frozen teacher for ``classes`` (a ``zmdevice.data.ClassList``).
+    """Build a frozen teacher for ``classes`` (a ``zmdevice.classes.ClassList``).
 
     Args:
         spec: catalog name (``minilm``, ``efficientnet-lite0``) or ``kind:spec``.
