@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from zmdevice.errors import UserError
 
@@ -22,8 +22,8 @@ class Teacher:
     objects of their own, so a worker receives them without the model.
 
     Attributes:
-        kind: the registry name ("clip", "text-embed", ...); a class attribute.
-        modality: "text" or "image"; a class attribute.
+        kind: the registry name ("clip", "text-embed", ...); set by each subclass.
+        modality: "text" or "image"; set by each subclass.
         spec: resolved ``kind:spec`` string.
         classes: target class names, index = class id.
         prepare: picklable callable, one raw sample -> a prepared item (runs in workers).
@@ -38,8 +38,8 @@ class Teacher:
             others. ``zmdevice.fewshot`` adapts such a teacher with a few labeled examples.
     """
 
-    kind: ClassVar[str] = ""
-    modality: ClassVar[str] = ""
+    kind: str = ""
+    modality: str = ""
     features_and_probs = None
 
     def __init__(
