@@ -62,7 +62,8 @@ def train_student(name: str, work: Path, steps: int, threads: int, seed: int = 0
     torch.set_num_threads(threads)
 
     from zmdevice.augment import image_transforms
-    from zmdevice.data import load_classes, open_dataset
+    from zmdevice.classes import load_classes
+    from zmdevice.data import open_dataset
     from zmdevice.students import build_student, save_student
 
     modality = "image" if name.startswith("mobilenet") else "text"
@@ -179,7 +180,8 @@ def cold_start(onnx_path: Path, item: str, repeats: int = 5) -> dict:
 
 def bench(name: str, work: Path, steps: int, threads: int, repeats: int) -> dict:
     from zmdevice.config import ExportConfig
-    from zmdevice.export import int8_path, run_export
+    from zmdevice.export import run_export
+    from zmdevice.quantize import int8_path
     from zmdevice.students import WEIGHTS_FILE
 
     print(f"{name}:")

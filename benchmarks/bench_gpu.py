@@ -51,7 +51,7 @@ def clip_rows(arch: str, device, batch_size: int, batches: int, precisions: list
     import open_clip
     import torch
 
-    from zmdevice.data import ClassList
+    from zmdevice.classes import ClassList
     from zmdevice.teachers import build_teacher
 
     classes = ClassList([f"class {i}" for i in range(10)], {})

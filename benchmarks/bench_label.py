@@ -53,8 +53,9 @@ def throughput(data: Path, classes: str, teacher_name: str, count: int, batch_si
     """
     import torch
 
+    from zmdevice.classes import load_classes
     from zmdevice.config import LabelConfig
-    from zmdevice.data import load_classes, open_dataset
+    from zmdevice.data import open_dataset
     from zmdevice.label import run_label
     from zmdevice.teachers import build_teacher
 
@@ -109,12 +110,8 @@ def throughput(data: Path, classes: str, teacher_name: str, count: int, batch_si
 
 def size_row(name: str, probs: np.ndarray, work: Path) -> dict:
     """One table row: file bytes vs float32 .npy, bytes/sample, mean KL, kept classes."""
-    from zmdevice.pseudolabels import (
-        PseudoLabelWriter,
-        build_metadata,
-        default_top_k,
-        read_pseudolabels,
-    )
+    from zmdevice.pseudolabels import PseudoLabelWriter, build_metadata, read_pseudolabels
+    from zmdevice.topk import default_top_k
 
     count, num_classes = probs.shape
     ids = [f"train/{i:06d}.png" for i in range(count)]
@@ -249,7 +246,8 @@ def imagenet_probs(count: int) -> np.ndarray:
     """EfficientNet-Lite0's full 1000-class probabilities on Fashion-MNIST examples."""
     import torch
 
-    from zmdevice.data import ClassList, open_dataset
+    from zmdevice.classes import ClassList
+    from zmdevice.data import open_dataset
     from zmdevice.teachers import build_teacher
 
     dataset = open_dataset(IMAGES / "unlabeled")

@@ -70,7 +70,8 @@ def teacher_rows(
     the first is the baseline) on the first ``count`` samples."""
     import torch
 
-    from zmdevice.data import load_classes, open_dataset
+    from zmdevice.classes import load_classes
+    from zmdevice.data import open_dataset
     from zmdevice.precision import Hardware, choose_runtime, model_family, teacher_precision
     from zmdevice.teachers import build_teacher, resolve_spec
 

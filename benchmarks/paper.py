@@ -324,11 +324,11 @@ def execute(run: Run) -> dict:
     ]  # fmt: skip
     unlabeled_used = None
     if method.uses_fm:
-        from zmdevice.pseudolabels import read_metadata
+        from zmdevice.pseudolabels import read_pseudolabel_metadata
 
         labels = pseudo_label_file(run)
         args += ["--pseudo-labels", str(labels)]
-        partial = read_metadata(labels).get("partial_pool")
+        partial = read_pseudolabel_metadata(labels).get("partial_pool")
         if partial:  # the FM pass covered part of the pool: train on what it covers
             args.append("--allow-partial")
             unlabeled_used = partial["covered"]

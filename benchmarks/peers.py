@@ -56,7 +56,7 @@ def write_json(path: Path, result: dict) -> None:
 
 
 def classes_of(dataset: str):
-    from zmdevice.data import load_classes
+    from zmdevice.classes import load_classes
 
     return load_classes(str(data_dir(dataset) / "classes.toml"))
 
@@ -334,7 +334,8 @@ def write_pool_labels(
     ``--allow-partial``).
     """
     from zmdevice.data import open_dataset
-    from zmdevice.pseudolabels import PseudoLabelWriter, build_metadata, default_top_k
+    from zmdevice.pseudolabels import PseudoLabelWriter, build_metadata
+    from zmdevice.topk import default_top_k
 
     classes = classes_of(dataset)
     data = open_dataset(split_source(dataset, "pool"))

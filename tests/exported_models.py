@@ -124,7 +124,7 @@ def _write_train_config(model_dir: Path, unlabeled: Path) -> None:
 
 def model_file(paths: dict, name: str) -> Path:
     """``image_onnx``/``text_onnx`` or their int8 twins ``image_int8``/``text_int8``."""
-    from zmdevice.export import int8_path
+    from zmdevice.quantize import int8_path
 
     if name.endswith("_int8"):
         return int8_path(Path(paths[name.replace("_int8", "_onnx")]))

@@ -18,8 +18,9 @@ import tiny_teachers
 from PIL import Image
 
 import zmdevice
-from zmdevice.api import data_path, progress_bars
+from zmdevice.api import progress_bars
 from zmdevice.data import open_dataset
+from zmdevice.inputs import data_path
 
 CLASSES = ["animal", "plant", "food"]
 WORDS = {"animal": "dog cat bird", "plant": "tree flower", "food": "bread fruit"}

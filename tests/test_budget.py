@@ -7,7 +7,7 @@ the stop deterministic: the probe reads it once per step, the run once per step 
 import tomllib
 
 import pytest
-from test_train import image_config, read_jsonl, weights
+from helpers import image_config, read_jsonl, weights
 from typer.testing import CliRunner
 
 from zmdevice.cli import app

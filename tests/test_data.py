@@ -9,19 +9,18 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from zmdevice.classes import ClassList, load_classes
 from zmdevice.config import DataOptions
 from zmdevice.data import (
-    ClassList,
-    CorruptImage,
     ImageDataset,
     TextDataset,
     content_id,
     iter_images,
     label_indices,
-    load_classes,
     open_dataset,
 )
 from zmdevice.errors import UserError
+from zmdevice.images import CorruptImage
 
 ROWS = [
     {"id": "a1", "text": "a small dog", "label": "animal"},

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import FAST, image_config, image_data, read_jsonl, text_config, text_data, weights
+from helpers import FAST, image_config, read_jsonl, text_config, weights
 
 from zmdevice.errors import UserError
 from zmdevice.train import run_train
-
-__all__ = ["image_data", "text_data"]  # fixtures used below
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 REPO = Path(__file__).resolve().parents[1]

@@ -28,12 +28,7 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spread_out(student):
@@ -154,8 +149,12 @@ def test_image_evaluation_uses_the_clean_view(tmp_path, image_folder):
 
 def test_labels_outside_the_students_classes_are_a_user_error(text_student, tmp_path):
     table = tmp_path / "other.csv"
-    table.write_text("text,label\na dog,animal\na car,vehicle\n")
-    with pytest.raises(UserError, match=r"label\(s\) 'vehicle' are not classes of the student"):
+    table.write_text("text,label\na dog,animal\na car,vehicle\na boat,ship\n")
+    with pytest.raises(
+        UserError,
+        match=r"unknown label 'vehicle' at row 2 .*\(other unknown labels: ship\); the "
+        r"classes of the student .* are: ",
+    ):
         run_evaluate_student(text_student, table, device="cpu")
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zmdevice.data import label_indices, load_classes, open_dataset
+from zmdevice.classes import load_classes
+from zmdevice.data import label_indices, open_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = ROOT / "examples" / "default"

@@ -112,22 +112,17 @@ def test_parity_failure_is_loud_relative_to_tiny_logits_and_writes_nothing(
     assert not out.parent.exists() or not any(out.parent.iterdir())  # no temp files left
 
 
-def test_legacy_exporter_is_the_fallback_when_dynamo_fails(models, tmp_path, monkeypatch):
+def test_an_exporter_failure_is_one_export_error_naming_the_student(models, tmp_path, monkeypatch):
     from zmdevice.students import load_student
 
-    real_export = torch.onnx.export
-
-    def dynamo_breaks(*args, dynamo=True, **kwargs):
-        if dynamo:
-            raise RuntimeError("simulated dynamo failure")
-        return real_export(*args, dynamo=False, **kwargs)
+    def dynamo_breaks(*args, **kwargs):
+        raise RuntimeError("simulated dynamo\nfailure")
 
     monkeypatch.setattr(torch.onnx, "export", dynamo_breaks)
-    result = export_student(load_student(models["image_dir"]), tmp_path / "legacy.onnx")
-    assert result.exporter.startswith("legacy (dynamo failed: simulated dynamo failure")
-    assert result.parity.relative_error < 1e-4
-    classifier = OnnxClassifier(tmp_path / "legacy.onnx")
-    assert classifier.logits({"pixel_values": np.zeros((4, 3, 16, 16), np.float32)}).shape == (4, 3)
+    out = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match="cannot export student .* simulated dynamo failure$"):
+        export_student(load_student(models["image_dir"]), out)
+    assert not out.exists()
 
 
 def test_int8_variants_keep_metadata_shrink_and_keep_accuracy(models):
@@ -198,7 +193,7 @@ DEFAULT_DATA = Path(__file__).resolve().parent.parent / "examples" / "default"
 @pytest.mark.slow
 def test_real_students_export_with_parity_on_the_default_data(tmp_path):
     """MiniLM-initialised DistilBERT (real tokenizer, dynamic length, int8) and MobileNetV3."""
-    from zmdevice.data import load_classes
+    from zmdevice.classes import load_classes
     from zmdevice.export import sample_examples
     from zmdevice.students import build_student, recalibrate_batchnorm
 
@@ -213,7 +208,7 @@ def test_real_students_export_with_parity_on_the_default_data(tmp_path):
     ids, mask = student.encode_texts(texts)
     feed = classifier.encode_texts(texts)
     np.testing.assert_array_equal(feed["input_ids"], ids.numpy())
-    from zmdevice.export import int8_path, quantize_int8
+    from zmdevice.quantize import int8_path, quantize_int8
 
     quantized = quantize_int8(out, int8_path(out))
     assert quantized["size_bytes"] <= 0.3 * out.stat().st_size
@@ -232,7 +227,7 @@ def test_real_students_export_with_parity_on_the_default_data(tmp_path):
 
 @pytest.mark.slow
 def test_pretrained_efficientnet_lite0_student_exports_with_parity(tmp_path):
-    from zmdevice.data import load_classes
+    from zmdevice.classes import load_classes
     from zmdevice.export import sample_examples
     from zmdevice.students import build_student
 

@@ -1,15 +1,15 @@
 """zmdevice.fewshot: the probe times the zero-shot prior, and `label --few-shot` end to end."""
 
-import csv
 import dataclasses
 
 import numpy as np
 import pytest
-import tiny_teachers
 import torch
+from helpers import TOPIC_NAMES, write_table
 
+from zmdevice.classes import load_classes
 from zmdevice.config import LabelConfig
-from zmdevice.data import load_classes, open_dataset
+from zmdevice.data import open_dataset
 from zmdevice.errors import UserError
 from zmdevice.fewshot import adapt_teacher, fit_adapter, teacher_outputs
 from zmdevice.label import run_label
@@ -17,17 +17,11 @@ from zmdevice.pseudolabels import read_pseudolabels
 from zmdevice.teachers import build_teacher
 
 torch.set_num_threads(1)
-CLASSES = "sports,politics,science"
 WORDS = {
     "sports": ["game team ball", "the match"],
     "politics": ["vote law election", "a vote"],
     "science": ["atom cell experiment", "atom cell"],
 }
-
-
-@pytest.fixture(scope="module")
-def embed_dir(tmp_path_factory):
-    return tiny_teachers.make_text_embed(tmp_path_factory.mktemp("embed") / "m")
 
 
 def clusters(rng, per_class=4, dim=6, spread=0.05):
@@ -73,22 +67,13 @@ def test_fit_is_deterministic_and_needs_labels():
         fit_adapter(features[:0], labels[:0], 3)
 
 
-def write_table(path, rows, labels=True):
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "text", "label"] if labels else ["id", "text"])
-        for row in rows:
-            writer.writerow(row if labels else row[:2])
-    return path
-
-
 def texts(count):
     names = list(WORDS)
     return [(f"t{i:03d}", WORDS[names[i % 3]][(i // 3) % 2], names[i % 3]) for i in range(count)]
 
 
 def test_adapted_teacher_keeps_features_and_records_the_labeled_set(tmp_path, embed_dir):
-    classes = load_classes(CLASSES)
+    classes = load_classes(TOPIC_NAMES)
     teacher = build_teacher(f"text-embed:{embed_dir}", classes)
     labeled = open_dataset(write_table(tmp_path / "l.csv", texts(6)), require_labels=True)
     adapted = adapt_teacher(teacher, labeled, classes, l2=1e-3, zero_shot_weight=0.0)
@@ -108,7 +93,7 @@ def test_label_few_shot_writes_the_adapted_teachers_labels(tmp_path, embed_dir):
     write_table(tmp_path / "l.csv", texts(6))
     base = dict(
         data=tmp_path / "texts.csv",
-        classes=CLASSES,
+        classes=TOPIC_NAMES,
         teacher=f"text-embed:{embed_dir}",
         batch_size=4,
         device="cpu",
@@ -121,7 +106,7 @@ def test_label_few_shot_writes_the_adapted_teachers_labels(tmp_path, embed_dir):
     assert few_shot.metadata["teacher"]["few_shot"]["examples"] == 6
     assert not np.allclose(zero_shot.dense_probs(), few_shot.dense_probs())
     # The file holds what the library's adapted teacher predicts, and is not less accurate.
-    classes = load_classes(CLASSES)
+    classes = load_classes(TOPIC_NAMES)
     adapted = adapt_teacher(
         build_teacher(f"text-embed:{embed_dir}", classes),
         open_dataset(tmp_path / "l.csv", require_labels=True),
@@ -138,7 +123,7 @@ def test_few_shot_with_an_unknown_class_or_a_teacher_without_features_fails(tmp_
     write_table(tmp_path / "bad.csv", [("x", "game team ball", "cooking")])
     config = LabelConfig(
         data=tmp_path / "texts.csv",
-        classes=CLASSES,
+        classes=TOPIC_NAMES,
         teacher=f"text-embed:{embed_dir}",
         out=tmp_path / "o.parquet",
         device="cpu",
@@ -147,11 +132,11 @@ def test_few_shot_with_an_unknown_class_or_a_teacher_without_features_fails(tmp_
     with pytest.raises(UserError, match="cooking"):
         run_label(dataclasses.replace(config, few_shot=tmp_path / "bad.csv"))
     assert not (tmp_path / "o.parquet").exists()
-    teacher = build_teacher(f"text-embed:{embed_dir}", load_classes(CLASSES))
+    teacher = build_teacher(f"text-embed:{embed_dir}", load_classes(TOPIC_NAMES))
     teacher.features_and_probs = None
     labeled = open_dataset(write_table(tmp_path / "l.csv", texts(3)), require_labels=True)
     with pytest.raises(UserError, match="needs a teacher with a feature space"):
-        adapt_teacher(teacher, labeled, load_classes(CLASSES))
+        adapt_teacher(teacher, labeled, load_classes(TOPIC_NAMES))
 
 
 def test_label_refine_spreads_from_the_labeled_set_and_records_how(tmp_path, embed_dir):
@@ -159,7 +144,7 @@ def test_label_refine_spreads_from_the_labeled_set_and_records_how(tmp_path, emb
     write_table(tmp_path / "l.csv", texts(6))
     base = dict(
         data=tmp_path / "texts.csv",
-        classes=CLASSES,
+        classes=TOPIC_NAMES,
         teacher=f"text-embed:{embed_dir}",
         batch_size=4,
         device="cpu",
@@ -176,7 +161,7 @@ def test_label_refine_spreads_from_the_labeled_set_and_records_how(tmp_path, emb
     assert list(refined.ids) == list(zero_shot.ids)
     assert not (tmp_path / ".rf.parquet.parts").exists()
     assert summary["out"] == str(tmp_path / "rf.parquet")
-    truth = np.array([load_classes(CLASSES).index(row[2]) for row in texts(24)])
+    truth = np.array([load_classes(TOPIC_NAMES).index(row[2]) for row in texts(24)])
     assert (refined.label == truth).mean() >= (zero_shot.label == truth).mean()
     # Without labeled examples only the teacher's own labels are spread.
     run_label(LabelConfig(**base, out=tmp_path / "r0.parquet", refine=True))
@@ -186,7 +171,7 @@ def test_label_refine_spreads_from_the_labeled_set_and_records_how(tmp_path, emb
 def test_refine_with_shards_or_ray_is_refused_up_front(tmp_path):
     from zmdevice.config import ConfigError
 
-    base = dict(data=tmp_path / "t.csv", classes=CLASSES, teacher="minilm", refine=True)
+    base = dict(data=tmp_path / "t.csv", classes=TOPIC_NAMES, teacher="minilm", refine=True)
     for extra in ({"shard": "0/2"}, {"engine": "ray"}):
         with pytest.raises(ConfigError, match="--refine needs every sample"):
             LabelConfig(**base, **extra)

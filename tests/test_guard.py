@@ -8,7 +8,7 @@ class before stage 2 (with 10 it still predicts one class, and there is nothing 
 
 import pytest
 import torch
-from test_train import image_config, read_jsonl, text_config, weights
+from helpers import image_config, read_jsonl, text_config, weights
 
 from zmdevice.config import TrainConfig
 from zmdevice.errors import UserError

@@ -8,9 +8,7 @@ was before the command (no output, no half-written or temporary file, no changed
 
 from __future__ import annotations
 
-import csv
 import errno
-import hashlib
 import json
 import os
 import re
@@ -24,8 +22,15 @@ from pathlib import Path
 import exported_models
 import numpy as np
 import pytest
-import tiny_teachers
 import torch
+from helpers import (
+    IMAGE_CLASSES,
+    TOPIC_NAMES,
+    TOPIC_WORDS,
+    snapshot,
+    write_pseudolabels,
+    write_texts,
+)
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -33,21 +38,9 @@ from zmdevice.cli import app
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent
-CLASSES = "sports,politics,science"
-WORDS = ["game team ball", "vote law election", "atom cell experiment", "the match", "a vote"]
-IMAGE_CLASSES = ["red", "green", "blue"]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Relative path -> content hash of everything under ``folder`` (hidden files too)."""
-    state = {}
-    for path in sorted(folder.rglob("*")):
-        key = path.relative_to(folder).as_posix()
-        state[key] = hashlib.sha1(path.read_bytes()).hexdigest() if path.is_file() else "dir"
-    return state
 
 
 def invoke(args: list, cwd: Path | None = None):
@@ -82,15 +75,6 @@ def check_fails(work: Path, args: list, *named, cwd: Path | None = None) -> str:
     message = assert_user_error(result.exit_code, result.stderr, *named)
     assert snapshot(work) == before, "the failed command changed the working folder"
     return message
-
-
-def write_texts(path: Path, count: int) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "text"])
-        for i in range(count):
-            writer.writerow([f"t{i:04d}", f"{WORDS[i % 5]} {WORDS[(i * 7) % 5]}"])
-    return path
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -131,11 +115,6 @@ def read_only_folder(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def embed_dir(tmp_path_factory):
-    return tiny_teachers.make_text_embed(tmp_path_factory.mktemp("embed") / "m")
-
-
-@pytest.fixture(scope="module")
 def image_teacher(tmp_path_factory):
     """A tiny timm ImageNet teacher spec (random weights, 2 mapped classes)."""
     import timm
@@ -171,7 +150,7 @@ def label_base(work, embed_dir):
         "label",
         work / "texts.csv",
         "--classes",
-        CLASSES,
+        TOPIC_NAMES,
         "--teacher",
         f"text-embed:{embed_dir}",
         "--device",
@@ -192,34 +171,23 @@ def image_folder(root: Path, count: int = 6) -> Path:
     return root
 
 
-def write_pseudolabels(path: Path, ids, classes, fingerprint, probs=None):
-    from zmdevice.pseudolabels import PseudoLabelWriter, build_metadata
-
-    if probs is None:
-        rng = np.random.default_rng(0)
-        probs = rng.dirichlet(np.ones(len(classes)), size=len(ids)).astype(np.float32)
-    metadata = build_metadata(
-        classes=classes, teacher={"spec": "fake"}, data={"fingerprint": fingerprint}, top_k=3
-    )
-    with PseudoLabelWriter(path, metadata) as writer:
-        writer.write_probs(list(ids), probs)
-    return path
-
-
 @pytest.fixture
 def text_train(tmp_path):
     """Labeled/unlabeled text tables and a valid pseudo-label file for `zmdevice train`."""
     from zmdevice.data import open_dataset
 
-    names = CLASSES.split(",")
-    rows = [(f"s{i}", f"{WORDS[i % 5]} {WORDS[(i * 3) % 5]}", names[i % 3]) for i in range(30)]
+    names = TOPIC_NAMES.split(",")
+    rows = [
+        (f"s{i}", f"{TOPIC_WORDS[i % 5]} {TOPIC_WORDS[(i * 3) % 5]}", names[i % 3])
+        for i in range(30)
+    ]
     (tmp_path / "labeled.csv").write_text(
         "id,text,label\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows[:6])
     )
     (tmp_path / "unlabeled.csv").write_text("id,text\n" + "".join(f"{a},{b}\n" for a, b, _ in rows))
     unlabeled = open_dataset(tmp_path / "unlabeled.csv")
     write_pseudolabels(
-        tmp_path / "labels.parquet", unlabeled.ids, CLASSES.split(","), unlabeled.fingerprint()
+        tmp_path / "labels.parquet", unlabeled.ids, TOPIC_NAMES.split(","), unlabeled.fingerprint()
     )
     return tmp_path
 
@@ -301,13 +269,13 @@ def test_label_combine_with_a_corrupt_shard_names_it(work, label_base):
 
 
 def test_label_combine_with_nan_in_a_shard_names_it(work, label_base):
-    from zmdevice.pseudolabels import read_metadata
+    from zmdevice.pseudolabels import read_pseudolabel_metadata
 
     out = work / "out.parquet"
     for shard in ("0/2", "1/2"):
         assert invoke(label_args(label_base, out, "--shard", shard)).exit_code == 0
     shard = work / "out.shard-1-of-2.parquet"
-    metadata = read_metadata(shard)
+    metadata = read_pseudolabel_metadata(shard)
     metadata.pop("path")
     rewrite_rows(shard, metadata, prob=lambda p: np.full_like(p, np.nan))
     check_fails(work, label_args(label_base, out, "--combine"), shard, "NaN")
@@ -438,9 +406,9 @@ def corrupt_pseudolabels(path: Path, damage: str) -> str:
     """Damage a valid pseudo-label file one way; returns what the message must name."""
     import pyarrow as pa
 
-    from zmdevice.pseudolabels import read_metadata
+    from zmdevice.pseudolabels import read_pseudolabel_metadata
 
-    metadata = read_metadata(path)
+    metadata = read_pseudolabel_metadata(path)
     metadata.pop("path")
     if damage == "flipped-body":
         flip_bytes(path, 8)
@@ -731,7 +699,7 @@ def test_messages_suggest_only_flags_of_the_running_command(text_train, tmp_path
         ["train", "--labeled", tmp_path / "notext.csv", *train_args[3:]],
         # evaluate has --label-column and --text-column, but not --id-column
         ["evaluate", text_train / "model", "--data", tmp_path / "nolabel.csv"],
-        ["label", tmp_path / "notext.csv", "--classes", CLASSES, "--teacher", "minilm"],
+        ["label", tmp_path / "notext.csv", "--classes", TOPIC_NAMES, "--teacher", "minilm"],
         ["label", bad_image, "--classes", "cat,dog", "--teacher", "nope"],
     ]
     for args in cases:

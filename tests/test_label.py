@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tiny_teachers
 import torch
+from helpers import TOPIC_NAMES, write_texts
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -17,33 +17,16 @@ from zmdevice.cli import app
 from zmdevice.config import DataOptions, LabelConfig
 from zmdevice.errors import UserError
 from zmdevice.label import parse_shard, run_label, shard_range
-from zmdevice.pseudolabels import read_metadata, read_pseudolabels
+from zmdevice.pseudolabels import read_pseudolabel_metadata, read_pseudolabels
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = ["game team ball", "vote law election", "atom cell experiment", "the match", "a vote"]
-CLASSES = "sports,politics,science"
-
-
-@pytest.fixture(scope="module")
-def embed_dir(tmp_path_factory):
-    return tiny_teachers.make_text_embed(tmp_path_factory.mktemp("embed") / "m")
-
-
-def write_texts(path, count, labels=False):
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "text", "label"] if labels else ["id", "text"])
-        for i in range(count):
-            row = [f"t{i:04d}", f"{WORDS[i % 5]} {WORDS[(i * 7) % 5]}"]
-            writer.writerow(row + [CLASSES.split(",")[i % 3]] if labels else row)
-    return path
 
 
 def config(tmp_path, embed_dir, **kw):
     values = dict(
         data=tmp_path / "texts.csv",
-        classes=CLASSES,
+        classes=TOPIC_NAMES,
         teacher=f"text-embed:{embed_dir}",
         out=tmp_path / "out.parquet",
         batch_size=4,
@@ -84,7 +67,7 @@ def test_gold_samples_already_labeled_reuse_their_pseudo_label(tmp_path, embed_d
     summary = run_label(config(tmp_path, embed_dir, gold=tmp_path / "gold.csv"))
     assert seen == [12, 2]  # the data, then only the two gold samples it did not hold
     labels = read_pseudolabels(tmp_path / "out.parquet")
-    names = CLASSES.split(",")
+    names = TOPIC_NAMES.split(",")
     truth = [names[i % 3] for i in range(12)]
     correct_shared = sum(names[p] == t for p, t in zip(labels.label, truth, strict=True))
     quality = summary["quality"]
@@ -101,7 +84,7 @@ def test_label_text_writes_file_with_gold_quality_report(tmp_path, embed_dir, mo
     # The default output path: data name and teacher (its last path component).
     out = tmp_path / "labels" / "texts-text-embed-m.parquet"
     assert summary["out"] == "labels/texts-text-embed-m.parquet" and out.is_file()
-    labels = read_pseudolabels(out, classes=CLASSES.split(","))
+    labels = read_pseudolabels(out, classes=TOPIC_NAMES.split(","))
     assert labels.ids == [f"t{i:04d}" for i in range(30)]
     quality = labels.metadata["quality"]
     assert quality["count"] == 9 and len(quality["confusion"]) == 3
@@ -153,7 +136,7 @@ def test_killed_run_resumes_to_the_same_file(tmp_path, embed_dir, monkeypatch):
             sys.executable,
             str(script),
             str(tmp_path / "texts.csv"),
-            CLASSES,
+            TOPIC_NAMES,
             f"text-embed:{embed_dir}",
             str(resumed),
         ],
@@ -187,7 +170,9 @@ def test_shards_combine_into_the_unsharded_file(tmp_path, embed_dir):
             config(tmp_path, embed_dir, shard=f"{index}/3", workers=1 if index == 0 else 0)
         )
         assert summary["out"].endswith(f"out.shard-{index}-of-3.parquet")
-    assert read_metadata(tmp_path / "out.shard-1-of-3.parquet")["data"]["shard"] == "1/3"
+    assert (
+        read_pseudolabel_metadata(tmp_path / "out.shard-1-of-3.parquet")["data"]["shard"] == "1/3"
+    )
     combined = run_label(config(tmp_path, embed_dir, combine=True))
     assert combined["count"] == 25
     run_label(config(tmp_path, embed_dir, out=tmp_path / "whole.parquet"))
@@ -256,7 +241,7 @@ def test_images_with_a_corrupt_file_are_skipped_and_counted(tmp_path):
     summary = run_label(LabelConfig(**base, data_options=DataOptions(skip_corrupt=True)))
     assert summary["count"] == 6 and summary["skipped"] == 1
     assert any("skipped 1 unreadable" in line for line in summary["lines"])
-    assert read_metadata(tmp_path / "i.parquet")["skipped"]["examples"] == ["9.png"]
+    assert read_pseudolabel_metadata(tmp_path / "i.parquet")["skipped"]["examples"] == ["9.png"]
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, embed_dir):
@@ -282,7 +267,7 @@ def test_cli_label_prints_summary_and_exits_2_on_bad_input(tmp_path, embed_dir):
         "label",
         str(tmp_path / "texts.csv"),
         "--classes",
-        CLASSES,
+        TOPIC_NAMES,
         "--teacher",
         f"text-embed:{embed_dir}",
         "--out",

@@ -12,7 +12,8 @@ import pytest
 
 from zmdevice.config import ExportConfig
 from zmdevice.errors import UserError
-from zmdevice.export import run_export, write_ort
+from zmdevice.export import run_export
+from zmdevice.ort_format import write_ort
 from zmdevice.runtime import OnnxClassifier, load_image, run_predict
 
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import tiny_teachers
 import torch
+from helpers import TOPIC_NAMES, text_config, weights, write_texts
 from PIL import Image
-from test_train import text_config, text_data, weights  # noqa: F401 (text_data: a fixture)
 
 from zmdevice import precision as precision_module
-from zmdevice.data import ClassList
+from zmdevice.classes import ClassList
 from zmdevice.errors import UserError
 from zmdevice.precision import (
     Hardware,
@@ -220,19 +220,12 @@ def test_onnx_imagenet_teacher_matches_torch(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- label
 
 
-def write_texts(path: Path, count: int) -> Path:
-    words = ["game team ball", "vote law election", "atom cell experiment", "the match"]
-    rows = [f"t{i:03d},{words[i % 4]} {words[(3 * i) % 4]}" for i in range(count)]
-    path.write_text("id,text\n" + "\n".join(rows) + "\n")
-    return path
-
-
 def label_config(tmp_path, embed, **values):
     from zmdevice.config import LabelConfig
 
     settings = dict(
         data=write_texts(tmp_path / "texts.csv", 24),
-        classes="sports,politics,science",
+        classes=TOPIC_NAMES,
         teacher=f"text-embed:{embed}",
         out=tmp_path / "out.parquet",
         batch_size=4,

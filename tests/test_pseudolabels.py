@@ -13,11 +13,10 @@ from zmdevice.pseudolabels import (
     PseudoLabelWriter,
     build_metadata,
     combine_pseudolabels,
-    compress_probs,
-    default_top_k,
-    read_metadata,
+    read_pseudolabel_metadata,
     read_pseudolabels,
 )
+from zmdevice.topk import compress_probs, default_top_k
 
 
 def softmax_rows(rng, n, c, spread):
@@ -149,7 +148,7 @@ def test_reader_errors_name_the_file(tmp_path):
         read_pseudolabels(tmp_path / "junk.parquet")
     pq.write_table(pa.table({"id": ["a"]}), tmp_path / "plain.parquet")
     with pytest.raises(UserError, match="plain.parquet is a Parquet file without zmdevice"):
-        read_metadata(tmp_path / "plain.parquet")
+        read_pseudolabel_metadata(tmp_path / "plain.parquet")
     probs = softmax_rows(np.random.default_rng(4), 2, 3, 1.0)
     meta = write(tmp_path / "new.parquet", ["a", "b"], probs)
     table = pq.read_table(tmp_path / "new.parquet")

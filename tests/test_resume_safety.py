@@ -12,6 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import snapshot
 from typer.testing import CliRunner
 
 from zmdevice.cli import app
@@ -65,10 +66,6 @@ def stopped_run(data, out):
     result = train(data, out, settings=settings)
     assert result.exit_code == 0, result.output
     return out
-
-
-def snapshot(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def assert_refused(result, folder, before, *named):

@@ -34,7 +34,7 @@ def models(tmp_path_factory):
 )
 def test_preprocess_image_is_bit_identical_to_the_training_clean_transform(mode, size):
     from zmdevice.augment import image_transforms
-    from zmdevice.data import to_rgb
+    from zmdevice.images import to_rgb
 
     rng = np.random.default_rng(0)
     channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
@@ -118,7 +118,7 @@ def test_evaluate_onnx_reports_accuracy_that_matches_predictions(models):
 def test_evaluate_unknown_label_names_the_sample(models, tmp_path):
     table = tmp_path / "t.csv"
     table.write_text("text,label\na dog,animal\na tree,mineral\n")
-    with pytest.raises(UserError, match="label 'mineral'.*not a class"):
+    with pytest.raises(UserError, match=r"unknown label 'mineral' at row 2 .*classes of the model"):
         run_evaluate_onnx(models["text_onnx"], table)
 
 

@@ -19,12 +19,7 @@ from zmdevice.students import (
 CLASSES = ["cat", "dog", "bird"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomise_for_parity(student):
@@ -61,8 +56,8 @@ def test_efficientnet_lite0_student_starts_from_the_teachers_imagenet_weights(tm
     feature is the teacher's pre-logits feature; the folder reloads without the package."""
     import timm
 
-    from zmdevice.catalog import require_entry
-    from zmdevice.teachers import catalog_weights, load_weights_in_order
+    from zmdevice.catalog import catalog_weights, require_entry
+    from zmdevice.teachers.imagenet import load_weights_in_order
 
     student = build_student("efficientnet_lite0", CLASSES, preprocess={"image_size": 32}).eval()
     entry = require_entry("efficientnet_lite0", "student", "--student")

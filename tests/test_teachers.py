@@ -1,5 +1,6 @@
 """Teachers: the zero-shot maths, each kind on a tiny offline model, and every error message."""
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -8,19 +9,18 @@ import tiny_teachers
 import torch
 from PIL import Image
 
-from zmdevice.data import ClassList
+from zmdevice.classes import ClassList
 from zmdevice.errors import UserError
-from zmdevice.teachers import (
-    build_teacher,
-    class_weights,
-    fill_template,
-    load_templates,
+from zmdevice.teachers import KINDS, build_teacher, teacher_class
+from zmdevice.teachers.base import class_weights, zero_shot_probs
+from zmdevice.teachers.clip import fill_template, load_templates
+from zmdevice.teachers.imagenet import (
+    imagenet_class_names,
     load_weights_in_order,
-    map_answer,
     name_similarity,
     similarity_map,
-    zero_shot_probs,
 )
+from zmdevice.teachers.llm import map_answer
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
@@ -226,8 +226,6 @@ def test_imagenet_teacher_with_map_file_and_in_order_weights(tmp_path):
     x = torch.stack([teacher.prepare(im) for im in batch])
     with torch.no_grad():
         full = model(x).softmax(-1)
-    from zmdevice.teachers import imagenet_class_names
-
     names = [s[0].lower() for s in imagenet_class_names()]
     cat = full[:, [names.index("tabby"), 282]].sum(1)
     dog = full[:, [names.index("beagle"), names.index("pug")]].sum(1)
@@ -273,6 +271,46 @@ def test_in_order_loading_rejects_a_file_of_another_model(tmp_path):
         load_weights_in_order(model, tmp_path / "junk.pth")
 
 
+def test_every_tiny_teacher_pickles_whole_and_its_workers_get_no_model(models, tmp_path):
+    """A teacher is plain data: it round-trips through pickle with the same probabilities,
+    and what a loader worker receives (``prepare``, ``collate``) is small, without the model."""
+    import timm
+
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_efficientnet").state_dict(), tmp_path / "w.pth")
+    (tmp_path / "map.toml").write_text("[map]\nsports = [282]\npolitics = [1]\nscience = [2]\n")
+    specs = {
+        "clip": f"clip:zm-tiny-clip:{models['clip']}",
+        "text-embed": f"text-embed:{models['embed']}",
+        "nli": f"nli:{models['nli']}",
+        "llm": f"llm:{tiny_teachers.make_llm(tmp_path / 'llm', favourite='sports')}",
+        "imagenet": f"imagenet:test_efficientnet:{tmp_path / 'w.pth'}:map={tmp_path / 'map.toml'}"
+        ":size=32",
+    }
+    assert set(specs) == set(KINDS)
+    for kind, spec in specs.items():
+        teacher = build_teacher(spec, TOPICS)
+        assert isinstance(teacher, teacher_class(kind)) and teacher.kind == kind
+        assert teacher.modality == KINDS[kind].modality
+        items = images(2) if teacher.modality == "image" else ["the game team", "vote law"]
+        copy = pickle.loads(pickle.dumps(teacher))
+        torch.testing.assert_close(copy.predict_items(items), teacher.predict_items(items))
+        assert copy.info == teacher.info and copy.spec == teacher.spec
+        worker_part = pickle.dumps((teacher.prepare, teacher.collate))
+        assert len(worker_part) < len(pickle.dumps(teacher.model)) / 2, kind
+
+
+def test_an_onnx_runtime_teacher_pickles_and_reopens_its_cached_export(
+    models, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("ZMDEVICE_CACHE", str(tmp_path / "cache"))
+    teacher = build_teacher(f"text-embed:{models['embed']}", TOPICS, runtime="onnx")
+    copy = pickle.loads(pickle.dumps(teacher))
+    texts = ["the game team", "vote law election"]
+    assert copy.info["runtime"] == "onnx"
+    torch.testing.assert_close(copy.predict_items(texts), teacher.predict_items(texts))
+
+
 def test_unknown_teacher_and_missing_weights_are_one_line_errors(tmp_path):
     with pytest.raises(
         UserError, match=r"unknown --teacher 'gpt9'.*minilm.*kind one of clip, text-embed"
@@ -296,7 +334,7 @@ def test_real_minilm_separates_obvious_topics():
 
 @pytest.mark.slow
 def test_real_efficientnet_lite0_loads_and_maps_fashion_classes():
-    from zmdevice.data import load_classes
+    from zmdevice.classes import load_classes
 
     classes = load_classes(str(ROOT / "examples/default/images/classes.toml"))
     teacher = build_teacher("efficientnet-lite0", classes)

@@ -2,163 +2,29 @@
 
 Covers every --method, seed reproducibility, exact resume (litgpt style: stop a run
 mid-stage, resume, compare with an uninterrupted run), the output layout, the CLI and the
-documented user errors. The data are written to tmp_path by the real writers
-(CSV tables, PNG folders, ``PseudoLabelWriter``), with a fake FM that is right 70% of
-the time.
+documented user errors. The data (``conftest.text_data`` / ``image_data``) are written by
+the real writers (CSV tables, PNG folders, ``PseudoLabelWriter``), with a fake FM that is
+right 70% of the time.
 """
 
 import json
-import random
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers import (
+    FAST,
+    TEXT_CLASSES,
+    image_config,
+    read_jsonl,
+    text_config,
+    weights,
+    write_table,
+)
 from typer.testing import CliRunner
 
 from zmdevice.cli import app
-from zmdevice.config import TrainConfig
 from zmdevice.errors import UserError
 from zmdevice.train import run_train
-
-TEXT_CLASSES = ["animal", "plant", "food"]
-TEXT_WORDS = {
-    "animal": ["dog", "cat", "bird"],
-    "plant": ["tree", "flower"],
-    "food": ["bread", "fruit"],
-}
-FILLER = ["the", "a", "of", "and", "is", "with"]
-IMAGE_CLASSES = ["red", "green", "blue"]
-FAST = dict(
-    threads=1,
-    eval_every=5,
-    kd_batch_size=8,
-    labeled_batch_size=3,
-    unlabeled_batch_size=8,
-    eval_batch_size=32,
-    bn_recalibration_batches=2,
-)
-
-
-def write_pseudolabels(path, ids, gold, classes, fingerprint, seed=0, accuracy=0.7):
-    from zmdevice.pseudolabels import PseudoLabelWriter, build_metadata
-
-    rng = np.random.default_rng(seed)
-    probs = np.full((len(ids), len(classes)), 0.1, dtype=np.float32)
-    for row, label in enumerate(gold):
-        guess = label if rng.random() < accuracy else int(rng.integers(len(classes)))
-        probs[row, guess] = 0.8
-    probs /= probs.sum(axis=1, keepdims=True)
-    metadata = build_metadata(
-        classes=classes, teacher={"spec": "fake"}, data={"fingerprint": fingerprint}, top_k=3
-    )
-    with PseudoLabelWriter(path, metadata) as writer:
-        writer.write_probs(list(ids), probs)
-
-
-def write_table(path, rows, with_label=True):
-    header = "id,text,label" if with_label else "id,text"
-    body = [",".join(row if with_label else row[:2]) for row in rows]
-    path.write_text("\n".join([header, *body]) + "\n")
-
-
-@pytest.fixture(scope="module")
-def text_data(tmp_path_factory):
-    from zmdevice.data import open_dataset
-
-    root = tmp_path_factory.mktemp("text")
-    rng = random.Random(0)
-    rows = []
-    for i in range(60):
-        name = TEXT_CLASSES[i % 3]
-        words = [
-            rng.choice(TEXT_WORDS[name]) if rng.random() < 0.5 else rng.choice(FILLER)
-            for _ in range(6)
-        ]
-        rows.append((f"s{i}", " ".join(words), name))
-    write_table(root / "unlabeled.csv", rows)
-    write_table(root / "labeled.csv", rows[:6])
-    write_table(root / "test.csv", rows[:15])
-    unlabeled = open_dataset(root / "unlabeled.csv")
-    gold = [TEXT_CLASSES.index(row[2]) for row in rows]
-    write_pseudolabels(
-        root / "labels.parquet", unlabeled.ids, gold, TEXT_CLASSES, unlabeled.fingerprint()
-    )
-    return root
-
-
-@pytest.fixture(scope="module")
-def image_data(tmp_path_factory):
-    from PIL import Image
-
-    from zmdevice.data import open_dataset
-
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    gold = []
-    for i in range(48):
-        label = i % 3
-        pixels = rng.integers(0, 80, (20, 20, 3)).astype(np.uint8)
-        pixels[..., label] += 150
-        folders = [root / "unlabeled"]
-        if i < 6:
-            folders.append(root / "labeled" / IMAGE_CLASSES[label])
-        if i < 15:
-            folders.append(root / "test" / IMAGE_CLASSES[label])
-        for folder in folders:
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(folder / f"{i:03d}.png")
-        gold.append(label)
-    unlabeled = open_dataset(root / "unlabeled")
-    write_pseudolabels(
-        root / "labels.parquet", unlabeled.ids, gold, IMAGE_CLASSES, unlabeled.fingerprint()
-    )
-    return root
-
-
-def image_config(root, out, **changes):
-    values = dict(
-        **FAST,
-        labeled=root / "labeled",
-        unlabeled=root / "unlabeled",
-        pseudo_labels=root / "labels.parquet",
-        student="tiny-cnn",
-        out=out,
-        device="cpu",
-        kd_steps=10,
-        ssl_steps=10,
-        test=root / "test",
-    )
-    values.update(changes)
-    return TrainConfig(**values)
-
-
-def text_config(root, out, **changes):
-    values = dict(
-        **FAST,
-        labeled=root / "labeled.csv",
-        unlabeled=root / "unlabeled.csv",
-        pseudo_labels=root / "labels.parquet",
-        student="tiny-distilbert",
-        out=out,
-        device="cpu",
-        kd_steps=10,
-        ssl_steps=10,
-        test=root / "test.csv",
-    )
-    values.update(changes)
-    return TrainConfig(**values)
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
-def weights(out):
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(out) / "student.safetensors"))
-
 
 # --------------------------------------------------------------------------- whole runs
 

@@ -58,7 +58,8 @@ def test_wheel_holds_catalog_default_data_and_licence(wheel):
     }
     assert len(shipped) > 2000
     assert {f"zmdevice/_default_data/{name}" for name in shipped} <= names
-    assert {"zmdevice/__main__.py", "zmdevice/api.py"} <= names
+    code = {path.relative_to(ROOT).as_posix() for path in (ROOT / "zmdevice").rglob("*.py")}
+    assert {"zmdevice/__main__.py", "zmdevice/teachers/clip.py"} <= code <= names
     metadata = zipfile.ZipFile(wheel).read(f"zmdevice-{zmdevice.__version__}.dist-info/METADATA")
     assert b"License-Expression: Apache-2.0" in metadata
     assert f"zmdevice-{zmdevice.__version__}.dist-info/licenses/LICENSE" in names

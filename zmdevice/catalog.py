@@ -15,6 +15,7 @@ Names given on the command line (``--teacher minilm``) resolve through these fil
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import tomllib
@@ -80,3 +81,22 @@ def require_entry(name: str, kind: str, flag: str) -> dict:
         known = ", ".join(sorted(list_entries(kind))) or "(catalog is empty)"
         raise UserError(f"unknown {flag} '{name}': use one of {known}")
     return entry
+
+
+def catalog_weights(flag: str, source: dict) -> Path:
+    """Locate a catalog model's weights provided by a pip package (``weights_from``).
+
+    ``flag`` names the model in the error, e.g. "--teacher efficientnet-lite0".
+    """
+    module_name, _, attribute = source["function"].rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise UserError(
+            f"{flag} needs the package '{source['package']}': "
+            f"pip install {source['package']} (or zmdevice[offline-models])"
+        ) from None
+    target = module
+    for part in attribute.split("/"):
+        target = getattr(target, part)
+    return Path(target())

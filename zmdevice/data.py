@@ -31,6 +31,10 @@ instead, which loaders catch and count; :func:`iter_images` shows the pattern::
     for index, image in iter_images(dataset, range(len(dataset)), skipped):
         ...
     print(f"skipped {len(skipped)} unreadable images")
+
+Decoding one image file is ``zmdevice.images``, class lists ``zmdevice.classes``. The rest
+stays one module (over 500 lines): the three formats share column handling, ids,
+fingerprints and the wording of their errors.
 """
 
 from __future__ import annotations
@@ -39,46 +43,34 @@ import csv
 import hashlib
 import json
 import os
-import tomllib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, overload
 
+from zmdevice.classes import ClassList
 from zmdevice.config import DataOptions
 from zmdevice.errors import FlagHint, UserError, listing
+from zmdevice.images import (
+    IMAGE_EXTENSIONS,
+    CorruptImage,
+    UnreadableImage,
+    open_image,
+    scan_images,
+    to_rgb,
+)
 
 if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
-MAX_IMAGE_PIXELS = 100_000_000
-"""Largest image decoded (width x height); a bigger one is treated as unreadable. A
-compressed file of a few hundred KB can declare 20000 x 20000 pixels (a "decompression
-bomb") and would take over a gigabyte to decode; real photos stay far below 100 MP."""
 FLAGS = {
     "text_column": "--text-column",
     "id_column": "--id-column",
     "label_column": "--label-column",
     "path_column": "--path-column",
 }
-
-
-class CorruptImage(UserError):
-    """An image file could not be read; raised only when ``skip_corrupt`` is set."""
-
-
-class UnreadableImage(UserError):
-    """An image file that cannot be decoded: missing, truncated, garbage or too large."""
-
-    def __init__(self, path: Path, reason: str):
-        super().__init__(f"unreadable image {path}: {reason}")
-        self.path, self.reason = path, reason
-
-    def __reduce__(self):
-        return type(self), (self.path, self.reason)
 
 
 # --------------------------------------------------------------------------- datasets
@@ -205,66 +197,6 @@ class ImageDataset:
     def describe(self, index: int) -> str:
         """Where sample ``index`` comes from, for error messages."""
         return f"image '{self.ids[index]}' of {self.source}"
-
-
-def open_image(path: Path) -> Image.Image:
-    """Decode an image file fully (in its own mode), at most ``MAX_IMAGE_PIXELS`` large.
-
-    Raises:
-        UnreadableImage: a missing, truncated, garbage or oversized file.
-    """
-    import warnings
-
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            # PIL warns between its own limit and twice it; ours decides, explicitly.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise ValueError(
-                        f"{width} x {height} pixels is more than the {MAX_IMAGE_PIXELS:,} "
-                        "decoded at most"
-                    )
-                image.load()  # decode now, inside this try, and release the file
-                return image
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        # PIL reports truncated/garbage files as OSError, UnidentifiedImageError (an
-        # OSError), ValueError or SyntaxError depending on the decoder, and images over
-        # twice its own pixel limit as DecompressionBombError.
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UnreadableImage(path, reason) from None
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL image to 3-channel RGB; transparency is composited on white."""
-    from PIL import Image
-
-    if image.mode == "RGB":
-        return image
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info
-    )
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grey: scale to 8 bits instead of letting convert() clip at 255.
-        import numpy as np
-
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if array.max() > 255 else 255.0
-        grey = np.clip(np.rint(array / top * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    if image.mode == "F":
-        import numpy as np
-
-        grey = np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    return image.convert("RGB")
 
 
 def iter_images(
@@ -450,10 +382,6 @@ def _as_text(value) -> str | None:
     return text if text.strip() else None
 
 
-def _n_rows(columns: dict[str, list]) -> int:
-    return len(next(iter(columns.values()))) if columns else 0
-
-
 def _labels(
     path: Path, columns: dict[str, list], options: DataOptions, require: bool
 ) -> list[str] | None:
@@ -565,29 +493,8 @@ def _image_table(
     )
 
 
-def _scan_images(folder: Path) -> list[str]:
-    """Relative POSIX paths of all image files under ``folder``, sorted; hidden ones skipped."""
-    found = []
-    visited: set[tuple[int, int]] = set()
-    # Symlinked folders are followed (data often lives elsewhere), but each real folder is
-    # entered once, so a link cycle cannot loop forever.
-    for directory, subdirs, files in os.walk(folder, followlinks=True):
-        stat = os.stat(directory)
-        if (stat.st_dev, stat.st_ino) in visited:
-            subdirs[:] = []
-            continue
-        visited.add((stat.st_dev, stat.st_ino))
-        subdirs[:] = sorted(name for name in subdirs if not name.startswith("."))
-        rel_dir = Path(directory).relative_to(folder)
-        for name in files:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append((rel_dir / name).as_posix())
-    found.sort()
-    return found
-
-
 def _open_image_folder(folder: Path, options: DataOptions, require_labels: bool) -> ImageDataset:
-    relative = _scan_images(folder)
+    relative = scan_images(folder)
     if not relative:
         raise UserError(
             f"empty data set: no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}"
@@ -617,154 +524,38 @@ def _open_image_folder(folder: Path, options: DataOptions, require_labels: bool)
     )
 
 
-# --------------------------------------------------------------------------- classes
-
-
-@dataclass
-class ClassList:
-    """Class names in order, with the prompts or descriptions the user gave for each.
-
-    ``prompts[name]`` is an empty list when the spec gave none (comma list, one-per-line
-    file): teachers then build prompts from the name and their templates.
-    """
-
-    names: list[str]
-    """Class names; index i is class i everywhere (pseudo-labels, student head, ONNX)."""
-    prompts: dict[str, list[str]]
-    """Class name -> user prompts/descriptions (possibly empty)."""
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def index(self, name: str) -> int:
-        """The class index of ``name`` (ValueError if unknown)."""
-        return self.names.index(name)
-
-    @property
-    def has_prompts(self) -> bool:
-        """True when at least one class came with its own prompts or descriptions."""
-        return any(self.prompts.values())
-
-
-def load_classes(spec: str) -> ClassList:
-    """Read a class list from a comma list, a text file, or a TOML/JSON file.
+def label_indices(
+    dataset: TextDataset | ImageDataset, classes: ClassList | Sequence[str], *, owner: str = ""
+) -> np.ndarray:
+    """Class index of every sample's label.
 
     Args:
-        spec: ``"cat,dog"``; a ``.txt`` (or any other) file with one class per line
-            (blank lines and ``#`` comments ignored); or a ``.toml``/``.json`` file mapping
-            each class to a prompt string or a list of prompts (JSON may also be a list of
-            names; TOML may nest the mapping under ``[classes]``).
-
-    Raises:
-        UserError: missing file, malformed file, duplicate class, fewer than two classes.
-    """
-    spec = str(spec).strip()
-    path = Path(spec)
-    looks_like_file = path.suffix.lower() in (".toml", ".json", ".txt") or os.sep in spec
-    if path.is_file():
-        mapping = _read_class_file(path)
-        where = str(path)
-    elif looks_like_file and "," not in spec:
-        raise UserError(f"class file not found: {spec}; give a file or a comma list like 'a,b'")
-    else:
-        where = "--classes"
-        names = spec.split(",")
-        _check_names(names, where)
-        mapping = {name.strip(): [] for name in names}
-    names = list(mapping)
-    _check_names(names, where)
-    return ClassList(names=names, prompts=mapping)
-
-
-def _check_names(names: list[str], where: str) -> None:
-    """Class names as written: none empty, none repeated once surrounding spaces go."""
-    if any(not name.strip() for name in names):
-        raise UserError(f"empty class name in {where}")
-    seen: dict[str, str] = {}
-    for name in names:
-        key = name.strip()
-        if key in seen:
-            spelled = "" if seen[key] == name else f" (as {seen[key]!r} and {name!r})"
-            raise UserError(
-                f"class '{key}' is listed twice in {where}{spelled}; class names are compared "
-                "without surrounding spaces, so give each class once"
-            )
-        seen[key] = name
-    if len(names) < 2:
-        raise UserError(f"{where} gives {len(names)} class(es); a classifier needs at least 2")
-
-
-def _read_class_file(path: Path) -> dict[str, list[str]]:
-    suffix = path.suffix.lower()
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise UserError(
-            f"class file {path} is not UTF-8 text ({error.reason} at byte {error.start}); "
-            "save it as UTF-8"
-        ) from None
-    if suffix == ".toml":
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as error:
-            raise UserError(f"class file {path} is not valid TOML: {error}") from None
-        if set(data) == {"classes"}:
-            data = data["classes"]
-    elif suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise UserError(f"class file {path} is not valid JSON: {error}") from None
-    else:
-        names = []
-        for line in text.splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line:
-                names.append(line)
-        _check_names(names, str(path))
-        return {name: [] for name in names}
-    if isinstance(data, list) and all(isinstance(name, str) for name in data):
-        _check_names(data, str(path))
-        return {name.strip(): [] for name in data}
-    if not isinstance(data, dict):
-        raise UserError(f"class file {path} must map each class name to its prompt(s)")
-    _check_names(list(data), str(path))
-    mapping: dict[str, list[str]] = {}
-    for name, value in data.items():
-        if isinstance(value, str):
-            prompts = [value]
-        elif isinstance(value, list) and all(isinstance(item, str) for item in value):
-            prompts = list(value)
-        else:
-            raise UserError(
-                f"class '{name}' in {path} must map to a string or a list of strings, "
-                f"got {type(value).__name__}"
-            )
-        mapping[name.strip()] = [prompt for prompt in prompts if prompt.strip()]
-    return mapping
-
-
-def label_indices(dataset: TextDataset | ImageDataset, classes: ClassList) -> np.ndarray:
-    """Class index of every sample's label.
+        dataset: a labeled data set.
+        classes: the classes (a ``ClassList`` or the names), index = class id.
+        owner: whose classes they are, for the error ("the model", "the student DIR").
 
     Returns:
         int64 array [N].
 
     Raises:
-        UserError: the data set has no labels, or a label is not one of the classes.
+        UserError: the data set has no labels, or a label is not one of the classes (the
+            first such sample named, the other unknown labels counted).
     """
     import numpy as np
 
+    names = list(classes.names if isinstance(classes, ClassList) else classes)
     if dataset.labels is None:
         kind = "a label column" if dataset.modality == "text" else "class sub-folders"
         raise UserError(f"{dataset.source} has no labels: labeled data needs {kind}")
-    lookup = {name: i for i, name in enumerate(classes.names)}
-    out = np.empty(len(dataset.labels), dtype=np.int64)
-    for i, label in enumerate(dataset.labels):
-        if label not in lookup:
-            raise UserError(
-                f"unknown label '{label}' at {dataset.describe(i)}; "
-                f"the classes are: {listing(classes.names)}"
-            )
-        out[i] = lookup[label]
-    return out
+    lookup = {name: i for i, name in enumerate(names)}
+    unknown = [i for i, label in enumerate(dataset.labels) if label not in lookup]
+    if unknown:
+        first = dataset.labels[unknown[0]]
+        others = sorted({dataset.labels[i] for i in unknown} - {first})
+        more = f" (other unknown labels: {listing(others, 5)})" if others else ""
+        whose = f" of {owner}" if owner else ""
+        raise UserError(
+            f"unknown label '{first}' at {dataset.describe(unknown[0])}{more}; "
+            f"the classes{whose} are: {listing(names)}"
+        )
+    return np.asarray([lookup[label] for label in dataset.labels], dtype=np.int64)

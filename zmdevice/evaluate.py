@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from zmdevice.config import DataOptions
-from zmdevice.data import ClassList, label_indices, open_dataset
+from zmdevice.data import label_indices, open_dataset
 from zmdevice.device import resolve_device
 from zmdevice.errors import UserError
 from zmdevice.metrics import classification_report, format_report
@@ -117,15 +117,7 @@ def run_evaluate_student(
     classes = student.classes
     options = DataOptions(text_column=text_column, label_column=label_column)
     dataset = open_dataset(Path(data), options, modality=student.modality, require_labels=True)
-    foreign = sorted(set(dataset.labels) - set(classes))
-    if foreign:
-        shown = ", ".join(f"'{name}'" for name in foreign[:5])
-        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        raise UserError(
-            f"{data}: label(s) {shown}{more} are not classes of the student {model_dir} "
-            f"(its classes: {', '.join(classes)}); evaluate on data labeled with those classes"
-        )
-    truth = label_indices(dataset, ClassList(names=classes, prompts={}))
+    truth = label_indices(dataset, classes, owner=f"the student {model_dir}")
     probs = predict_student(student, dataset, batch_size=batch_size, device=torch_device)
     report = classification_report(truth, probs.argmax(axis=1), classes)
     lines = format_report(report, classes, f"{Path(model_dir).name} on {data}")

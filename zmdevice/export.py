@@ -3,11 +3,13 @@
 ``export_student`` is the library function: main head only, output ``logits``, dynamic
 batch (and sequence length for text), the zmdevice metadata in ``metadata_props``, and an
 onnxruntime-vs-PyTorch parity check on real inputs before the file appears under its
-name. ``quantize_int8`` writes the int8 variant (dynamic for the transformer, static QDQ
-with calibration images for the CNN). ``run_export`` is what ``zmdevice export`` calls.
+name. ``run_export`` is what ``zmdevice export`` calls; it adds the int8 variant
+(``zmdevice.quantize``) and ONNX Runtime's mobile format (``zmdevice.ort_format``).
 
 The ONNX contract (input names, shapes, metadata keys) is documented for app developers
-in ``export/README.md``; ``zmdevice.runtime`` is its reference reader.
+in ``export/README.md``; ``zmdevice.runtime`` is its reference reader. Over 500 lines on
+purpose: the export, its parity inputs and check, and ``run_export`` share the student's
+preprocessing and the metadata contract.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import tomllib
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -33,9 +34,6 @@ FORMAT_VERSION = 1
 PARITY_TOLERANCE = 1e-4
 """Max |onnxruntime - PyTorch| over all parity logits, relative to max |PyTorch logit|."""
 PARITY_BATCH_SIZES = (1, 3, 8)
-INT8_SUFFIX = ".int8.onnx"
-FORMATS = ("onnx", "ort")
-OPERATORS_SUFFIX = ".required_operators.config"
 CALIBRATION_IMAGES = 256
 SYNTHETIC_TEXTS = (
     "a dog",
@@ -76,8 +74,6 @@ class ExportResult:
     """What ``export_student`` wrote."""
 
     path: Path
-    exporter: str
-    """'dynamo' or 'legacy (dynamo failed: ...)'."""
     opset: int
     size_bytes: int
     parity: ParityReport
@@ -150,7 +146,7 @@ def strip_debug_info(model_proto) -> None:
             node.doc_string = ""
 
 
-def _save_model(model_proto, target: Path) -> int:
+def save_model(model_proto, target: Path) -> int:
     """Check and save an in-memory ONNX model as one file, atomically; returns its size."""
     import onnx
 
@@ -202,12 +198,11 @@ def _input_names(modality: str) -> list[str]:
 
 
 def _trace_graph(student, example: dict[str, np.ndarray], opset: int):
-    """The ONNX ModelProto of the main head; dynamo exporter first, legacy as fallback.
+    """The ONNX ModelProto of the main head, written by torch's dynamo exporter.
 
-    Returns:
-        (model_proto, exporter description).
+    Raises:
+        ExportError: the exporter fails (the student names itself, the reason follows).
     """
-    import onnx
     import torch
 
     module = _head_module(student)
@@ -216,18 +211,12 @@ def _trace_graph(student, example: dict[str, np.ndarray], opset: int):
     batch = torch.export.Dim("batch", min=1, max=65536)
     if student.modality == "image":
         dynamic_shapes = {"pixel_values": {0: batch}}
-        dynamic_axes = {"pixel_values": {0: "batch"}, "logits": {0: "batch"}}
     else:
         max_length = int(student.config["preprocess"]["max_length"])
         sequence = torch.export.Dim("sequence", min=1, max=max(max_length, 2))
         dynamic_shapes = {
             "input_ids": {0: batch, 1: sequence},
             "attention_mask": {0: batch, 1: sequence},
-        }
-        dynamic_axes = {
-            "input_ids": {0: "batch", 1: "sequence"},
-            "attention_mask": {0: "batch", 1: "sequence"},
-            "logits": {0: "batch"},
         }
     quiet = io.StringIO()
     try:
@@ -245,29 +234,14 @@ def _trace_graph(student, example: dict[str, np.ndarray], opset: int):
                 opset_version=opset,
                 verbose=False,
             )
-        return program.model_proto, "dynamo"
-    except Exception as error:  # any exporter failure: try the legacy TorchScript path
-        dynamo_error = " ".join(str(error).split())[:160]
-    buffer = io.BytesIO()
-    try:
-        with contextlib.redirect_stdout(quiet), warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                args,
-                buffer,
-                dynamo=False,
-                input_names=names,
-                output_names=["logits"],
-                dynamic_axes=dynamic_axes,
-                opset_version=opset,
-            )
-    except Exception as error:
+    except ModuleNotFoundError:
+        raise  # onnx / onnxscript missing: the CLI names the extra that installs them
+    except Exception as error:  # any other exporter failure: one line naming the student
         raise ExportError(
-            f"cannot export student '{student.config.get('student')}' to ONNX: dynamo exporter: "
-            f"{dynamo_error}; legacy exporter: {' '.join(str(error).split())[:160]}"
+            f"cannot export student '{student.config.get('student')}' to ONNX: "
+            f"{' '.join(str(error).split())[:200]}"
         ) from error
-    return onnx.load_from_string(buffer.getvalue()), f"legacy (dynamo failed: {dynamo_error})"
+    return program.model_proto
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -420,7 +394,7 @@ def export_student(
     inputs = examples_source or f"{len(examples)} given inputs"
     feeds = parity_feeds(student, list(examples), tokenizer)
     # Trace with a batch > 1 (dynamo specialises a batch of 1) and, for text, padding.
-    model_proto, exporter = _trace_graph(student, feeds[1], opset)
+    model_proto = _trace_graph(student, feeds[1], opset)
     strip_debug_info(model_proto)
     write_metadata(model_proto, metadata)
     model_bytes = model_proto.SerializeToString()
@@ -433,227 +407,16 @@ def export_student(
             # The student's own file, untouched: the runtime applies the metadata settings.
             Path(tmp).write_text(student.tokenizer.to_str(), encoding="utf-8")
             _readable(tmp)
-    size = _save_model(model_proto, out_path)
-    return ExportResult(out_path, exporter, opset, size, parity, metadata, tokenizer_path)
+    size = save_model(model_proto, out_path)
+    return ExportResult(out_path, opset, size, parity, metadata, tokenizer_path)
 
 
-# ------------------------------------------------------------------------------ int8
+# ------------------------------------------------------------------------------ model card
 
 
 def model_card_path(onnx_path: Path) -> Path:
     """``NAME.onnx`` -> ``NAME.README.md``: the training folder's model card, copied."""
     return onnx_path.with_name(f"{onnx_path.stem}.README.md")
-
-
-def int8_path(fp32_path: Path) -> Path:
-    """``export/NAME.onnx`` -> ``export/NAME.int8.onnx``."""
-    return fp32_path.with_name(fp32_path.stem + INT8_SUFFIX)
-
-
-def quantize_int8(
-    fp32_path: str | Path, out_path: str | Path, calibration_images: list | None = None
-) -> dict:
-    """Write an int8 copy of an exported model, with the same zmdevice metadata.
-
-    Text (transformer): dynamic quantisation, per-channel int8 weights of MatMul/Gemm and
-    of the embedding Gather, activations quantised on the fly. Images (CNN): static QDQ with
-    per-channel int8 weights and uint8 activations whose ranges are calibrated on
-    ``calibration_images`` (clean training images), after onnxruntime's pre-processing
-    (shape inference and graph optimisation).
-
-    Returns:
-        ``{"path", "method", "size_bytes", "calibration_images"}``.
-    """
-    import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
-
-    from zmdevice.runtime import OnnxClassifier
-
-    fp32_path, out_path = Path(fp32_path), Path(out_path)
-    classifier = OnnxClassifier(fp32_path)
-    original = onnx.load(str(fp32_path))
-    metadata = {p.key: p.value for p in original.metadata_props if p.key.startswith("zmdevice.")}
-    work = out_path.parent / f".{out_path.name}.work"
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        quantized = work / "model.int8.onnx"
-        if classifier.modality == "image" and not calibration_images:
-            raise UserError(
-                "static int8 quantisation needs calibration images: pass --calibration DIR "
-                "(a folder of typical images)"
-            )
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        # onnxruntime's recommended first step: shape inference + graph optimisation, so
-        # the quantiser sees fused Conv/MatMul nodes with known shapes.
-        prepared = work / "model.pre.onnx"
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # Symbolic shape inference cannot follow the transformer's dynamic sequence
-            # length; ONNX's own shape inference is enough for dynamic quantisation.
-            quant_pre_process(
-                str(fp32_path), str(prepared), skip_symbolic_shape=classifier.modality == "text"
-            )
-        if classifier.modality == "text":
-            # Per-channel weight scales: on the WordNet test set per-tensor int8 lost 1.5
-            # points of accuracy against fp32, per-channel 0.25 (top class agreed on 98%).
-            method = "dynamic int8 (per-channel MatMul/Gemm/Gather weights)"
-            quantize_dynamic(
-                str(prepared), str(quantized), weight_type=QuantType.QInt8, per_channel=True
-            )
-        else:
-            reader = _calibration_reader(classifier, calibration_images)
-            method = f"static QDQ int8 (per-channel, {len(calibration_images)} calibration images)"
-            quantize_static(
-                str(prepared),
-                str(quantized),
-                reader,
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-            )
-        model = onnx.load(str(quantized))
-        metadata["zmdevice.quantization"] = method
-        write_metadata(model, metadata)
-        size = _save_model(model, out_path)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return {
-        "path": str(out_path),
-        "method": method,
-        "size_bytes": size,
-        "calibration_images": len(calibration_images or []),
-    }
-
-
-def _calibration_reader(classifier, images: list, batch_size: int = 16):
-    """An onnxruntime CalibrationDataReader over preprocessed image batches."""
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class ImageBatches(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(
-                classifier.encode_images(images[start : start + batch_size])
-                for start in range(0, len(images), batch_size)
-            )
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    return ImageBatches()
-
-
-# ------------------------------------------------------------------------------ ORT format
-
-
-def operators_config_path(fp32_path: Path) -> Path:
-    """``export/NAME.onnx`` -> ``export/NAME.required_operators.config``."""
-    return fp32_path.with_name(fp32_path.stem + OPERATORS_SUFFIX)
-
-
-def write_ort(onnx_paths: list[Path], examples: list | None = None) -> dict:
-    """Write ONNX Runtime's mobile format beside exported models, checked against them.
-
-    ``NAME.onnx`` -> ``NAME.ort`` (and ``NAME.int8.onnx`` -> ``NAME.int8.ort``), converted by
-    ``onnxruntime.tools.convert_onnx_models_to_ort`` with the 'Fixed' optimisation style for
-    an ARM target (phones; x86 kernels such as NCHWc are not baked in), plus one
-    ``NAME.required_operators.config`` listing the operators of all of them: the
-    ``--include_ops_by_config`` input of a reduced-size onnxruntime build. The metadata
-    travels inside the .ort file. Each .ort file must reproduce its .onnx logits on
-    ``examples`` (PIL images or strings; synthetic inputs when None) to PARITY_TOLERANCE.
-
-    Returns:
-        ``{"files": [.ort paths], "operators_config", "relative_errors": {name: error}}``.
-    """
-    import subprocess
-    import sys
-
-    onnx_paths = [Path(p) for p in onnx_paths]
-    first = onnx_paths[0]
-    work = first.parent / f".{first.stem}.ort.work"
-    shutil.rmtree(work, ignore_errors=True)
-    (work / "models").mkdir(parents=True)
-    try:
-        for path in onnx_paths:
-            shutil.copyfile(path, work / "models" / path.name)
-        command = [
-            sys.executable,
-            "-m",
-            "onnxruntime.tools.convert_onnx_models_to_ort",
-            str(work / "models"),
-            "--output_dir",
-            str(work / "out"),
-            "--optimization_style",
-            "Fixed",
-            "--target_platform",
-            "arm",
-        ]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
-            raise ExportError(f"ORT format conversion failed: {lines[-1][:300]}")
-        errors = {}
-        for path in onnx_paths:
-            converted = work / "out" / path.with_suffix(".ort").name
-            errors[path.with_suffix(".ort").name] = _ort_relative_error(path, converted, examples)
-        targets = []
-        for path in onnx_paths:
-            target = path.with_suffix(".ort")
-            with atomic_path(target) as tmp:
-                shutil.copyfile(work / "out" / target.name, tmp)
-            targets.append(target)
-        # The generated comment names the work folder; name the shipped files instead.
-        operators = (work / "out" / "required_operators.config").read_text(encoding="utf-8")
-        header = "# Generated from model/s:\n" + "".join(f"# - {t.name}\n" for t in targets)
-        body = "".join(line + "\n" for line in operators.splitlines() if not line.startswith("#"))
-        config_path = operators_config_path(first)
-        with atomic_path(config_path) as tmp:
-            tmp.write_text(header + body, encoding="utf-8")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return {
-        "files": [str(t) for t in targets],
-        "operators_config": str(config_path),
-        "relative_errors": errors,
-    }
-
-
-def _ort_relative_error(onnx_path: Path, ort_path: Path, examples: list | None) -> float:
-    """Max |ort - onnx| logit over max |onnx logit|; ExportError above PARITY_TOLERANCE."""
-    from zmdevice.runtime import OnnxClassifier
-
-    reference = OnnxClassifier(onnx_path)
-    if examples:
-        feed = (
-            reference.encode_texts(examples)
-            if reference.modality == "text"
-            else reference.encode_images(examples)
-        )
-    elif reference.modality == "text":
-        feed = reference.encode_texts(list(SYNTHETIC_TEXTS))
-    else:
-        size = int(reference.preprocess["image_size"])
-        rng = np.random.default_rng(0)
-        feed = {"pixel_values": rng.normal(size=(4, 3, size, size)).astype(np.float32)}
-    expected = reference.logits(feed)
-    import onnxruntime as ort
-
-    converted = ort.InferenceSession(str(ort_path), providers=["CPUExecutionProvider"])
-    if (
-        dict(converted.get_modelmeta().custom_metadata_map)
-        != reference.session.get_modelmeta().custom_metadata_map
-    ):
-        raise ExportError(f"{ort_path.name} lost the zmdevice metadata of {onnx_path.name}")
-    got = converted.run(["logits"], feed)[0]
-    scale = max(float(np.abs(expected).max()), 1e-30)
-    error = float(np.abs(got - expected).max()) / scale
-    if error > PARITY_TOLERANCE:
-        raise ExportError(
-            f"{ort_path.name}: the ORT format model differs from {onnx_path.name} by "
-            f"{error:.1e} of the logit scale (limit {PARITY_TOLERANCE:.0e})"
-        )
-    return error
 
 
 # ------------------------------------------------------------------------------ CLI stage
@@ -692,11 +455,10 @@ def sample_examples(data: Path, modality: str, count: int, text_column: str = "t
 def _check_test_data(test: Path, student) -> None:
     """UserError now, not after the export, when ``--test`` data cannot be evaluated."""
     from zmdevice.config import DataOptions
-    from zmdevice.data import open_dataset
-    from zmdevice.runtime import label_indices_for
+    from zmdevice.data import label_indices, open_dataset
 
     dataset = open_dataset(test, DataOptions(), modality=student.modality, require_labels=True)
-    label_indices_for(dataset, list(student.classes), Path(test))
+    label_indices(dataset, student.classes, owner="the model")
 
 
 def run_export(config) -> dict:
@@ -705,6 +467,8 @@ def run_export(config) -> dict:
     Args:
         config: ``zmdevice.config.ExportConfig``.
     """
+    from zmdevice.ort_format import write_ort
+    from zmdevice.quantize import int8_path, quantize_int8
     from zmdevice.students import load_student, read_student_config
 
     # Everything that can be checked is checked before the (slow) export writes anything.
@@ -742,7 +506,7 @@ def run_export(config) -> dict:
     parity = result.parity
     lines = [
         f"exported {model_dir} -> {out} ({result.size_bytes / 1e6:.2f} MB, opset {config.opset}, "
-        f"{result.exporter} exporter)",
+        "dynamo exporter)",
         f"parity onnxruntime vs PyTorch: max relative logit error {parity.relative_error:.1e} "
         f"(abs {parity.max_abs_error:.1e}, scale {parity.logit_scale:.2g}), top class agrees on "
         f"{100 * parity.argmax_agreement:.0f}% over batch/length cases {parity.cases}, "
@@ -760,7 +524,7 @@ def run_export(config) -> dict:
         "model_dir": str(model_dir),
         "onnx": str(out),
         "size_bytes": result.size_bytes,
-        "exporter": result.exporter,
+        "exporter": "dynamo",  # kept for readers of earlier summaries (benchmarks)
         "opset": config.opset,
         "parity": asdict(parity),
         "metadata": result.metadata,

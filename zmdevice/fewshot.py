@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from zmdevice.errors import UserError
+from zmdevice.teachers.base import Teacher
 
 DEFAULT_L2 = 0.001
 """L2 penalty on the probe's weights (per labeled example); chosen on dev."""
@@ -150,38 +151,46 @@ def adapt_teacher(
         classes: the ``ClassList`` the teacher was built for.
 
     Returns:
-        A new ``Teacher``; its ``info["few_shot"]`` records the settings and the labeled set.
+        A :class:`FewShotTeacher`; its ``info["few_shot"]`` records the settings and the
+        labeled set.
     """
-    import dataclasses
-
-    import torch
-
     from zmdevice.data import label_indices
 
     labels = label_indices(labeled, classes)
     features, _ = teacher_outputs(teacher, labeled)
     adapter = fit_adapter(features, labels, len(classes), l2=l2, zero_shot_weight=zero_shot_weight)
-    inner = teacher.features_and_probs
+    few_shot = {
+        "labeled": str(labeled.source),
+        "fingerprint": labeled.fingerprint(),
+        "examples": len(labels),
+        "l2": l2,
+        "zero_shot_weight": zero_shot_weight,
+        "method": "logistic regression on L2-normalised FM features x zero-shot prior",
+    }
+    return FewShotTeacher(teacher, adapter, few_shot)
 
-    def features_and_probs(batch):
-        batch_features, zero_shot = inner(batch)
-        adapted = adapter.probs(batch_features.float().cpu().numpy(), zero_shot.cpu().numpy())
+
+class FewShotTeacher(Teacher):
+    """A teacher whose probabilities come from ``adapter`` on its own features and
+    zero-shot probabilities; everything else (preprocessing, model, stats) is the inner
+    teacher's. Plain attributes, so it pickles like the teacher it wraps."""
+
+    def __init__(self, inner: Teacher, adapter: FewShotAdapter, few_shot: dict):
+        # Not Teacher.__init__: every attribute is the inner teacher's, already built.
+        self.inner, self.adapter = inner, adapter
+        self.kind, self.modality = inner.kind, inner.modality
+        self.spec, self.classes = inner.spec, inner.classes
+        self.prepare, self.collate = inner.prepare, inner.collate
+        self.model, self.device, self.stats = inner.model, inner.device, inner.stats
+        self.info = dict(inner.info, few_shot=few_shot)
+
+    def features_and_probs(self, batch):
+        """(the inner teacher's features [B, D], adapted probabilities [B, C])."""
+        import torch
+
+        batch_features, zero_shot = self.inner.features_and_probs(batch)
+        adapted = self.adapter.probs(batch_features.float().cpu().numpy(), zero_shot.cpu().numpy())
         return batch_features, torch.from_numpy(adapted)
 
-    def forward(batch):
-        return features_and_probs(batch)[1]
-
-    info = dict(
-        teacher.info,
-        few_shot={
-            "labeled": str(labeled.source),
-            "fingerprint": labeled.fingerprint(),
-            "examples": len(labels),
-            "l2": l2,
-            "zero_shot_weight": zero_shot_weight,
-            "method": "logistic regression on L2-normalised FM features x zero-shot prior",
-        },
-    )
-    return dataclasses.replace(
-        teacher, forward=forward, features_and_probs=features_and_probs, info=info
-    )
+    def forward(self, batch):
+        return self.features_and_probs(batch)[1]

@@ -16,14 +16,13 @@ joins the N shard files into ``NAME.parquet``.
 
 ``--engine ray`` (``zmdevice.label_ray``) labels the same chunks on a Ray cluster instead of
 this process: Ray workers predict, this process writes the same part files and the same
-output, so either engine can resume the other's parts.
+output, so either engine can resume the other's parts. The parts folder's bookkeeping is
+``zmdevice.label_parts``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import pickle
 import re
 import shutil
 import sys
@@ -33,19 +32,30 @@ from pathlib import Path
 import numpy as np
 
 from zmdevice.config import LabelConfig
-from zmdevice.errors import UserError, check_writable, listing, write_text_atomic
+from zmdevice.errors import UserError, check_writable, listing
+from zmdevice.label_parts import (
+    check_parts,
+    check_same_numerics,
+    finished_parts,
+    labels_by_id,
+    read_run,
+    refine_parts,
+    start_parts,
+    write_part,
+    write_part_features,
+)
 from zmdevice.pseudolabels import (
-    DEFAULT_MANTISSA_BITS,
-    DEFAULT_MAX_KL,
     PseudoLabelWriter,
     build_metadata,
     combine_pseudolabels,
-    default_top_k,
-    read_metadata,
+    read_pseudolabel_metadata,
 )
+from zmdevice.topk import DEFAULT_MANTISSA_BITS, DEFAULT_MAX_KL, default_top_k
 
 CHUNK_BATCHES = 16
 """Batches per part file: the most work a killed run can lose."""
+REFINE_WRITE_ROWS = 65536
+"""Rows per row group of a refined output file."""
 
 
 def default_out(data: Path, teacher: str) -> Path:
@@ -97,7 +107,7 @@ class _Prepared:
         return len(self.indices)
 
     def __getitem__(self, position: int):
-        from zmdevice.data import CorruptImage
+        from zmdevice.images import CorruptImage
 
         index = self.indices[position]
         try:
@@ -132,23 +142,15 @@ class _Collate:
 
 def pick_workers(requested: int | None, teacher) -> int:
     """Worker processes: as asked, else up to 4 leaving a core to the model for images and
-    none for text; 0 when the teacher's preprocessing cannot be sent to a spawned worker
-    (macOS/Windows).
+    none for text.
 
     Tokenising a batch takes about 1% of even MiniLM's forward pass, so a text worker only
     adds its start-up and competes with the model for the cores; decoding and resizing
-    images is real work that overlaps the forward pass.
+    images is real work that overlaps the forward pass. Every teacher's ``prepare`` and
+    ``collate`` pickle, so workers also start where processes are spawned (macOS, Windows).
     """
-    import multiprocessing
-
     default = 0 if teacher.modality == "text" else min(4, max((os.cpu_count() or 1) - 1, 0))
-    workers = requested if requested is not None else default
-    if workers and multiprocessing.get_start_method() != "fork":
-        try:
-            pickle.dumps((teacher.prepare, teacher.collate))
-        except Exception:  # closures and local objects cannot cross to a spawned process
-            return 0
-    return workers
+    return requested if requested is not None else default
 
 
 def iterate_batches(dataset, teacher, indices, batch_size: int, workers: int, features=False):
@@ -209,7 +211,8 @@ def run_label(config: LabelConfig) -> dict:
     Returns:
         Summary dict (output path, counts, throughput, sizes, quality) with ``lines``.
     """
-    from zmdevice.data import label_indices, load_classes, open_dataset
+    from zmdevice.classes import load_classes
+    from zmdevice.data import label_indices, open_dataset
     from zmdevice.device import resolve_device
     from zmdevice.teachers import build_teacher, teacher_modality
 
@@ -247,7 +250,7 @@ def run_label(config: LabelConfig) -> dict:
     if config.few_shot is not None:
         labeled = open_dataset(config.few_shot, config.data_options, require_labels=True)
         settings["few_shot"] = labeled.fingerprint()
-    done_parts = _check_parts(parts_dir, settings, config.resume, out)
+    done_parts = check_parts(parts_dir, settings, config.resume, out)
     # The ray engine's workers load their own teacher; this copy, on the CPU, only lends
     # them its preprocessing, fills the metadata and answers --gold.
     device = resolve_device(config.device if config.engine == "local" else "cpu")
@@ -275,8 +278,8 @@ def run_label(config: LabelConfig) -> dict:
         from zmdevice.fewshot import adapt_teacher
 
         teacher = adapt_teacher(teacher, labeled, classes)
-    _check_same_numerics(parts_dir, done_parts, teacher.info)
-    run = _read_run(parts_dir) if done_parts else _start_parts(parts_dir, settings)
+    check_same_numerics(parts_dir, done_parts, teacher.info)
+    run = read_run(parts_dir) if done_parts else start_parts(parts_dir, settings)
     metadata = build_metadata(
         classes=classes.names,
         teacher=teacher.info,
@@ -321,7 +324,7 @@ def run_label(config: LabelConfig) -> dict:
             )
     except BaseException:
         # Finished chunks stay for --resume; a run that finished none leaves nothing.
-        if not _finished_parts(parts_dir):
+        if not finished_parts(parts_dir):
             shutil.rmtree(parts_dir, ignore_errors=True)
         raise
     elapsed = time.perf_counter() - started
@@ -334,13 +337,13 @@ def run_label(config: LabelConfig) -> dict:
     if gold is not None and not config.refine:
         quality, quality_lines = _gold_report(
             gold, gold_truth, teacher, classes.names, config.batch_size, workers, config.gold,
-            known=_labels_by_id(parts),
+            known=labels_by_id(parts),
         )  # fmt: skip
     combined = combine_pseudolabels(
         parts, target, metadata_update={"quality": quality, "created": run["created"]}
     )
     if config.refine:
-        ids, refined, refined_metadata = _refine(target, parts, refine_seeds)
+        ids, refined, refined_metadata = refine_parts(target, parts, refine_seeds)
         if gold is not None:
             known = dict(zip(ids, refined.argmax(axis=1).tolist(), strict=True))
             quality, quality_lines = _gold_report(
@@ -352,7 +355,7 @@ def run_label(config: LabelConfig) -> dict:
             for start in range(0, len(ids), REFINE_WRITE_ROWS):
                 stop = start + REFINE_WRITE_ROWS
                 writer.write_probs(ids[start:stop], refined[start:stop])
-        combined = read_metadata(out)
+        combined = read_pseudolabel_metadata(out)
     shutil.rmtree(parts_dir, ignore_errors=True)
     return _summary(out, combined, labeled_now, elapsed, quality_lines, workers, device)
 
@@ -414,179 +417,6 @@ def chunk_progress(dataset, chunks, done, parts_dir: Path):
         dynamic_ncols=True,
         disable=None,  # a bar on a terminal; none in logs, where it would print every update
     )
-
-
-_PART_NAME = re.compile(r"part-(\d+)\.parquet")
-
-
-def _finished_parts(parts_dir: Path) -> dict[int, Path]:
-    """Chunk number -> its finished part file in ``parts_dir``."""
-    if not parts_dir.is_dir():
-        return {}
-    found = {}
-    for path in parts_dir.iterdir():
-        match = _PART_NAME.fullmatch(path.name)
-        if match:
-            found[int(match[1])] = path
-    return found
-
-
-def _read_run(parts_dir: Path) -> dict:
-    """The interrupted run's run.json; UserError naming it when it is unreadable."""
-    run_file = parts_dir / "run.json"
-    try:
-        run = json.loads(run_file.read_text(encoding="utf-8"))
-        if not isinstance(run.get("settings"), dict) or not isinstance(run.get("created"), str):
-            raise ValueError("no settings or creation time")
-    except (OSError, ValueError, AttributeError) as error:
-        reason = " ".join(str(error).split())[:120]
-        raise UserError(
-            f"{run_file} of an interrupted run is unreadable ({reason}); delete the folder "
-            f"{parts_dir} to start over"
-        ) from None
-    return run
-
-
-def _check_parts(parts_dir: Path, settings: dict, resume: bool, out: Path) -> set[int]:
-    """The chunk numbers an interrupted run finished (checked, nothing written).
-
-    Raises:
-        UserError: finished parts without --resume, other settings, an unreadable run.json
-            or part file.
-    """
-    from zmdevice.pseudolabels import read_pseudolabels
-
-    done = _finished_parts(parts_dir)
-    if not done:
-        return set()
-    if not resume:
-        raise UserError(
-            f"{out}: an interrupted run left {len(done)} finished chunk(s) in {parts_dir}; "
-            "pass --resume to continue it, or delete that folder to start over"
-        )
-    previous = _read_run(parts_dir)["settings"]
-    differs = [k for k in settings if previous.get(k) != settings[k]]
-    if differs:
-        raise UserError(
-            f"--resume: the interrupted run in {parts_dir} used other settings "
-            f"({', '.join(differs)}); rerun with the same ones, or delete that folder"
-        )
-    for path in done.values():
-        try:
-            read_pseudolabels(path)
-        except UserError:
-            raise UserError(
-                f"--resume: the finished chunk {path} of the interrupted run is corrupt; "
-                "delete that file and rerun with --resume to label its samples again"
-            ) from None
-    return set(done)
-
-
-def _start_parts(parts_dir: Path, settings: dict) -> dict:
-    """A fresh parts folder with its run.json (an earlier unfinished one is replaced)."""
-    import datetime
-
-    if parts_dir.exists():
-        shutil.rmtree(parts_dir)
-    parts_dir.mkdir(parents=True)
-    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    run = {"settings": settings, "created": created}
-    write_text_atomic(parts_dir / "run.json", json.dumps(run))
-    return run
-
-
-def _check_same_numerics(parts_dir: Path, done: set[int], info: dict) -> None:
-    """A resumed run must label at the precision and runtime of the interrupted one. The
-    resolved ones are compared, not the flags: ``auto`` resolves per machine, and an explicit
-    flag equal to what ``auto`` gave before is the same run."""
-    if not done:
-        return
-    before = read_metadata(parts_dir / f"part-{min(done):06d}.parquet")["teacher"]
-    keys = ("precision", "runtime")
-    if any(before.get(k) != info.get(k) for k in keys):
-        raise UserError(
-            f"--resume: the interrupted run in {parts_dir} labeled with precision "
-            f"{before.get('precision')}, runtime {before.get('runtime')}; this one resolved "
-            f"{info['precision']}, {info['runtime']}: pass --precision {before.get('precision')} "
-            f"--runtime {before.get('runtime')}, or delete that folder"
-        )
-
-
-def write_part(parts_dir, number, metadata, ids, probs, skipped, stats) -> None:
-    """Write chunk ``number`` atomically: ``ids``, their probabilities (a list of float32
-    [b, C] arrays, in id order), the skipped ids and the teacher's counters for this chunk."""
-    part_meta = dict(metadata)
-    part_meta["skipped"] = {"count": len(skipped), "examples": skipped[:10]}
-    if stats:
-        part_meta["answers"] = stats
-    with PseudoLabelWriter(parts_dir / f"part-{number:06d}.parquet", part_meta) as writer:
-        if ids:
-            writer.write_probs(ids, np.concatenate(probs))
-
-
-def features_path(part: Path) -> Path:
-    """The FM features kept beside a part file for --refine."""
-    return part.with_name(part.stem + ".features.npy")
-
-
-def write_part_features(parts_dir: Path, number: int, features: list[np.ndarray]) -> None:
-    """float16 [n, D] features of part ``number`` (``.npy``: read back without pickle)."""
-    from zmdevice.errors import atomic_path
-
-    target = features_path(parts_dir / f"part-{number:06d}.parquet")
-    with atomic_path(target) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, np.concatenate(features).astype(np.float16), allow_pickle=False)
-
-
-def _refine(unrefined: Path, parts: list[Path], seeds) -> tuple[list[str], np.ndarray, dict]:
-    """The joined labels of ``unrefined`` refined over the neighbour graph of the parts'
-    features (``seeds``: the labeled examples' features and class ids, or None).
-
-    Returns:
-        (ids, refined probabilities float32 [N, C], the output's metadata).
-    """
-    from zmdevice.pseudolabels import read_pseudolabels
-    from zmdevice.refine import refine_labels
-
-    labels = read_pseudolabels(unrefined)
-    features = []
-    for part in parts:
-        path = features_path(part)
-        try:
-            features.append(np.load(path, allow_pickle=False))
-        except (OSError, ValueError) as error:
-            raise UserError(
-                f"{path}: FM features of a finished part are unreadable ({error}); delete "
-                f"that part and its .features.npy, then rerun with --resume"
-            ) from error
-    features = np.concatenate(features)
-    if len(features) != len(labels.ids):
-        raise UserError(
-            f"{parts[0].parent}: the parts' features cover {len(features)} samples, their "
-            f"labels {len(labels.ids)}; delete that folder and label again"
-        )
-    labeled_features, labeled_classes = seeds if seeds is not None else (None, None)
-    refined, info = refine_labels(features, labels.dense_probs(), labeled_features, labeled_classes)
-    metadata = dict(labels.metadata)
-    metadata["teacher"] = dict(metadata["teacher"], refine={**info, "method": REFINE_METHOD})
-    return list(labels.ids), refined, metadata
-
-
-REFINE_METHOD = "label spreading on the k-NN graph of L2-normalised FM features"
-REFINE_WRITE_ROWS = 65536
-"""Rows per row group of a refined output file."""
-
-
-def _labels_by_id(parts: list[Path]) -> dict[str, int]:
-    """id -> pseudo-label of everything labeled in this run (read back from the parts)."""
-    import pyarrow.parquet as pq
-
-    known: dict[str, int] = {}
-    for part in parts:
-        table = pq.read_table(part, columns=["id", "label"])
-        ids, labels = table.column("id").to_pylist(), table.column("label").to_pylist()
-        known.update(zip(ids, labels, strict=True))
-    return known
 
 
 def _gold_report(gold, truth, teacher, names, batch_size, workers, path, known):
@@ -695,13 +525,13 @@ def _combine(config: LabelConfig, out: Path) -> dict:
             f"{out.parent} (expected {shard_path(out, missing[0], total).name})"
         )
     paths = [found[(i, total)] for i in range(total)]
-    first = read_metadata(paths[0])
+    first = read_pseudolabel_metadata(paths[0])
     if first["teacher"].get("name") != config.teacher:
         raise UserError(
             f"--combine: {paths[0]} was labeled by teacher '{first['teacher'].get('name')}', "
             f"not '{config.teacher}'"
         )
-    from zmdevice.data import load_classes
+    from zmdevice.classes import load_classes
     from zmdevice.pseudolabels import check_classes
 
     check_classes(paths[0], first["classes"], load_classes(config.classes).names)

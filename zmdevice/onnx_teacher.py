@@ -88,6 +88,11 @@ class OnnxModule:
             ) from None
         self.path, self.input_names = path, input_names
 
+    def __reduce__(self):
+        # An onnxruntime session does not pickle; a copy (a teacher sent to another
+        # process) opens the same cached file again.
+        return OnnxModule, (self.path, self.input_names)
+
     def __call__(self, *inputs):
         import torch
 

@@ -148,13 +148,13 @@ def _yaml(value) -> str:
 def _label_file_metadata(train_config: dict) -> dict | None:
     """The metadata of the run's pseudo-label file, when it still exists and reads."""
     from zmdevice.errors import UserError
-    from zmdevice.pseudolabels import read_metadata
+    from zmdevice.pseudolabels import read_pseudolabel_metadata
 
     path = train_config.get("pseudo_labels")
     if not path or not Path(path).is_file():
         return None
     try:
-        return read_metadata(path)
+        return read_pseudolabel_metadata(path)
     except UserError:
         return None
 

@@ -11,30 +11,19 @@ std) or tokenizer settings; the tokenizer file of a text model lies next to the 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from zmdevice.errors import UserError, listing
+from zmdevice.data import TABLE_SUFFIXES
+from zmdevice.errors import UserError
+from zmdevice.images import IMAGE_EXTENSIONS, scan_images
 
 METADATA_PREFIX = "zmdevice."
-IMAGE_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-)
-TABLE_SUFFIXES = frozenset({".csv", ".jsonl", ".parquet"})
 BATCH_SIZE = 32
 MODEL_INPUTS = {"image": ["pixel_values"], "text": ["input_ids", "attention_mask"]}
 """The input names of an exported model, by modality (``export._input_names`` writes them)."""
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file as a plain dict (no session created).
-
-    Raises:
-        UserError: the file is missing or not an ONNX model.
-    """
-    return _open_session(Path(path), providers=["CPUExecutionProvider"])[1]
 
 
 def _open_session(path: Path, providers: list[str], threads: int | None = None):
@@ -115,7 +104,7 @@ def preprocess_image(image, preprocess: dict) -> np.ndarray:
     """
     from PIL import Image
 
-    from zmdevice.data import to_rgb
+    from zmdevice.images import to_rgb
 
     size = int(preprocess["image_size"])
     image = to_rgb(image)  # the training data's conversion: transparency on white
@@ -131,7 +120,7 @@ def preprocess_image(image, preprocess: dict) -> np.ndarray:
 
 def load_image(path: Path):
     """Open an image file fully (so corrupt or oversized files fail here, naming the file)."""
-    from zmdevice.data import UnreadableImage, open_image
+    from zmdevice.images import UnreadableImage, open_image
 
     if not Path(path).is_file():
         raise UserError(f"image file not found: {path}")
@@ -284,24 +273,18 @@ class OnnxClassifier:
         return np.concatenate(parts)
 
 
-def _iter_image_files(folder: Path) -> Iterator[Path]:
-    """Image files under ``folder``, recursively, in a stable (sorted) order."""
-    for path in sorted(folder.rglob("*")):
-        hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
-        if not hidden and path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            yield path
-
-
 def _image_inputs(inputs: Iterable[str], classifier: OnnxClassifier) -> list[Path]:
     """Resolve image files, folders and image tables; text -> UserError."""
     paths: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = list(_iter_image_files(path))
+            found = scan_images(path)
             if not found:
-                raise UserError(f"folder {path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-            paths.extend(found)
+                raise UserError(
+                    f"folder {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})"
+                )
+            paths.extend(path / relative for relative in found)
         elif path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
             from zmdevice.config import DataOptions
             from zmdevice.data import open_dataset
@@ -330,7 +313,7 @@ def _text_inputs(inputs: Iterable[str], classifier: OnnxClassifier, text_column:
 
             dataset = open_dataset(path, DataOptions(text_column=text_column), modality="text")
             texts.extend(zip(dataset.ids, dataset.texts, strict=True))
-        elif (is_file and path.suffix.lower() in IMAGE_SUFFIXES) or (
+        elif (is_file and path.suffix.lower() in IMAGE_EXTENSIONS) or (
             path is not None and _is_dir(path)
         ):
             raise UserError(
@@ -452,23 +435,6 @@ def predict_dataset(
     return np.concatenate(parts)
 
 
-def label_indices_for(dataset, classes: list[str], source: Path) -> np.ndarray:
-    """Class indices int64 [N] of a labeled dataset; unknown names -> UserError."""
-    if dataset.labels is None:
-        raise UserError(
-            f"{source} has no labels: evaluation needs a 'label' column "
-            "(or one sub-folder per class for images)"
-        )
-    index = {name: i for i, name in enumerate(classes)}
-    for row, name in enumerate(dataset.labels):
-        if name not in index:
-            raise UserError(
-                f"{source}: sample '{dataset.ids[row]}' has label '{name}', which is not a "
-                f"class of the model ({listing(classes)})"
-            )
-    return np.asarray([index[name] for name in dataset.labels], dtype=np.int64)
-
-
 def run_evaluate_onnx(
     model: str | Path,
     data: str | Path,
@@ -483,13 +449,13 @@ def run_evaluate_onnx(
         ``metrics.classification_report`` fields plus ``model``, ``data`` and ``lines``.
     """
     from zmdevice.config import DataOptions
-    from zmdevice.data import open_dataset
+    from zmdevice.data import label_indices, open_dataset
     from zmdevice.metrics import classification_report, format_report
 
     classifier = OnnxClassifier(model, device=device)
     options = DataOptions(text_column=text_column, label_column=label_column)
     dataset = open_dataset(Path(data), options, modality=classifier.modality, require_labels=True)
-    truth = label_indices_for(dataset, classifier.classes, Path(data))
+    truth = label_indices(dataset, classifier.classes, owner="the model")
     probs = predict_dataset(classifier, dataset)
     report = classification_report(truth, probs.argmax(axis=1), classifier.classes)
     lines = format_report(report, classifier.classes, f"{Path(model).name} on {data}")

@@ -197,7 +197,7 @@ function overWhite(value, alpha) {
 
 /**
  * Interleaved 8-bit pixels with `channels` per pixel (1 grey, 2 grey+alpha, 3 RGB,
- * 4 RGBA) -> RGB bytes [height, width, 3], transparent pixels on white (zmdevice.data.to_rgb).
+ * 4 RGBA) -> RGB bytes [height, width, 3], transparent pixels on white (zmdevice.images.to_rgb).
  */
 export function toRgb(pixels, width, height, channels) {
   const count = width * height;

@@ -97,7 +97,7 @@ def explicit_classes(config: TrainConfig) -> list[str] | None:
     classes = config.classes
     if classes is None:
         return None
-    from zmdevice.data import load_classes
+    from zmdevice.classes import load_classes
 
     return load_classes(",".join(classes) if isinstance(classes, list) else classes).names
 
@@ -109,7 +109,8 @@ def build_data(
     import numpy as np
     import torch
 
-    from zmdevice.data import ClassList, label_indices
+    from zmdevice.classes import ClassList
+    from zmdevice.data import label_indices
 
     class_list = ClassList(names=list(classes), prompts={})
     labeled_y = label_indices(labeled, class_list)

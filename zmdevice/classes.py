@@ -1,0 +1,137 @@
+"""Class lists: the names of the target classes in order, with the prompts or descriptions
+the user gave for each, read from a comma list, a one-per-line file, or a TOML/JSON
+mapping. Index i is class i everywhere: pseudo-labels, student heads, ONNX outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from zmdevice.errors import UserError
+
+
+@dataclass
+class ClassList:
+    """Class names in order, with the prompts or descriptions the user gave for each.
+
+    ``prompts[name]`` is an empty list when the spec gave none (comma list, one-per-line
+    file): teachers then build prompts from the name and their templates.
+    """
+
+    names: list[str]
+    """Class names; index i is class i everywhere (pseudo-labels, student head, ONNX)."""
+    prompts: dict[str, list[str]]
+    """Class name -> user prompts/descriptions (possibly empty)."""
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def index(self, name: str) -> int:
+        """The class index of ``name`` (ValueError if unknown)."""
+        return self.names.index(name)
+
+    @property
+    def has_prompts(self) -> bool:
+        """True when at least one class came with its own prompts or descriptions."""
+        return any(self.prompts.values())
+
+
+def load_classes(spec: str) -> ClassList:
+    """Read a class list from a comma list, a text file, or a TOML/JSON file.
+
+    Args:
+        spec: ``"cat,dog"``; a ``.txt`` (or any other) file with one class per line
+            (blank lines and ``#`` comments ignored); or a ``.toml``/``.json`` file mapping
+            each class to a prompt string or a list of prompts (JSON may also be a list of
+            names; TOML may nest the mapping under ``[classes]``).
+
+    Raises:
+        UserError: missing file, malformed file, duplicate class, fewer than two classes.
+    """
+    spec = str(spec).strip()
+    path = Path(spec)
+    looks_like_file = path.suffix.lower() in (".toml", ".json", ".txt") or os.sep in spec
+    if path.is_file():
+        mapping = _read_class_file(path)
+        where = str(path)
+    elif looks_like_file and "," not in spec:
+        raise UserError(f"class file not found: {spec}; give a file or a comma list like 'a,b'")
+    else:
+        where = "--classes"
+        names = spec.split(",")
+        _check_names(names, where)
+        mapping = {name.strip(): [] for name in names}
+    names = list(mapping)
+    _check_names(names, where)
+    return ClassList(names=names, prompts=mapping)
+
+
+def _check_names(names: list[str], where: str) -> None:
+    """Class names as written: none empty, none repeated once surrounding spaces go."""
+    if any(not name.strip() for name in names):
+        raise UserError(f"empty class name in {where}")
+    seen: dict[str, str] = {}
+    for name in names:
+        key = name.strip()
+        if key in seen:
+            spelled = "" if seen[key] == name else f" (as {seen[key]!r} and {name!r})"
+            raise UserError(
+                f"class '{key}' is listed twice in {where}{spelled}; class names are compared "
+                "without surrounding spaces, so give each class once"
+            )
+        seen[key] = name
+    if len(names) < 2:
+        raise UserError(f"{where} gives {len(names)} class(es); a classifier needs at least 2")
+
+
+def _read_class_file(path: Path) -> dict[str, list[str]]:
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"class file {path} is not UTF-8 text ({error.reason} at byte {error.start}); "
+            "save it as UTF-8"
+        ) from None
+    if suffix == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise UserError(f"class file {path} is not valid TOML: {error}") from None
+        if set(data) == {"classes"}:
+            data = data["classes"]
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserError(f"class file {path} is not valid JSON: {error}") from None
+    else:
+        names = []
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                names.append(line)
+        _check_names(names, str(path))
+        return {name: [] for name in names}
+    if isinstance(data, list) and all(isinstance(name, str) for name in data):
+        _check_names(data, str(path))
+        return {name.strip(): [] for name in data}
+    if not isinstance(data, dict):
+        raise UserError(f"class file {path} must map each class name to its prompt(s)")
+    _check_names(list(data), str(path))
+    mapping: dict[str, list[str]] = {}
+    for name, value in data.items():
+        if isinstance(value, str):
+            prompts = [value]
+        elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+            prompts = list(value)
+        else:
+            raise UserError(
+                f"class '{name}' in {path} must map to a string or a list of strings, "
+                f"got {type(value).__name__}"
+            )
+        mapping[name.strip()] = [prompt for prompt in prompts if prompt.strip()]
+    return mapping

@@ -1,0 +1,241 @@
+"""What every teacher kind shares: the :class:`Teacher` interface, how a teacher's network
+runs (precision and runtime, :class:`Numerics`), and the zero-shot head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zmdevice.errors import UserError
+
+
+class Teacher:
+    """A frozen zero-shot classifier. One subclass per kind builds it whole in its
+    constructor; every attribute is plain data or a module, so a teacher pickles.
+
+    A teacher owns its preprocessing, split so the heavy part can run in data-loader
+    workers: ``prepare(item)`` turns one raw sample (a ``str`` or an RGB ``PIL.Image``) into
+    what ``collate(items)`` stacks into a batch, and ``predict_proba(batch)`` returns float32
+    [B, C] class probabilities on the CPU. ``prepare`` and ``collate`` are small picklable
+    objects of their own, so a worker receives them without the model.
+
+    Attributes:
+        kind: the registry name ("clip", "text-embed", ...); set by each subclass.
+        modality: "text" or "image"; set by each subclass.
+        spec: resolved ``kind:spec`` string.
+        classes: target class names, index = class id.
+        prepare: picklable callable, one raw sample -> a prepared item (runs in workers).
+        collate: picklable callable, list of prepared items -> a batch.
+        info: what the pseudo-label metadata records (kind, preprocessing, prompts,
+            precision, runtime, ...).
+        stats: running counters a teacher reports (e.g. the LLM's unmapped answers).
+        device: the torch device it runs on.
+        model: the frozen ``torch.nn.Module`` (eval mode, no gradients).
+        features_and_probs: batch -> (features [B, D], probabilities [B, C]) from one pass,
+            a method of the kinds with a feature space (text-embed, imagenet); None on the
+            others. ``zmdevice.fewshot`` adapts such a teacher with a few labeled examples.
+    """
+
+    kind: str = ""
+    modality: str = ""
+    features_and_probs = None
+
+    def __init__(
+        self,
+        request: Request,
+        classes: Sequence[str],
+        numerics: Numerics,
+        *,
+        prepare,
+        collate,
+        model,
+        details: dict,
+        stats: dict | None = None,
+    ):
+        """Called last by a kind's constructor ``(request, classes: ClassList, numerics)``,
+        once its model and preprocessing exist.
+
+        Args:
+            request: what was asked for.
+            classes: the target class names.
+            numerics: how the network runs, its precision already resolved.
+            prepare, collate, model: see the class attributes.
+            details: the kind's own metadata (preprocessing, prompts, class map, ...).
+            stats: the kind's counters, updated while it labels.
+        """
+        entry = request.entry
+        self.spec = f"{self.kind}:{request.rest}"
+        self.classes = list(classes)
+        self.prepare, self.collate, self.model = prepare, collate, model
+        self.device = numerics.device
+        self.stats = {} if stats is None else stats
+        self.info = {
+            "name": request.name or self.spec,
+            "kind": self.kind,
+            "spec": self.spec,
+            "catalog": {k: v for k, v in entry.items() if k != "weights_from"} or None,
+            **details,
+            **numerics.info(),
+        }
+
+    def forward(self, batch) -> Any:
+        """batch -> float32 [B, C] probabilities (torch tensor)."""
+        raise NotImplementedError
+
+    def predict_proba(self, batch) -> Any:
+        """float32 [B, C] class probabilities (CPU torch tensor) for a collated batch."""
+        import torch
+
+        with torch.inference_mode():
+            return self.forward(batch).float().cpu()
+
+    def predict_items(self, items: Sequence) -> Any:
+        """Convenience: prepare, collate and predict raw samples in this process."""
+        return self.predict_proba(self.collate([self.prepare(item) for item in items]))
+
+
+@dataclass(frozen=True)
+class Request:
+    """A teacher as asked for, resolved (``zmdevice.teachers.resolve_spec``)."""
+
+    rest: str
+    """The spec after ``kind:`` (model, weights, options)."""
+    name: str | None = None
+    """The teacher as the user named it: a catalog name or ``kind:spec``."""
+    entry: dict = field(default_factory=dict)
+    """The catalog entry it came from ({} for a ``kind:spec``): preprocessing, maps."""
+    templates: str | None = None
+    """CLIP prompt templates (``zmdevice.teachers.clip.load_templates``)."""
+
+
+@dataclass
+class Numerics:
+    """How a teacher's network runs: precision (autocast) and runtime (torch or onnx).
+
+    A kind routes the network call, and nothing else, through :meth:`network` or its
+    ``precision.autocast()``: prompt embeddings, class weights and the zero-shot head stay
+    fp32.
+    """
+
+    request: str
+    """--precision as asked (``auto`` resolved per model by ``set_model``)."""
+    runtime: str
+    """"torch" or "onnx", already resolved."""
+    device: Any
+    precision: Any = None
+    """The resolved ``zmdevice.precision.Precision`` once the model is known."""
+
+    def set_model(self, model) -> None:
+        from zmdevice.precision import Hardware, model_family, teacher_precision
+
+        hardware = Hardware.probe(self.device)
+        self.precision = teacher_precision(
+            self.request, self.runtime, hardware, model_family(model)
+        )
+
+    def network(self, module, example: tuple, names: list[str], dynamic: dict, identity):
+        """``module`` (tensors in, one float tensor out) as it will run (:class:`Network`).
+        ``identity`` = (spec, weights path, dict of whatever else shapes the graph) keys the
+        ONNX cache."""
+        self.set_model(module)
+        onnx = None
+        if self.runtime == "onnx":
+            from zmdevice.onnx_teacher import cache_key, onnx_module
+
+            onnx = onnx_module(module, example, names, dynamic, cache_key(*identity))
+        return Network(module, self.precision, self.device, onnx)
+
+    def info(self) -> dict:
+        return {
+            "precision": self.precision.name,
+            "precision_reason": self.precision.reason,
+            "runtime": self.runtime,
+        }
+
+
+class Network:
+    """A teacher's network as it runs: the torch module under autocast with a float32
+    result, or its cached ONNX export (``zmdevice.onnx_teacher.OnnxModule``)."""
+
+    def __init__(self, module, precision, device, onnx=None):
+        self.module, self.precision, self.device, self.onnx = module, precision, device, onnx
+
+    def __call__(self, *inputs):
+        if self.onnx is not None:
+            return self.onnx(*inputs).to(self.device)
+        inputs = tuple(x.to(self.device) for x in inputs)
+        with self.precision.autocast():
+            output = self.module(*inputs)
+        return output.float()
+
+
+def freeze(model):
+    """``model`` in eval mode with gradients off (a teacher never trains)."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def existing_path(value: str) -> Path | None:
+    """``value`` as a local path when it looks like one (exists, or has a separator)."""
+    path = Path(value).expanduser()
+    if path.exists():
+        return path
+    if "/" in value and (value.startswith((".", "/", "~")) or value.endswith((".pt", ".pth"))):
+        raise UserError(f"teacher weights not found: {value}")
+    return None
+
+
+def load_hf(kind: str, name: str, loader, **kwargs):
+    """``loader.from_pretrained(name)`` with a one-line error instead of a hub traceback."""
+    path = existing_path(name)
+    try:
+        return loader.from_pretrained(str(path) if path else name, **kwargs)
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"cannot load the {kind} teacher '{name}': {first[:200]} (give a local model "
+            "folder, or a hub id with network access)"
+        ) from None
+
+
+def identity(item):
+    """The ``prepare`` of text teachers: a text goes to ``collate`` as it is."""
+    return item
+
+
+def stack(items):
+    """The ``collate`` of image teachers: [3, S, S] tensors -> [B, 3, S, S]."""
+    import torch
+
+    return torch.stack(items)
+
+
+def words(text: str) -> list[str]:
+    """Lower-case alphanumeric words of ``text`` (punctuation dropped)."""
+    import re
+
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def class_weights(per_class: list) -> Any:
+    """Zero-shot classifier weights [C, D] from per-class prompt embeddings.
+
+    Args:
+        per_class: C tensors [P_c, D], each row one prompt's L2-normalised embedding.
+
+    Returns:
+        [C, D]: each class's mean prompt embedding, L2-normalised again (CLIP's recipe).
+    """
+    import torch
+
+    means = torch.stack([embeddings.mean(0) for embeddings in per_class])
+    return torch.nn.functional.normalize(means, dim=-1)
+
+
+def zero_shot_probs(features, weights, scale: float):
+    """softmax(scale * cosine): features [B, D] and weights [C, D] L2-normalised -> [B, C]."""
+    return (scale * features @ weights.T).softmax(dim=-1)
