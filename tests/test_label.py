@@ -59,9 +59,9 @@ def test_gold_samples_already_labeled_reuse_their_pseudo_label(tmp_path, embed_d
     seen = []
     real = label_module.iterate_batches
 
-    def counting(dataset, teacher, indices, batch_size, workers):
+    def counting(dataset, teacher, indices, batch_size, workers, *features):
         seen.append(len(list(indices)))
-        yield from real(dataset, teacher, indices, batch_size, workers)
+        yield from real(dataset, teacher, indices, batch_size, workers, *features)
 
     monkeypatch.setattr(label_module, "iterate_batches", counting)
     summary = run_label(config(tmp_path, embed_dir, gold=tmp_path / "gold.csv"))
