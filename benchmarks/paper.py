@@ -99,8 +99,17 @@ VARIANTS = [
     Method("naive-pl-rf", "naive-pl", labels="refined"),
     Method("zeromatch-rf-effl0-64", "zeromatch", labels="refined", student=PRETRAINED_IMAGE,
            config={"image_size": 64, "lr": 5e-4, "head_lr": 2e-3}),
+    # Budget curves: the same methods given a wall-clock budget (--time-budget, minutes of
+    # one pinned CPU core) instead of a step count; steps are planned from measured ones.
+    *(
+        Method(f"{name}-b{minutes}", method, labels="refined",
+               config={"time_budget": minutes})
+        for name, method in (("zeromatch-rf", "zeromatch"), ("kd-rf", "kd"))
+        for minutes in (1, 4, 15)
+    ),
     # AdaMatch's distribution-alignment momentum: USB's 0.999 against the default 0.99.
     Method("zeromatch-fs-da999", "zeromatch", labels="few-shot", config={"da_momentum": 0.999}),
+    Method("zeromatch-rf-da999", "zeromatch", labels="refined", config={"da_momentum": 0.999}),
     # The pretrained image student at a few input sizes (images only).
     *(
         Method(f"zeromatch-effl0-{size}", "zeromatch", student=PRETRAINED_IMAGE,
@@ -623,6 +632,78 @@ def _dev_section(dataset: Dataset, results: list[dict]) -> list[str]:
     return lines
 
 
+BUDGET_MINUTES = (1, 4, 15)
+BUDGET_PLOT = Path(__file__).resolve().parent / "budget-curves.png"
+
+
+def budget_runs(results: list[dict], dataset: str) -> dict[str, dict[int, dict[int, float]]]:
+    """method -> minutes -> seed -> test accuracy, for the ``-b<minutes>`` rows."""
+    found: dict[str, dict[int, dict[int, float]]] = {}
+    for r in results:
+        budget = r.get("config", {}).get("time_budget")
+        if r["dataset"] != dataset or split_of(r) != "test" or budget is None:
+            continue
+        base = r["method"].rsplit("-b", 1)[0]
+        found.setdefault(base, {}).setdefault(int(budget), {})[r["seed"]] = accuracy_of(r)
+    return found
+
+
+def _budget_section(dataset: Dataset, results: list[dict]) -> list[str]:
+    runs = budget_runs(results, dataset.name)
+    if not runs:
+        return []
+    lines = [
+        f"### {dataset.name}: accuracy against CPU minutes",
+        "",
+        "`--time-budget M` on one pinned core (wall minutes = CPU minutes), 4 labels/class; "
+        f"plotted in `{BUDGET_PLOT.name}`.",
+        "",
+        "| method | " + " | ".join(f"{m} min" for m in BUDGET_MINUTES) + " |",
+        "|---|" + "---|" * len(BUDGET_MINUTES),
+    ]
+    for method, by_minutes in sorted(runs.items()):
+        cells = []
+        for minutes in BUDGET_MINUTES:
+            seeds = by_minutes.get(minutes, {})
+            cells.append(
+                f"{_mean_std(list(seeds.values()))} ({_per_seed(seeds)})" if seeds else "-"
+            )
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def plot_budgets(results: list[dict]) -> None:
+    """Accuracy against CPU minutes per data set (mean and each seed) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(d, budget_runs(results, d.name)) for d in DATASETS.values()]
+    panels = [(d, runs) for d, runs in panels if runs]
+    if not panels:
+        return
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for axis, (dataset, runs) in zip(axes[0], panels, strict=True):
+        for method, by_minutes in sorted(runs.items()):
+            minutes = sorted(by_minutes)
+            means = [100 * sum(s.values()) / len(s) for s in map(by_minutes.get, minutes)]
+            (line,) = axis.plot(minutes, means, marker="o", label=method)
+            for m in minutes:
+                seeds = [100 * v for v in by_minutes[m].values()]
+                axis.scatter([m] * len(seeds), seeds, s=8, color=line.get_color(), alpha=0.5)
+        axis.set_xscale("log")
+        axis.set_xticks(list(BUDGET_MINUTES), [str(m) for m in BUDGET_MINUTES])
+        axis.set_xlabel("CPU minutes per training run (one core)")
+        axis.set_ylabel("test accuracy (%)")
+        axis.set_title(f"{dataset.name} (4 labels/class)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(BUDGET_PLOT, dpi=110)
+    plt.close(figure)
+
+
 def command_table(args) -> int:
     results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     results = [r for r in results if "dataset" in r and "method" in r]
@@ -653,11 +734,13 @@ def command_table(args) -> int:
         seconds = [r["train_seconds"] for r in rows if "train_seconds" in r]
         if seconds:
             lines += [f"Mean wall time per training run: {sum(seconds) / len(seconds):.0f} s.", ""]
+        lines += _budget_section(dataset, results)
         lines += [f"### {dataset.name}: chosen on dev", "", *_dev_section(dataset, results)]
     envs = {json.dumps(r["environment"], sort_keys=True) for r in results if "environment" in r}
     if envs:
         lines += ["Environment(s):", ""] + [f"- `{e}`" for e in sorted(envs)] + [""]
     TABLE.write_text("\n".join(lines), encoding="utf-8")
+    plot_budgets(results)
     print(f"wrote {TABLE} from {len(results)} result files")
     return 0
 

@@ -2,6 +2,7 @@
 
     python benchmarks/peers.py features   # FM features + zero-shot probabilities, cached once
     python benchmarks/peers.py screen     # few-shot teacher settings, chosen on dev
+    python benchmarks/peers.py refine-screen  # dev accuracy of zero-shot/few-shot/refined labels
     python benchmarks/peers.py probes     # logistic-regression probes on frozen FM features
     python benchmarks/peers.py setfit     # SetFit (text), same MiniLM body, its defaults
     python benchmarks/peers.py latency    # size and batch-1 CPU latency of each deployed model
@@ -294,6 +295,54 @@ def fewshot_label_file(dataset: str, k: int, seed: int, l2: float, weight: float
     probs = adapter.probs(pool["features"], pool["probs"])
     write_pool_labels(dataset, path, pool["ids"], probs, few_shot)
     return path
+
+
+def screen_refine(dataset: str) -> dict:
+    """Dev accuracy of the labels each labeling choice gives, per labeled draw (K = 4, 1).
+
+    The dev samples join the graph as unlabeled nodes, exactly like pool samples, and are
+    scored on the label refinement gives them; beside it the zero-shot FM and the few-shot
+    teacher (``zmdevice.fewshot`` defaults) on the same dev samples. This is the rule fixed
+    in advance for which labels ZeroMatch trains on: the most accurate on dev.
+    """
+    from zmdevice.fewshot import fit_adapter
+    from zmdevice.refine import refine_labels
+
+    path = RESULTS / f"{dataset}-dev-refine-screen.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    pool, dev = load_split(dataset, "pool"), load_split(dataset, "dev")
+    features = np.concatenate([pool["features"], dev["features"]])
+    probs = np.concatenate([pool["probs"], dev["probs"]])
+    on_dev = slice(len(pool["ids"]), None)
+    rows = []
+    for k in LABELS_PER_CLASS:
+        for seed in SEEDS:
+            labeled, labels = labeled_rows(dataset, k, seed, pool)
+            few_shot = fit_adapter(pool["features"][labeled], labels, len(classes_of(dataset)))
+            refined, info = refine_labels(features, probs, pool["features"][labeled], labels)
+            rows.append(
+                {
+                    "labels_per_class": k,
+                    "seed": seed,
+                    "zero_shot": accuracy(dev["probs"], dev["labels"]),
+                    "few_shot": accuracy(
+                        few_shot.probs(dev["features"], dev["probs"]), dev["labels"]
+                    ),
+                    "refined": accuracy(refined[on_dev], dev["labels"]),
+                    "refine": info,
+                }
+            )
+            print(f"[peers] {dataset} k{k} s{seed}: {rows[-1]}", flush=True)
+    result = {
+        "dataset": dataset,
+        "split": "dev",
+        "what": "dev accuracy of zero-shot, few-shot and refined labels (dev as unlabeled nodes)",
+        "rows": rows,
+        "environment": environment(),
+    }
+    write_json(path, result)
+    return result
 
 
 def refined_label_file(dataset: str, k: int, seed: int) -> Path:
@@ -603,7 +652,8 @@ def _describe(module, example) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("step", choices=("features", "screen", "probes", "setfit", "latency"))
+    steps = ("features", "screen", "refine-screen", "probes", "setfit", "latency")
+    parser.add_argument("step", choices=steps)
     parser.add_argument("--only", choices=sorted(DATASETS))
     args = parser.parse_args(argv)
     datasets = [d for d in DATASETS if args.only in (None, d)]
@@ -617,6 +667,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.step == "screen":
             result = screen_fewshot(dataset)
             print(json.dumps({"fm": result["fm_zero_shot_dev_accuracy"], **result["chosen"]}))
+        elif args.step == "refine-screen":
+            screen_refine(dataset)
         elif args.step == "probes":
             probe_results(dataset)
     return 0
