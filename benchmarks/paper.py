@@ -451,7 +451,7 @@ PEERS = {
     "fm-few-shot": "the few-shot teacher itself (FM + probe x zero-shot prior)",
 }
 """Peer rows (benchmarks/peers.py): what a user would pick instead of ZeroMatch."""
-FINAL = {"images": "zeromatch-fs", "text": "zeromatch-fs"}
+FINAL = {"images": "zeromatch-rf", "text": "zeromatch-rf"}
 """ZeroMatch as shipped per data set: the variant chosen on dev (docs/benchmark-protocol.md)."""
 
 
@@ -589,8 +589,10 @@ def _dev_section(dataset: Dataset, results: list[dict]) -> list[str]:
     if screen.is_file():
         data = json.loads(screen.read_text())
         lines += [
-            "Few-shot teacher settings (pseudo-label accuracy on dev, mean of the 3 labeled "
-            f"draws; FM zero-shot on dev: {100 * data['fm_zero_shot_dev_accuracy']:.1f}):",
+            "Few-shot teacher grid, best point per K (pseudo-label accuracy on dev, mean of "
+            "the 3 labeled draws; FM zero-shot on dev: "
+            f"{100 * data['fm_zero_shot_dev_accuracy']:.1f}). The shipped default, l2 0.001 "
+            "and zero-shot weight 0.25, is the best mean over all data sets and both K:",
             "",
         ]
         for k, best in data["chosen"].items():
@@ -608,6 +610,28 @@ def _dev_section(dataset: Dataset, results: list[dict]) -> list[str]:
                 f"({_per_seed(dict(enumerate(best['dev_accuracy'])))}); best probe alone "
                 f"(weight 0): {100 * plain['mean']:.1f}"
             )
+        lines.append("")
+    refine = RESULTS / f"{dataset.name}-dev-refine-screen.json"
+    if refine.is_file():
+        screen_rows = json.loads(refine.read_text())["rows"]
+        lines += [
+            "Which labels (dev accuracy of the labels each choice gives the dev samples; the "
+            "most accurate is trained on):",
+            "",
+            "| labels/class | zero-shot | few-shot | refined | per seed (refined) | "
+            "prior kept (CV) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for k in (4, 1):
+            group = [r for r in screen_rows if r["labels_per_class"] == k]
+            if not group:
+                continue
+            cells = [
+                _mean_std([r[key] for r in group]) for key in ("zero_shot", "few_shot", "refined")
+            ]
+            kept = sum(r["refine"]["prior_weight"] > 0 for r in group)
+            refined = _per_seed({r["seed"]: r["refined"] for r in group})
+            lines.append(f"| {k} | {' | '.join(cells)} | {refined} | {kept} of {len(group)} |")
         lines.append("")
     dev = [r for r in results if r["dataset"] == dataset.name and split_of(r) == "dev"]
     if dev:
@@ -723,7 +747,8 @@ def command_table(args) -> int:
             "",
             f"Budget: {dataset.total_steps} steps per method unless the run says otherwise "
             f"(zeromatch: half KD, half SSL); {dataset.max_unlabeled} unlabeled, "
-            f"{dataset.max_test} test samples. `-fs` rows use the few-shot teacher's labels.",
+            f"{dataset.max_test} test samples. `-fs` rows use the few-shot teacher's labels, "
+            "`-rf` rows the refined ones (`label --few-shot --refine`).",
             "",
             *_result_table(dataset, rows),
             "",
