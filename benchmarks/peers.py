@@ -31,7 +31,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paper import DATASETS, RESULTS, WORK, data_dir, environment, labeled_table  # noqa: E402
+from paper import (  # noqa: E402
+    DATASETS,
+    RESULTS,
+    WORK,
+    data_dir,
+    environment,
+    labeled_table,
+    prepare_data,
+    split_path,
+)
 
 FEATURES = WORK / "features"
 SEEDS = (0, 1, 2)
@@ -43,9 +52,7 @@ PROBE_C_GRID = (0.1, 1.0, 10.0, 100.0)
 
 def split_source(dataset: str, split: str) -> Path:
     """The data of a split: the unlabeled pool, or the labeled dev/test split."""
-    folder = data_dir(dataset)
-    name = {"pool": "unlabeled"}.get(split, split)
-    return folder / (name if dataset == "images" else f"{name}.csv")
+    return split_path(dataset, {"pool": "unlabeled"}.get(split, split))
 
 
 def write_json(path: Path, result: dict) -> None:
@@ -110,7 +117,7 @@ def cache_features(
             if teacher is None:
                 teacher = build_teacher(DATASETS[dataset].teacher, classes_of(dataset))
             chunk = order[start : start + CHUNK]
-            if dataset == "text":  # by length: a batch pads to its longest text
+            if DATASETS[dataset].modality == "text":  # by length: a batch pads to its longest text
                 chunk = chunk[np.argsort([len(data.texts[i]) for i in chunk], kind="stable")]
             started = time.time()
             features, probs = teacher_outputs(teacher, _Subset(data, chunk))
@@ -612,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         setfit_results()
     for dataset in datasets:
         if args.step == "features":
+            prepare_data(DATASETS[dataset])  # build the data set first if it is missing
             cache_features(dataset)
         elif args.step == "screen":
             result = screen_fewshot(dataset)
