@@ -601,6 +601,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "text" in wanted:
             _require_wordnet(args.wordnet_file)
         digits = load_digits() if "digits" in wanted else None
+        if digits is not None:
+            # Caps meant for the large sets (--max-test 2000) would leave no digit pool.
+            left = len(digits[1]) - cap(args.max_test, DIGITS_TEST) - cap(args.max_dev, DIGITS_DEV)
+            if left < 1:
+                raise BuildError(
+                    f"--max-test and --max-dev leave no pool of the {len(digits[1])} digits: "
+                    "build them on their own (--only digits) with smaller caps"
+                )
         if "images" in wanted:
             sizes = build_images(
                 args.out / "images",
