@@ -5,6 +5,7 @@
     python benchmarks/peers.py probes     # logistic-regression probes on frozen FM features
     python benchmarks/peers.py setfit     # SetFit (text), same MiniLM body, its defaults
     python benchmarks/peers.py latency    # size and batch-1 CPU latency of each deployed model
+    python benchmarks/peers.py pool-labels  # pseudo-label accuracy on the pool (diagnostic)
 
 Every step skips what its JSON file in ``benchmarks/results/`` already holds, so an
 interrupted run resumes. Each result records the split that produced it (``"split"``):
@@ -37,6 +38,7 @@ from paper import (  # noqa: E402
     WORK,
     data_dir,
     environment,
+    gold_rows,
     labeled_table,
     prepare_data,
     split_path,
@@ -371,6 +373,61 @@ def write_pool_labels(
         writer.write_probs(ids, probs)
 
 
+# --------------------------------------------------------------------------- pool labels
+
+
+def pool_label_accuracy(dataset: str) -> dict:
+    """How right each kind of pseudo-label is on the pool, against ``unlabeled_gold.csv``.
+
+    A diagnostic only: the pool's true labels choose nothing. Per labeled draw (k, seed):
+    the FM's zero-shot labels, the few-shot teacher with its library defaults and with the
+    dev-chosen settings, and the refined labels (``refined_label_file``) with what the
+    refinement chose (its prior weight and cross-validation scores).
+    """
+    from zmdevice.fewshot import fit_adapter
+    from zmdevice.pseudolabels import read_pseudolabels
+
+    path = RESULTS / f"{dataset}-pool-label-accuracy.json"
+    pool = load_split(dataset, "pool")
+    names = classes_of(dataset).names
+    truth = {row["id"]: names.index(row["label"]) for row in gold_rows(dataset)}
+    gold = np.array([truth[str(i)] for i in pool["ids"]])
+    draws = []
+    for k in LABELS_PER_CLASS:
+        for seed in SEEDS:
+            rows, labels = labeled_rows(dataset, k, seed, pool)
+            default = fit_adapter(pool["features"][rows], labels, len(names))
+            settings = chosen_fewshot_settings(dataset, k)
+            chosen = fit_adapter(
+                pool["features"][rows], labels, len(names),
+                l2=settings["l2"], zero_shot_weight=settings["weight"],
+            )  # fmt: skip
+            refined = read_pseudolabels(refined_label_file(dataset, k, seed))
+            position = {str(i): n for n, i in enumerate(refined.ids)}
+            refined_probs = refined.dense_probs()[[position[str(i)] for i in pool["ids"]]]
+            features, probs = pool["features"], pool["probs"]
+            draws.append({
+                "labels_per_class": k,
+                "seed": seed,
+                "zero_shot": accuracy(probs, gold),
+                "few_shot_defaults": accuracy(default.probs(features, probs), gold),
+                "few_shot_dev_chosen": accuracy(chosen.probs(features, probs), gold),
+                "few_shot_dev_settings": settings,
+                "refined": accuracy(refined_probs, gold),
+                "refine": refined.metadata["teacher"]["refine"],
+            })  # fmt: skip
+    result = {
+        "dataset": dataset,
+        "split": "pool",
+        "what": "pseudo-label accuracy on the unlabeled pool (true labels: diagnostic only)",
+        "pool": len(gold),
+        "draws": draws,
+        "environment": environment(),
+    }
+    write_json(path, result)
+    return result
+
+
 # --------------------------------------------------------------------------- probes
 
 
@@ -609,7 +666,8 @@ def _describe(module, example) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("step", choices=("features", "screen", "probes", "setfit", "latency"))
+    steps = ("features", "screen", "probes", "setfit", "latency", "pool-labels")
+    parser.add_argument("step", choices=steps)
     parser.add_argument("--only", choices=sorted(DATASETS))
     args = parser.parse_args(argv)
     datasets = [d for d in DATASETS if args.only in (None, d)]
@@ -626,6 +684,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"fm": result["fm_zero_shot_dev_accuracy"], **result["chosen"]}))
         elif args.step == "probes":
             probe_results(dataset)
+        elif args.step == "pool-labels":
+            for draw in pool_label_accuracy(dataset)["draws"]:
+                print(json.dumps(draw))
     return 0
 
 
