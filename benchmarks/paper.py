@@ -344,6 +344,10 @@ def execute(run: Run) -> dict:
             args.append("--allow-partial")
             unlabeled_used = partial["covered"]
     args += list(method.flags)
+    # A run killed part way (the machine is shared, runs are long) continues from its last
+    # checkpoint; one killed before its first checkpoint starts again in its own folder.
+    resumed = any((out / "checkpoints").glob("last-*.safetensors"))
+    args.append("--resume" if resumed else "--overwrite")
     if method.config:
         config = out.parent / f"{run.run_id}.toml"
         config.parent.mkdir(parents=True, exist_ok=True)
@@ -371,6 +375,7 @@ def execute(run: Run) -> dict:
         f"{run.split}_accuracy": evaluation["accuracy"],
         f"{run.split}_macro_f1": evaluation.get("macro_f1"),
         "train_seconds": round(train_seconds, 1),
+        "resumed": resumed,  # True: train_seconds counts only the part after the resume
         "train_summary": {k: v for k, v in train_summary.items() if k != "lines"},
         "environment": environment(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
