@@ -277,6 +277,19 @@ def split_dev(
     return [i for i in pool if i not in dev], sorted(dev)
 
 
+def draw_test_first(
+    count: int, seed: int, max_unlabeled: int | None, max_dev: int, max_test: int | None
+) -> tuple[list[int], list[int], list[int]]:
+    """``(pool, dev, test)`` indices of ``range(count)`` for a source without its own test
+    split: test is drawn first, the pool from the rest, dev from what the pool leaves."""
+    test = sample_indices(count, max_test, _rng(seed, "test"))
+    test_set = set(test)
+    rest = [i for i in range(count) if i not in test_set]
+    pool = [rest[j] for j in sample_indices(len(rest), max_unlabeled, _rng(seed, "pool"))]
+    pool, dev = split_dev(rest, pool, max_dev, _rng(seed, "dev"))
+    return pool, dev, test
+
+
 def per_class(
     labels: Sequence, pool: Sequence[int], k: int, rng: random.Random, classes: Sequence
 ) -> list[int]:
@@ -406,16 +419,11 @@ def build_digits(
     ``source``: ``(images uint8 [N, 8, 8], labels in 0..9)``, default scikit-learn's. The
     images stay 8x8 (the files hold the data as published; every reader resizes to its
     model's input size bilinearly, so an upscaled copy would only fix one interpolation
-    choice into the data). The test split is drawn first, the pool from the rest, the dev
-    split from what the pool leaves (or, when the pool takes everything, out of the pool).
+    choice into the data). Splits as for the text (``draw_test_first``).
     """
     images, labels = load_digits() if source is None else source
     names = [list(DIGIT_DESCRIPTIONS)[int(y)] for y in labels]
-    test = sample_indices(len(labels), max_test, _rng(seed, "test"))
-    test_set = set(test)
-    rest = [i for i in range(len(labels)) if i not in test_set]
-    pool = [rest[j] for j in sample_indices(len(rest), max_unlabeled, _rng(seed, "pool"))]
-    pool, dev = split_dev(rest, pool, max_dev, _rng(seed, "dev"))
+    pool, dev, test = draw_test_first(len(labels), seed, max_unlabeled, max_dev, max_test)
     labeled = per_class(names, pool, labels_per_class, _rng(seed, "labeled"), DIGIT_DESCRIPTIONS)
     return _write_image_folder(
         out,
@@ -496,11 +504,7 @@ def build_text(
     """
     rows = read_wordnet_nouns(wordnet_file, WORDNET_CATEGORIES)
     classes = list(WORDNET_DESCRIPTIONS)
-    test = sample_indices(len(rows), max_test, _rng(seed, "test"))
-    test_set = set(test)
-    rest = [i for i in range(len(rows)) if i not in test_set]
-    pool = [rest[j] for j in sample_indices(len(rest), max_unlabeled, _rng(seed, "pool"))]
-    pool, dev = split_dev(rest, pool, max_dev, _rng(seed, "dev"))
+    pool, dev, test = draw_test_first(len(rows), seed, max_unlabeled, max_dev, max_test)
     labels = [row[2] for row in rows]
     labeled = per_class(labels, pool, labels_per_class, _rng(seed, "labeled"), classes)
     # data.noun is grouped by category; list rows in a fixed pseudo-random order instead so
