@@ -10,8 +10,10 @@ Protocol: every setting is chosen on the dev split (``--split dev``: the run is 
 dev only, its id starts with ``dev-``); test (the default) is read only for the final rows.
 Each result JSON says which split produced it (``"split"``).
 
-Data: Fashion-MNIST with `efficientnet-lite0` pseudo-labels and WordNet noun categories with
-`minilm` pseudo-labels, built once by `examples/build_datasets.py` into
+Data: Fashion-MNIST with `efficientnet-lite0` pseudo-labels, WordNet noun categories with
+`minilm` pseudo-labels and scikit-learn's 8x8 handwritten digits with `efficientnet-lite0`
+pseudo-labels (an FM that knows no digits: the transfer check), built once by
+`examples/build_datasets.py` into
 `benchmarks/work/data` and labeled once (the label files are reused by every run). Each run
 drives the public CLI (`zmdevice train`, then `zmdevice evaluate` on the test split) in its
 own process, so memory does not leak between runs, and stores one JSON file in
@@ -51,12 +53,21 @@ class Dataset:
     max_unlabeled: int
     max_test: int
     label_batch_size: int = 64
+    modality: str = "image"
+    """"image": splits are image folders; "text": CSV tables."""
 
 
 DATASETS = {
     "images": Dataset("images", "efficientnet-lite0", "mobilenet_v3_small", 1000, 10_000, 2_000),
-    "text": Dataset("text", "minilm", "distilbert", 200, 10_000, 2_000),
+    "text": Dataset("text", "minilm", "distilbert", 200, 10_000, 2_000, modality="text"),
+    "digits": Dataset("digits", "efficientnet-lite0", "mobilenet_v3_small", 1000, 1_000, 497),
 }
+
+
+def split_path(dataset: str, name: str) -> Path:
+    """A split of a built data set: ``name`` (unlabeled, dev, test) as folder or CSV table."""
+    folder = data_dir(dataset)
+    return folder / (name if DATASETS[dataset].modality == "image" else f"{name}.csv")
 
 
 @dataclass(frozen=True)
@@ -167,7 +178,9 @@ def plan_runs(
             for seed in (seeds if seeds is not None else [0, 1, 2])
             for name in methods
             for d in datasets
-            if not (d == "text" and ALL_METHODS[name].student == PRETRAINED_IMAGE)
+            if not (
+                DATASETS[d].modality == "text" and ALL_METHODS[name].student == PRETRAINED_IMAGE
+            )
         ]
     zeromatch = next(m for m in METHODS if m.name == "zeromatch")
     runs = [Run(d, 4, method, 0) for d in datasets for method in METHODS]
@@ -242,8 +255,7 @@ def labeled_table(dataset: str, labels_per_class: int, seed: int) -> Path:
 
 def split_data(dataset: str, split: str) -> Path:
     """The labeled evaluation split: ``dev`` (choices) or ``test`` (final rows)."""
-    folder = data_dir(dataset)
-    return folder / (split if dataset == "images" else f"{split}.csv")
+    return split_path(dataset, split)
 
 
 def pseudo_label_file(run: Run) -> Path:
@@ -312,8 +324,7 @@ def environment() -> dict:
 
 def execute(run: Run) -> dict:
     dataset = DATASETS[run.dataset]
-    folder = data_dir(run.dataset)
-    unlabeled = folder / ("unlabeled" if run.dataset == "images" else "unlabeled.csv")
+    unlabeled = split_path(run.dataset, "unlabeled")
     evaluation_data = split_data(run.dataset, run.split)
     out = WORK / "runs" / run.run_id
     method = run.method
@@ -342,6 +353,10 @@ def execute(run: Run) -> dict:
             args.append("--allow-partial")
             unlabeled_used = partial["covered"]
     args += list(method.flags)
+    # A run killed part way (the machine is shared, runs are long) continues from its last
+    # checkpoint; one killed before its first checkpoint starts again in its own folder.
+    resumed = any((out / "checkpoints").glob("last-*.safetensors"))
+    args.append("--resume" if resumed else "--overwrite")
     if method.config:
         config = out.parent / f"{run.run_id}.toml"
         config.parent.mkdir(parents=True, exist_ok=True)
@@ -369,6 +384,7 @@ def execute(run: Run) -> dict:
         f"{run.split}_accuracy": evaluation["accuracy"],
         f"{run.split}_macro_f1": evaluation.get("macro_f1"),
         "train_seconds": round(train_seconds, 1),
+        "resumed": resumed,  # True: train_seconds counts only the part after the resume
         "train_summary": {k: v for k, v in train_summary.items() if k != "lines"},
         "environment": environment(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -538,7 +554,7 @@ def _deployed(dataset: Dataset, name: str) -> str:
         return ""
     models = json.loads(path.read_text())["models"]
     if name in PEERS:
-        key = next(k for k in models if k.endswith("(FM)") and models[k]["dataset"] == dataset.name)
+        key = f"{dataset.teacher} (FM)"  # measured once per FM, whichever data set it labels
     elif name == "fm-zero-shot":
         return ""
     else:

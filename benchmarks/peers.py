@@ -6,6 +6,7 @@
     python benchmarks/peers.py probes     # logistic-regression probes on frozen FM features
     python benchmarks/peers.py setfit     # SetFit (text), same MiniLM body, its defaults
     python benchmarks/peers.py latency    # size and batch-1 CPU latency of each deployed model
+    python benchmarks/peers.py pool-labels  # pseudo-label accuracy on the pool (diagnostic)
 
 Every step skips what its JSON file in ``benchmarks/results/`` already holds, so an
 interrupted run resumes. Each result records the split that produced it (``"split"``):
@@ -32,7 +33,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paper import DATASETS, RESULTS, WORK, data_dir, environment, labeled_table  # noqa: E402
+from paper import (  # noqa: E402
+    DATASETS,
+    RESULTS,
+    WORK,
+    data_dir,
+    environment,
+    gold_rows,
+    labeled_table,
+    prepare_data,
+    split_path,
+)
 
 FEATURES = WORK / "features"
 SEEDS = (0, 1, 2)
@@ -44,9 +55,7 @@ PROBE_C_GRID = (0.1, 1.0, 10.0, 100.0)
 
 def split_source(dataset: str, split: str) -> Path:
     """The data of a split: the unlabeled pool, or the labeled dev/test split."""
-    folder = data_dir(dataset)
-    name = {"pool": "unlabeled"}.get(split, split)
-    return folder / (name if dataset == "images" else f"{name}.csv")
+    return split_path(dataset, {"pool": "unlabeled"}.get(split, split))
 
 
 def write_json(path: Path, result: dict) -> None:
@@ -111,7 +120,7 @@ def cache_features(
             if teacher is None:
                 teacher = build_teacher(DATASETS[dataset].teacher, classes_of(dataset))
             chunk = order[start : start + CHUNK]
-            if dataset == "text":  # by length: a batch pads to its longest text
+            if DATASETS[dataset].modality == "text":  # by length: a batch pads to its longest text
                 chunk = chunk[np.argsort([len(data.texts[i]) for i in chunk], kind="stable")]
             started = time.time()
             features, probs = teacher_outputs(teacher, _Subset(data, chunk))
@@ -414,6 +423,61 @@ def write_pool_labels(
         writer.write_probs(ids, probs)
 
 
+# --------------------------------------------------------------------------- pool labels
+
+
+def pool_label_accuracy(dataset: str) -> dict:
+    """How right each kind of pseudo-label is on the pool, against ``unlabeled_gold.csv``.
+
+    A diagnostic only: the pool's true labels choose nothing. Per labeled draw (k, seed):
+    the FM's zero-shot labels, the few-shot teacher with its library defaults and with the
+    dev-chosen settings, and the refined labels (``refined_label_file``) with what the
+    refinement chose (its prior weight and cross-validation scores).
+    """
+    from zmdevice.fewshot import fit_adapter
+    from zmdevice.pseudolabels import read_pseudolabels
+
+    path = RESULTS / f"{dataset}-pool-label-accuracy.json"
+    pool = load_split(dataset, "pool")
+    names = classes_of(dataset).names
+    truth = {row["id"]: names.index(row["label"]) for row in gold_rows(dataset)}
+    gold = np.array([truth[str(i)] for i in pool["ids"]])
+    draws = []
+    for k in LABELS_PER_CLASS:
+        for seed in SEEDS:
+            rows, labels = labeled_rows(dataset, k, seed, pool)
+            default = fit_adapter(pool["features"][rows], labels, len(names))
+            settings = chosen_fewshot_settings(dataset, k)
+            chosen = fit_adapter(
+                pool["features"][rows], labels, len(names),
+                l2=settings["l2"], zero_shot_weight=settings["weight"],
+            )  # fmt: skip
+            refined = read_pseudolabels(refined_label_file(dataset, k, seed))
+            position = {str(i): n for n, i in enumerate(refined.ids)}
+            refined_probs = refined.dense_probs()[[position[str(i)] for i in pool["ids"]]]
+            features, probs = pool["features"], pool["probs"]
+            draws.append({
+                "labels_per_class": k,
+                "seed": seed,
+                "zero_shot": accuracy(probs, gold),
+                "few_shot_defaults": accuracy(default.probs(features, probs), gold),
+                "few_shot_dev_chosen": accuracy(chosen.probs(features, probs), gold),
+                "few_shot_dev_settings": settings,
+                "refined": accuracy(refined_probs, gold),
+                "refine": refined.metadata["teacher"]["refine"],
+            })  # fmt: skip
+    result = {
+        "dataset": dataset,
+        "split": "pool",
+        "what": "pseudo-label accuracy on the unlabeled pool (true labels: diagnostic only)",
+        "pool": len(gold),
+        "draws": draws,
+        "environment": environment(),
+    }
+    write_json(path, result)
+    return result
+
+
 # --------------------------------------------------------------------------- probes
 
 
@@ -652,7 +716,7 @@ def _describe(module, example) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    steps = ("features", "screen", "refine-screen", "probes", "setfit", "latency")
+    steps = ("features", "screen", "refine-screen", "probes", "setfit", "latency", "pool-labels")
     parser.add_argument("step", choices=steps)
     parser.add_argument("--only", choices=sorted(DATASETS))
     args = parser.parse_args(argv)
@@ -663,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
         setfit_results()
     for dataset in datasets:
         if args.step == "features":
+            prepare_data(DATASETS[dataset])  # build the data set first if it is missing
             cache_features(dataset)
         elif args.step == "screen":
             result = screen_fewshot(dataset)
@@ -671,6 +736,9 @@ def main(argv: list[str] | None = None) -> int:
             screen_refine(dataset)
         elif args.step == "probes":
             probe_results(dataset)
+        elif args.step == "pool-labels":
+            for draw in pool_label_accuracy(dataset)["draws"]:
+                print(json.dumps(draw))
     return 0
 
 

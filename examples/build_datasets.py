@@ -1,10 +1,12 @@
-"""Build the two benchmark data sets from the offline Debian sources into zmdevice's formats.
+"""Build the three benchmark data sets from offline sources into zmdevice's formats.
 
-Sources (Debian packages, installed by .ci/run):
+Sources (the first two are Debian packages, installed by .ci/run):
   - Fashion-MNIST, ``apt-get install dataset-fashion-mnist``: idx files in
     /usr/share/datasets/fashion-mnist (60k train + 10k test, 28x28 grey, MIT licence).
   - WordNet 3.0, ``apt-get install wordnet-base``: /usr/share/wordnet/data.noun; each noun
     synset's definition is a text, its lexicographer file (8 categories) the label.
+  - scikit-learn's bundled handwritten digits (``sklearn.datasets.load_digits``, in the
+    ``bench`` extra): 1,797 images of 8x8 pixels with 17 grey levels, 10 classes.
 
 Output (``--out DIR``, default ``data/``)::
 
@@ -20,6 +22,7 @@ Output (``--out DIR``, default ``data/``)::
     DIR/text/dev.csv                             id,text,label: disjoint from pool and test
     DIR/text/test.csv                            id,text,label: disjoint from the pool
     DIR/text/classes.toml                        class -> description for zero-shot
+    DIR/digits/...                               as DIR/images/ (file names digit-00042.png)
     DIR/*/BUILD.json                             how the folder was built
 
 Labeled examples are also in the unlabeled pool (as in the paper), with the same content;
@@ -27,8 +30,9 @@ for text they keep the same id. The dev split is for choosing settings (test is 
 final tables): it shares no example with the pool (hence none with the labeled set) nor
 with test. It is drawn from what the pool leaves, by its own random stream, so adding it
 left the pool, labeled and test files of earlier builds unchanged; only when the pool would
-take every example are the dev examples taken out of it. Everything is drawn with
-``--seed``: the same flags give byte-identical files. Usage::
+take every example are the dev examples taken out of it. The digits are few (1,797), so
+their splits are small: test 497, dev 300, pool the remaining 1,000 by default. Everything
+is drawn with ``--seed``: the same flags give byte-identical files. Usage::
 
     python examples/build_datasets.py --out data --labels-per-class 4 --seed 0
 """
@@ -105,6 +109,26 @@ WORDNET_DESCRIPTIONS = {
 }
 
 
+DIGIT_DESCRIPTIONS = {
+    "zero": "a handwritten digit zero, round like a ring",
+    "one": "a handwritten digit one, straight like a pole",
+    "two": "a handwritten digit two, curved like a swan",
+    "three": "a handwritten digit three, curled like a worm",
+    "four": "a handwritten digit four, angled like a folding chair",
+    "five": "a handwritten digit five, bent like a hook",
+    "six": "a handwritten digit six, coiled like a snail",
+    "seven": "a handwritten digit seven, angled like a crane",
+    "eight": "a handwritten digit eight, pinched like an hourglass",
+    "nine": "a handwritten digit nine, a loop on a stick like a lollipop",
+}
+"""Digit i -> class name (folder name) -> description. An ImageNet FM knows no digits: its
+name-similarity class map needs an ImageNet noun per class, so each description ends on an
+object of a similar shape. The resulting teacher is deliberately weak (a transfer check)."""
+
+DIGITS_TEST, DIGITS_DEV = 497, 300
+"""Default split sizes of the digits; the pool takes the remaining 1,000."""
+
+
 class BuildError(Exception):
     """Bad source files or flags: printed on one line, exit code 2."""
 
@@ -167,6 +191,23 @@ def load_fashion(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             raise BuildError(f"{images_path} and {labels_path} do not match")
         splits[split] = (images, labels)
     return splits
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: ``(images uint8 [N, 8, 8] in 0..255, labels int [N])``."""
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError:
+        raise BuildError(
+            "the digits need scikit-learn: pip install 'zmdevice[bench]' (or scikit-learn)"
+        ) from None
+    bunch = sklearn_digits()
+    return scale_digits(bunch.images), np.asarray(bunch.target)
+
+
+def scale_digits(images: np.ndarray) -> np.ndarray:
+    """The digits' 17 grey levels (0..16) spread over 0..255 (16 -> 255), as uint8."""
+    return np.rint(np.asarray(images, dtype=np.float64) * (255 / 16)).astype(np.uint8)
 
 
 def definition(gloss: str) -> str:
@@ -234,6 +275,19 @@ def split_dev(
         raise BuildError(f"too few examples for a dev split of {limit}; lower --max-dev")
     dev = set(rng.sample(pool, limit))
     return [i for i in pool if i not in dev], sorted(dev)
+
+
+def draw_test_first(
+    count: int, seed: int, max_unlabeled: int | None, max_dev: int, max_test: int | None
+) -> tuple[list[int], list[int], list[int]]:
+    """``(pool, dev, test)`` indices of ``range(count)`` for a source without its own test
+    split: test is drawn first, the pool from the rest, dev from what the pool leaves."""
+    test = sample_indices(count, max_test, _rng(seed, "test"))
+    test_set = set(test)
+    rest = [i for i in range(count) if i not in test_set]
+    pool = [rest[j] for j in sample_indices(len(rest), max_unlabeled, _rng(seed, "pool"))]
+    pool, dev = split_dev(rest, pool, max_dev, _rng(seed, "dev"))
+    return pool, dev, test
 
 
 def per_class(
@@ -331,47 +385,102 @@ def build_images(
     labeled = per_class(names, pool, labels_per_class, _rng(seed, "labeled"), FASHION_CLASSES)
     test = sample_indices(len(test_y), max_test, _rng(seed, "test"))
 
+    test_images = [(test_x[i], FASHION_CLASSES[int(test_y[i])], f"test-{i:05d}") for i in test]
+    return _write_image_folder(
+        out,
+        train=lambda i: (train_x[i], names[i], f"train-{i:05d}"),
+        parts=(pool, labeled, dev),
+        test=test_images,
+        descriptions=FASHION_DESCRIPTIONS,
+        comment="Fashion-MNIST classes (folder names of labeled/ and test/)",
+        build_info={
+            "source": "Fashion-MNIST (Zalando SE, MIT licence)",
+            "labels_per_class": labels_per_class,
+            "seed": seed,
+            "max_unlabeled": max_unlabeled,
+            "max_dev": max_dev,
+            "max_test": max_test,
+        },
+    )
+
+
+def build_digits(
+    out: Path,
+    *,
+    source: tuple[np.ndarray, np.ndarray] | None = None,
+    labels_per_class: int = 4,
+    seed: int = 0,
+    max_unlabeled: int | None = None,
+    max_test: int = DIGITS_TEST,
+    max_dev: int = DIGITS_DEV,
+) -> dict:
+    """Write ``out`` (e.g. data/digits) from the 8x8 digits; returns the split sizes.
+
+    ``source``: ``(images uint8 [N, 8, 8], labels in 0..9)``, default scikit-learn's. The
+    images stay 8x8 (the files hold the data as published; every reader resizes to its
+    model's input size bilinearly, so an upscaled copy would only fix one interpolation
+    choice into the data). Splits as for the text (``draw_test_first``).
+    """
+    images, labels = load_digits() if source is None else source
+    names = [list(DIGIT_DESCRIPTIONS)[int(y)] for y in labels]
+    pool, dev, test = draw_test_first(len(labels), seed, max_unlabeled, max_dev, max_test)
+    labeled = per_class(names, pool, labels_per_class, _rng(seed, "labeled"), DIGIT_DESCRIPTIONS)
+    return _write_image_folder(
+        out,
+        train=lambda i: (images[i], names[i], f"digit-{i:05d}"),
+        parts=(pool, labeled, dev),
+        test=[(images[i], names[i], f"digit-{i:05d}") for i in test],
+        descriptions=DIGIT_DESCRIPTIONS,
+        comment="handwritten digits 0-9 (folder names of labeled/, dev/ and test/)",
+        build_info={
+            "source": "scikit-learn load_digits (UCI optical recognition of handwritten "
+            "digits, CC BY 4.0), 8x8 pixels, grey levels 0..16 scaled to 0..255",
+            "labels_per_class": labels_per_class,
+            "seed": seed,
+            "max_unlabeled": max_unlabeled,
+            "max_dev": max_dev,
+            "max_test": max_test,
+        },
+    )
+
+
+def _write_image_folder(
+    out: Path, *, train, parts, test, descriptions: dict, comment: str, build_info: dict
+) -> dict:
+    """Write an image data set folder; returns the split sizes.
+
+    ``train(i)`` gives ``(pixels, class, file stem)`` of example ``i`` of the pool, labeled
+    and dev index lists ``parts``; ``test`` lists ``(pixels, class, file stem)``.
+    """
+    pool, labeled, dev = parts
     staging = _Staging(out)
     try:
         gold = []
         for i in pool:
-            file_id = f"train-{i:05d}.png"
-            _save_png(train_x[i], staging.path / "unlabeled" / file_id)
-            gold.append((file_id, f"unlabeled/{file_id}", names[i]))
+            pixels, name, stem = train(i)
+            _save_png(pixels, staging.path / "unlabeled" / f"{stem}.png")
+            gold.append((f"{stem}.png", f"unlabeled/{stem}.png", name))
         for i in labeled:
             # Same pixels and file name as in unlabeled/: the labeled set is part of the pool.
-            source = staging.path / "unlabeled" / f"train-{i:05d}.png"
-            target = staging.path / "labeled" / names[i] / source.name
+            _, name, stem = train(i)
+            source = staging.path / "unlabeled" / f"{stem}.png"
+            target = staging.path / "labeled" / name / source.name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
         for i in dev:
-            _save_png(train_x[i], staging.path / "dev" / names[i] / f"train-{i:05d}.png")
-        for i in test:
-            cls = FASHION_CLASSES[int(test_y[i])]
-            _save_png(test_x[i], staging.path / "test" / cls / f"test-{i:05d}.png")
+            pixels, name, stem = train(i)
+            _save_png(pixels, staging.path / "dev" / name / f"{stem}.png")
+        for pixels, name, stem in test:
+            _save_png(pixels, staging.path / "test" / name / f"{stem}.png")
         _write_csv(staging.path / "unlabeled_gold.csv", ("id", "path", "label"), gold)
-        _write_classes(
-            staging.path / "classes.toml",
-            FASHION_DESCRIPTIONS,
-            "Fashion-MNIST classes (folder names of labeled/ and test/)",
-        )
+        _write_classes(staging.path / "classes.toml", descriptions, comment)
         sizes = {
             "unlabeled": len(pool),
             "labeled": len(labeled),
             "dev": len(dev),
             "test": len(test),
         }
-        staging.commit(
-            {
-                "source": "Fashion-MNIST (Zalando SE, MIT licence)",
-                "labels_per_class": labels_per_class,
-                "seed": seed,
-                "max_unlabeled": max_unlabeled,
-                "max_dev": max_dev,
-                "max_test": max_test,
-                "sizes": sizes,
-            }
-        )
+        staging.commit({**build_info, "sizes": sizes})
     except BaseException:
         staging.abandon()
         raise
@@ -395,11 +504,7 @@ def build_text(
     """
     rows = read_wordnet_nouns(wordnet_file, WORDNET_CATEGORIES)
     classes = list(WORDNET_DESCRIPTIONS)
-    test = sample_indices(len(rows), max_test, _rng(seed, "test"))
-    test_set = set(test)
-    rest = [i for i in range(len(rows)) if i not in test_set]
-    pool = [rest[j] for j in sample_indices(len(rest), max_unlabeled, _rng(seed, "pool"))]
-    pool, dev = split_dev(rest, pool, max_dev, _rng(seed, "dev"))
+    pool, dev, test = draw_test_first(len(rows), seed, max_unlabeled, max_dev, max_test)
     labels = [row[2] for row in rows]
     labeled = per_class(labels, pool, labels_per_class, _rng(seed, "labeled"), classes)
     # data.noun is grouped by category; list rows in a fixed pseudo-random order instead so
@@ -460,12 +565,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--max-test",
         type=int,
         default=None,
-        help="cap on each test split (default: all 10k images; 5,000 texts)",
+        help=f"cap on each test split (default: all 10k images; 5,000 texts; {DIGITS_TEST} digits)",
     )
     parser.add_argument(
-        "--max-dev", type=int, default=1000, help="size of each dev split (default: 1,000)"
+        "--max-dev",
+        type=int,
+        default=None,
+        help=f"size of each dev split (default: 1,000; {DIGITS_DEV} digits)",
     )
-    parser.add_argument("--only", choices=("images", "text"), help="build only one data set")
+    parser.add_argument(
+        "--only", choices=("images", "text", "digits"), help="build only one data set"
+    )
     parser.add_argument("--fashion-dir", type=Path, default=FASHION_DIR)
     parser.add_argument("--wordnet-file", type=Path, default=WORDNET_NOUNS)
     args = parser.parse_args(argv)
@@ -482,25 +592,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         "labels_per_class": args.labels_per_class,
         "seed": args.seed,
         "max_unlabeled": args.max_unlabeled,
-        "max_dev": args.max_dev,
     }
+    wanted = [name for name in ("images", "text", "digits") if args.only in (None, name)]
+
+    def cap(value: int | None, default: int | None) -> int | None:
+        return default if value is None else value
+
     try:
         # Check every source first, so a missing one fails before an hour of building.
-        if args.only in (None, "images"):
+        if "images" in wanted:
             _require_fashion(args.fashion_dir)
-        if args.only in (None, "text"):
+        if "text" in wanted:
             _require_wordnet(args.wordnet_file)
-        if args.only in (None, "images"):
+        digits = load_digits() if "digits" in wanted else None
+        if digits is not None:
+            # Caps meant for the large sets (--max-test 2000) would leave no digit pool.
+            left = len(digits[1]) - cap(args.max_test, DIGITS_TEST) - cap(args.max_dev, DIGITS_DEV)
+            if left < 1:
+                raise BuildError(
+                    f"--max-test and --max-dev leave no pool of the {len(digits[1])} digits: "
+                    "build them on their own (--only digits) with smaller caps"
+                )
+        if "images" in wanted:
             sizes = build_images(
-                args.out / "images", fashion_dir=args.fashion_dir, max_test=args.max_test, **common
+                args.out / "images",
+                fashion_dir=args.fashion_dir,
+                max_test=args.max_test,
+                max_dev=cap(args.max_dev, 1000),
+                **common,
             )
             print(f"{args.out / 'images'}: {sizes}")
-        if args.only in (None, "text"):
-            max_test = 5000 if args.max_test is None else args.max_test
+        if "text" in wanted:
             sizes = build_text(
-                args.out / "text", wordnet_file=args.wordnet_file, max_test=max_test, **common
+                args.out / "text",
+                wordnet_file=args.wordnet_file,
+                max_test=cap(args.max_test, 5000),
+                max_dev=cap(args.max_dev, 1000),
+                **common,
             )
             print(f"{args.out / 'text'}: {sizes}")
+        if "digits" in wanted:
+            sizes = build_digits(
+                args.out / "digits",
+                source=digits,
+                max_test=cap(args.max_test, DIGITS_TEST),
+                max_dev=cap(args.max_dev, DIGITS_DEV),
+                **common,
+            )
+            print(f"{args.out / 'digits'}: {sizes}")
     except BuildError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

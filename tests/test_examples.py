@@ -216,6 +216,75 @@ def test_build_text_cli_and_missing_source(tmp_path, capsys):
     assert "not found" in message and message.startswith("error: ")
 
 
+# ------------------------------------------------------------------ digits
+
+
+def fake_digits() -> tuple[np.ndarray, np.ndarray]:
+    """8 images per digit of 8x8 pixels in 0..255, each image unique."""
+    rng = np.random.default_rng(1)
+    labels = rng.permutation(np.repeat(np.arange(10), 8))
+    return rng.integers(0, 256, (len(labels), 8, 8)).astype(np.uint8), labels
+
+
+def test_scale_digits_spreads_17_levels_over_bytes():
+    levels = build.scale_digits(np.arange(17, dtype=np.float64).reshape(1, 17))
+    assert levels.dtype == np.uint8 and levels[0, 0] == 0 and levels[0, -1] == 255
+    assert np.all(np.diff(levels[0].astype(int)) > 0)  # no two grey levels merge
+
+
+def test_build_digits(tmp_path):
+    images, labels = fake_digits()
+    out = tmp_path / "digits"
+    sizes = build.build_digits(
+        out, source=(images, labels), labels_per_class=2, max_test=20, max_dev=10, seed=2
+    )
+    # Test first (20), then the pool takes the other 60, giving 10 of them to dev.
+    assert sizes == {"unlabeled": 50, "labeled": 20, "dev": 10, "test": 20}
+    unlabeled = open_dataset(out / "unlabeled")
+    labeled = open_dataset(out / "labeled", require_labels=True)
+    dev = open_dataset(out / "dev", require_labels=True)
+    test = open_dataset(out / "test", require_labels=True)
+    names = {part: {i.split("/")[-1] for i in data.ids} for part, data in
+             (("pool", unlabeled), ("dev", dev), ("test", test), ("labeled", labeled))}  # fmt: skip
+    assert len(names["pool"] | names["dev"] | names["test"]) == 80  # disjoint, all used
+    assert names["labeled"] <= names["pool"]
+    classes = load_classes(str(out / "classes.toml"))
+    assert classes.names == list(build.DIGIT_DESCRIPTIONS) and classes.has_prompts
+    assert np.bincount(label_indices(labeled, classes), minlength=10).tolist() == [2] * 10
+    # Every file holds its source image unchanged (8x8) under its true class.
+    for data, folder in ((labeled, "labeled"), (dev, "dev"), (test, "test")):
+        for sample_id, label in zip(data.ids, data.labels, strict=True):
+            index = int(sample_id.split("/")[-1][len("digit-") : -len(".png")])
+            assert classes.names[labels[index]] == label
+            pixels = np.asarray(Image.open(out / folder / sample_id))
+            assert np.array_equal(pixels, images[index])
+    gold = open_dataset(out / "unlabeled_gold.csv", require_labels=True)
+    assert gold.ids == unlabeled.ids
+    assert all(classes.names[labels[int(i[6:11])]] == label
+               for i, label in zip(gold.ids, gold.labels, strict=True))  # fmt: skip
+    build.build_digits(tmp_path / "again", source=(images, labels), labels_per_class=2,
+                       max_test=20, max_dev=10, seed=2)  # fmt: skip
+    build.build_digits(tmp_path / "other", source=(images, labels), labels_per_class=2,
+                       max_test=20, max_dev=10, seed=3)  # fmt: skip
+    assert tree_digest(out) == tree_digest(tmp_path / "again") != tree_digest(tmp_path / "other")
+
+
+@pytest.mark.slow
+def test_build_real_digits(tmp_path):
+    pytest.importorskip("sklearn", reason="the digits come with scikit-learn (bench extra)")
+    assert build.main(["--out", str(tmp_path), "--only", "digits", "--seed", "0"]) == 0
+    sizes = {part: len(open_dataset(tmp_path / "digits" / part)) for part in
+             ("unlabeled", "labeled", "dev", "test")}  # fmt: skip
+    assert sizes == {"unlabeled": 1000, "labeled": 40, "dev": 300, "test": 497}
+    test = open_dataset(tmp_path / "digits" / "test", require_labels=True)
+    classes = load_classes(str(tmp_path / "digits" / "classes.toml"))
+    assert np.bincount(label_indices(test, classes), minlength=10).min() > 30
+    assert test.load_image(0).size == (8, 8)
+    # The large sets' caps would leave no digit pool: refused before anything is written.
+    assert build.main(["--out", str(tmp_path / "x"), "--only", "digits", "--max-test", "2000"]) == 2
+    assert not (tmp_path / "x").exists()
+
+
 # ------------------------------------------------------------------ real Debian data
 
 
@@ -223,10 +292,12 @@ def test_build_text_cli_and_missing_source(tmp_path, capsys):
 def test_build_real_debian_sources(tmp_path):
     if not (build.FASHION_DIR.is_dir() and build.WORDNET_NOUNS.is_file()):
         pytest.skip("needs apt-get install dataset-fashion-mnist wordnet-base")
-    code = build.main(
-        ["--out", str(tmp_path), "--max-unlabeled", "300", "--max-test", "100", "--seed", "1"]
-    )
-    assert code == 0
+    for only in ("images", "text"):  # the digits need scikit-learn: their own test
+        code = build.main(
+            ["--out", str(tmp_path), "--only", only, "--max-unlabeled", "300",
+             "--max-test", "100", "--seed", "1"]
+        )  # fmt: skip
+        assert code == 0
     images = open_dataset(tmp_path / "images" / "test", require_labels=True)
     text = open_dataset(tmp_path / "text" / "test.csv", require_labels=True)
     assert len(images) == 100 and len(text) == 100
