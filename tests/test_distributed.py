@@ -155,3 +155,14 @@ def test_batches_that_do_not_split_and_nested_launches_are_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="already started by torchrun"):
         torchrun_command(2, ["train"])
+
+
+def test_usable_cores_follows_omp_num_threads(monkeypatch):
+    from zmdevice.training.distributed import usable_cores
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    every = usable_cores()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert usable_cores() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
+    assert usable_cores() == every

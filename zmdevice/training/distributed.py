@@ -256,8 +256,13 @@ def launch(nproc: int, argv: list[str]) -> int:
 
 
 def usable_cores() -> int:
-    """The cores this process may use (taskset, containers), not all of the machine's."""
+    """The cores this process may use (taskset, containers), not all of the machine's, and
+    no more than ``OMP_NUM_THREADS`` when that is set: a user who limits OpenMP threads
+    (other jobs share the cores) would otherwise get one thread per core anyway."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    if limit.isdigit() and int(limit) > 0:
+        cores = min(cores or 1, int(limit))
     return cores or 1
 
 
