@@ -608,7 +608,8 @@ def _dev_section(dataset: Dataset, results: list[dict]) -> list[str]:
             "Few-shot teacher grid, best point per K (pseudo-label accuracy on dev, mean of "
             "the 3 labeled draws; FM zero-shot on dev: "
             f"{100 * data['fm_zero_shot_dev_accuracy']:.1f}). The shipped default, l2 0.001 "
-            "and zero-shot weight 0.25, is the best mean over all data sets and both K:",
+            "and zero-shot weight 0.25, is the best mean over the images and text data sets "
+            "and both K (digits came later):",
             "",
         ]
         for k, best in data["chosen"].items():
