@@ -88,10 +88,12 @@ def test_adapted_teacher_keeps_features_and_records_the_labeled_set(tmp_path, em
     assert teacher.info.get("few_shot") is None  # the original is left alone
 
 
-def test_label_few_shot_writes_the_adapted_teachers_labels(tmp_path, embed_dir):
-    write_table(tmp_path / "texts.csv", texts(12), labels=False)
+def labeling_setup(tmp_path, embed_dir, count):
+    """texts.csv (``count`` unlabeled texts) and l.csv (6 labeled) in ``tmp_path``, and the
+    LabelConfig fields every labeling run of these tests shares."""
+    write_table(tmp_path / "texts.csv", texts(count), labels=False)
     write_table(tmp_path / "l.csv", texts(6))
-    base = dict(
+    return dict(
         data=tmp_path / "texts.csv",
         classes=TOPIC_NAMES,
         teacher=f"text-embed:{embed_dir}",
@@ -99,6 +101,10 @@ def test_label_few_shot_writes_the_adapted_teachers_labels(tmp_path, embed_dir):
         device="cpu",
         workers=0,
     )
+
+
+def test_label_few_shot_writes_the_adapted_teachers_labels(tmp_path, embed_dir):
+    base = labeling_setup(tmp_path, embed_dir, 12)
     run_label(LabelConfig(**base, out=tmp_path / "zs.parquet"))
     run_label(LabelConfig(**base, out=tmp_path / "fs.parquet", few_shot=tmp_path / "l.csv"))
     zero_shot, few_shot = (read_pseudolabels(tmp_path / n) for n in ("zs.parquet", "fs.parquet"))
@@ -140,16 +146,7 @@ def test_few_shot_with_an_unknown_class_or_a_teacher_without_features_fails(tmp_
 
 
 def test_label_refine_spreads_from_the_labeled_set_and_records_how(tmp_path, embed_dir):
-    write_table(tmp_path / "texts.csv", texts(24), labels=False)
-    write_table(tmp_path / "l.csv", texts(6))
-    base = dict(
-        data=tmp_path / "texts.csv",
-        classes=TOPIC_NAMES,
-        teacher=f"text-embed:{embed_dir}",
-        batch_size=4,
-        device="cpu",
-        workers=0,
-    )
+    base = labeling_setup(tmp_path, embed_dir, 24)
     run_label(LabelConfig(**base, out=tmp_path / "zs.parquet"))
     summary = run_label(
         LabelConfig(**base, out=tmp_path / "rf.parquet", few_shot=tmp_path / "l.csv", refine=True)
