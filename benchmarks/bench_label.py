@@ -57,6 +57,7 @@ def throughput(data: Path, classes: str, teacher_name: str, count: int, batch_si
     from zmdevice.config import LabelConfig
     from zmdevice.data import open_dataset
     from zmdevice.label import run_label
+    from zmdevice.pseudolabels import read_pseudolabels
     from zmdevice.teachers import build_teacher
 
     dataset = open_dataset(data)
@@ -105,6 +106,12 @@ def throughput(data: Path, classes: str, teacher_name: str, count: int, batch_si
     # On a shared machine the load drifts: time the bare pass again after the end-to-end run
     # and compare with the faster of the two (the conservative ratio).
     bare = max(bare, bare_rate()[0])
+    # The file's labels against the bare fp32 eager pass: the default runtime and the
+    # labeling order must not change what the teacher says.
+    stored = read_pseudolabels(work / f"{dataset.modality}.parquet")
+    by_id = dict(zip(stored.ids, stored.dense_probs().argmax(1), strict=True))
+    file_labels = np.array([by_id[dataset.ids[i]] for i in range(len(raw))])
+    summary["label_agreement"] = float((file_labels == probs.argmax(1)).mean())
     return summary["samples_per_s"], bare, summary, probs
 
 
@@ -184,7 +191,9 @@ def main() -> None:
         print(
             f"  {teacher:<20} {count} items: end-to-end {e2e:7.1f}/s, bare forward {bare:7.1f}/s,"
             f" ratio {e2e / bare:.2f} (target >= {RATIO_TARGET}); "
-            f"{summary['bytes_per_sample']:.1f} B/sample"
+            f"{summary['bytes_per_sample']:.1f} B/sample; labels agree with the bare pass on "
+            f"{100 * summary['label_agreement']:.2f}% "
+            f"({summary['precision']}, {summary['runtime']})"
         )
         real_probs[teacher] = probs
         rates.append(
@@ -196,6 +205,9 @@ def main() -> None:
                 "bare_forward_per_s": bare,
                 "ratio": e2e / bare,
                 "ratio_target": RATIO_TARGET,
+                "label_agreement": summary["label_agreement"],
+                "precision": summary["precision"],
+                "runtime": summary["runtime"],
                 "file_bytes": summary["bytes"],
                 "bytes_per_sample": summary["bytes_per_sample"],
                 "float32_bytes_per_sample": 4 * len(summary["classes"]),

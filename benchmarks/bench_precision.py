@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT / "examples" / "default" / "text"
 IMAGES = ROOT / "examples" / "default" / "images"
-TEACHER_VARIANTS = (("torch", "fp32"), ("torch", "bf16"), ("onnx", "fp32"))
+TEACHER_VARIANTS = (("torch", "fp32"), ("torch", "bf16"), ("onnx", "fp32"), ("onnx-int8", "fp32"))
 """(runtime, precision); the first is the baseline."""
 AGREEMENT_TARGET = 0.995
 """Share of samples whose label must match fp32 eager for a variant to be a default."""
@@ -48,7 +48,7 @@ STUDENT_BATCHES = {
 
 
 def variant_name(runtime: str, precision: str) -> str:
-    return f"{runtime} {precision}" if runtime == "torch" else f"{runtime} fp32"
+    return f"{runtime} {precision}" if runtime == "torch" else runtime.replace("-", " ")
 
 
 def alternate(functions: dict, rounds: int) -> dict[str, list]:
@@ -225,6 +225,12 @@ def main() -> None:
     parser.add_argument("--count-images", type=int, default=0, help="images (0: none)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
+        "--text-variants",
+        nargs="*",
+        default=[f"{runtime}:{precision}" for runtime, precision in TEACHER_VARIANTS],
+        help="runtime:precision pairs for the text teacher (the first is the baseline)",
+    )
+    parser.add_argument(
         "--image-variants",
         nargs="*",
         default=["torch:fp32", "torch:bf16", "onnx:fp32"],
@@ -249,9 +255,9 @@ def main() -> None:
         runs.append(("minilm", args.texts, args.text_classes, args.count))
     if args.count_images:
         runs.append(("efficientnet-lite0", args.images, args.image_classes, args.count_images))
-    image_variants = [tuple(v.split(":")) for v in args.image_variants]
     for name, data, classes, count in runs:
-        variants = image_variants if name == "efficientnet-lite0" else None
+        pairs = args.image_variants if name == "efficientnet-lite0" else args.text_variants
+        variants = [tuple(pair.split(":")) for pair in pairs]
         rows = teacher_rows(name, data, classes, count, args.batch_size, variants)
         teachers += rows
         for row in rows:

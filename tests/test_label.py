@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TOPIC_NAMES, write_texts
+from helpers import TOPIC_NAMES, TOPIC_WORDS, write_table, write_texts
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -304,3 +304,51 @@ def test_real_minilm_labels_wordnet_examples_above_chance(tmp_path):
         )
     )
     assert summary["quality"]["accuracy"] > 0.4  # chance is 1/8
+
+
+def test_texts_go_through_the_teacher_shortest_first_and_come_back_in_data_order(
+    tmp_path, embed_dir, monkeypatch
+):
+    import zmdevice.refine
+    import zmdevice.teachers as teachers
+
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(TOPIC_WORDS, size=rng.integers(1, 25))) for _ in range(40)]
+    write_table(tmp_path / "texts.csv", [(f"t{i:04d}", t, "") for i, t in enumerate(texts)], False)
+    widths, captured, built = [], {}, []
+    original_build = teachers.build_teacher
+
+    def recording_teacher(*args, **kwargs):
+        teacher = original_build(*args, **kwargs)
+        features_and_probs = teacher.features_and_probs
+
+        def recorded(batch):
+            widths.append(tuple(batch["input_ids"].shape))
+            return features_and_probs(batch)
+
+        teacher.features_and_probs = recorded
+        built.append(teacher)
+        return teacher
+
+    def capture(features, probs, *rest):
+        captured["features"] = features
+        return probs, {"prior_weight": 1.0}
+
+    monkeypatch.setattr(teachers, "build_teacher", recording_teacher)
+    monkeypatch.setattr(zmdevice.refine, "refine_labels", capture)
+    run_label(config(tmp_path, embed_dir, refine=True))
+    labels = read_pseudolabels(tmp_path / "out.parquet")
+    assert labels.ids == [f"t{i:04d}" for i in range(40)]
+    # Batches of similar lengths: fewer padded tokens than batches in data order.
+    tokenizer = built[0].collate.tokenizer
+    lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
+    in_data_order = sum(4 * max(lengths[s : s + 4]) for s in range(0, 40, 4))
+    assert sum(b * width for b, width in widths) < 0.8 * in_data_order
+    # Each row holds its own text's probabilities and features.
+    with torch.inference_mode():
+        pairs = [built[0].features_and_probs(built[0].collate([text])) for text in texts]
+    features, probs = zip(*pairs, strict=True)
+    # (The file stores compressed probabilities, the parts float16 features.)
+    np.testing.assert_allclose(labels.dense_probs(), torch.cat(probs).numpy(), atol=1e-2)
+    np.testing.assert_allclose(captured["features"], torch.cat(features).numpy(), atol=2e-3)
+    assert len(set(texts)) > 30  # rows that a wrong order would mix up

@@ -105,6 +105,7 @@ def test_autocast_runs_matrix_products_in_the_chosen_dtype_and_fp32_untouched():
         ("auto", "cuda", "text-embed", "auto", "torch"),
         ("torch", "cpu", "text-embed", "auto", "torch"),
         ("onnx", "cpu", "imagenet", "auto", "onnx"),
+        ("onnx-int8", "cpu", "text-embed", "auto", "onnx-int8"),  # only when asked for
     ],
 )
 def test_runtime_decision_table(requested, device, kind, precision, expected):
@@ -112,8 +113,10 @@ def test_runtime_decision_table(requested, device, kind, precision, expected):
 
 
 def test_runtime_errors_name_the_flag():
-    with pytest.raises(UserError, match="--runtime onnx: nli teachers run in PyTorch only"):
+    with pytest.raises(UserError, match="--runtime onnx: not for nli teachers"):
         choose_runtime("onnx", "cpu", "nli", "auto")
+    with pytest.raises(UserError, match="--runtime onnx-int8: not for imagenet teachers"):
+        choose_runtime("onnx-int8", "cpu", "imagenet", "auto")
     with pytest.raises(UserError, match="--runtime onnx runs teachers on the CPU"):
         choose_runtime("onnx", "cuda", "text-embed", "auto")
     with pytest.raises(UserError, match="--runtime onnx runs in fp32: drop --precision bf16"):
@@ -151,6 +154,23 @@ def test_onnx_text_teacher_matches_torch_and_is_cached_once(embed, tmp_path):
     build_teacher(spec, TOPICS, runtime="onnx")  # reuses the file, does not export again
     assert cached[0].stat().st_mtime_ns == stamp
     assert list(cached[0].parent.iterdir()) == cached  # no temporary file left behind
+
+
+def test_int8_text_teacher_is_cached_beside_the_fp32_export(embed, tmp_path):
+    spec = f"text-embed:{embed}"
+    onnx = build_teacher(spec, TOPICS, runtime="onnx")
+    int8 = build_teacher(spec, TOPICS, runtime="onnx-int8")
+    assert (int8.info["runtime"], int8.info["precision"]) == ("onnx-int8", "fp32")
+    cache = tmp_path / "cache" / "teachers"
+    fp32_file = next(p for p in cache.glob("*.onnx") if not p.name.endswith(".int8.onnx"))
+    int8_file = fp32_file.with_name(fp32_file.stem + ".int8.onnx")
+    # Quantised weights: a smaller file than the fp32 export it came from.
+    assert int8_file.is_file() and int8_file.stat().st_size < fp32_file.stat().st_size
+    assert sorted(p.name for p in cache.iterdir()) == sorted([fp32_file.name, int8_file.name])
+    got, expected = int8.predict_items(TEXTS), onnx.predict_items(TEXTS)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got.sum(1), torch.ones(len(TEXTS)))
+    assert not torch.equal(got, expected)  # it does run the quantised file
 
 
 def test_bf16_teacher_keeps_labels_and_fp32_outputs(embed):

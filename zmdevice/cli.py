@@ -177,9 +177,10 @@ def label(
     runtime: Annotated[
         str | None,
         typer.Option(
-            help="auto, torch or onnx: run the teacher in PyTorch or as an ONNX export in "
-            "onnxruntime (default auto: onnx on a CPU for sentence encoders and ImageNet "
-            "classifiers)."
+            help="auto, torch, onnx or onnx-int8: run the teacher in PyTorch or as an ONNX "
+            "export in onnxruntime (default auto: onnx on a CPU for sentence encoders and "
+            "ImageNet classifiers; onnx-int8, for sentence encoders, is faster but changes "
+            "some labels)."
         ),
     ] = None,
     engine: Annotated[

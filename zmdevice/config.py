@@ -160,7 +160,7 @@ class LabelConfig:
     precision: str = "auto"
     """auto, fp32, bf16 or fp16: the teacher's compute dtype (``zmdevice.precision``)."""
     runtime: str = "auto"
-    """Teacher runtime: auto, torch or onnx (auto: onnx on a CPU where the teacher exports)."""
+    """Teacher runtime: auto, torch, onnx or onnx-int8 (``zmdevice.precision.choose_runtime``)."""
     few_shot: Path | None = None
     """Labeled data the teacher is adapted to before labeling (``zmdevice.fewshot``: a probe
     on the FM's features times its zero-shot probabilities); None: the paper's zero-shot."""

@@ -373,18 +373,18 @@ def _label_chunks(
     """
     todo = [j for j in range(len(chunks)) if j not in done]
     progress = chunk_progress(dataset, chunks, done, parts_dir)
-    remaining = [i for j in todo for i in chunks[j]]
+    remaining = [i for j in todo for i in labeling_order(dataset, chunks[j])]
     current, seen, labeled = iter(todo), 0, 0
     chunk = next(current, None)
-    ids: list[str] = []
+    kept_indices: list[int] = []
     probs_list: list[np.ndarray] = []
     features_list: list[np.ndarray] = []
-    skipped_ids: list[str] = []
+    skipped_indices: list[int] = []
     stats_before = dict(teacher.stats)
     batches = iterate_batches(dataset, teacher, remaining, batch_size, workers, with_features)
     for kept, probs, skipped, *features in batches:
-        ids += [dataset.ids[i] for i in kept]
-        skipped_ids += [dataset.ids[i] for i in skipped]
+        kept_indices += kept
+        skipped_indices += skipped
         if kept:
             probs_list.append(probs)
             features_list += features
@@ -395,13 +395,33 @@ def _label_chunks(
             # Only this chunk's share of the teacher's counters goes into its part.
             stats = {k: v - stats_before.get(k, 0) for k, v in teacher.stats.items()}
             stats_before = dict(teacher.stats)
+            # The part keeps the chunk's own order, whatever order it was labeled in.
+            position = {index: p for p, index in enumerate(chunks[chunk])}
+            order = np.argsort([position[i] for i in kept_indices], kind="stable")
+            ids = [dataset.ids[kept_indices[o]] for o in order]
+            skipped_ids = [dataset.ids[i] for i in sorted(skipped_indices, key=position.get)]
             if with_features:  # before the part: a part on disk means its features are too
-                write_part_features(parts_dir, chunk, features_list)
-            write_part(parts_dir, chunk, metadata, ids, probs_list, skipped_ids, stats)
-            ids, probs_list, features_list, skipped_ids, seen = [], [], [], [], 0
+                write_part_features(parts_dir, chunk, [np.concatenate(features_list)[order]])
+            probs_in_order = [np.concatenate(probs_list)[order]] if kept_indices else []
+            write_part(parts_dir, chunk, metadata, ids, probs_in_order, skipped_ids, stats)
+            kept_indices, probs_list, features_list, skipped_indices, seen = [], [], [], [], 0
             chunk = next(current, None)
     progress.close()
     return labeled
+
+
+def labeling_order(dataset, chunk) -> list[int]:
+    """The order a chunk's samples go through the teacher: texts shortest first, so that a
+    batch pads its texts to similar lengths (a batch is padded to its longest text); images
+    as they come.
+
+    On the WordNet definitions (16 tokens on average, 138 at most) this cuts the tokens the
+    teacher computes at batch 64 from 2.7x to 1.2x the real ones. Chunks are labeled whole,
+    so a batch never mixes two chunks, and ``_label_chunks`` puts each part back in order.
+    """
+    if dataset.modality != "text":
+        return list(chunk)
+    return sorted(chunk, key=lambda index: len(dataset.texts[index]))
 
 
 def chunk_progress(dataset, chunks, done, parts_dir: Path):

@@ -5,7 +5,8 @@
 its mean pooling, an ImageNet classifier) by an onnxruntime session; everything around it
 (tokenising, class weights, the zero-shot head) stays as it is, so the label loop does not
 change. The exported file is checked against PyTorch on the example batch before it is
-kept: a file that disagrees is never written.
+kept: a file that disagrees is never written. ``--runtime onnx-int8`` runs a dynamically
+quantised copy of that file (sentence encoders), cached beside it.
 
 Cache: ``$ZMDEVICE_CACHE`` or ``~/.cache/zmdevice``, file ``teachers/<key>.onnx``, the key a
 hash of the teacher spec, its weight files (names, sizes, modification times) and the
@@ -19,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -29,6 +31,8 @@ from zmdevice.errors import UserError, atomic_path
 OPSET = 18
 PARITY_TOLERANCE = 1e-4
 """Largest |onnxruntime - PyTorch| accepted on the example batch, relative to its scale."""
+INT8_MIN_COSINE = 0.95
+"""Smallest cosine between an int8 and the fp32 output row accepted on the example batch."""
 
 
 def cache_root() -> Path:
@@ -102,7 +106,9 @@ class OnnxModule:
         return torch.from_numpy(self.session.run(None, feed)[0])
 
 
-def onnx_module(module, example: tuple, input_names: list[str], dynamic: dict, key: str):
+def onnx_module(
+    module, example: tuple, input_names: list[str], dynamic: dict, key: str, int8: bool = False
+):
     """``module`` exported to ONNX (or the cached export) as an :class:`OnnxModule`.
 
     Args:
@@ -112,6 +118,7 @@ def onnx_module(module, example: tuple, input_names: list[str], dynamic: dict, k
         input_names: one name per input.
         dynamic: input name -> {axis: axis name} of the axes that vary (batch, sequence).
         key: ``cache_key`` of the teacher.
+        int8: run a dynamically quantised copy of the export (``--runtime onnx-int8``).
 
     Raises:
         UserError: the export fails or disagrees with PyTorch on ``example``.
@@ -157,4 +164,43 @@ def onnx_module(module, example: tuple, input_names: list[str], dynamic: dict, k
                     f"the teacher's ONNX export disagrees with PyTorch (relative error "
                     f"{error:.1e} > {PARITY_TOLERANCE:g}); use --runtime torch"
                 )
+    if int8:
+        return int8_module(path, example, input_names)
+    return OnnxModule(path, input_names)
+
+
+def int8_module(fp32_path: Path, example: tuple, input_names: list[str]) -> OnnxModule:
+    """The cached fp32 export dynamically quantised (int8 weights of every MatMul/Gemm, per
+    output channel; activations quantised on the fly), cached beside it.
+
+    Before it is kept, each output row on ``example`` must point the way the fp32 export's
+    does (cosine >= ``INT8_MIN_COSINE``): a check that the quantiser did not break the graph.
+    How often int8 changes a label is measured by ``benchmarks/bench_precision.py``.
+    """
+    path = fp32_path.with_name(fp32_path.stem + ".int8.onnx")
+    if path.is_file():
+        return OnnxModule(path, input_names)
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    expected = OnnxModule(fp32_path, input_names)(*example).numpy()
+    with atomic_path(path) as temporary, tempfile.TemporaryDirectory(dir=path.parent) as work:
+        prepared = Path(work) / "prepared.onnx"
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # Symbolic shape inference cannot follow a dynamic sequence length; ONNX's own
+            # shape inference is enough for dynamic quantisation.
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+            quantize_dynamic(
+                str(prepared), str(temporary), weight_type=QuantType.QInt8, per_channel=True
+            )
+        got = OnnxModule(Path(temporary), input_names)(*example).numpy()
+        cosine = (got * expected).sum(1) / (
+            np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1) + 1e-12
+        )
+        if not cosine.min() >= INT8_MIN_COSINE:
+            raise UserError(
+                f"the teacher's int8 ONNX export strays from fp32 (cosine {cosine.min():.3f} < "
+                f"{INT8_MIN_COSINE}); use --runtime onnx"
+            )
     return OnnxModule(path, input_names)

@@ -106,7 +106,7 @@ def build_teacher(
         templates: CLIP templates: None/"paper", "openai", or a file with one per line.
         precision: auto, fp32, bf16 or fp16 (``zmdevice.precision``); class weights and
             probabilities are computed in fp32 whatever the network runs in.
-        runtime: auto, torch or onnx (``zmdevice.precision.choose_runtime``).
+        runtime: auto, torch, onnx or onnx-int8 (``zmdevice.precision.choose_runtime``).
 
     Raises:
         UserError: unknown teacher, missing weights, unusable model, a precision or

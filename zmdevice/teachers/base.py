@@ -122,7 +122,7 @@ class Numerics:
     request: str
     """--precision as asked (``auto`` resolved per model by ``set_model``)."""
     runtime: str
-    """"torch" or "onnx", already resolved."""
+    """"torch", "onnx" or "onnx-int8", already resolved."""
     device: Any
     precision: Any = None
     """The resolved ``zmdevice.precision.Precision`` once the model is known."""
@@ -141,10 +141,11 @@ class Numerics:
         ONNX cache."""
         self.set_model(module)
         onnx = None
-        if self.runtime == "onnx":
+        if self.runtime in ("onnx", "onnx-int8"):
             from zmdevice.onnx_teacher import cache_key, onnx_module
 
-            onnx = onnx_module(module, example, names, dynamic, cache_key(*identity))
+            key = cache_key(*identity)
+            onnx = onnx_module(module, example, names, dynamic, key, self.runtime == "onnx-int8")
         return Network(module, self.precision, self.device, onnx)
 
     def info(self) -> dict:
