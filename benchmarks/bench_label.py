@@ -1,8 +1,11 @@
 """Labeling benchmark: pipeline overhead and pseudo-label file size (prints the targets).
 
-(a) Throughput: ``run_label`` end to end (data loading in workers, teacher, compression,
-    part files, final file) against the teacher's bare batched forward pass over the same
-    inputs, already collated, in the same process. Target: ratio >= 0.9.
+(a) Throughput: ``run_label`` end to end at its defaults (data loading in workers, the
+    teacher at its ``auto`` precision and runtime, texts shortest first, compression, part
+    files, final file) against the teacher's bare batched forward pass in PyTorch fp32 eager
+    over the same inputs, already collated in data order, in the same process: what labeling
+    cost before any fast path. Targets: ratio >= 0.9 (the pipeline costs little), >= 1.5 for
+    MiniLM (the fast paths pay), and the file's labels equal the bare pass's on >= 99.5%.
 (b) File size: the pseudo-label file (ids and metadata included) against the same
     probabilities as a float32 ``.npy`` (no ids), with the mean KL(full || stored).
     Targets: <= 0.5x at 10-15 classes, <= 0.15x at 1,000, mean KL <= 1e-3 nats.
@@ -34,6 +37,10 @@ IMAGES = ROOT / "examples" / "default" / "images"
 
 RATIO_TARGET = 0.9
 """End-to-end items/s over bare-forward items/s, at least."""
+RATIO_TARGETS = {"minilm": 1.5}
+"""Teachers whose fast paths must beat the bare fp32 eager pass by this much."""
+AGREEMENT_TARGET = 0.995
+"""Share of the file's labels equal to the bare fp32 eager pass's, at least."""
 KL_TARGET = 1e-3
 """Mean KL(full || stored) in nats, at most."""
 
@@ -190,7 +197,7 @@ def main() -> None:
         e2e, bare, summary, probs = throughput(data, classes, teacher, count, args.batch_size, work)
         print(
             f"  {teacher:<20} {count} items: end-to-end {e2e:7.1f}/s, bare forward {bare:7.1f}/s,"
-            f" ratio {e2e / bare:.2f} (target >= {RATIO_TARGET}); "
+            f" ratio {e2e / bare:.2f} (target >= {RATIO_TARGETS.get(teacher, RATIO_TARGET)}); "
             f"{summary['bytes_per_sample']:.1f} B/sample; labels agree with the bare pass on "
             f"{100 * summary['label_agreement']:.2f}% "
             f"({summary['precision']}, {summary['runtime']})"
@@ -204,8 +211,9 @@ def main() -> None:
                 "end_to_end_per_s": e2e,
                 "bare_forward_per_s": bare,
                 "ratio": e2e / bare,
-                "ratio_target": RATIO_TARGET,
+                "ratio_target": RATIO_TARGETS.get(teacher, RATIO_TARGET),
                 "label_agreement": summary["label_agreement"],
+                "agreement_target": AGREEMENT_TARGET,
                 "precision": summary["precision"],
                 "runtime": summary["runtime"],
                 "file_bytes": summary["bytes"],

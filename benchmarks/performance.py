@@ -380,6 +380,13 @@ def label_rows(report: dict) -> tuple[list[Row], list[Row]]:
                 Row(subject, "ratio end-to-end / bare", t["ratio"], f"{t['ratio']:.2f}",
                     (">=", t["ratio_target"])),
             ]  # fmt: skip
+            if "label_agreement" in t:  # reports from before the agreement was measured
+                throughput.append(
+                    Row(subject, f"labels equal to the bare pass's (%; teacher ran {t['precision']}"
+                        f", {t['runtime']})", 100 * t["label_agreement"],
+                        f"{100 * t['label_agreement']:.2f}",
+                        (">=", 100 * t["agreement_target"]), "%")
+                )  # fmt: skip
             files += [
                 Row(f"{t['teacher']}: file `run_label` wrote", "size", t["file_bytes"],
                     f"{mb(t['file_bytes'])}, {t['items']} samples, {t['classes']} classes"),
@@ -455,8 +462,6 @@ def export_rows(report: dict) -> list[Row]:
     return rows
 
 
-FM_SPEEDUP_TARGET = {"minilm": 1.5}
-"""Default-variant labeling throughput over fp32 eager, at least, per teacher."""
 STEP_SPEEDUP_TARGET = {"distilbert": 1.6}
 """Default-precision training step speed over fp32 eager, at least, per student."""
 
@@ -474,14 +479,12 @@ def precision_rows(report: dict) -> list[Row]:
         )  # fmt: skip
         for t in result["teachers"]:
             subject = f"{t['teacher']} {t['variant']}" + (" (default)" if t["default"] else "")
-            speed_target = FM_SPEEDUP_TARGET.get(t["teacher"]) if t["default"] else None
             agreement_target = result["agreement_target"] if t["default"] else None
             rows += [
                 Row(subject, f"items/s ({t['items']} items, batch {t['batch_size']})",
                     t["items_per_s"], f"{t['items_per_s']:.1f}"),
                 Row(subject, "ratio to fp32 eager", t["ratio_to_fp32_eager"],
-                    f"{t['ratio_to_fp32_eager']:.2f}x",
-                    None if speed_target is None else (">=", speed_target), "x"),
+                    f"{t['ratio_to_fp32_eager']:.2f}x"),
                 Row(subject, "labels agreeing with fp32 eager (%)", 100 * t["label_agreement"],
                     f"{100 * t['label_agreement']:.2f}",
                     None if agreement_target is None else (">=", 100 * agreement_target), "%"),
@@ -577,10 +580,13 @@ def sections(report: dict) -> list[tuple[str, str, list[Row]]]:
     """(heading, how it was measured, rows) of every table on the page."""
     throughput, files = label_rows(report)
     return [
-        ("Labeling throughput", "`run_label` end to end (loader workers, teacher, "
+        ("Labeling throughput", "`run_label` end to end at its defaults (loader workers, "
+         "the teacher at its `auto` precision and runtime, texts shortest first, "
          "compression, part files, final file) against the teacher's bare batched forward "
-         "on the same inputs, already collated, in the same process; the bare pass runs "
-         "before and after, the faster one counts.", throughput),
+         "in PyTorch fp32 eager on the same inputs, already collated in data order, in the "
+         "same process (what labeling cost before any fast path); the bare pass runs before "
+         "and after, the faster one counts. Agreement: the file's labels against the bare "
+         "pass's.", throughput),
         ("Training step", "Mean stage-2 step of `run_train` (zeromatch, default batch "
          "sizes, synthetic data; data pipeline + augmentation + forward + losses + backward "
          "+ optimizer step) against the mean bare forward+backward of the same student "
@@ -594,7 +600,8 @@ def sections(report: dict) -> list[tuple[str, str, list[Row]]]:
          export_rows(report)),
         ("Precision and runtime", "`bench_precision.py`: the teachers' batched forward in "
          "PyTorch fp32 eager (the baseline), bf16 autocast and onnxruntime (the teacher's "
-         "cached ONNX export), and one bare training step (forward + backward + AdamW) per "
+         "cached ONNX export, fp32 and dynamic int8) on batches in data order, and one bare "
+         "training step (forward + backward + AdamW) per "
          "precision, the variants alternating batch by batch in one process; medians. "
          "Agreement: the same argmax label as fp32 eager. `(default)` marks what `--precision "
          "auto --runtime auto` picks on this machine (`zmdevice/precision.py`).",
