@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from zmdevice.cli import app
 from zmdevice.config import LabelConfig, TrainConfig, load_config
+from zmdevice.errors import UserError
 
 # option -> (value in the file, value typed on the command line). The typed value is the
 # dataclass default where there is one, so a merge that only replaces non-defaults fails.
@@ -156,6 +157,13 @@ def test_modality_defaults_fill_only_what_is_not_set():
     image = TrainConfig(labeled=Path("l"), unlabeled=Path("u"), method="fixmatch")
     # A method without stage 1 spends both stages' default budget in its one stage.
     assert image.for_modality("image").ssl_steps == 1000
+    # A student preset's [train] table comes before its modality's defaults, after the user.
+    preset = {"lr": 5e-4, "kd_steps": 250, "ssl_steps": 250}
+    tuned = TrainConfig(labeled=Path("l"), unlabeled=Path("u"), kd_steps=10)
+    tuned = tuned.for_modality("image", preset)
+    assert (tuned.lr, tuned.kd_steps, tuned.ssl_steps, tuned.head_lr) == (5e-4, 10, 250, 2e-3)
+    with pytest.raises(UserError, match=r"its \[train\] table sets threshold: it may set only"):
+        config.for_modality("image", {"threshold": 0.5})
 
 
 def test_label_config_file_feeds_the_data_options(tmp_path):

@@ -214,7 +214,8 @@ class TrainConfig:
     """`zmdevice train`: ZeroMatch (stage 1 KD, stage 2 SSL + auxiliary KD) and baselines.
 
     Fields whose default is None and that ``MODALITY_DEFAULTS`` lists take the student's
-    modality default (``for_modality``); the other defaults are the CPU image settings.
+    default: its catalog entry's ``[train]`` table, else its modality's (``for_modality``);
+    the other defaults are the CPU image settings.
     """
 
     labeled: Path
@@ -350,12 +351,22 @@ class TrainConfig:
         require(self, "time_budget", self.time_budget is None or self.time_budget > 0, "> 0")
         require(self, "collapse_guard", self.collapse_guard in GUARD_ACTIONS, "rollback/stop/off")
 
-    def for_modality(self, modality: str) -> TrainConfig:
-        """A copy with every None field of ``MODALITY_DEFAULTS`` set to the modality's value.
+    def for_modality(
+        self, modality: str, preset: dict | None = None, preset_name: str = "student preset"
+    ) -> TrainConfig:
+        """A copy with every None field of ``MODALITY_DEFAULTS`` set to the modality's value,
+        or to the student preset's where its ``[train]`` table (``preset``) gives one.
 
         A method without stage 1 spends both stages' default budget in its one stage.
         """
         table = dict(MODALITY_DEFAULTS[modality])
+        unknown = sorted(set(preset or {}) - set(table))
+        if unknown:
+            raise UserError(
+                f"{preset_name}: its [train] table sets {', '.join(unknown)}: it may "
+                f"set only {', '.join(table)}"
+            )
+        table.update(preset or {})
         if "kd" not in METHODS[self.method].stages:
             table["ssl_steps"] += table["kd_steps"]
         return dataclasses.replace(

@@ -96,8 +96,9 @@ def build_setup(config: TrainConfig, out: Path, on_step=None, ranks=None):
     from zmdevice.training.stages import StepModel, plan_stages
 
     preset = config.student.partition(":")[0]
-    modality = require_entry(preset, "student", "--student").get("modality", "image")
-    config = config.for_modality(modality)
+    entry = require_entry(preset, "student", "--student")
+    modality = entry.get("modality", "image")
+    config = config.for_modality(modality, entry.get("train"), f"models/{preset}.toml")
     ranks = ranks or Ranks()
     device = ranks.start(resolve_device(config.device))
     set_threads(config, device, ranks)
