@@ -75,12 +75,14 @@ def test_forced_collapse_rolls_back_to_the_best_weights(case, tmp_path, capsys):
     summary = run_train(make_config(modality, data, out), on_step=force_collapse)
     assert summary["stopped"] == "collapse"
     fired = summary["collapse"]
-    assert fired["step"] == 5 and fired["action"] == "rollback" and fired["rolled_back_to"] == 0
+    # Suspected at step 5, confirmed at step 10 (collapse_patience = 2), rolled back to 0.
+    assert fired["step"] == 10 and fired["action"] == "rollback" and fired["rolled_back_to"] == 0
     assert "fell to" in fired["reason"]
-    assert summary["stages"][-1] == {**summary["stages"][-1], "stage": "ssl", "steps": 5}
-    assert any(line.startswith("  COLLAPSE at stage-2 step 5") for line in summary["lines"])
-    assert "warning: collapse at stage-2 step 5" in capsys.readouterr().err
+    assert summary["stages"][-1] == {**summary["stages"][-1], "stage": "ssl", "steps": 10}
+    assert any(line.startswith("  COLLAPSE at stage-2 step 10") for line in summary["lines"])
+    assert "warning: collapse at stage-2 step 10" in capsys.readouterr().err
     records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records if "collapse_suspected" in r] == [5]
     assert [r["collapse_action"] for r in records if "collapse" in r] == ["rollback"]
     # The saved head is the pre-collapse one and predicts more than one class.
     from zmdevice.students import load_student
@@ -88,6 +90,31 @@ def test_forced_collapse_rolls_back_to_the_best_weights(case, tmp_path, capsys):
     student = load_student(out)
     assert float(last_linear(student.head).bias[0].detach()) < 100
     assert (out / "report.md").is_file()
+
+
+def test_a_breach_that_does_not_last_is_only_logged(image_data, tmp_path):
+    """Every prediction forced into class 0 after stage-2 step 2 and released after step 6:
+    the evaluation at step 5 breaks the rule, the one at step 10 does not."""
+    kept = {}
+
+    def dip(setup, state, values):
+        if setup.plans[state["stage_index"]].kind != "ssl":
+            return
+        bias = last_linear(setup.student.head).bias
+        with torch.no_grad():
+            if state["step"] == 2:
+                kept["bias"] = float(bias[0])
+                bias[0] = 1e4
+            elif state["step"] == 6:
+                bias[0] = kept["bias"]
+
+    out = tmp_path / "out"
+    summary = run_train(make_config("image", image_data, out), on_step=dip)
+    assert summary["stopped"] is None and "collapse" not in summary
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records if "collapse_suspected" in r] == [5]
+    observed = [r["step"] for r in records if "guard_class_entropy" in r]
+    assert observed == [0, 5, 10]
 
 
 def test_forced_collapse_with_stop_keeps_the_weights(image_data, tmp_path):
@@ -103,14 +130,15 @@ def test_config_rigged_collapse_is_caught(image_data, tmp_path):
     of 0.5: stage 2 drives the main head into one class within five steps."""
     rigged = dict(ssl_loss="fixmatch", threshold=0.0, lambda_u=50.0, head_lr=0.5, ssl_steps=30)
     summary = run_train(make_config("image", image_data, tmp_path / "on", **rigged))
-    assert summary["collapse"]["step"] == 5 and summary["collapse"]["rolled_back_to"] == 0
+    assert summary["collapse"]["step"] == 10 and summary["collapse"]["rolled_back_to"] == 0
     off = run_train(
         make_config("image", image_data, tmp_path / "off", collapse_guard="off", **rigged)
     )
     assert off["stages"][-1]["steps"] == 30 and "collapse" not in off
     records = read_jsonl(tmp_path / "on" / "metrics.jsonl")
-    start, collapsed = [r for r in records if "guard_heldout_agreement" in r]
-    assert collapsed["guard_heldout_agreement"] < start["guard_heldout_agreement"] - 0.10
+    start, suspected, collapsed = [r for r in records if "guard_heldout_agreement" in r]
+    for record in (suspected, collapsed):
+        assert record["guard_heldout_agreement"] < start["guard_heldout_agreement"] - 0.10
 
 
 def test_resume_keeps_the_guard_memory(image_data, tmp_path):

@@ -321,6 +321,9 @@ class TrainConfig:
     collapse_entropy_fraction: float = 0.5
     """Collapse when the predicted-class entropy on the held-out slice falls below this
     share of its stage-2 highest."""
+    collapse_patience: int = 2
+    """Consecutive stage-2 evaluations that must break the rule before the guard acts (the
+    last evaluation of the stage acts at once)."""
     precision: str = "auto"
     """auto, fp32, bf16 or fp16: the student's compute dtype in training steps (weights,
     optimizer and losses stay fp32; ``zmdevice.precision``). The run records the resolved one."""
@@ -338,7 +341,7 @@ class TrainConfig:
         at_least(self, 0, "bn_recalibration_batches")
         at_least(self, 1, "kd_batch_size", "labeled_batch_size", "unlabeled_batch_size")
         at_least(self, 1, "eval_batch_size", "holdout_max", "log_every", "threads", "stop_after")
-        at_least(self, 1, "image_size", "max_length")
+        at_least(self, 1, "image_size", "max_length", "collapse_patience")
         for key in ("lr", "head_lr", "temperature"):
             value = getattr(self, key)
             require(self, key, value is None or value > 0, "> 0")
