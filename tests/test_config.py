@@ -166,6 +166,17 @@ def test_modality_defaults_fill_only_what_is_not_set():
         config.for_modality("image", {"threshold": 0.5})
 
 
+def test_default_image_student_is_the_pretrained_preset_with_its_training_defaults():
+    from zmdevice.catalog import require_entry
+
+    entry = require_entry(TrainConfig.student, "student", "--student")
+    assert TrainConfig.student == "efficientnet_lite0" and entry["weights"] == "imagenet"
+    config = TrainConfig(labeled=Path("l"), unlabeled=Path("u")).for_modality(
+        "image", entry["train"]
+    )
+    assert (config.kd_steps, config.ssl_steps, config.lr, config.head_lr) == (250, 250, 5e-4, 2e-3)
+
+
 def test_label_config_file_feeds_the_data_options(tmp_path):
     config_file = tmp_path / "label.toml"
     config_file.write_text('data = "d.csv"\nclasses = "a,b"\nteacher = "minilm"\n'

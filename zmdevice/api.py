@@ -39,7 +39,7 @@ from zmdevice.inputs import class_spec, data_path, is_dataframe, is_pil
 from zmdevice.pseudolabels import PseudoLabels
 from zmdevice.runtime import OnnxClassifier, load_image
 
-DEFAULT_STUDENTS = {"image": "mobilenet_v3_small", "text": "distilbert"}
+DEFAULT_STUDENTS = {"image": "efficientnet_lite0", "text": "distilbert"}
 """The student ``train`` picks when none is named: the offline default of each modality."""
 
 # --------------------------------------------------------------------------- run helpers
@@ -225,7 +225,7 @@ def train(
         unlabeled: the training pool (labeled samples included), as data above.
         pseudo_labels: what ``label`` returned, or the path of a pseudo-label file; needed by
             ``zeromatch``, ``kd`` and ``naive-pl``.
-        student: a student preset; default ``mobilenet_v3_small`` for images, ``distilbert``
+        student: a student preset; default ``efficientnet_lite0`` for images, ``distilbert``
             for text.
         method: zeromatch, kd, supervised, fixmatch, adamatch or naive-pl.
         device: cpu, cuda, cuda:N, mps or auto.

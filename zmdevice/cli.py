@@ -229,7 +229,8 @@ def train(
     student: Annotated[
         str | None,
         typer.Option(
-            help=f"mobilenet_v3_small, mobilenet_v3_large, distilbert, or a tiny preset (default {TrainConfig.student})."
+            help="efficientnet_lite0, mobilenet_v3_small, mobilenet_v3_large, distilbert, or a "
+            f"tiny preset (default {TrainConfig.student})."
         ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default models/NAME).")] = None,

@@ -224,7 +224,7 @@ class TrainConfig:
     """Unlabeled training data (the labeled samples are part of it too)."""
     pseudo_labels: Path | None = None
     """Pseudo-label file from `zmdevice label` (required by methods that use the FM)."""
-    student: str = "mobilenet_v3_small"
+    student: str = "efficientnet_lite0"
     """Student preset from the catalog, or a hub id / local dir for distilbert."""
     out: Path | None = None
     """Output folder; default models/<student>-<method>."""
@@ -253,7 +253,8 @@ class TrainConfig:
     gold_unlabeled: Path | None = None
     """True labels of the pool, only for the pseudo-label accuracy diagnostic."""
     image_size: int | None = None
-    """Image side S in pixels; None = the student preset's (32 for mobilenet_v3_small)."""
+    """Image side S in pixels; None = the student preset's (64 for efficientnet_lite0, 32
+    for mobilenet_v3_small)."""
     max_length: int | None = None
     """Longest token sequence; None = the student preset's (40 for distilbert)."""
     kd_batch_size: int | None = None
