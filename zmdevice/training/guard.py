@@ -12,12 +12,15 @@ no gradient, no random numbers, so a guard that does not fire changes nothing):
 - ``guard_labeled_accuracy``: accuracy on the labeled set (logged, not part of the rule).
 
 The rule (thresholds in ``TrainConfig``; judged only on ``MIN_HELDOUT`` or more held-out
-samples): a collapse is held-out agreement more than
-``collapse_agreement_drop`` below its stage-2 best, or class entropy below
-``collapse_entropy_fraction`` of its stage-2 highest, at ``collapse_patience`` evaluations in
-a row (or at the stage's last one). A first breach is logged as ``collapse_suspected``: on the
-dev split a pretrained student's agreement dipped 7-11 points at the first evaluation after
-the switch to the SSL losses and came back within 2 points of its best one evaluation later.
+samples): a collapse is class entropy below ``collapse_entropy_fraction`` of its stage-2
+highest (the main head predicting few classes), or, only if ``collapse_agreement_drop`` is
+set, held-out agreement that far below its stage-2 best, at ``collapse_patience``
+evaluations in a row (or at the stage's last one); a first breach is logged as
+``collapse_suspected``. Agreement is not judged by default: on the dev split (Fashion-MNIST,
+refined labels) a 10-point drop fired at stage 2's first evaluations of every seed-0 run and
+rolling back cost points (MobileNet seed 0: 65.0 rolled back, 70.4 with the guard off), since
+a student that improves on 75%-right labels must disagree with them more; the patience comes
+from a dip that came back (EfficientNet-Lite0 seed 1: 85.4% -> 78.8% -> 83.8%).
 The guard keeps in ``state["guard"]``
 (and so in checkpoints) the weights of the best evaluation: highest agreement with an FM,
 else the latest one the rule passed. On a collapse it warns on stderr, logs a ``collapse``
@@ -67,7 +70,7 @@ def collapse_reason(config, signals: dict, memory: dict) -> str | None:
     """Why ``signals`` are a collapse by the rule, or None."""
     agreement, best = signals.get("guard_heldout_agreement"), memory.get("best_agreement")
     drop = config.collapse_agreement_drop
-    if agreement is not None and best is not None and agreement < best - drop:
+    if drop is not None and agreement is not None and best is not None and agreement < best - drop:
         return (
             f"held-out agreement with the FM fell to {100 * agreement:.1f}% from its "
             f"stage-2 best {100 * best:.1f}% (more than "
