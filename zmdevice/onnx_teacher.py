@@ -180,20 +180,9 @@ def int8_module(fp32_path: Path, example: tuple, input_names: list[str]) -> Onnx
     path = fp32_path.with_name(fp32_path.stem + ".int8.onnx")
     if path.is_file():
         return OnnxModule(path, input_names)
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     expected = OnnxModule(fp32_path, input_names)(*example).numpy()
     with atomic_path(path) as temporary, tempfile.TemporaryDirectory(dir=path.parent) as work:
-        prepared = Path(work) / "prepared.onnx"
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # Symbolic shape inference cannot follow a dynamic sequence length; ONNX's own
-            # shape inference is enough for dynamic quantisation.
-            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-            quantize_dynamic(
-                str(prepared), str(temporary), weight_type=QuantType.QInt8, per_channel=True
-            )
+        dynamic_int8(fp32_path, Path(temporary), Path(work))
         got = OnnxModule(Path(temporary), input_names)(*example).numpy()
         cosine = (got * expected).sum(1) / (
             np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1) + 1e-12
@@ -204,3 +193,22 @@ def int8_module(fp32_path: Path, example: tuple, input_names: list[str]) -> Onnx
                 f"{INT8_MIN_COSINE}); use --runtime onnx"
             )
     return OnnxModule(path, input_names)
+
+
+def dynamic_int8(source: Path, target: Path, work: Path) -> None:
+    """Write ``target``, a dynamically quantised copy of the transformer ONNX file ``source``:
+    per-output-channel int8 weights of MatMul/Gemm and the embedding Gather, activations
+    quantised on the fly (``work``: a scratch folder). The student export (``--quantize
+    int8``, text) and the ``onnx-int8`` teacher runtime both use it.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = work / "prepared.onnx"
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # onnxruntime's recommended first step (shape inference + graph optimisation).
+        # Symbolic shape inference cannot follow a dynamic sequence length; ONNX's own shape
+        # inference is enough for dynamic quantisation.
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8, per_channel=True)
