@@ -6,6 +6,7 @@ temporary folder and it is shut down at the end.
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -163,11 +164,20 @@ def test_resume_after_a_deleted_part_redoes_only_that_chunk(
 
 def test_batch_rows_follow_the_local_engine_batches():
     chunks = [range(0, 8), range(8, 16), range(16, 19)]
-    rows = batch_rows(chunks, [0, 2], 4)
+    images = SimpleNamespace(modality="image")
+    rows = batch_rows(images, chunks, [0, 2], 4)
     assert [(r["chunk"], r["batch"], r["indices"]) for r in rows] == [
         (0, 0, [0, 1, 2, 3]),
         (0, 1, [4, 5, 6, 7]),
         (2, 0, [16, 17, 18]),
+    ]
+    # Texts go shortest first inside each chunk, as the local engine feeds them.
+    texts = SimpleNamespace(modality="text", texts=["x" * (20 - i) for i in range(19)])
+    rows = batch_rows(texts, chunks, [0, 2], 4)
+    assert [(r["chunk"], r["batch"], r["indices"]) for r in rows] == [
+        (0, 0, [7, 6, 5, 4]),
+        (0, 1, [3, 2, 1, 0]),
+        (2, 0, [18, 17, 16]),
     ]
 
 

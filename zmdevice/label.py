@@ -395,11 +395,9 @@ def _label_chunks(
             # Only this chunk's share of the teacher's counters goes into its part.
             stats = {k: v - stats_before.get(k, 0) for k, v in teacher.stats.items()}
             stats_before = dict(teacher.stats)
-            # The part keeps the chunk's own order, whatever order it was labeled in.
-            position = {index: p for p, index in enumerate(chunks[chunk])}
-            order = np.argsort([position[i] for i in kept_indices], kind="stable")
+            order, skipped_in_order = chunk_order(chunks[chunk], kept_indices, skipped_indices)
             ids = [dataset.ids[kept_indices[o]] for o in order]
-            skipped_ids = [dataset.ids[i] for i in sorted(skipped_indices, key=position.get)]
+            skipped_ids = [dataset.ids[i] for i in skipped_in_order]
             if with_features:  # before the part: a part on disk means its features are too
                 write_part_features(parts_dir, chunk, [np.concatenate(features_list)[order]])
             probs_in_order = [np.concatenate(probs_list)[order]] if kept_indices else []
@@ -422,6 +420,15 @@ def labeling_order(dataset, chunk) -> list[int]:
     if dataset.modality != "text":
         return list(chunk)
     return sorted(chunk, key=lambda index: len(dataset.texts[index]))
+
+
+def chunk_order(chunk, kept: list[int], skipped: list[int]) -> tuple[np.ndarray, list[int]]:
+    """Put a chunk labeled in ``labeling_order`` back in its own order: the permutation of
+    ``kept`` (sample indices, in labeling order) and ``skipped`` sorted, both by position in
+    the chunk. A part file keeps its chunk's order, whatever order it was labeled in."""
+    position = {index: p for p, index in enumerate(chunk)}
+    order = np.argsort([position[i] for i in kept], kind="stable")
+    return order, sorted(skipped, key=position.get)
 
 
 def chunk_progress(dataset, chunks, done, parts_dir: Path):

@@ -13,7 +13,8 @@ Rows carry only positions into the driver's data set, never ids: the ids stay th
 zmdevice's reader gave (a CSV reader of Ray's own would turn the id ``007`` into ``7``).
 The driver gathers the predicted batches of each chunk and, once a chunk is whole, writes
 its part file with the local engine's ``write_part``. Batches are the local engine's batches
-(whole batches inside a chunk, in data order), so the combined file is the same file, and
+(whole batches inside a chunk, in its ``labeling_order``: texts shortest first) and each part
+goes back to the chunk's order, so the combined file is the same file, and
 ``--resume`` may even continue a run the other engine began.
 
 Two ways a Ray Data pipeline stalls are avoided on purpose: teacher actors never take every
@@ -150,10 +151,14 @@ class TeacherBatch:
         return {"chunk": row["chunk"], "batch": row["batch"], "result": result, "error": ""}
 
 
-def batch_rows(chunks, todo: list[int], batch_size: int) -> list[dict]:
-    """One row per teacher batch of the chunks in ``todo``: chunk, batch number, positions."""
+def batch_rows(dataset, chunks, todo: list[int], batch_size: int) -> list[dict]:
+    """One row per teacher batch of the chunks in ``todo``: chunk, batch number, positions,
+    each chunk in the local engine's ``labeling_order`` (texts shortest first)."""
+    from zmdevice.label import labeling_order
+
+    ordered = {j: labeling_order(dataset, chunks[j]) for j in todo}
     return [
-        {"chunk": j, "batch": b, "indices": list(chunks[j][s : s + batch_size])}
+        {"chunk": j, "batch": b, "indices": ordered[j][s : s + batch_size]}
         for j in todo
         for b, s in enumerate(range(0, len(chunks[j]), batch_size))
     ]
@@ -192,10 +197,10 @@ def _start(ray, address: str | None) -> None:
 
 
 def _run(ray, config, dataset, teacher, classes, chunks, done, parts_dir, metadata) -> int:
-    from zmdevice.label import chunk_progress, write_part
+    from zmdevice.label import chunk_order, chunk_progress, write_part
 
     todo = [j for j in range(len(chunks)) if j not in done]
-    rows = batch_rows(chunks, todo, config.batch_size)
+    rows = batch_rows(dataset, chunks, todo, config.batch_size)
     if not rows:
         return 0
     nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
@@ -248,12 +253,14 @@ def _run(ray, config, dataset, teacher, classes, chunks, done, parts_dir, metada
             if len(pending[chunk]) == batches_of[chunk]:
                 by_number = pending.pop(chunk)
                 results = [by_number[b] for b in range(batches_of[chunk])]
+                kept = [i for r in results for i in r[0]]
+                order, skipped = chunk_order(
+                    chunks[chunk], kept, [i for r in results for i in r[2]]
+                )
+                probs = [np.concatenate([r[1] for r in results if r[0]])[order]] if kept else []
                 write_part(
-                    parts_dir, chunk, metadata,
-                    [dataset.ids[i] for r in results for i in r[0]],
-                    [r[1] for r in results if r[0]],
-                    [dataset.ids[i] for r in results for i in r[2]],
-                    _sum_counts(r[3] for r in results),
+                    parts_dir, chunk, metadata, [dataset.ids[kept[o]] for o in order], probs,
+                    [dataset.ids[i] for i in skipped], _sum_counts(r[3] for r in results),
                 )  # fmt: skip
     finally:
         progress.close()
