@@ -109,8 +109,8 @@ VARIANTS = [
     Method("kd-rf", "kd", labels="refined"),
     Method("naive-pl-rf", "naive-pl", labels="refined"),
     # The pretrained EfficientNet-Lite0 student at 64 px on the refined labels, with half the
-    # MobileNet's steps since a step costs ~4x as much: a run took 555 s alone on one core
-    # (MobileNet's 1,000 steps: 185-300 s), inside the 15-minute budget.
+    # MobileNet's steps since a step costs ~4x as much: zeromatch takes ~16 minutes of one
+    # idle core (MobileNet's 1,000 steps: 6-8 minutes); the -b15 rows hold it to 15.
     *(
         Method(f"{name}-effl0-64", method, labels="refined", student=PRETRAINED_IMAGE,
                config={"image_size": 64, "lr": 5e-4, "head_lr": 2e-3}, total_steps=500)
@@ -121,6 +121,14 @@ VARIANTS = [
     *(
         Method(f"{name}-b{minutes}", method, labels="refined",
                config={"time_budget": minutes})
+        for name, method in (("zeromatch-rf", "zeromatch"), ("kd-rf", "kd"))
+        for minutes in (1, 4, 15)
+    ),
+    # The same curves for the default image student (the pretrained EfficientNet-Lite0 at
+    # 64 px; its preset's even stage split and learning rates).
+    *(
+        Method(f"{name}-effl0-64-b{minutes}", method, labels="refined", student=PRETRAINED_IMAGE,
+               config={"image_size": 64, "lr": 5e-4, "head_lr": 2e-3, "time_budget": minutes})
         for name, method in (("zeromatch-rf", "zeromatch"), ("kd-rf", "kd"))
         for minutes in (1, 4, 15)
     ),
@@ -708,26 +716,45 @@ BUDGET_MINUTES = (1, 4, 15)
 BUDGET_PLOT = Path(__file__).resolve().parent / "budget-curves.png"
 
 
-def budget_runs(results: list[dict], dataset: str) -> dict[str, dict[int, dict[int, float]]]:
-    """method -> minutes -> seed -> test accuracy, for the ``-b<minutes>`` rows."""
-    found: dict[str, dict[int, dict[int, float]]] = {}
+def budget_results(results: list[dict], dataset: str) -> dict[str, dict[int, list[dict]]]:
+    """method -> minutes -> the test results of its ``-b<minutes>`` rows."""
+    found: dict[str, dict[int, list[dict]]] = {}
     for r in results:
         budget = r.get("config", {}).get("time_budget")
         if r["dataset"] != dataset or split_of(r) != "test" or budget is None:
             continue
         base = r["method"].rsplit("-b", 1)[0]
-        found.setdefault(base, {}).setdefault(int(budget), {})[r["seed"]] = accuracy_of(r)
+        found.setdefault(base, {}).setdefault(int(budget), []).append(r)
     return found
 
 
+def budget_runs(results: list[dict], dataset: str) -> dict[str, dict[int, dict[int, float]]]:
+    """method -> minutes -> seed -> test accuracy, for the ``-b<minutes>`` rows."""
+    return {
+        method: {m: {r["seed"]: accuracy_of(r) for r in rows} for m, rows in by_minutes.items()}
+        for method, by_minutes in budget_results(results, dataset).items()
+    }
+
+
+def trained_steps(rows: list[dict]) -> str:
+    """Mean steps each stage ran ("KD + SSL"), as the runs' training summaries say: a
+    budget run plans its own steps, so the settings' step counts do not tell."""
+    per_stage: dict[str, list[int]] = {}
+    for r in rows:
+        for stage in r.get("train_summary", {}).get("stages", []):
+            per_stage.setdefault(stage["stage"], []).append(stage["steps"])
+    return " + ".join(f"{sum(v) / len(v):.0f}" for v in per_stage.values()) or "?"
+
+
 def _budget_section(dataset: Dataset, results: list[dict]) -> list[str]:
-    runs = budget_runs(results, dataset.name)
+    runs = budget_results(results, dataset.name)
     if not runs:
         return []
     lines = [
         f"### {dataset.name}: accuracy against CPU minutes",
         "",
         "`--time-budget M` on one pinned core (wall minutes = CPU minutes), 4 labels/class; "
+        "each cell: mean, the seeds, and the steps the budget planned (KD + SSL, mean); "
         f"plotted in `{BUDGET_PLOT.name}`.",
         "",
         "| method | " + " | ".join(f"{m} min" for m in BUDGET_MINUTES) + " |",
@@ -736,9 +763,13 @@ def _budget_section(dataset: Dataset, results: list[dict]) -> list[str]:
     for method, by_minutes in sorted(runs.items()):
         cells = []
         for minutes in BUDGET_MINUTES:
-            seeds = by_minutes.get(minutes, {})
+            rows = by_minutes.get(minutes, [])
+            seeds = {r["seed"]: accuracy_of(r) for r in rows}
             cells.append(
-                f"{_mean_std(list(seeds.values()))} ({_per_seed(seeds)})" if seeds else "-"
+                f"{_mean_std(list(seeds.values()))} ({_per_seed(seeds)}; "
+                f"{trained_steps(rows)} steps)"
+                if rows
+                else "-"
             )
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return [*lines, ""]
