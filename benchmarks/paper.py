@@ -370,6 +370,10 @@ def execute(run: Run) -> dict:
             args.append("--allow-partial")
             unlabeled_used = partial["covered"]
     args += list(method.flags)
+    if run.split == "dev":
+        # The log then holds dev accuracy at every evaluation, so that a rule acting inside a
+        # run (the collapse guard) can be replayed and chosen on dev; test never enters training.
+        args += ["--test", str(evaluation_data)]
     # A run killed part way (the machine is shared, runs are long) continues from its last
     # checkpoint; one killed before its first checkpoint starts again in its own folder.
     resumed = any((out / "checkpoints").glob("last-*.safetensors"))
