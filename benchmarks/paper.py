@@ -135,6 +135,10 @@ VARIANTS = [
     # The collapse guard off: what the guard's rollbacks cost or saved (dev only).
     Method("zeromatch-rf-noguard", "zeromatch", labels="refined",
            config={"collapse_guard": "off"}),
+    # The guard observing only (signals logged, a rule that cannot fire): the stage-2
+    # trajectories that benchmarks/guard_replay.py replays to choose the rule on dev.
+    Method("zeromatch-rf-observe", "zeromatch", labels="refined",
+           config={"collapse_entropy_fraction": 0.0}),
     # AdaMatch's distribution-alignment momentum: USB's 0.999 against the default 0.99.
     Method("zeromatch-fs-da999", "zeromatch", labels="few-shot", config={"da_momentum": 0.999}),
     Method("zeromatch-rf-da999", "zeromatch", labels="refined", config={"da_momentum": 0.999}),
@@ -811,6 +815,43 @@ def plot_budgets(results: list[dict]) -> None:
     plt.close(figure)
 
 
+GUARD_REPLAY = RESULTS / "guard-dev-replay.json"
+
+
+def _guard_section() -> list[str]:
+    """The collapse guard's rules replayed on dev runs' logs (benchmarks/guard_replay.py)."""
+    if not GUARD_REPLAY.is_file():
+        return []
+    replay = json.loads(GUARD_REPLAY.read_text())
+    groups: dict[str, list[str]] = {}
+    for run_id in replay["runs"]:
+        groups.setdefault(run_id.removeprefix("dev-").rsplit("-s", 1)[0], []).append(run_id)
+    lines = [
+        "## The collapse guard's rule, replayed on dev",
+        "",
+        "`python benchmarks/guard_replay.py`: each rule (agreement drop from its stage-2 best, "
+        "entropy share 0.5, patience in evaluations) replayed on the logged signals of dev runs "
+        "whose guard did not fire; cell: mean dev accuracy of the weights the rule ends with "
+        "(`?` where the run predates logged dev accuracy and the rule rolls back) and on how "
+        "many runs it fires.",
+        "",
+        f"| drop | patience | {' | '.join(groups)} |",
+        "|---|---|" + "---|" * len(groups),
+    ]
+    for entry in replay["rules"]:
+        rule, outcomes = entry["rule"], entry["runs"]
+        cells = []
+        for members in groups.values():
+            values = [outcomes[m]["dev_accuracy"] for m in members]
+            fired = sum(outcomes[m]["fired_at"] is not None for m in members)
+            shown = "?" if None in values else f"{100 * sum(values) / len(values):.1f}"
+            cells.append(f"{shown} ({fired}/{len(members)} fire)")
+        drop = rule["collapse_agreement_drop"]
+        drop_text = "-" if drop is None else f"{100 * drop:.0f} pts"
+        lines.append(f"| {drop_text} | {rule['collapse_patience']} | {' | '.join(cells)} |")
+    return [*lines, ""]
+
+
 def command_table(args) -> int:
     results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     results = [r for r in results if "dataset" in r and "method" in r]
@@ -844,6 +885,7 @@ def command_table(args) -> int:
             lines += [f"Mean wall time per training run: {sum(seconds) / len(seconds):.0f} s.", ""]
         lines += _budget_section(dataset, results)
         lines += [f"### {dataset.name}: chosen on dev", "", *_dev_section(dataset, results)]
+    lines += _guard_section()
     envs = {json.dumps(r["environment"], sort_keys=True) for r in results if "environment" in r}
     if envs:
         lines += ["Environment(s):", ""] + [f"- `{e}`" for e in sorted(envs)] + [""]

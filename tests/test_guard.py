@@ -6,6 +6,9 @@ Half of the pool is held out so the slice is large enough for the rule to be jud
 class before stage 2 (with 10 it still predicts one class, and there is nothing to lose).
 """
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import image_config, read_jsonl, text_config, weights
@@ -184,6 +187,34 @@ def test_the_rule_on_given_signals():
     no_fm = {"highest_entropy": 1.0}
     assert collapse_reason(config, {"guard_class_entropy": 0.49}, no_fm) is not None
     assert collapse_reason(config, {"guard_class_entropy": 0.51}, no_fm) is None
+
+
+def load_replay():
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "guard_replay.py"
+    spec = importlib.util.spec_from_file_location("guard_replay", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_replaying_the_rule_on_a_log_matches_the_live_guard(image_data, tmp_path):
+    """benchmarks/guard_replay.py chooses the rule on dev from logs of runs whose guard did
+    not fire: on such a log it must fire where the live guard fires, with the same rollback."""
+    live = run_train(make_config("image", image_data, tmp_path / "live"), force_collapse)
+    never = dict(collapse_entropy_fraction=0.0)  # logs every signal, never fires
+    run_train(make_config("image", image_data, tmp_path / "log", **never), force_collapse)
+    replay = load_replay()
+    trajectory = replay.trajectory(tmp_path / "log")
+    assert [e["step"] for e in trajectory["evaluations"]] == [0, 5, 10]
+    outcome = replay.replay(replay.SHIPPED, trajectory)
+    assert (outcome["fired_at"], outcome["rolled_back_to"]) == (
+        live["collapse"]["step"],
+        live["collapse"]["rolled_back_to"],
+    )
+    assert replay.replay(never | {"collapse_patience": 2, "collapse_agreement_drop": None},
+                         trajectory)["fired_at"] is None  # fmt: skip
+    # The live guard's own log ends at the collapse, so it cannot be replayed.
+    assert replay.trajectory(tmp_path / "live") is None
 
 
 def test_class_entropy():

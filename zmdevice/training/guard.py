@@ -85,6 +85,33 @@ def collapse_reason(config, signals: dict, memory: dict) -> str | None:
     return None
 
 
+def judge(
+    config, signals: dict, memory: dict, step: int, last: bool, judged: bool = True
+) -> tuple[str | None, bool]:
+    """Apply the rule to one evaluation, updating ``memory``: (reason, act).
+
+    ``reason`` says why the signals break the rule (None: they pass); ``act`` is True when
+    the breach has lasted ``collapse_patience`` evaluations or ``last`` (the stage's last
+    evaluation) is set; with ``judged`` False every evaluation passes. An evaluation that
+    passes raises ``highest_entropy`` and, when it is the best so far (highest FM agreement,
+    else the latest), becomes ``best_step``. Pure, so that ``benchmarks/guard_replay.py``
+    replays rules on logged signals with the same code.
+    """
+    reason = collapse_reason(config, signals, memory) if judged else None
+    if reason is None:
+        memory["breaches"] = 0
+        memory["highest_entropy"] = max(memory["highest_entropy"], signals["guard_class_entropy"])
+        agreement = signals.get("guard_heldout_agreement")
+        best = memory.get("best_agreement")
+        if agreement is None or best is None or agreement > best:
+            if agreement is not None:
+                memory["best_agreement"] = agreement
+            memory["best_step"] = step
+        return None, False
+    memory["breaches"] = memory.get("breaches", 0) + 1
+    return reason, memory["breaches"] >= config.collapse_patience or last
+
+
 class CollapseGuard:
     """Observes stage-2 evaluations; ``check`` says when training must end."""
 
@@ -102,16 +129,14 @@ class CollapseGuard:
         memory = state.get("guard")
         if memory is None:
             memory = state["guard"] = {"highest_entropy": signals["guard_class_entropy"]}
-        judged = len(setup.data.holdout) >= MIN_HELDOUT
-        reason = collapse_reason(config, signals, memory) if judged else None
         setup.log.write(state, plan, signals)
+        last, judged = state["step"] >= plan.steps, len(setup.data.holdout) >= MIN_HELDOUT
+        reason, act = judge(config, signals, memory, state["step"], last, judged)
         if reason is None:
-            memory["breaches"] = 0
-            self.remember(setup, state, memory, signals)
+            if memory["best_step"] == state["step"]:
+                memory["best_state"] = cpu_state(setup.student)
             return False
-        memory["breaches"] = memory.get("breaches", 0) + 1
-        last = state["step"] >= plan.steps
-        if memory["breaches"] < config.collapse_patience and not last:
+        if not act:
             setup.log.write(state, plan, {"collapse_suspected": reason})
             return False
         action = config.collapse_guard
@@ -137,18 +162,6 @@ class CollapseGuard:
         )
         state["stopped"] = "collapse"
         return True
-
-    @staticmethod
-    def remember(setup: Setup, state: dict, memory: dict, signals: dict) -> None:
-        """Update the best signals and keep the weights of the best evaluation."""
-        memory["highest_entropy"] = max(memory["highest_entropy"], signals["guard_class_entropy"])
-        agreement = signals.get("guard_heldout_agreement")
-        best = memory.get("best_agreement")
-        if agreement is None or best is None or agreement > best:
-            if agreement is not None:
-                memory["best_agreement"] = agreement
-            memory["best_step"] = state["step"]
-            memory["best_state"] = cpu_state(setup.student)
 
 
 def summary_line(state: dict) -> str | None:
