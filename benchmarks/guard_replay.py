@@ -4,8 +4,9 @@
 
 A dev training run (``paper.py run --split dev``) logs at every evaluation the guard's
 label-free signals and, since ``paper.py`` passes the dev split as ``--test``, the dev
-accuracy. A guard that does not fire changes nothing, so a run whose guard never fired holds
-the whole stage-2 trajectory: replaying another rule on it (the guard's own
+accuracy. A guard that does not fire changes nothing, so a run whose guard never fired (or
+fired at the stage's last evaluation, after it was logged) holds the whole stage-2
+trajectory: replaying another rule on it (the guard's own
 ``collapse_reason``, patience and rollback target) gives where that rule would have fired,
 the evaluation it would have rolled back to, and that evaluation's dev accuracy. Accuracies
 are the logged ones (before the BatchNorm recalibration that the saved model gets), for every
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,7 +32,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 OUTPUT = RESULTS / "guard-dev-replay.json"
 SHIPPED = {"collapse_agreement_drop": None, "collapse_entropy_fraction": 0.5,
            "collapse_patience": 2}  # fmt: skip
-"""The rule in ``TrainConfig`` before this replay (entropy only)."""
+"""The rule before this replay chose ``TrainConfig``'s (entropy only, patience 2)."""
 RULES = [
     {**SHIPPED, "collapse_agreement_drop": drop, "collapse_patience": patience}
     for drop in (None, 0.10, 0.15, 0.20, 0.25, 0.30)
@@ -41,8 +43,10 @@ RULES = [
 def trajectory(run: Path) -> dict | None:
     """A dev ZeroMatch run's stage-2 evaluations, or None when it cannot be replayed."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    if any("collapse" in r for r in records):
-        return None  # the guard fired: the rest of the trajectory was never trained
+    fired = [r["step"] for r in records if "collapse" in r]
+    planned = tomllib.loads((run / "train_config.toml").read_text()).get("ssl_steps")
+    if fired and fired[0] != planned:
+        return None  # the guard fired early: the rest of the trajectory was never trained
     stage1 = [r for r in records if r["stage"] == "kd" and "heldout_agreement" in r]
     best = max(stage1, key=lambda r: r["heldout_agreement"], default=None)
     dev_at = {0: best.get("test_accuracy") if best else None}
@@ -81,7 +85,8 @@ def replay(rule: dict, run: dict) -> dict:
 def main() -> int:
     runs = {}
     for folder in sorted(RUNS.glob("dev-*zeromatch*")):
-        run = trajectory(folder) if (folder / "metrics.jsonl").is_file() else None
+        finished = (RESULTS / f"{folder.name}.json").is_file()  # not one still training
+        run = trajectory(folder) if finished and (folder / "metrics.jsonl").is_file() else None
         if run is not None:
             runs[folder.name] = run
     if not runs:

@@ -32,7 +32,7 @@ import random
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,10 +135,10 @@ VARIANTS = [
     # The collapse guard off: what the guard's rollbacks cost or saved (dev only).
     Method("zeromatch-rf-noguard", "zeromatch", labels="refined",
            config={"collapse_guard": "off"}),
-    # The guard observing only (signals logged, a rule that cannot fire): the stage-2
+    # The guard observing only (signals logged, neither criterion judged): the stage-2
     # trajectories that benchmarks/guard_replay.py replays to choose the rule on dev.
     Method("zeromatch-rf-observe", "zeromatch", labels="refined",
-           config={"collapse_entropy_fraction": 0.0}),
+           config={"collapse_entropy_fraction": 0.0, "collapse_agreement_drop": 0.0}),
     # AdaMatch's distribution-alignment momentum: USB's 0.999 against the default 0.99.
     Method("zeromatch-fs-da999", "zeromatch", labels="few-shot", config={"da_momentum": 0.999}),
     Method("zeromatch-rf-da999", "zeromatch", labels="refined", config={"da_momentum": 0.999}),
@@ -838,8 +838,12 @@ def _guard_section() -> list[str]:
         f"| drop | patience | {' | '.join(groups)} |",
         "|---|---|" + "---|" * len(groups),
     ]
+    from zmdevice.config import TrainConfig
+
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
     for entry in replay["rules"]:
         rule, outcomes = entry["rule"], entry["runs"]
+        shipped = all(defaults[key] == value for key, value in rule.items())
         cells = []
         for members in groups.values():
             values = [outcomes[m]["dev_accuracy"] for m in members]
@@ -848,7 +852,8 @@ def _guard_section() -> list[str]:
             cells.append(f"{shown} ({fired}/{len(members)} fire)")
         drop = rule["collapse_agreement_drop"]
         drop_text = "-" if drop is None else f"{100 * drop:.0f} pts"
-        lines.append(f"| {drop_text} | {rule['collapse_patience']} | {' | '.join(cells)} |")
+        patience = f"{rule['collapse_patience']}{' (shipped)' if shipped else ''}"
+        lines.append(f"| {drop_text} | {patience} | {' | '.join(cells)} |")
     return [*lines, ""]
 
 

@@ -78,7 +78,8 @@ def test_forced_collapse_rolls_back_to_the_best_weights(case, tmp_path, capsys):
     summary = run_train(make_config(modality, data, out), on_step=force_collapse)
     assert summary["stopped"] == "collapse"
     fired = summary["collapse"]
-    # Suspected at step 5, confirmed at step 10 (collapse_patience = 2), rolled back to 0.
+    # Suspected at step 5, confirmed at step 10 (the stage's last evaluation acts at once),
+    # rolled back to 0.
     assert fired["step"] == 10 and fired["action"] == "rollback" and fired["rolled_back_to"] == 0
     assert "fell to" in fired["reason"]
     assert summary["stages"][-1] == {**summary["stages"][-1], "stage": "ssl", "steps": 10}
@@ -131,26 +132,28 @@ def test_forced_collapse_with_stop_keeps_the_weights(image_data, tmp_path):
 def test_config_rigged_collapse_is_caught(image_data, tmp_path):
     """FixMatch on every pseudo-label (threshold 0), weighted 50x, with a head learning rate
     of 0.5: stage 2 drives the main head into one class."""
-    rigged = dict(ssl_loss="fixmatch", threshold=0.0, lambda_u=50.0, head_lr=0.5, ssl_steps=30)
-    summary = run_train(make_config("image", image_data, tmp_path / "on", **rigged))
+    rigged = dict(ssl_loss="fixmatch", threshold=0.0, lambda_u=50.0, head_lr=0.5, ssl_steps=40)
+    entropy_only = dict(collapse_agreement_drop=None)
+    summary = run_train(make_config("image", image_data, tmp_path / "on", **rigged, **entropy_only))
     fired = summary["collapse"]
-    assert "entropy" in fired["reason"] and fired["rolled_back_to"] == 0 and fired["step"] < 30
+    assert "entropy" in fired["reason"] and fired["rolled_back_to"] == 0 and fired["step"] < 40
     off = run_train(
         make_config("image", image_data, tmp_path / "off", collapse_guard="off", **rigged)
     )
-    assert off["stages"][-1]["steps"] == 30 and "collapse" not in off
+    assert off["stages"][-1]["steps"] == 40 and "collapse" not in off
     records = read_jsonl(tmp_path / "on" / "metrics.jsonl")
     observed = [r for r in records if "guard_heldout_agreement" in r]
     suspected = [r["step"] for r in records if "collapse_suspected" in r]
-    assert suspected == [fired["step"] - 5]  # one evaluation before it acted
-    # Agreement fell long before the entropy did: logged, not judged by default ...
-    assert observed[1]["guard_heldout_agreement"] < observed[0]["guard_heldout_agreement"] - 0.1
-    assert observed[1]["step"] < suspected[0]
-    # ... and judged when asked for: then the same run stops at the second evaluation.
-    strict = run_train(
-        make_config("image", image_data, tmp_path / "strict", collapse_agreement_drop=0.1, **rigged)
-    )
-    assert strict["collapse"]["step"] == 10 and "agreement" in strict["collapse"]["reason"]
+    # collapse_patience = 3: two evaluations suspected it before the third acted.
+    assert suspected == [fired["step"] - 10, fired["step"] - 5]
+    # Agreement fell long before the entropy did, and the default rule judges it too: the
+    # same run stops earlier, on agreement.
+    start = observed[0]["guard_heldout_agreement"]
+    fell = next(r["step"] for r in observed if r["guard_heldout_agreement"] < start - 0.15)
+    assert fell < suspected[0]
+    default = run_train(make_config("image", image_data, tmp_path / "default", **rigged))
+    assert "agreement" in default["collapse"]["reason"]
+    assert default["collapse"]["step"] < fired["step"]
 
 
 def test_resume_keeps_the_guard_memory(image_data, tmp_path):
@@ -171,12 +174,17 @@ def test_resume_keeps_the_guard_memory(image_data, tmp_path):
 
 
 def test_the_rule_on_given_signals():
-    config = TrainConfig(labeled="l", unlabeled="u")  # entropy share 0.5, agreement unjudged
+    config = TrainConfig(labeled="l", unlabeled="u")  # entropy share 0.5, agreement drop 0.15
     memory = {"best_agreement": 0.80, "highest_entropy": 1.0}
+    assert "agreement" in collapse_reason(config, {"guard_heldout_agreement": 0.64,
+                                                   "guard_class_entropy": 0.9}, memory)  # fmt: skip
     healthy = {"guard_heldout_agreement": 0.71, "guard_class_entropy": 0.51}
     assert collapse_reason(config, healthy, memory) is None
     drifted = {**healthy, "guard_heldout_agreement": 0.69}
     assert collapse_reason(config, drifted, memory) is None
+    unjudged = TrainConfig(labeled="l", unlabeled="u", collapse_agreement_drop=0.0)
+    far = {"guard_heldout_agreement": 0.10, "guard_class_entropy": 0.9}
+    assert collapse_reason(unjudged, far, memory) is None
     strict = TrainConfig(labeled="l", unlabeled="u", collapse_agreement_drop=0.10)
     assert collapse_reason(strict, healthy, memory) is None
     agreement = collapse_reason(strict, drifted, memory)
@@ -201,18 +209,19 @@ def test_replaying_the_rule_on_a_log_matches_the_live_guard(image_data, tmp_path
     """benchmarks/guard_replay.py chooses the rule on dev from logs of runs whose guard did
     not fire: on such a log it must fire where the live guard fires, with the same rollback."""
     live = run_train(make_config("image", image_data, tmp_path / "live"), force_collapse)
-    never = dict(collapse_entropy_fraction=0.0)  # logs every signal, never fires
+    never = dict(collapse_entropy_fraction=0.0, collapse_agreement_drop=0.0)  # logs, never acts
     run_train(make_config("image", image_data, tmp_path / "log", **never), force_collapse)
     replay = load_replay()
     trajectory = replay.trajectory(tmp_path / "log")
     assert [e["step"] for e in trajectory["evaluations"]] == [0, 5, 10]
-    outcome = replay.replay(replay.SHIPPED, trajectory)
+    defaults = TrainConfig(labeled="l", unlabeled="u")
+    rule = {key: getattr(defaults, key) for key in replay.SHIPPED}
+    outcome = replay.replay(rule, trajectory)
     assert (outcome["fired_at"], outcome["rolled_back_to"]) == (
         live["collapse"]["step"],
         live["collapse"]["rolled_back_to"],
     )
-    assert replay.replay(never | {"collapse_patience": 2, "collapse_agreement_drop": None},
-                         trajectory)["fired_at"] is None  # fmt: skip
+    assert replay.replay(rule | never, trajectory)["fired_at"] is None
     # The live guard's own log ends at the collapse, so it cannot be replayed.
     assert replay.trajectory(tmp_path / "live") is None
 

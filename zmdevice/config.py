@@ -317,13 +317,13 @@ class TrainConfig:
     collapse_guard: str = "rollback"
     """Stage-2 collapse guard (``training.guard``): rollback (to the best weights, then
     finish), stop (finish with the weights as they are) or off."""
-    collapse_agreement_drop: float | None = None
-    """Also a collapse: held-out agreement with the FM this far below its stage-2 best (None:
-    logged, not judged; on the dev split a 0.10 drop fired on healthy runs and cost points)."""
+    collapse_agreement_drop: float | None = 0.15
+    """Also a collapse: held-out agreement with the FM this far below its stage-2 best (0 or
+    None: logged, not judged). Chosen on dev with the patience (``benchmarks/guard_replay.py``)."""
     collapse_entropy_fraction: float = 0.5
     """Collapse when the predicted-class entropy on the held-out slice falls below this
     share of its stage-2 highest."""
-    collapse_patience: int = 2
+    collapse_patience: int = 3
     """Consecutive stage-2 evaluations that must break the rule before the guard acts (the
     last evaluation of the stage acts at once)."""
     precision: str = "auto"

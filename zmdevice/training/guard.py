@@ -13,14 +13,13 @@ no gradient, no random numbers, so a guard that does not fire changes nothing):
 
 The rule (thresholds in ``TrainConfig``; judged only on ``MIN_HELDOUT`` or more held-out
 samples): a collapse is class entropy below ``collapse_entropy_fraction`` of its stage-2
-highest (the main head predicting few classes), or, only if ``collapse_agreement_drop`` is
-set, held-out agreement that far below its stage-2 best, at ``collapse_patience``
-evaluations in a row (or at the stage's last one); a first breach is logged as
-``collapse_suspected``. Agreement is not judged by default: on the dev split (Fashion-MNIST,
-refined labels) a 10-point drop fired at stage 2's first evaluations of every seed-0 run and
-rolling back cost points (MobileNet seed 0: 65.0 rolled back, 70.4 with the guard off), since
-a student that improves on 75%-right labels must disagree with them more; the patience comes
-from a dip that came back (EfficientNet-Lite0 seed 1: 85.4% -> 78.8% -> 83.8%).
+highest (the main head predicting few classes), or held-out agreement more than
+``collapse_agreement_drop`` below its stage-2 best, at ``collapse_patience`` evaluations in a
+row (or at the stage's last one); earlier breaches are logged as ``collapse_suspected``. The
+agreement drop (15 points) and the patience (3) were chosen on dev by replaying rules on
+logged runs (``benchmarks/guard_replay.py``, docs/training.md): at 1 label per class stage 2
+can pull the student away from the FM for good and cost dev accuracy, while healthy runs at 4
+labels per class dip by up to 17 points for one or two evaluations and recover.
 The guard keeps in ``state["guard"]``
 (and so in checkpoints) the weights of the best evaluation: highest agreement with an FM,
 else the latest one the rule passed. On a collapse it warns on stderr, logs a ``collapse``
@@ -70,7 +69,7 @@ def collapse_reason(config, signals: dict, memory: dict) -> str | None:
     """Why ``signals`` are a collapse by the rule, or None."""
     agreement, best = signals.get("guard_heldout_agreement"), memory.get("best_agreement")
     drop = config.collapse_agreement_drop
-    if drop is not None and agreement is not None and best is not None and agreement < best - drop:
+    if drop and agreement is not None and best is not None and agreement < best - drop:
         return (
             f"held-out agreement with the FM fell to {100 * agreement:.1f}% from its "
             f"stage-2 best {100 * best:.1f}% (more than "
