@@ -754,6 +754,15 @@ def trained_steps(rows: list[dict]) -> str:
     return " + ".join(f"{sum(v) / len(v):.0f}" for v in per_stage.values()) or "?"
 
 
+BUDGET_CONDITIONS = {
+    "images": "each run alone (the other core idle)",
+    "text": "ZeroMatch and KD of one seed side by side, one per core (each slowed by the "
+    "other, so both planned fewer steps than alone)",
+    "digits": "not run",
+}
+"""How the budget rows ran: a run's planned steps depend on what else the machine did."""
+
+
 def _budget_section(dataset: Dataset, results: list[dict]) -> list[str]:
     runs = budget_results(results, dataset.name)
     if not runs:
@@ -761,9 +770,9 @@ def _budget_section(dataset: Dataset, results: list[dict]) -> list[str]:
     lines = [
         f"### {dataset.name}: accuracy against CPU minutes",
         "",
-        "`--time-budget M` on one pinned core (wall minutes = CPU minutes), 4 labels/class; "
-        "each cell: mean, the seeds, and the steps the budget planned (KD + SSL, mean); "
-        f"plotted in `{BUDGET_PLOT.name}`.",
+        "`--time-budget M` on one pinned core (wall minutes = CPU minutes), 4 labels/class, "
+        f"{BUDGET_CONDITIONS[dataset.name]}; each cell: mean, the seeds, and the steps the "
+        f"budget planned (KD + SSL, mean); plotted in `{BUDGET_PLOT.name}`.",
         "",
         "| method | " + " | ".join(f"{m} min" for m in BUDGET_MINUTES) + " |",
         "|---|" + "---|" * len(BUDGET_MINUTES),
