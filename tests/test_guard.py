@@ -222,8 +222,12 @@ def test_replaying_the_rule_on_a_log_matches_the_live_guard(image_data, tmp_path
         live["collapse"]["rolled_back_to"],
     )
     assert replay.replay(rule | never, trajectory)["fired_at"] is None
-    # The live guard's own log ends at the collapse, so it cannot be replayed.
-    assert replay.trajectory(tmp_path / "live") is None
+    # The live guard acted at the stage's last evaluation, after logging it: its log is whole.
+    assert replay.replay(rule, replay.trajectory(tmp_path / "live")) == outcome
+    # One that acts earlier cuts the stage short, and its log cannot be replayed.
+    early = run_train(make_config("image", image_data, tmp_path / "early", ssl_steps=20),
+                      force_collapse)  # fmt: skip
+    assert early["collapse"]["step"] < 20 and replay.trajectory(tmp_path / "early") is None
 
 
 def test_class_entropy():
