@@ -756,8 +756,9 @@ def trained_steps(rows: list[dict]) -> str:
 
 BUDGET_CONDITIONS = {
     "images": "each run alone (the other core idle)",
-    "text": "ZeroMatch and KD of one seed side by side, one per core (each slowed by the "
-    "other, so both planned fewer steps than alone)",
+    "text": "15 minutes: ZeroMatch and KD of one seed side by side, one per core (each slowed "
+    "by the other, so both planned fewer steps than alone); 4 minutes: one run at a time beside "
+    "the test suite on the other core",
     "digits": "not run",
 }
 """How the budget rows ran: a run's planned steps depend on what else the machine did."""
