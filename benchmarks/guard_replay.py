@@ -6,8 +6,8 @@ A dev training run (``paper.py run --split dev``) logs at every evaluation the g
 label-free signals and, since ``paper.py`` passes the dev split as ``--test``, the dev
 accuracy. A guard that does not fire changes nothing, so a run whose guard never fired (or
 fired at the stage's last evaluation, after it was logged) holds the whole stage-2
-trajectory: replaying another rule on it (the guard's own
-``collapse_reason``, patience and rollback target) gives where that rule would have fired,
+trajectory: replaying another rule on it (the guard's own ``judge``: criteria, patience
+and rollback target) gives where that rule would have fired,
 the evaluation it would have rolled back to, and that evaluation's dev accuracy. Accuracies
 are the logged ones (before the BatchNorm recalibration that the saved model gets), for every
 rule alike; runs from before dev accuracy was logged say only whether a rule fires (and keep
@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from zmdevice.training.guard import judge  # noqa: E402
+from zmdevice.training.guard import judge, new_memory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "benchmarks" / "work" / "runs"
@@ -71,7 +71,7 @@ def replay(rule: dict, run: dict) -> dict:
     """Where ``rule`` fires on ``run`` and the dev accuracy of the weights it ends with."""
     config = SimpleNamespace(**rule)
     evaluations = run["evaluations"]
-    memory = {"highest_entropy": evaluations[0]["guard_class_entropy"]}
+    memory = new_memory(evaluations[0])
     for index, signals in enumerate(evaluations):
         last = index == len(evaluations) - 1
         _, act = judge(config, signals, memory, signals["step"], last)

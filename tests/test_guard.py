@@ -151,6 +151,12 @@ def test_config_rigged_collapse_is_caught(image_data, tmp_path):
     start = observed[0]["guard_heldout_agreement"]
     fell = next(r["step"] for r in observed if r["guard_heldout_agreement"] < start - 0.15)
     assert fell < suspected[0]
+    # A stricter agreement rule acting after two evaluations stops at the second breach.
+    strict = dict(collapse_agreement_drop=0.1, collapse_patience=2)
+    stricter = run_train(make_config("image", image_data, tmp_path / "strict", **rigged, **strict))
+    breach = next(r["step"] for r in observed if r["guard_heldout_agreement"] < start - 0.1)
+    assert stricter["collapse"]["step"] == breach + 5
+    assert "agreement" in stricter["collapse"]["reason"]
     default = run_train(make_config("image", image_data, tmp_path / "default", **rigged))
     assert "agreement" in default["collapse"]["reason"]
     assert default["collapse"]["step"] < fired["step"]

@@ -84,6 +84,11 @@ def collapse_reason(config, signals: dict, memory: dict) -> str | None:
     return None
 
 
+def new_memory(signals: dict) -> dict:
+    """The guard's memory at stage 2's first observation."""
+    return {"highest_entropy": signals["guard_class_entropy"]}
+
+
 def judge(
     config, signals: dict, memory: dict, step: int, last: bool, judged: bool = True
 ) -> tuple[str | None, bool]:
@@ -127,7 +132,7 @@ class CollapseGuard:
         signals = observe(setup)
         memory = state.get("guard")
         if memory is None:
-            memory = state["guard"] = {"highest_entropy": signals["guard_class_entropy"]}
+            memory = state["guard"] = new_memory(signals)
         setup.log.write(state, plan, signals)
         last, judged = state["step"] >= plan.steps, len(setup.data.holdout) >= MIN_HELDOUT
         reason, act = judge(config, signals, memory, state["step"], last, judged)
