@@ -780,6 +780,9 @@ BUDGET_CONDITIONS = {
     "by the other, so both planned fewer steps than alone); 4 minutes: one run at a time beside "
     "the test suite on the other core",
     "digits": "not run",
+    "images-fm224": "ZeroMatch only: seeds 0 and 1 side by side, one per core, then seed 2 beside "
+    "a default-steps training run on the other core (each slowed by the other, so it planned "
+    "fewer steps than alone)",
 }
 """How the budget rows ran: a run's planned steps depend on what else the machine did."""
 
