@@ -59,13 +59,18 @@ class Dataset:
     """The built data set it reads (None: its own name). Two entries that share data and
     differ in the FM's settings share the splits and the labeled draws too."""
 
+    @property
+    def folder_name(self) -> str:
+        """The folder under ``WORK / "data"`` (and ``build_datasets.py --only`` name)."""
+        return self.data or self.name
+
 
 DATASETS = {
     "images": Dataset("images", "efficientnet-lite0", "mobilenet_v3_small", 1000, 10_000, 2_000),
     "text": Dataset("text", "minilm", "distilbert", 200, 10_000, 2_000, modality="text"),
     "digits": Dataset("digits", "efficientnet-lite0", "mobilenet_v3_small", 1000, 1_000, 497),
     # The same Fashion-MNIST splits labeled by the FM at its native 224 px instead of the
-    # catalog's earlier 128 px (chosen on dev by the labels' accuracy: docs/benchmark-protocol.md).
+    # catalog's 128 px (chosen on dev by the labels' accuracy: docs/benchmark-protocol.md).
     "images-fm224": Dataset(
         "images-fm224",
         "efficientnet-lite0:size=224",
@@ -235,7 +240,7 @@ def zmdevice(*args: str) -> dict:
 
 
 def data_dir(dataset: str) -> Path:
-    return WORK / "data" / (DATASETS[dataset].data or dataset)
+    return WORK / "data" / DATASETS[dataset].folder_name
 
 
 def prepare_data(dataset: Dataset) -> None:
@@ -249,7 +254,7 @@ def prepare_data(dataset: Dataset) -> None:
         subprocess.run(
             [
                 sys.executable, str(ROOT / "examples" / "build_datasets.py"),
-                "--out", str(WORK / "data"), "--only", dataset.data or dataset.name, "--seed", "0",
+                "--out", str(WORK / "data"), "--only", dataset.folder_name, "--seed", "0",
                 "--max-unlabeled", str(dataset.max_unlabeled),
                 "--max-test", str(dataset.max_test),
             ],
