@@ -329,7 +329,9 @@ def screen_refine(dataset: str) -> dict:
         for seed in SEEDS:
             labeled, labels = labeled_rows(dataset, k, seed, pool)
             few_shot = fit_adapter(pool["features"][labeled], labels, len(classes_of(dataset)))
-            refined, info = refine_labels(features, probs, pool["features"][labeled], labels)
+            refined, info = refine_labels(
+                features, probs, pool["features"][labeled], labels, pool["probs"][labeled]
+            )
             rows.append(
                 {
                     "labels_per_class": k,
@@ -368,7 +370,9 @@ def refined_label_file(dataset: str, k: int, seed: int) -> Path:
         return path
     pool = load_split(dataset, "pool")
     rows, labels = labeled_rows(dataset, k, seed, pool)
-    probs, info = refine_labels(pool["features"], pool["probs"], pool["features"][rows], labels)
+    probs, info = refine_labels(
+        pool["features"], pool["probs"], pool["features"][rows], labels, pool["probs"][rows]
+    )
     refine = {"labeled": str(labeled_table(dataset, k, seed)), **info}
     write_pool_labels(dataset, path, pool["ids"], probs, None, refine=refine)
     return path
@@ -432,7 +436,7 @@ def pool_label_accuracy(dataset: str) -> dict:
     A diagnostic only: the pool's true labels choose nothing. Per labeled draw (k, seed):
     the FM's zero-shot labels, the few-shot teacher with its library defaults and with the
     dev-chosen settings, and the refined labels (``refined_label_file``) with what the
-    refinement chose (its prior weight and cross-validation scores).
+    refinement chose (its prior weight and the zero-shot accuracy that decided it).
     """
     from zmdevice.fewshot import fit_adapter
     from zmdevice.pseudolabels import read_pseudolabels

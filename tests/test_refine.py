@@ -1,5 +1,5 @@
-"""zmdevice.refine: label spreading over the k-NN graph, and its prior chosen by
-cross-validation on the labeled examples."""
+"""zmdevice.refine: label spreading over the k-NN graph, and its prior kept or dropped by the
+FM's zero-shot accuracy on the labeled examples."""
 
 import numpy as np
 import pytest
@@ -51,27 +51,47 @@ def test_spreading_the_prior_alone_corrects_a_noisy_teacher():
     assert before < 0.8 and after > 0.95
 
 
-def test_labeled_examples_overrule_a_wrong_prior_by_cross_validation():
+def test_a_prior_wrong_on_the_labeled_examples_is_dropped():
     rng = np.random.default_rng(2)
     features, labels = clusters(rng)
     labeled_features, labeled = clusters(rng, per_class=4)
     wrong = noisy_prior(rng, (labels + 1) % 3, correct=1.0)  # every sample one class off
-    refined, info = refine_labels(features, wrong, labeled_features, labeled)
-    scores = {float(w): s for w, s in info["cross_validation"].items()}
-    assert set(scores) == {0.0, 1.0}
-    assert scores[info["prior_weight"]] == max(scores.values())
+    wrong_on_labeled = noisy_prior(rng, (labeled + 1) % 3, correct=1.0)
+    refined, info = refine_labels(features, wrong, labeled_features, labeled, wrong_on_labeled)
+    assert info == {"prior_weight": 0.0, "labeled": 12, "zero_shot_accuracy_on_labeled": 0.0}
     assert (refined.argmax(1) == labels).mean() > 0.95
     assert (wrong.argmax(1) == labels).mean() == 0.0
 
 
-def test_one_example_per_class_keeps_the_prior_and_results_are_deterministic():
+def test_a_prior_right_on_most_labeled_examples_is_kept_where_no_example_reaches():
+    rng = np.random.default_rng(4)
+    # Each class has two separate clusters; the labeled examples lie in the first of each.
+    clusters_, ids = clusters(rng, classes=6)
+    labels = ids % 3
+    examples, example_ids = clusters(rng, per_class=1, classes=3)  # clusters 0, 1, 2
+    examples = np.pad(examples[:, :3], ((0, 0), (0, clusters_.shape[1] - 3)))
+    good = noisy_prior(rng, labels, correct=0.9)
+    right = np.eye(3, dtype=np.float32)[example_ids]
+    kept, info = refine_labels(clusters_, good, examples, example_ids, right)
+    assert info["prior_weight"] == 1.0 and info["zero_shot_accuracy_on_labeled"] == 1.0
+    wrong = np.eye(3, dtype=np.float32)[(example_ids + 1) % 3]
+    dropped, info = refine_labels(clusters_, good, examples, example_ids, wrong)
+    assert info["prior_weight"] == 0.0
+    # Only the prior speaks for the clusters without examples (3, 4, 5).
+    unreached = ids >= 3
+    assert (kept.argmax(1)[unreached] == labels[unreached]).mean() > 0.75
+    assert (dropped.argmax(1)[unreached] == labels[unreached]).mean() < 0.5
+    reached = ~unreached
+    assert (dropped.argmax(1)[reached] == labels[reached]).mean() > 0.95
+
+
+def test_refinement_is_deterministic():
     rng = np.random.default_rng(3)
     features, labels = clusters(rng)
     labeled_features, labeled = clusters(rng, per_class=1)
     prior = noisy_prior(rng, labels)
-    first, info = refine_labels(features, prior, labeled_features, labeled)
-    assert info["prior_weight"] == 1.0 and info["cross_validation"] == {}
-    second, _ = refine_labels(features, prior, labeled_features, labeled)
+    first, _ = refine_labels(features, prior, labeled_features, labeled, prior[:3])
+    second, _ = refine_labels(features, prior, labeled_features, labeled, prior[:3])
     np.testing.assert_array_equal(first, second)
 
 

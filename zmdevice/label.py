@@ -269,11 +269,13 @@ def run_label(config: LabelConfig) -> dict:
         )
     refine_seeds = None
     if labeled is not None and config.refine:
-        # Refinement fits its own few-shot prior per cross-validation fold (zmdevice.refine),
-        # so the parts keep the plain teacher's probabilities.
+        # Refinement fits its own few-shot prior, and only when the FM's zero-shot labels of the
+        # labeled examples are good enough (zmdevice.refine), so the parts keep the plain
+        # teacher's probabilities.
         from zmdevice.fewshot import teacher_outputs
 
-        refine_seeds = (teacher_outputs(teacher, labeled)[0], label_indices(labeled, classes))
+        labeled_features, labeled_probs = teacher_outputs(teacher, labeled)
+        refine_seeds = (labeled_features, label_indices(labeled, classes), labeled_probs)
     elif labeled is not None:
         from zmdevice.fewshot import adapt_teacher
 

@@ -155,7 +155,8 @@ REFINE_METHOD = "label spreading on the k-NN graph of L2-normalised FM features"
 
 def refine_parts(unrefined: Path, parts: list[Path], seeds) -> tuple[list[str], np.ndarray, dict]:
     """The joined labels of ``unrefined`` refined over the neighbour graph of the parts'
-    features (``seeds``: the labeled examples' features and class ids, or None).
+    features (``seeds``: the labeled examples' features, class ids and zero-shot
+    probabilities, or None).
 
     Returns:
         (ids, refined probabilities float32 [N, C], the output's metadata).
@@ -180,8 +181,7 @@ def refine_parts(unrefined: Path, parts: list[Path], seeds) -> tuple[list[str], 
             f"{parts[0].parent}: the parts' features cover {len(features)} samples, their "
             f"labels {len(labels.ids)}; delete that folder and label again"
         )
-    labeled_features, labeled_classes = seeds if seeds is not None else (None, None)
-    refined, info = refine_labels(features, labels.dense_probs(), labeled_features, labeled_classes)
+    refined, info = refine_labels(features, labels.dense_probs(), *(seeds or ()))
     metadata = dict(labels.metadata)
     metadata["teacher"] = dict(metadata["teacher"], refine={**info, "method": REFINE_METHOD})
     return list(labels.ids), refined, metadata
