@@ -329,9 +329,13 @@ def screen_refine(dataset: str) -> dict:
         for seed in SEEDS:
             labeled, labels = labeled_rows(dataset, k, seed, pool)
             few_shot = fit_adapter(pool["features"][labeled], labels, len(classes_of(dataset)))
-            refined, info = refine_labels(
-                features, probs, pool["features"][labeled], labels, pool["probs"][labeled]
-            )
+            seeds = (pool["features"][labeled], labels, pool["probs"][labeled])
+            refined, info = refine_labels(features, probs, *seeds)
+            # Both sides of the rule's choice, so the dev split shows what it cost or gained.
+            both = {}
+            for name, keep in (("refined_with_prior", True), ("refined_without_prior", False)):
+                forced = refine_labels(features, probs, *seeds, keep_prior=keep)[0]
+                both[name] = accuracy(forced[on_dev], dev["labels"])
             rows.append(
                 {
                     "labels_per_class": k,
@@ -341,6 +345,7 @@ def screen_refine(dataset: str) -> dict:
                         few_shot.probs(dev["features"], dev["probs"]), dev["labels"]
                     ),
                     "refined": accuracy(refined[on_dev], dev["labels"]),
+                    **both,
                     "refine": info,
                 }
             )

@@ -102,6 +102,7 @@ def refine_labels(
     labeled_features: np.ndarray | None = None,
     labeled_classes: np.ndarray | None = None,
     labeled_probs: np.ndarray | None = None,
+    keep_prior: bool | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Spread labels over the samples and the labeled examples together.
 
@@ -115,6 +116,8 @@ def refine_labels(
         labeled_features, labeled_classes, labeled_probs: the user's labeled examples
             (features [L, D], class ids [L], the teacher's zero-shot probabilities [L, C]),
             or None.
+        keep_prior: override the rule (True: keep the prior, False: drop it), for screening
+            both on a dev split; None follows the rule.
 
     Returns:
         (refined probabilities float32 [N, C], what was done: the prior weight and the FM's
@@ -134,7 +137,8 @@ def refine_labels(
 
     labeled_classes = np.asarray(labeled_classes, dtype=np.int64)
     zero_shot_accuracy = float((np.asarray(labeled_probs).argmax(axis=1) == labeled_classes).mean())
-    keep_prior = zero_shot_accuracy >= MIN_PRIOR_ACCURACY
+    if keep_prior is None:
+        keep_prior = zero_shot_accuracy >= MIN_PRIOR_ACCURACY
     seeds = np.zeros((count + labeled, classes), dtype=np.float32)
     if keep_prior:
         adapter = fit_adapter(labeled_features, labeled_classes, classes)
