@@ -276,7 +276,10 @@ def labeled_table(dataset: str, labels_per_class: int, seed: int) -> Path:
     if path.is_file():
         return path
     rows = gold_rows(dataset)
-    rng = random.Random(f"zmdevice-benchmark-{dataset}-{labels_per_class}-{seed}")
+    # Keyed by the data folder, not the entry: entries that share data draw the same sets
+    # whichever of them asks first.
+    folder = DATASETS[dataset].folder_name
+    rng = random.Random(f"zmdevice-benchmark-{folder}-{labels_per_class}-{seed}")
     by_class: dict[str, list[dict]] = {}
     for row in rows:
         by_class.setdefault(row["label"], []).append(row)
