@@ -708,22 +708,37 @@ def _dev_section(dataset: Dataset, results: list[dict]) -> list[str]:
         screen_rows = json.loads(refine.read_text())["rows"]
         lines += [
             "Which labels (dev accuracy of the labels each choice gives the dev samples; the "
-            "most accurate is trained on):",
+            "most accurate is trained on). Refined labels keep the FM's prior when its "
+            "zero-shot labels are right on at least half the labeled examples (that accuracy "
+            "per draw in the last column); beside them, both sides of that choice:",
             "",
             "| labels/class | zero-shot | few-shot | refined | per seed (refined) | "
-            "prior kept (CV) |",
-            "|---|---|---|---|---|---|",
+            "with prior | without prior | prior kept | FM right on the labeled, per seed |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for k in (4, 1):
             group = [r for r in screen_rows if r["labels_per_class"] == k]
             if not group:
                 continue
-            cells = [
-                _mean_std([r[key] for r in group]) for key in ("zero_shot", "few_shot", "refined")
+            keys = ("zero_shot", "few_shot", "refined")
+            cells = [_mean_std([r[key] for r in group]) for key in keys]
+            refined = _per_seed({r["seed"]: r["refined"] for r in group})
+            sides = [
+                f"{100 * sum(r[key] for r in group) / len(group):.1f} "
+                f"({_per_seed({r['seed']: r[key] for r in group})})"
+                if key in group[0]
+                else "-"
+                for key in ("refined_with_prior", "refined_without_prior")
             ]
             kept = sum(r["refine"]["prior_weight"] > 0 for r in group)
-            refined = _per_seed({r["seed"]: r["refined"] for r in group})
-            lines.append(f"| {k} | {' | '.join(cells)} | {refined} | {kept} of {len(group)} |")
+            read = " / ".join(
+                f"{r['refine'].get('zero_shot_accuracy_on_labeled', float('nan')):.2f}"
+                for r in group
+            )
+            lines.append(
+                f"| {k} | {' | '.join(cells)} | {refined} | {' | '.join(sides)} | "
+                f"{kept} of {len(group)} | {read} |"
+            )
         lines.append("")
     dev = [r for r in results if r["dataset"] == dataset.name and split_of(r) == "dev"]
     if dev:
