@@ -803,9 +803,10 @@ BUDGET_CONDITIONS = {
     "by the other, so both planned fewer steps than alone); 4 minutes: one run at a time beside "
     "the test suite on the other core",
     "digits": "not run",
-    "images-fm224": "ZeroMatch only: seeds 0 and 1 side by side, one per core, then seed 2 beside "
-    "a default-steps training run on the other core (each slowed by the other, so it planned "
-    "fewer steps than alone)",
+    "images-fm224": "ZeroMatch only: seeds 0 and 1 side by side, one per core (each slowed by "
+    "the other, so both planned fewer steps than alone); seed 2, rerun for the refinement's "
+    "prior rule, later on a faster machine beside a default-steps training run (its default "
+    "ZeroMatch run took 690 s there against 1,137 s on the first), so it planned more steps",
 }
 """How the budget rows ran: a run's planned steps depend on what else the machine did."""
 
