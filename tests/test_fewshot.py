@@ -156,6 +156,10 @@ def test_label_refine_spreads_from_the_labeled_set_and_records_how(tmp_path, emb
     assert info["labeled"] == 6
     # The prior is kept exactly when the FM labels at least half the labeled examples right.
     assert info["prior_weight"] == float(info["zero_shot_accuracy_on_labeled"] >= 0.5)
+    verdict = "kept" if info["prior_weight"] else "dropped"
+    assert f"refined from 6 labeled examples; the FM's own labels {verdict}" in "\n".join(
+        summary["lines"]
+    )
     assert refined.metadata["teacher"].get("few_shot") is None  # refinement fits its own prior
     assert list(refined.ids) == list(zero_shot.ids)
     assert not (tmp_path / ".rf.parquet.parts").exists()
@@ -163,8 +167,9 @@ def test_label_refine_spreads_from_the_labeled_set_and_records_how(tmp_path, emb
     truth = np.array([load_classes(TOPIC_NAMES).index(row[2]) for row in texts(24)])
     assert (refined.label == truth).mean() >= (zero_shot.label == truth).mean()
     # Without labeled examples only the teacher's own labels are spread.
-    run_label(LabelConfig(**base, out=tmp_path / "r0.parquet", refine=True))
+    summary = run_label(LabelConfig(**base, out=tmp_path / "r0.parquet", refine=True))
     assert read_pseudolabels(tmp_path / "r0.parquet").metadata["teacher"]["refine"]["labeled"] == 0
+    assert any("no labeled examples" in line for line in summary["lines"])
 
 
 def test_refine_with_shards_or_ray_is_refused_up_front(tmp_path):

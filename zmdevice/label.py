@@ -50,6 +50,7 @@ from zmdevice.pseudolabels import (
     combine_pseudolabels,
     read_pseudolabel_metadata,
 )
+from zmdevice.refine import refine_line
 from zmdevice.topk import DEFAULT_MANTISSA_BITS, DEFAULT_MAX_KL, default_top_k
 
 CHUNK_BATCHES = 16
@@ -497,6 +498,9 @@ def _summary(out, metadata, labeled_now, elapsed, quality_lines, workers, device
         lines.append(
             f"  skipped {skipped} unreadable samples (e.g. {metadata['skipped']['examples'][0]})"
         )
+    refine = metadata["teacher"].get("refine")
+    if refine:
+        lines.append(f"  {refine_line(refine)}")
     if answers:
         lines.append(
             f"  LLM answers: {answers.get('mapped', 0)} mapped to a class, "

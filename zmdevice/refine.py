@@ -152,3 +152,15 @@ def refine_labels(
         "zero_shot_accuracy_on_labeled": round(zero_shot_accuracy, 4),
     }
     return refined.astype(np.float32), info
+
+
+def refine_line(info: dict) -> str:
+    """What the refinement did, in one line for the label command's summary."""
+    if not info.get("labeled"):
+        return "refined: the FM's labels spread over the neighbour graph (no labeled examples)"
+    verdict = "kept" if info["prior_weight"] else "dropped"
+    return (
+        f"refined from {info['labeled']} labeled examples; the FM's own labels {verdict} as a "
+        f"prior (right on {info['zero_shot_accuracy_on_labeled']:.0%} of those examples; "
+        f"kept from {MIN_PRIOR_ACCURACY:.0%})"
+    )
