@@ -160,10 +160,10 @@ VARIANTS = [
     # trajectories that benchmarks/guard_replay.py replays to choose the rule on dev.
     Method("zeromatch-rf-observe", "zeromatch", labels="refined",
            config={"collapse_entropy_fraction": 0.0, "collapse_agreement_drop": 0.0}),
-    # AdaMatch's distribution-alignment momentum: USB's 0.999 against the default 0.99.
     # A larger stage-1 share, screened on dev at 1 label/class, where stage 2 buys less than the
     # KD steps it replaces.
     Method("zeromatch-rf-kd75", "zeromatch", labels="refined", kd_share=0.75),
+    # AdaMatch's distribution-alignment momentum: USB's 0.999 against the default 0.99.
     Method("zeromatch-fs-da999", "zeromatch", labels="few-shot", config={"da_momentum": 0.999}),
     Method("zeromatch-rf-da999", "zeromatch", labels="refined", config={"da_momentum": 0.999}),
     # The pretrained image student at a few input sizes (images only).

@@ -331,11 +331,15 @@ def screen_refine(dataset: str) -> dict:
             few_shot = fit_adapter(pool["features"][labeled], labels, len(classes_of(dataset)))
             seeds = (pool["features"][labeled], labels, pool["probs"][labeled])
             refined, info = refine_labels(features, probs, *seeds)
-            # Both sides of the rule's choice, so the dev split shows what it cost or gained.
-            both = {}
-            for name, keep in (("refined_with_prior", True), ("refined_without_prior", False)):
-                forced = refine_labels(features, probs, *seeds, keep_prior=keep)[0]
-                both[name] = accuracy(forced[on_dev], dev["labels"])
+            # Both sides of the rule's choice, so the dev split shows what it cost or gained:
+            # the rule's result is one side, the other is forced.
+            kept = bool(info["prior_weight"])
+            other = refine_labels(features, probs, *seeds, keep_prior=not kept)[0]
+            sides = {kept: refined, not kept: other}
+            both = {
+                f"refined_{name}_prior": accuracy(sides[keep][on_dev], dev["labels"])
+                for name, keep in (("with", True), ("without", False))
+            }
             rows.append(
                 {
                     "labels_per_class": k,
