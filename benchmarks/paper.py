@@ -163,6 +163,10 @@ VARIANTS = [
     # A larger stage-1 share, screened on dev at 1 label/class, where stage 2 buys less than the
     # KD steps it replaces.
     Method("zeromatch-rf-kd75", "zeromatch", labels="refined", kd_share=0.75),
+    # The KD head's weight at 1 from stage 2's first step instead of ramping up from 0 (the
+    # paper's ablation): screened on dev at 1 label/class, where stage 2's first steps, with
+    # no FM signal yet, pull the student away from its stage-1 accuracy.
+    Method("zeromatch-rf-alpha1", "zeromatch", labels="refined", config={"alpha": "constant"}),
     # AdaMatch's distribution-alignment momentum: USB's 0.999 against the default 0.99.
     Method("zeromatch-fs-da999", "zeromatch", labels="few-shot", config={"da_momentum": 0.999}),
     Method("zeromatch-rf-da999", "zeromatch", labels="refined", config={"da_momentum": 0.999}),
