@@ -167,6 +167,10 @@ VARIANTS = [
     # paper's ablation): screened on dev at 1 label/class, where stage 2's first steps, with
     # no FM signal yet, pull the student away from its stage-1 accuracy.
     Method("zeromatch-rf-alpha1", "zeromatch", labels="refined", config={"alpha": "constant"}),
+    # Stage 2 at a quarter of stage 1's peak learning rates: a fresh AdamW at full rate knocks
+    # the stage-1 student off its accuracy in stage 2's first 50 steps (dev, 1 label/class:
+    # images -5 to -11 points, text -10), and a CPU stage 2 is too short to win it back.
+    Method("zeromatch-rf-lr25", "zeromatch", labels="refined", config={"ssl_lr_scale": 0.25}),
     # AdaMatch's distribution-alignment momentum: USB's 0.999 against the default 0.99.
     Method("zeromatch-fs-da999", "zeromatch", labels="few-shot", config={"da_momentum": 0.999}),
     Method("zeromatch-rf-da999", "zeromatch", labels="refined", config={"da_momentum": 0.999}),

@@ -77,7 +77,9 @@ def test_every_baseline_runs_from_the_same_pieces(image_data, tmp_path, method):
         assert summary["stages"][0]["steps"] == 10
 
 
-def test_zeromatch_options_soft_labels_fixmatch_constant_alpha(image_data, tmp_path):
+def test_zeromatch_options_soft_labels_fixmatch_constant_alpha_stage_two_rates(
+    image_data, tmp_path
+):
     config = image_config(
         image_data,
         tmp_path / "m",
@@ -85,10 +87,18 @@ def test_zeromatch_options_soft_labels_fixmatch_constant_alpha(image_data, tmp_p
         ssl_loss="fixmatch",
         alpha="constant",
         grad_clip=1.0,
+        ssl_lr_scale=0.25,
+        early_stop_agreement=1.0,
     )
     run_train(config)
-    records = [r for r in read_jsonl(tmp_path / "m" / "metrics.jsonl") if r["stage"] == "ssl"]
-    assert all(r["alpha"] == 1.0 for r in records if "alpha" in r)
+    records = read_jsonl(tmp_path / "m" / "metrics.jsonl")
+    assert all(r["alpha"] == 1.0 for r in records if r["stage"] == "ssl" and "alpha" in r)
+    # Both stages have 10 steps and the same schedule: stage 2 peaks at a quarter of the rate.
+    rates = {(r["stage"], r["step"]): r["lr"] for r in records if "lr" in r}
+    steps = [step for stage, step in rates if stage == "ssl" and ("kd", step) in rates]
+    assert steps and all(
+        rates["ssl", step] == pytest.approx(0.25 * rates["kd", step]) for step in steps
+    )
 
 
 def test_stage_one_keeps_the_best_held_out_weights_and_stops_early(image_data, tmp_path):

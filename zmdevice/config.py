@@ -271,6 +271,9 @@ class TrainConfig:
     """AdamW weight decay (matrices and kernels only); None = the modality's default."""
     warmup: float | None = None
     """Share of each stage's steps warming up linearly, then cosine to 0; None = default."""
+    ssl_lr_scale: float = 1.0
+    """Stage 2's peak learning rates (lr and head_lr) as a multiple of stage 1's, when stage 2
+    follows a stage 1 (zeromatch). 1 = the paper's fresh schedule at the same rates."""
     ssl_loss: str = "adamatch"
     """L_u of zeromatch: adamatch (as the paper) or fixmatch."""
     threshold: float = 0.95
@@ -344,7 +347,7 @@ class TrainConfig:
         at_least(self, 1, "kd_batch_size", "labeled_batch_size", "unlabeled_batch_size")
         at_least(self, 1, "eval_batch_size", "holdout_max", "log_every", "threads", "stop_after")
         at_least(self, 1, "image_size", "max_length", "collapse_patience")
-        for key in ("lr", "head_lr", "temperature"):
+        for key in ("lr", "head_lr", "temperature", "ssl_lr_scale"):
             value = getattr(self, key)
             require(self, key, value is None or value > 0, "> 0")
         shares = ("warmup", "da_momentum", "collapse_agreement_drop", "collapse_entropy_fraction")

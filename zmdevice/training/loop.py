@@ -97,8 +97,9 @@ def begin_stage(setup: Setup, state: dict) -> None:
     if plan.kd_head and student.kd_head is None:
         student.attach_kd_head(seed=seed)
         student.to(setup.device)
+    scale = config.ssl_lr_scale if state["stage_index"] > 0 else 1.0
     state["optimizer"], state["scheduler"] = make_optimizer(
-        student, config, plan.steps, setup.freeze_embeddings
+        student, config, plan.steps, setup.freeze_embeddings, scale
     )
     state["alignment"] = setup.ranks.alignment(len(setup.data.classes), config.da_momentum)
     state["samplers"] = {
@@ -113,10 +114,16 @@ def begin_stage(setup: Setup, state: dict) -> None:
         setup.model = setup.ranks.wrap(StepModel(student), setup.device)
 
 
-def make_optimizer(student, config: TrainConfig, steps: int, freeze_embeddings: bool):
-    """Fresh AdamW and a linear-warmup + cosine schedule (reset for every stage)."""
+def make_optimizer(
+    student, config: TrainConfig, steps: int, freeze_embeddings: bool, lr_scale: float = 1.0
+):
+    """Fresh AdamW and a linear-warmup + cosine schedule (reset for every stage), its peak
+    learning rates ``lr_scale`` times the configured ones."""
     groups = student.parameter_groups(
-        config.lr, config.head_lr, config.weight_decay, freeze_word_embeddings=freeze_embeddings
+        lr_scale * config.lr,
+        lr_scale * config.head_lr,
+        config.weight_decay,
+        freeze_word_embeddings=freeze_embeddings,
     )
     for group in groups:
         group.pop("name", None)
