@@ -171,6 +171,14 @@ VARIANTS = [
     # the stage-1 student off its accuracy in stage 2's first 50 steps (dev, 1 label/class:
     # images -5 to -11 points, text -10), and a CPU stage 2 is too short to win it back.
     Method("zeromatch-rf-lr25", "zeromatch", labels="refined", config={"ssl_lr_scale": 0.25}),
+    # The guard's "distill" action: after a collapse, roll back and spend stage 2's remaining
+    # steps on stage-1 distillation instead of finishing early (only runs whose guard fires
+    # differ from zeromatch-rf).
+    Method("zeromatch-rf-distill", "zeromatch", labels="refined",
+           config={"collapse_guard": "distill"}),
+    Method("zeromatch-rf-effl0-64-distill", "zeromatch", labels="refined",
+           student=PRETRAINED_IMAGE, total_steps=500,
+           config={"image_size": 64, "lr": 5e-4, "head_lr": 2e-3, "collapse_guard": "distill"}),
     # AdaMatch's distribution-alignment momentum: USB's 0.999 against the default 0.99.
     Method("zeromatch-fs-da999", "zeromatch", labels="few-shot", config={"da_momentum": 0.999}),
     Method("zeromatch-rf-da999", "zeromatch", labels="refined", config={"da_momentum": 0.999}),

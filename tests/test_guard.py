@@ -129,6 +129,37 @@ def test_forced_collapse_with_stop_keeps_the_weights(image_data, tmp_path):
     assert float(weights(out)["head.bias"][0]) > 100
 
 
+def test_forced_collapse_with_distill_spends_the_rest_on_distillation(image_data, tmp_path):
+    """ssl_steps 30: suspected at stage-2 step 5, acted on at 15 (patience 3), rolled back to
+    step 0, then 15 steps of stage-1 distillation; a run interrupted in that stage resumes
+    into it exactly."""
+    settings = dict(collapse_guard="distill", ssl_steps=30)
+    whole = tmp_path / "whole"
+    summary = run_train(make_config("image", image_data, whole, **settings), force_collapse)
+    fired = summary["collapse"]
+    assert (fired["action"], fired["step"], fired["rolled_back_to"]) == ("distill", 15, 0)
+    assert fired["distill_steps"] == 15 and summary["stopped"] is None
+    assert [(s["stage"], s["steps"]) for s in summary["stages"]] == [
+        ("kd", 30),
+        ("ssl", 15),
+        ("kd", 15),
+    ]
+    assert any("distils the FM for the 15 steps" in line for line in summary["lines"])
+    records = read_jsonl(whole / "metrics.jsonl")
+    assert {r["stage"] for r in records if r["stage_index"] == 2} == {"kd"}
+    saved = weights(whole)
+    assert not any(name.startswith("kd_head") for name in saved)
+    assert float(saved["head.bias"][0]) < 100
+    # Stop in the distillation stage (30 + 15 + 7 steps in all), then resume.
+    split = tmp_path / "split"
+    run_train(make_config("image", image_data, split, stop_after=52, **settings), force_collapse)
+    resumed = run_train(make_config("image", image_data, split, resume=True, **settings))
+    assert resumed["collapse"] == fired
+    assert [s["stage"] for s in resumed["stages"]] == ["kd", "ssl", "kd"]
+    got = weights(split)
+    assert all(got[name].equal(saved[name]) for name in saved)
+
+
 def test_config_rigged_collapse_is_caught(image_data, tmp_path):
     """FixMatch on every pseudo-label (threshold 0), weighted 50x, with a head learning rate
     of 0.5: stage 2 drives the main head into one class."""

@@ -23,7 +23,7 @@ from zmdevice.errors import UserError
 from zmdevice.precision import PRECISIONS, RUNTIMES
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-GUARD_ACTIONS = ("rollback", "stop", "off")
+GUARD_ACTIONS = ("rollback", "distill", "stop", "off")
 
 
 class ConfigError(UserError):
@@ -319,7 +319,8 @@ class TrainConfig:
     split as kd_steps:ssl_steps, and training stops on time (``training.budget``)."""
     collapse_guard: str = "rollback"
     """Stage-2 collapse guard (``training.guard``): rollback (to the best weights, then
-    finish), stop (finish with the weights as they are) or off."""
+    finish), distill (roll back, then spend stage 2's remaining steps on stage-1
+    distillation), stop (finish with the weights as they are) or off."""
     collapse_agreement_drop: float | None = 0.15
     """Also a collapse: held-out agreement with the FM this far below its stage-2 best (0 or
     None: logged, not judged). Chosen on dev with the patience (``benchmarks/guard_replay.py``)."""
@@ -357,7 +358,9 @@ class TrainConfig:
         require(self, "threshold", 0 <= self.threshold <= 1, "in [0, 1]")
         require(self, "holdout_fraction", 0 < self.holdout_fraction < 1, "in (0, 1)")
         require(self, "time_budget", self.time_budget is None or self.time_budget > 0, "> 0")
-        require(self, "collapse_guard", self.collapse_guard in GUARD_ACTIONS, "rollback/stop/off")
+        require(
+            self, "collapse_guard", self.collapse_guard in GUARD_ACTIONS, "/".join(GUARD_ACTIONS)
+        )
 
     def for_modality(
         self, modality: str, preset: dict | None = None, preset_name: str = "student preset"

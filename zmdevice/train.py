@@ -298,7 +298,7 @@ def build_summary(setup, state: dict, final: dict, recalibrated: int, seconds: f
         lines.append(f"  {stage['stage']}: {stage['steps']} steps, {stage['seconds']:.1f} s")
     if best:
         lines.append(
-            f"  stage-1 held-out agreement with the FM: {100 * best['agreement']:.1f}% "
+            f"  distillation's held-out agreement with the FM: {100 * best['agreement']:.1f}% "
             f"(step {best['step']})"
         )
     lines += [line for line in (budget_line(setup.budget, state), guard_line(state)) if line]

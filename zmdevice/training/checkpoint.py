@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from zmdevice.errors import UserError, atomic_path, write_text_atomic
+from zmdevice.training.guard import plans_after_collapse
 from zmdevice.training.loop import Setup, begin_stage, cpu_state
 
 FOLDER = "checkpoints"
@@ -236,6 +237,8 @@ def restore(setup: Setup, state: dict, tree: dict) -> None:
         student.attach_kd_head(seed=0)
     student.load_state_dict(tree["model"])
     student.to(setup.device)
+    state["guard"] = tree.get("guard")
+    setup.plans.extend(plans_after_collapse(state["guard"]))
     begin_stage(setup, state)
     if tree["optimizer"] is not None:
         state["optimizer"].load_state_dict(tree["optimizer"])
@@ -249,7 +252,6 @@ def restore(setup: Setup, state: dict, tree: dict) -> None:
         state["samplers"][name].load_state_dict(sampler_state)
     state["ahead"] = tree["ahead"]
     state["best"] = tree["best"]
-    state["guard"] = tree.get("guard")
     set_rng_state(setup, tree["rng"])
 
 

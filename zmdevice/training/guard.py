@@ -23,8 +23,11 @@ labels per class dip by up to 17 points for one or two evaluations and recover.
 The guard keeps in ``state["guard"]``
 (and so in checkpoints) the weights of the best evaluation: highest agreement with an FM,
 else the latest one the rule passed. On a collapse it warns on stderr, logs a ``collapse``
-record, and ends training: ``rollback`` restores those weights first, ``stop`` keeps the
-weights as they are.
+record, and ends stage 2: ``rollback`` restores those weights and finishes, ``distill``
+restores them and spends the steps stage 2 had left on a stage-1 distillation stage (with
+its own fresh schedule and held-out model selection), ``stop`` finishes with the weights as
+they are. ``distill`` adds that stage to ``setup.plans``; it is recorded in the guard's
+memory, so a resumed run rebuilds it (``plans_after_collapse``).
 """
 
 from __future__ import annotations
@@ -144,28 +147,45 @@ class CollapseGuard:
             setup.log.write(state, plan, {"collapse_suspected": reason})
             return False
         action = config.collapse_guard
-        rolled_back_to = memory.get("best_step") if action == "rollback" else None
+        rolled_back_to = memory.get("best_step") if action in ("rollback", "distill") else None
         if rolled_back_to is not None:
             setup.student.load_state_dict(memory["best_state"])
+        distill_steps = plan.steps - state["step"] if action == "distill" else 0
         memory["fired"] = {
             "step": state["step"],
             "reason": reason,
             "action": action,
             "rolled_back_to": rolled_back_to,
+            "distill_steps": distill_steps,
         }
+        setup.plans.extend(plans_after_collapse(memory))
         setup.log.write(state, plan, {"collapse": reason, "collapse_action": action})
-        done = (
-            f"rolled back to the weights of stage-2 step {rolled_back_to}"
-            if rolled_back_to is not None
-            else "kept the weights as they are"
-        )
         print(
-            f"warning: collapse at stage-2 step {state['step']}: {reason}; stopped training and "
-            f"{done} (collapse_guard = {action})",
+            f"warning: collapse at stage-2 step {state['step']}: {reason}; "
+            f"{outcome(memory['fired'])} (collapse_guard = {action})",
             file=sys.stderr,
         )
-        state["stopped"] = "collapse"
+        if not distill_steps:
+            state["stopped"] = "collapse"
         return True
+
+
+def plans_after_collapse(memory: dict | None) -> list[StagePlan]:
+    """The distillation stage a ``distill`` collapse added (none for other outcomes)."""
+    fired = (memory or {}).get("fired") or {}
+    steps = fired.get("distill_steps", 0)
+    return [StagePlan("kd", steps)] if steps else []
+
+
+def outcome(fired: dict) -> str:
+    """What the guard did after a collapse, in words."""
+    if fired["rolled_back_to"] is None:
+        return "stopped training and kept the weights as they are"
+    done = f"rolled back to the weights of stage-2 step {fired['rolled_back_to']}"
+    steps = fired.get("distill_steps", 0)
+    if steps:
+        return f"{done} and distils the FM for the {steps} steps stage 2 had left"
+    return f"stopped training and {done}"
 
 
 def summary_line(state: dict) -> str | None:
@@ -178,9 +198,4 @@ def summary_line(state: dict) -> str | None:
         best = memory.get("best_agreement")
         agreement = "" if best is None else f", best held-out FM agreement {100 * best:.1f}%"
         return f"  collapse guard: no collapse in stage 2{agreement}"
-    action = (
-        f"rolled back to step {fired['rolled_back_to']}"
-        if fired["rolled_back_to"] is not None
-        else "kept the weights as they were"
-    )
-    return f"  COLLAPSE at stage-2 step {fired['step']}: {fired['reason']}; {action}"
+    return f"  COLLAPSE at stage-2 step {fired['step']}: {fired['reason']}; {outcome(fired)}"

@@ -97,7 +97,11 @@ def begin_stage(setup: Setup, state: dict) -> None:
     if plan.kd_head and student.kd_head is None:
         student.attach_kd_head(seed=seed)
         student.to(setup.device)
-    scale = config.ssl_lr_scale if state["stage_index"] > 0 else 1.0
+    elif not plan.kd_head and student.kd_head is not None:
+        # Distillation after a collapse (guard "distill"): the KD head has no loss left, and
+        # DistributedDataParallel refuses parameters that get no gradient.
+        student.kd_head = None
+    scale = config.ssl_lr_scale if plan.uses_labeled and state["stage_index"] > 0 else 1.0
     state["optimizer"], state["scheduler"] = make_optimizer(
         student, config, plan.steps, setup.freeze_embeddings, scale
     )
