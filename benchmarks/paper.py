@@ -171,6 +171,13 @@ VARIANTS = [
     # the stage-1 student off its accuracy in stage 2's first 50 steps (dev, 1 label/class:
     # images -5 to -11 points, text -10), and a CPU stage 2 is too short to win it back.
     Method("zeromatch-rf-lr25", "zeromatch", labels="refined", config={"ssl_lr_scale": 0.25}),
+    # Distilling the refined labels' probabilities (KL) instead of their argmax: label spreading
+    # leaves samples far from every labeled example with flat rows, so soft targets weigh
+    # them down.
+    Method("zeromatch-rf-soft", "zeromatch", labels="refined", flags=("--soft-labels",)),
+    Method("zeromatch-rf-effl0-64-soft", "zeromatch", labels="refined", student=PRETRAINED_IMAGE,
+           total_steps=500, flags=("--soft-labels",),
+           config={"image_size": 64, "lr": 5e-4, "head_lr": 2e-3}),
     # The guard's "distill" action: after a collapse, roll back and spend stage 2's remaining
     # steps on stage-1 distillation instead of finishing early (only runs whose guard fires
     # differ from zeromatch-rf).
