@@ -3,6 +3,7 @@
     python benchmarks/peers.py features   # FM features + zero-shot probabilities, cached once
     python benchmarks/peers.py screen     # few-shot teacher settings, chosen on dev
     python benchmarks/peers.py refine-screen  # dev accuracy of zero-shot/few-shot/refined labels
+    python benchmarks/peers.py refine-grid --only images-fm224  # label spreading's settings
     python benchmarks/peers.py probes     # logistic-regression probes on frozen FM features
     python benchmarks/peers.py setfit     # SetFit (text), same MiniLM body, its defaults
     python benchmarks/peers.py latency    # size and batch-1 CPU latency of each deployed model
@@ -361,6 +362,52 @@ def screen_refine(dataset: str) -> dict:
         "rows": rows,
         "environment": environment(),
     }
+    write_json(path, result)
+    return result
+
+
+GRAPH_GRID = {"neighbours": (5, 10, 20, 40), "power": (1.0, 3.0), "alpha": (0.9, 0.99)}
+"""The label-spreading settings ``refine-grid`` scores (the shipped: 10, 3, 0.9)."""
+
+
+def screen_refine_grid(dataset: str) -> dict:
+    """Dev accuracy of the refined labels over ``GRAPH_GRID``, per labeled draw (K = 4, 1).
+
+    Like ``screen_refine`` (dev samples as unlabeled graph nodes), with the prior decided by
+    the shipped rule and only the graph's settings varied.
+    """
+    from zmdevice import refine
+
+    path = RESULTS / f"{dataset}-dev-refine-grid.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    pool, dev = load_split(dataset, "pool"), load_split(dataset, "dev")
+    features = np.concatenate([pool["features"], dev["features"]])
+    probs = np.concatenate([pool["probs"], dev["probs"]])
+    scores = {}
+    for k in LABELS_PER_CLASS:
+        for seed in SEEDS:
+            labeled, labels = labeled_rows(dataset, k, seed, pool)
+            zero_shot = float((pool["probs"][labeled].argmax(axis=1) == labels).mean())
+            keep = zero_shot >= refine.MIN_PRIOR_ACCURACY
+            seeds = refine.seed_rows(features, probs, pool["features"][labeled], labels, keep)
+            nodes = np.concatenate([features, pool["features"][labeled]])
+            for neighbours in GRAPH_GRID["neighbours"]:
+                for power in GRAPH_GRID["power"]:
+                    graph = refine.knn_graph(nodes, neighbours, power)
+                    for alpha in GRAPH_GRID["alpha"]:
+                        spread = refine.spread(graph, seeds, alpha)[
+                            len(pool["ids"]) : len(features)
+                        ]
+                        key = f"k{k} neighbours {neighbours} power {power:g} alpha {alpha}"
+                        scores.setdefault(key, []).append(accuracy(spread, dev["labels"]))
+            print(f"[peers] {dataset} refine-grid k{k} s{seed} done", flush=True)
+    rows = [
+        {"setting": key, "mean": float(np.mean(values)), "per_seed": values}
+        for key, values in scores.items()
+    ]
+    result = {"dataset": dataset, "split": "dev", "grid": GRAPH_GRID, "rows": rows,
+              "environment": environment()}  # fmt: skip
     write_json(path, result)
     return result
 
@@ -729,7 +776,8 @@ def _describe(module, example) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    steps = ("features", "screen", "refine-screen", "probes", "setfit", "latency", "pool-labels")
+    steps = ("features", "screen", "refine-screen", "refine-grid", "probes", "setfit", "latency",
+             "pool-labels")  # fmt: skip
     parser.add_argument("step", choices=steps)
     parser.add_argument("--only", choices=sorted(DATASETS))
     args = parser.parse_args(argv)
@@ -747,6 +795,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"fm": result["fm_zero_shot_dev_accuracy"], **result["chosen"]}))
         elif args.step == "refine-screen":
             screen_refine(dataset)
+        elif args.step == "refine-grid":
+            for row in screen_refine_grid(dataset)["rows"]:
+                print(f"{row['setting']}: {100 * row['mean']:.1f}")
         elif args.step == "probes":
             probe_results(dataset)
         elif args.step == "pool-labels":

@@ -46,9 +46,11 @@ MAX_SAMPLES = 1_000_000
 """Above this the exact graph costs hours on a CPU: refuse rather than appear to hang."""
 
 
-def knn_graph(features: np.ndarray, neighbours: int = NEIGHBOURS):
+def knn_graph(
+    features: np.ndarray, neighbours: int = NEIGHBOURS, power: float = SIMILARITY_POWER
+):
     """The normalised symmetric k-NN graph ``S`` (torch sparse COO, coalesced, float32
-    [N, N])."""
+    [N, N]); edge weight = cosine similarity ** ``power``."""
     import torch
 
     from zmdevice.fewshot import normalise
@@ -64,7 +66,7 @@ def knn_graph(features: np.ndarray, neighbours: int = NEIGHBOURS):
         value, index = similarity.topk(neighbours, dim=1)
         rows.append(own.repeat_interleave(neighbours))
         cols.append(index.reshape(-1))
-        weights.append(value.clamp_min(0).pow(SIMILARITY_POWER).reshape(-1))
+        weights.append(value.clamp_min(0).pow(power).reshape(-1))
     rows, cols, weights = torch.cat(rows), torch.cat(cols), torch.cat(weights)
     # W + W^T: an edge counts once from each end that chose it.
     graph = torch.sparse_coo_tensor(
@@ -133,17 +135,11 @@ def refine_labels(
     if labeled == 0:
         refined = spread(knn_graph(features), probs)
         return refined.astype(np.float32), {"prior_weight": 1.0, "labeled": 0}
-    from zmdevice.fewshot import fit_adapter
-
     labeled_classes = np.asarray(labeled_classes, dtype=np.int64)
     zero_shot_accuracy = float((np.asarray(labeled_probs).argmax(axis=1) == labeled_classes).mean())
     if keep_prior is None:
         keep_prior = zero_shot_accuracy >= MIN_PRIOR_ACCURACY
-    seeds = np.zeros((count + labeled, classes), dtype=np.float32)
-    if keep_prior:
-        adapter = fit_adapter(labeled_features, labeled_classes, classes)
-        seeds[:count] = adapter.probs(features, probs)
-    seeds[count:] = np.eye(classes, dtype=np.float32)[labeled_classes]
+    seeds = seed_rows(features, probs, labeled_features, labeled_classes, keep_prior)
     graph = knn_graph(np.concatenate([np.asarray(features), np.asarray(labeled_features)]))
     refined = spread(graph, seeds)[:count]
     info = {
@@ -152,6 +148,20 @@ def refine_labels(
         "zero_shot_accuracy_on_labeled": round(zero_shot_accuracy, 4),
     }
     return refined.astype(np.float32), info
+
+
+def seed_rows(features, probs, labeled_features, labeled_classes, keep_prior: bool):
+    """The spreading's seeds [N + L, C]: the few-shot teacher's probabilities on the samples
+    (zeros without the prior), then the labeled examples one-hot."""
+    from zmdevice.fewshot import fit_adapter
+
+    count, classes = probs.shape
+    seeds = np.zeros((count + len(labeled_classes), classes), dtype=np.float32)
+    if keep_prior:
+        adapter = fit_adapter(labeled_features, labeled_classes, classes)
+        seeds[:count] = adapter.probs(features, probs)
+    seeds[count:] = np.eye(classes, dtype=np.float32)[labeled_classes]
+    return seeds
 
 
 def refine_line(info: dict) -> str:
