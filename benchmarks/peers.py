@@ -384,7 +384,7 @@ def screen_refine_grid(dataset: str) -> dict:
     pool, dev = load_split(dataset, "pool"), load_split(dataset, "dev")
     features = np.concatenate([pool["features"], dev["features"]])
     probs = np.concatenate([pool["probs"], dev["probs"]])
-    scores = {}
+    on_dev, scores = slice(len(pool["ids"]), len(features)), {}
     for k in LABELS_PER_CLASS:
         for seed in SEEDS:
             labeled, labels = labeled_rows(dataset, k, seed, pool)
@@ -396,9 +396,7 @@ def screen_refine_grid(dataset: str) -> dict:
                 for power in GRAPH_GRID["power"]:
                     graph = refine.knn_graph(nodes, neighbours, power)
                     for alpha in GRAPH_GRID["alpha"]:
-                        spread = refine.spread(graph, seeds, alpha)[
-                            len(pool["ids"]) : len(features)
-                        ]
+                        spread = refine.spread(graph, seeds, alpha)[on_dev]
                         key = f"k{k} neighbours {neighbours} power {power:g} alpha {alpha}"
                         scores.setdefault(key, []).append(accuracy(spread, dev["labels"]))
             print(f"[peers] {dataset} refine-grid k{k} s{seed} done", flush=True)
