@@ -171,6 +171,9 @@ VARIANTS = [
     # the stage-1 student off its accuracy in stage 2's first 50 steps (dev, 1 label/class:
     # images -5 to -11 points, text -10), and a CPU stage 2 is too short to win it back.
     Method("zeromatch-rf-lr25", "zeromatch", labels="refined", config={"ssl_lr_scale": 0.25}),
+    # Stage 2 without L_u (the labeled loss and the KD head only): a diagnostic on dev at 1
+    # label/class, where stage 2 ends below its stage 1, of which loss pulls it down.
+    Method("zeromatch-rf-nou", "zeromatch", labels="refined", config={"lambda_u": 0.0}),
     # Distilling the refined labels' probabilities (KL) instead of their argmax: label spreading
     # leaves samples far from every labeled example with flat rows, so soft targets weigh
     # them down.
