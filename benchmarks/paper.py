@@ -174,6 +174,10 @@ VARIANTS = [
     # Stage 2 without L_u (the labeled loss and the KD head only): a diagnostic on dev at 1
     # label/class, where stage 2 ends below its stage 1, of which loss pulls it down.
     Method("zeromatch-rf-nou", "zeromatch", labels="refined", config={"lambda_u": 0.0}),
+    # The KD head as an anchor from stage 2's first step, weighted 4x: stage 2 at 1 label/class
+    # falls while alpha is still near 0, driven by the labeled loss (the -nou diagnostic).
+    Method("zeromatch-rf-anchor", "zeromatch", labels="refined",
+           config={"alpha": "constant", "lambda_p": 4.0}),
     # Distilling the refined labels' probabilities (KL) instead of their argmax: label spreading
     # leaves samples far from every labeled example with flat rows, so soft targets weigh
     # them down.
