@@ -178,6 +178,11 @@ VARIANTS = [
     # falls while alpha is still near 0, driven by the labeled loss (the -nou diagnostic).
     Method("zeromatch-rf-anchor", "zeromatch", labels="refined",
            config={"alpha": "constant", "lambda_p": 4.0}),
+    # The labeled loss at a quarter of the other terms' weight (AdamW's steps do not depend on
+    # the loss's overall scale, so L_u and L_KD2 at 4x is L_s at 1/4): the -nou diagnostic
+    # found fitting the 10 labeled examples behind stage 2's fall at 1 label/class.
+    Method("zeromatch-rf-ls25", "zeromatch", labels="refined",
+           config={"lambda_u": 4.0, "lambda_p": 4.0}),
     # Distilling the refined labels' probabilities (KL) instead of their argmax: label spreading
     # leaves samples far from every labeled example with flat rows, so soft targets weigh
     # them down.
