@@ -46,9 +46,7 @@ MAX_SAMPLES = 1_000_000
 """Above this the exact graph costs hours on a CPU: refuse rather than appear to hang."""
 
 
-def knn_graph(
-    features: np.ndarray, neighbours: int = NEIGHBOURS, power: float = SIMILARITY_POWER
-):
+def knn_graph(features: np.ndarray, neighbours: int = NEIGHBOURS, power: float = SIMILARITY_POWER):
     """The normalised symmetric k-NN graph ``S`` (torch sparse COO, coalesced, float32
     [N, N]); edge weight = cosine similarity ** ``power``."""
     import torch
