@@ -307,6 +307,15 @@ def fewshot_label_file(dataset: str, k: int, seed: int, l2: float, weight: float
     return path
 
 
+def pool_and_dev_nodes(dataset: str) -> tuple[dict, dict, np.ndarray, np.ndarray, slice]:
+    """Pool and dev splits, their features and probabilities stacked as one set of graph
+    nodes (dev after the pool), and the slice of the dev rows."""
+    pool, dev = load_split(dataset, "pool"), load_split(dataset, "dev")
+    features = np.concatenate([pool["features"], dev["features"]])
+    probs = np.concatenate([pool["probs"], dev["probs"]])
+    return pool, dev, features, probs, slice(len(pool["ids"]), len(features))
+
+
 def screen_refine(dataset: str) -> dict:
     """Dev accuracy of the labels each labeling choice gives, per labeled draw (K = 4, 1).
 
@@ -321,10 +330,7 @@ def screen_refine(dataset: str) -> dict:
     path = RESULTS / f"{dataset}-dev-refine-screen.json"
     if path.is_file():
         return json.loads(path.read_text())
-    pool, dev = load_split(dataset, "pool"), load_split(dataset, "dev")
-    features = np.concatenate([pool["features"], dev["features"]])
-    probs = np.concatenate([pool["probs"], dev["probs"]])
-    on_dev = slice(len(pool["ids"]), None)
+    pool, dev, features, probs, on_dev = pool_and_dev_nodes(dataset)
     rows = []
     for k in LABELS_PER_CLASS:
         for seed in SEEDS:
@@ -381,15 +387,12 @@ def screen_refine_grid(dataset: str) -> dict:
     path = RESULTS / f"{dataset}-dev-refine-grid.json"
     if path.is_file():
         return json.loads(path.read_text())
-    pool, dev = load_split(dataset, "pool"), load_split(dataset, "dev")
-    features = np.concatenate([pool["features"], dev["features"]])
-    probs = np.concatenate([pool["probs"], dev["probs"]])
-    on_dev, scores = slice(len(pool["ids"]), len(features)), {}
+    pool, dev, features, probs, on_dev = pool_and_dev_nodes(dataset)
+    scores = {}
     for k in LABELS_PER_CLASS:
         for seed in SEEDS:
             labeled, labels = labeled_rows(dataset, k, seed, pool)
-            zero_shot = float((pool["probs"][labeled].argmax(axis=1) == labels).mean())
-            keep = zero_shot >= refine.MIN_PRIOR_ACCURACY
+            keep = refine.prior_rule(pool["probs"][labeled], labels)[1]
             seeds = refine.seed_rows(features, probs, pool["features"][labeled], labels, keep)
             nodes = np.concatenate([features, pool["features"][labeled]])
             for neighbours in GRAPH_GRID["neighbours"]:

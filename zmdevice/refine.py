@@ -134,9 +134,8 @@ def refine_labels(
         refined = spread(knn_graph(features), probs)
         return refined.astype(np.float32), {"prior_weight": 1.0, "labeled": 0}
     labeled_classes = np.asarray(labeled_classes, dtype=np.int64)
-    zero_shot_accuracy = float((np.asarray(labeled_probs).argmax(axis=1) == labeled_classes).mean())
-    if keep_prior is None:
-        keep_prior = zero_shot_accuracy >= MIN_PRIOR_ACCURACY
+    zero_shot_accuracy, rule = prior_rule(labeled_probs, labeled_classes)
+    keep_prior = rule if keep_prior is None else keep_prior
     seeds = seed_rows(features, probs, labeled_features, labeled_classes, keep_prior)
     graph = knn_graph(np.concatenate([np.asarray(features), np.asarray(labeled_features)]))
     refined = spread(graph, seeds)[:count]
@@ -146,6 +145,13 @@ def refine_labels(
         "zero_shot_accuracy_on_labeled": round(zero_shot_accuracy, 4),
     }
     return refined.astype(np.float32), info
+
+
+def prior_rule(labeled_probs, labeled_classes) -> tuple[float, bool]:
+    """(the FM's zero-shot accuracy on the labeled examples, whether the prior is kept)."""
+    right = np.asarray(labeled_probs).argmax(axis=1) == np.asarray(labeled_classes)
+    accuracy = float(right.mean())
+    return accuracy, accuracy >= MIN_PRIOR_ACCURACY
 
 
 def seed_rows(features, probs, labeled_features, labeled_classes, keep_prior: bool):
