@@ -96,6 +96,18 @@ def test_forced_collapse_rolls_back_to_the_best_weights(case, tmp_path, capsys):
     assert (out / "report.md").is_file()
 
 
+def test_a_rollback_wins_over_the_weight_average(text_data, tmp_path):
+    """The average still holds the forced bias (about 1e4 x (1 - 0.9^8)); the guard's
+    rollback restores the weights before it."""
+    out = tmp_path / "out"
+    config = make_config("text", text_data, out, ssl_weight_average=1.0)
+    summary = run_train(config, on_step=force_collapse)
+    assert summary["collapse"]["action"] == "rollback"
+    from zmdevice.students import load_student
+
+    assert float(last_linear(load_student(out).head).bias[0].detach()) < 100
+
+
 def test_a_breach_that_does_not_last_is_only_logged(image_data, tmp_path):
     """Every prediction forced into class 0 after stage-2 step 2 and released after step 6:
     the evaluation at step 5 breaks the rule, the one at step 10 does not."""

@@ -101,6 +101,38 @@ def test_zeromatch_options_soft_labels_fixmatch_constant_alpha_stage_two_rates(
     )
 
 
+def test_weight_average_ends_stage_two_on_the_ema_and_resumes_exactly(text_data, tmp_path):
+    """ssl_weight_average 1 on a 10-step stage 2: horizon 10 steps, each step moves the
+    average a tenth of the way to the weights, starting at stage 1's selected weights."""
+    start, steps = {}, []
+
+    def record(setup, state, values):
+        if setup.plans[state["stage_index"]].kind == "kd" and state["step"] == 10:
+            start.update(state["best"]["state"])
+        elif setup.plans[state["stage_index"]].kind == "ssl":
+            steps.append({k: v.detach().clone() for k, v in setup.student.state_dict().items()})
+
+    settings = dict(ssl_weight_average=1.0, early_stop_agreement=1.0)
+    run_train(text_config(text_data, tmp_path / "full", **settings), on_step=record)
+    saved = weights(tmp_path / "full")
+    assert len(steps) == 10 and set(saved) <= set(start)
+    expected = {key: start[key].clone() for key in saved}
+    for live in steps:
+        for key in expected:
+            expected[key] = torch.lerp(expected[key], live[key], 0.1)
+    assert all(torch.allclose(saved[key], expected[key], atol=1e-6) for key in saved)
+    assert not all(torch.allclose(saved[key], steps[-1][key], atol=1e-4) for key in saved)
+    records = read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    averaged = [r["step"] for r in records if "average_test_accuracy" in r]
+    assert averaged == [5, 10]
+
+    # Stopped in stage 2 (the average is in the checkpoint), resumed: the same weights.
+    run_train(text_config(text_data, tmp_path / "split", stop_after=13, **settings))
+    run_train(text_config(text_data, tmp_path / "split", resume=True, **settings))
+    resumed = weights(tmp_path / "split")
+    assert all(torch.equal(saved[key], resumed[key]) for key in saved)
+
+
 def test_stage_one_keeps_the_best_held_out_weights_and_stops_early(image_data, tmp_path):
     summary = run_train(image_config(image_data, tmp_path / "kd", method="kd", kd_steps=20))
     records = read_jsonl(tmp_path / "kd" / "metrics.jsonl")

@@ -274,6 +274,10 @@ class TrainConfig:
     ssl_lr_scale: float = 1.0
     """Stage 2's peak learning rates (lr and head_lr) as a multiple of stage 1's, when stage 2
     follows a stage 1 (zeromatch). 1 = the paper's fresh schedule at the same rates."""
+    ssl_weight_average: float = 0.0
+    """Stage 2 (after stage 1) ends on an exponential moving average of its weights, started
+    at stage 1's, with a horizon of this share of stage 2's steps (``training.average``);
+    0 = off: the last weights, as the paper."""
     ssl_loss: str = "adamatch"
     """L_u of zeromatch: adamatch (as the paper) or fixmatch."""
     threshold: float = 0.95
@@ -344,7 +348,7 @@ class TrainConfig:
         check_choice(self, "precision", PRECISIONS)
         at_least(self, 0, "kd_steps", "ssl_steps", "eval_every", "checkpoint_every")
         at_least(self, 0, "weight_decay", "lambda_u", "lambda_p", "grad_clip", "image_cache_gb")
-        at_least(self, 0, "bn_recalibration_batches")
+        at_least(self, 0, "bn_recalibration_batches", "ssl_weight_average")
         at_least(self, 1, "kd_batch_size", "labeled_batch_size", "unlabeled_batch_size")
         at_least(self, 1, "eval_batch_size", "holdout_max", "log_every", "threads", "stop_after")
         at_least(self, 1, "image_size", "max_length", "collapse_patience")

@@ -10,7 +10,8 @@ pieces live in ``zmdevice.training``:
 ``training.loop``      ``Setup`` (built once), the state dict, ``run_stage``, evaluation
 ``training.checkpoint`` the state dict to safetensors + JSON and back (``--resume``)
 ``training.budget``    ``--time-budget``: measure, plan the steps, stop on time
-``training.guard``     the stage-2 collapse guard (rollback / stop)
+``training.guard``     the stage-2 collapse guard (rollback / distill / stop)
+``training.average``   stage 2's optional weight average (``ssl_weight_average``)
 =====================  ===============================================================
 
 This module builds the setup, runs the stages and writes ``models/NAME/``: the student
@@ -159,6 +160,7 @@ def run_train(config: TrainConfig, on_step=None, clock=time.monotonic) -> dict:
     import torch
 
     from zmdevice.training import checkpoint
+    from zmdevice.training.average import end_with_average
     from zmdevice.training.budget import start_budget
     from zmdevice.training.distributed import NoLog, ranks_from_environment
     from zmdevice.training.loop import MetricsLog, StopTraining, begin_stage, new_state, run_stage
@@ -198,6 +200,7 @@ def run_train(config: TrainConfig, on_step=None, clock=time.monotonic) -> dict:
             if plan.selects_model and state["best"]:
                 # Model selection: continue (or finish) from the best held-out weights.
                 setup.student.load_state_dict(state["best"]["state"])
+            end_with_average(state, setup.student)
             ranks.share_weights(setup.student)  # rank 0 alone keeps ``best``
             if state["stopped"]:
                 break  # out of time, or a collapse: finish with the weights at hand

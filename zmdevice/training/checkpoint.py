@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from zmdevice.errors import UserError, atomic_path, write_text_atomic
+from zmdevice.training.average import restore_average
 from zmdevice.training.guard import plans_after_collapse
 from zmdevice.training.loop import Setup, begin_stage, cpu_state
 
@@ -112,6 +113,7 @@ def save(setup: Setup, state: dict) -> None:
         "stage_summaries": state["stage_summaries"],
         "rng": rng_state(setup),
         "guard": state.get("guard"),
+        "average": state["average"],
         "budget": setup.budget.record() if setup.budget is not None else None,
     }
     tensors: dict = {}
@@ -252,6 +254,7 @@ def restore(setup: Setup, state: dict, tree: dict) -> None:
         state["samplers"][name].load_state_dict(sampler_state)
     state["ahead"] = tree["ahead"]
     state["best"] = tree["best"]
+    state["average"] = restore_average(tree.get("average"), student)
     set_rng_state(setup, tree["rng"])
 
 

@@ -80,6 +80,7 @@ def new_state(setup: Setup) -> dict:
         "best": {},
         "stage_summaries": [],
         "guard": None,
+        "average": None,
         "stopped": None,
         # Loss scaling for fp16 (a disabled scaler, a no-op, otherwise); its scale is part
         # of the state so that a resumed fp16 run steps exactly as an uninterrupted one.
@@ -90,6 +91,7 @@ def new_state(setup: Setup) -> dict:
 def begin_stage(setup: Setup, state: dict) -> None:
     """Fresh optimizer, schedule, alignment state and samplers; KD head for stage 2."""
     from zmdevice.pipeline import Sampler
+    from zmdevice.training.average import start_average
 
     plan = setup.plans[state["stage_index"]]
     config, student = setup.config, setup.student
@@ -105,6 +107,7 @@ def begin_stage(setup: Setup, state: dict) -> None:
     state["optimizer"], state["scheduler"] = make_optimizer(
         student, config, plan.steps, setup.freeze_embeddings, scale
     )
+    state["average"] = start_average(config, plan, state["stage_index"], student)
     state["alignment"] = setup.ranks.alignment(len(setup.data.classes), config.da_momentum)
     state["samplers"] = {
         name: Sampler(population, batch_size, seed + offset)
@@ -198,6 +201,8 @@ def run_stage(setup: Setup, state: dict, save_checkpoint) -> None:
     """
     from tqdm import tqdm
 
+    from zmdevice.training.average import update_average
+
     config, plan = setup.config, setup.plans[state["stage_index"]]
     optimizer, scheduler = state["optimizer"], state["scheduler"]
     label = f"stage {state['stage_index'] + 1}/{len(setup.plans)} {plan.name}"
@@ -224,6 +229,8 @@ def run_stage(setup: Setup, state: dict, save_checkpoint) -> None:
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if state["average"] is not None:
+            update_average(state["average"], setup.student)
         state["step"] += 1
         state["global_step"] += 1
 
@@ -235,6 +242,8 @@ def run_stage(setup: Setup, state: dict, save_checkpoint) -> None:
         if state["step"] % config.log_every == 0 or last:
             setup.log.write(state, plan, {**values, "lr": optimizer.param_groups[0]["lr"]})
         evaluate = (config.eval_every and state["step"] % config.eval_every == 0) or last
+        if evaluate and state["average"] is not None and ranks.is_main:
+            evaluate_average(setup, state, plan)
         if evaluate and ranks.decide(lambda: evaluate_and_select(setup, state, plan)):
             setup.log.write(state, plan, {"early_stop": True})
             break
@@ -270,6 +279,17 @@ def evaluate_and_select(setup: Setup, state: dict, plan: StagePlan) -> bool:
         state["best"] = {"agreement": agreement, "step": state["step"],
                          "state": cpu_state(setup.student)}  # fmt: skip
     return agreement > setup.config.early_stop_agreement and state["step"] < plan.steps
+
+
+def evaluate_average(setup: Setup, state: dict, plan: StagePlan) -> None:
+    """Log the averaged weights' test accuracy (``training.average``; with --test only)."""
+    from zmdevice.training.average import averaged_weights
+
+    if setup.data.test_index is None:
+        return
+    with averaged_weights(setup.student, state["average"]):
+        results = evaluate_now(setup, plan)
+    setup.log.write(state, plan, {f"average_{key}": value for key, value in results.items()})
 
 
 def cpu_state(model) -> dict:
