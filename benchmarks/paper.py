@@ -171,6 +171,15 @@ VARIANTS = [
     # the stage-1 student off its accuracy in stage 2's first 50 steps (dev, 1 label/class:
     # images -5 to -11 points, text -10), and a CPU stage 2 is too short to win it back.
     Method("zeromatch-rf-lr25", "zeromatch", labels="refined", config={"ssl_lr_scale": 0.25}),
+    # Stage 2 ending on a moving average of its weights started at stage 1's (horizon: the
+    # share of stage 2's steps; `ssl_weight_average`), to keep what stage 1 learned where
+    # stage 2's last weights fall below it (dev, 1 label/class).
+    Method("zeromatch-rf-avg1", "zeromatch", labels="refined", config={"ssl_weight_average": 1.0}),
+    Method("zeromatch-rf-avg25", "zeromatch", labels="refined",
+           config={"ssl_weight_average": 0.25}),
+    Method("zeromatch-rf-effl0-64-avg1", "zeromatch", labels="refined", student=PRETRAINED_IMAGE,
+           config={"image_size": 64, "lr": 5e-4, "head_lr": 2e-3, "ssl_weight_average": 1.0},
+           total_steps=500),
     # Stage 2 without L_u (the labeled loss and the KD head only): a diagnostic on dev at 1
     # label/class, where stage 2 ends below its stage 1, of which loss pulls it down.
     Method("zeromatch-rf-nou", "zeromatch", labels="refined", config={"lambda_u": 0.0}),
