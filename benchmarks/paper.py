@@ -100,7 +100,9 @@ class Method:
     config: dict = field(default_factory=dict, hash=False)
     labels: str = "zero-shot"
     """FM pseudo-labels: "zero-shot", "few-shot" (adapted to the run's labeled set) or
-    "refined" (spread over the pool's neighbour graph from the labeled set, zmdevice.refine)."""
+    "refined" (spread over the pool's neighbour graph from the labeled set, zmdevice.refine),
+    or "refined-balanced" (refined, then rebalanced to equal class shares: ``label --refine
+    --class-prior balanced``, the option of a user who knows the classes are balanced)."""
     student: str | None = None
     """Student preset; None = the data set's."""
     total_steps: int | None = None
@@ -209,6 +211,14 @@ VARIANTS = [
            config={"image_size": 64, "lr": 5e-4, "head_lr": 2e-3, "collapse_guard": "distill"}),
     # AdaMatch's distribution-alignment momentum: USB's 0.999 against the default 0.99.
     Method("zeromatch-fs-da999", "zeromatch", labels="few-shot", config={"da_momentum": 0.999}),
+    # A user option, not a default: refined labels rebalanced to equal class shares
+    # (`label --refine --class-prior balanced`), for data whose classes are known balanced.
+    *(
+        Method(f"{name}-rfb-effl0-64", method, labels="refined-balanced",
+               student=PRETRAINED_IMAGE, config={"image_size": 64, "lr": 5e-4, "head_lr": 2e-3},
+               total_steps=500)
+        for name, method in (("zeromatch", "zeromatch"), ("kd", "kd"))
+    ),
     Method("zeromatch-rf-da999", "zeromatch", labels="refined", config={"da_momentum": 0.999}),
     # The pretrained image student at a few input sizes (images only).
     *(
@@ -352,10 +362,11 @@ def split_data(dataset: str, split: str) -> Path:
 
 def pseudo_label_file(run: Run) -> Path:
     """The FM labels of a run: zero-shot (optionally degraded), or few-shot adapted."""
-    if run.method.labels == "refined":
+    if run.method.labels in ("refined", "refined-balanced"):
         from peers import refined_label_file
 
-        return refined_label_file(run.dataset, run.labels_per_class, run.seed)
+        balanced = run.method.labels == "refined-balanced"
+        return refined_label_file(run.dataset, run.labels_per_class, run.seed, balanced)
     if run.method.labels == "few-shot":
         from peers import chosen_fewshot_settings, fewshot_label_file
 

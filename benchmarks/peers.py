@@ -413,23 +413,27 @@ def screen_refine_grid(dataset: str) -> dict:
     return result
 
 
-def refined_label_file(dataset: str, k: int, seed: int) -> Path:
+def refined_label_file(dataset: str, k: int, seed: int, balanced: bool = False) -> Path:
     """The pool's refined pseudo-labels for paper.py's labeled set (k, seed).
 
     Label spreading over the pool and the labeled examples (``zmdevice.refine``, the code
     behind ``zmdevice label --refine``) from the cached FM outputs; the labeled examples are
-    separate graph nodes, as in ``label --few-shot LABELED --refine``.
+    separate graph nodes, as in ``label --few-shot LABELED --refine``. ``balanced``: then
+    rebalanced to equal class shares (``--class-prior balanced``).
     """
     from zmdevice.refine import refine_labels
 
-    path = WORK / "labels" / f"{dataset}-unlabeled-refined-k{k}-s{seed}.parquet"
+    name = f"{dataset}-unlabeled-refined-k{k}-s{seed}{'-balanced' if balanced else ''}"
+    path = WORK / "labels" / f"{name}.parquet"
     if path.is_file():
         return path
     pool = load_split(dataset, "pool")
     rows, labels = labeled_rows(dataset, k, seed, pool)
+    classes = pool["probs"].shape[1]
     probs, info = refine_labels(
-        pool["features"], pool["probs"], pool["features"][rows], labels, pool["probs"][rows]
-    )
+        pool["features"], pool["probs"], pool["features"][rows], labels, pool["probs"][rows],
+        class_prior=[1 / classes] * classes if balanced else None,
+    )  # fmt: skip
     refine = {"labeled": str(labeled_table(dataset, k, seed)), **info}
     write_pool_labels(dataset, path, pool["ids"], probs, None, refine=refine)
     return path

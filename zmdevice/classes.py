@@ -135,3 +135,79 @@ def _read_class_file(path: Path) -> dict[str, list[str]]:
             )
         mapping[name.strip()] = [prompt for prompt in prompts if prompt.strip()]
     return mapping
+
+
+def load_class_prior(spec: str, classes: ClassList) -> list[float]:
+    """The class shares a user expects in the data: ``"balanced"``, a comma list
+    ``"cat=3,dog=1"``, or a ``.json``/``.toml`` file mapping every class to a share.
+
+    Shares are relative (normalised here) and positive: a class that never occurs belongs out
+    of the class list, not in the prior.
+
+    Returns:
+        One share per class of ``classes``, in their order, summing to 1.
+
+    Raises:
+        UserError: missing or malformed file, unknown or missing class, a share that is not a
+            positive number.
+    """
+    spec = str(spec).strip()
+    if spec == "balanced":
+        return [1.0 / len(classes)] * len(classes)
+    path = Path(spec)
+    if path.suffix.lower() in (".json", ".toml") or os.sep in spec:
+        where, shares = str(path), _read_prior_file(path)
+    else:
+        where, shares = "--class-prior", {}
+        for item in spec.split(","):
+            name, equals, value = item.partition("=")
+            if not equals:
+                raise UserError(
+                    f"--class-prior item '{item}' is not NAME=SHARE: give 'balanced', "
+                    "'cat=3,dog=1' or a .json file mapping each class to its share"
+                )
+            if name.strip() in shares:
+                raise UserError(f"--class-prior gives class '{name.strip()}' twice: give it once")
+            shares[name.strip()] = value.strip()
+    unknown = [name for name in shares if name not in classes.names]
+    if unknown:
+        raise UserError(
+            f"{where} names unknown class(es) {', '.join(map(repr, unknown[:5]))}: use the "
+            "names of --classes"
+        )
+    missing = [name for name in classes.names if name not in shares]
+    if missing:
+        raise UserError(
+            f"{where} gives no share for class(es) {', '.join(map(repr, missing[:5]))}"
+            f"{' ...' if len(missing) > 5 else ''}: give every class a share"
+        )
+    values = [_positive_share(shares[name], name, where) for name in classes.names]
+    total = sum(values)
+    return [value / total for value in values]
+
+
+def _read_prior_file(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"class prior file not found: {path}; give 'balanced' or an existing file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+    except (UnicodeDecodeError, ValueError) as error:
+        # tomllib.TOMLDecodeError and json.JSONDecodeError are both ValueErrors.
+        raise UserError(f"class prior file {path} is unreadable: {error}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"class prior file {path} must map each class name to its share")
+    return {str(name).strip(): value for name, value in data.items()}
+
+
+def _positive_share(value, name: str, where: str) -> float:
+    try:
+        share = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        share = float("nan")
+    if not share > 0 or share == float("inf"):
+        raise UserError(
+            f"{where}: the share of class '{name}' is {value!r}; give a positive number "
+            "(a class that never occurs belongs out of --classes)"
+        )
+    return share

@@ -173,6 +173,14 @@ def label(
             "space, from the --few-shot examples and the teacher's own probabilities."
         ),
     ] = None,
+    class_prior: Annotated[
+        str | None,
+        typer.Option(
+            help="With --refine: the class shares you know the data has, 'balanced', "
+            "'cat=3,dog=1' or a .json file; the refined labels are rebalanced to them "
+            "(default: keep the FM's shares)."
+        ),
+    ] = None,
     precision: PrecisionOption = None,
     runtime: Annotated[
         str | None,

@@ -167,6 +167,9 @@ class LabelConfig:
     refine: bool = False
     """Spread the labels over the neighbour graph of the data's FM features, from the
     ``few_shot`` examples and the teacher's probabilities (``zmdevice.refine``)."""
+    class_prior: str | None = None
+    """The class shares the refined labels are rebalanced to: 'balanced', 'cat=3,dog=1' or a
+    .json/.toml file (``zmdevice.classes.load_class_prior``); None keeps the FM's."""
     engine: str = "local"
     """local: this process and its loader workers; ray: a Ray Data actor pool."""
     ray_address: str | None = None
@@ -197,6 +200,12 @@ class LabelConfig:
                 "refine",
                 f"--refine needs every sample's features in one run, not {flag}: label "
                 "with the local engine and without --shard",
+            )
+        if self.class_prior is not None and not self.refine:
+            raise ConfigError(
+                "class_prior",
+                "--class-prior rebalances the refined labels, which see every sample at "
+                "once: add --refine",
             )
         if self.engine == "ray" and self.device not in ("auto", "cpu"):
             raise ConfigError(

@@ -212,7 +212,7 @@ def run_label(config: LabelConfig) -> dict:
     Returns:
         Summary dict (output path, counts, throughput, sizes, quality) with ``lines``.
     """
-    from zmdevice.classes import load_classes
+    from zmdevice.classes import load_class_prior, load_classes
     from zmdevice.data import label_indices, open_dataset
     from zmdevice.device import resolve_device
     from zmdevice.teachers import build_teacher, teacher_modality
@@ -227,6 +227,9 @@ def run_label(config: LabelConfig) -> dict:
         import_ray()  # a missing extra fails before anything is written
     shard = parse_shard(config.shard)
     classes = load_classes(config.classes)
+    class_prior = None
+    if config.class_prior is not None:
+        class_prior = load_class_prior(config.class_prior, classes)
     dataset = open_dataset(config.data, config.data_options)
     modality = teacher_modality(config.teacher)
     if modality != dataset.modality:
@@ -346,7 +349,7 @@ def run_label(config: LabelConfig) -> dict:
         parts, target, metadata_update={"quality": quality, "created": run["created"]}
     )
     if config.refine:
-        ids, refined, refined_metadata = refine_parts(target, parts, refine_seeds)
+        ids, refined, refined_metadata = refine_parts(target, parts, refine_seeds, class_prior)
         if gold is not None:
             known = dict(zip(ids, refined.argmax(axis=1).tolist(), strict=True))
             quality, quality_lines = _gold_report(

@@ -153,10 +153,12 @@ def write_part_features(parts_dir: Path, number: int, features: list[np.ndarray]
 REFINE_METHOD = "label spreading on the k-NN graph of L2-normalised FM features"
 
 
-def refine_parts(unrefined: Path, parts: list[Path], seeds) -> tuple[list[str], np.ndarray, dict]:
+def refine_parts(
+    unrefined: Path, parts: list[Path], seeds, class_prior=None
+) -> tuple[list[str], np.ndarray, dict]:
     """The joined labels of ``unrefined`` refined over the neighbour graph of the parts'
     features (``seeds``: the labeled examples' features, class ids and zero-shot
-    probabilities, or None).
+    probabilities, or None), then rebalanced to ``class_prior`` (class shares) if given.
 
     Returns:
         (ids, refined probabilities float32 [N, C], the output's metadata).
@@ -181,7 +183,9 @@ def refine_parts(unrefined: Path, parts: list[Path], seeds) -> tuple[list[str], 
             f"{parts[0].parent}: the parts' features cover {len(features)} samples, their "
             f"labels {len(labels.ids)}; delete that folder and label again"
         )
-    refined, info = refine_labels(features, labels.dense_probs(), *(seeds or ()))
+    refined, info = refine_labels(
+        features, labels.dense_probs(), *(seeds or (None, None, None)), class_prior=class_prior
+    )
     metadata = dict(labels.metadata)
     metadata["teacher"] = dict(metadata["teacher"], refine={**info, "method": REFINE_METHOD})
     return list(labels.ids), refined, metadata
