@@ -179,3 +179,42 @@ def test_refine_with_shards_or_ray_is_refused_up_front(tmp_path):
     for extra in ({"shard": "0/2"}, {"engine": "ray"}):
         with pytest.raises(ConfigError, match="--refine needs every sample"):
             LabelConfig(**base, **extra)
+
+
+def test_label_refine_with_a_class_prior_rebalances_and_bad_priors_fail_first(tmp_path, embed_dir):
+    base = labeling_setup(tmp_path, embed_dir, 24)
+    shares = {"sports": 0.5, "politics": 0.25, "science": 0.25}
+    spec = ",".join(f"{name}={share}" for name, share in shares.items())
+    summary = run_label(
+        LabelConfig(**base, out=tmp_path / "p.parquet", refine=True, class_prior=spec)
+    )
+    labels = read_pseudolabels(tmp_path / "p.parquet")
+    prior = labels.metadata["teacher"]["refine"]["class_prior"]
+    order = TOPIC_NAMES.split(",")
+    assert prior["shares"] == pytest.approx([shares[name] for name in order])
+    # The file holds the rebalanced labels (compressed: a few parts in a thousand).
+    assert labels.dense_probs().mean(0) == pytest.approx(prior["shares"], abs=0.01)
+    assert prior["label_shares_before"] != pytest.approx(prior["shares"], abs=0.05)
+    assert any("rebalanced to the class prior" in line for line in summary["lines"])
+    # A bad prior fails before the teacher runs and leaves nothing behind.
+    for bad in ("sports=1,politics=1", "sports=1,politics=1,science=1,art=1"):
+        with pytest.raises(UserError, match="--class-prior"):
+            run_label(LabelConfig(**base, out=tmp_path / "b.parquet", refine=True, class_prior=bad))
+    assert not list(tmp_path.glob("*b.parquet*"))
+
+
+def test_class_prior_without_refine_is_refused_and_the_cli_exits_2(tmp_path, embed_dir):
+    from typer.testing import CliRunner
+
+    from zmdevice.cli import app
+    from zmdevice.config import ConfigError
+
+    base = labeling_setup(tmp_path, embed_dir, 6)
+    with pytest.raises(ConfigError, match="--class-prior rebalances the refined labels.*--refine"):
+        LabelConfig(**base, class_prior="balanced")
+    args = ["label", str(tmp_path / "texts.csv"), "--classes", TOPIC_NAMES, "--teacher"]
+    args += [f"text-embed:{embed_dir}", "--out", str(tmp_path / "c.parquet"), "--refine"]
+    result = CliRunner().invoke(app, [*args, "--class-prior", "sports=2,politics=1"])
+    assert result.exit_code == 2, result.output
+    assert "no share for class(es) 'science'" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "c.parquet").exists()

@@ -330,7 +330,7 @@ def test_texts_go_through_the_teacher_shortest_first_and_come_back_in_data_order
         built.append(teacher)
         return teacher
 
-    def capture(features, probs, *rest):
+    def capture(features, probs, *rest, **options):
         captured["features"] = features
         return probs, {"prior_weight": 1.0}
 
