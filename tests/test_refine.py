@@ -171,7 +171,7 @@ def test_class_prior_specs_and_their_errors(tmp_path):
         ("cat=1,cat=2,dog=1,bird=1", "class 'cat' twice"),
         ("cats", "item 'cats' is not NAME=SHARE"),
         (str(tmp_path / "missing.json"), "class prior file not found"),
-        (str(tmp_path / "broken.json"), "broken.json is unreadable"),
+        (str(tmp_path / "broken.json"), "broken.json is not valid JSON"),
         (str(tmp_path / "list.json"), "must map each class name to its share"),
     ]:
         with pytest.raises(UserError, match=message):

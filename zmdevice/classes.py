@@ -5,6 +5,7 @@ mapping. Index i is class i everywhere: pseudo-labels, student heads, ONNX outpu
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass
@@ -87,27 +88,35 @@ def _check_names(names: list[str], where: str) -> None:
         raise UserError(f"{where} gives {len(names)} class(es); a classifier needs at least 2")
 
 
-def _read_class_file(path: Path) -> dict[str, list[str]]:
-    suffix = path.suffix.lower()
+def _read_text(path: Path, what: str) -> str:
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise UserError(
-            f"class file {path} is not UTF-8 text ({error.reason} at byte {error.start}); "
+            f"{what} {path} is not UTF-8 text ({error.reason} at byte {error.start}); "
             "save it as UTF-8"
         ) from None
-    if suffix == ".toml":
+
+
+def _parse_toml_or_json(path: Path, text: str, what: str):
+    """The content of a .toml file, else of a JSON one."""
+    if path.suffix.lower() == ".toml":
         try:
-            data = tomllib.loads(text)
+            return tomllib.loads(text)
         except tomllib.TOMLDecodeError as error:
-            raise UserError(f"class file {path} is not valid TOML: {error}") from None
-        if set(data) == {"classes"}:
+            raise UserError(f"{what} {path} is not valid TOML: {error}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{what} {path} is not valid JSON: {error}") from None
+
+
+def _read_class_file(path: Path) -> dict[str, list[str]]:
+    text = _read_text(path, "class file")
+    if path.suffix.lower() in (".toml", ".json"):
+        data = _parse_toml_or_json(path, text, "class file")
+        if path.suffix.lower() == ".toml" and set(data) == {"classes"}:
             data = data["classes"]
-    elif suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise UserError(f"class file {path} is not valid JSON: {error}") from None
     else:
         names = []
         for line in text.splitlines():
@@ -189,12 +198,7 @@ def load_class_prior(spec: str, classes: ClassList) -> list[float]:
 def _read_prior_file(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"class prior file not found: {path}; give 'balanced' or an existing file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-    except (UnicodeDecodeError, ValueError) as error:
-        # tomllib.TOMLDecodeError and json.JSONDecodeError are both ValueErrors.
-        raise UserError(f"class prior file {path} is unreadable: {error}") from None
+    data = _parse_toml_or_json(path, _read_text(path, "class prior file"), "class prior file")
     if not isinstance(data, dict):
         raise UserError(f"class prior file {path} must map each class name to its share")
     return {str(name).strip(): value for name, value in data.items()}
@@ -202,10 +206,10 @@ def _read_prior_file(path: Path) -> dict:
 
 def _positive_share(value, name: str, where: str) -> float:
     try:
-        share = float(value) if not isinstance(value, bool) else float("nan")
+        share = float("nan") if isinstance(value, bool) else float(value)
     except (TypeError, ValueError):
         share = float("nan")
-    if not share > 0 or share == float("inf"):
+    if not (math.isfinite(share) and share > 0):
         raise UserError(
             f"{where}: the share of class '{name}' is {value!r}; give a positive number "
             "(a class that never occurs belongs out of --classes)"
