@@ -682,15 +682,13 @@ def _per_seed(values: dict[int, float]) -> str:
 
 
 def _deployed(dataset: Dataset, name: str) -> str:
-    """Parameters and fp32 size of the model a row deploys (peers.py latency)."""
+    """Parameters, fp32 size and batch-1 CPU latency of the model a row deploys (peers.py)."""
     path = RESULTS / "deployed-models.json"
     if not path.is_file():
         return ""
     models = json.loads(path.read_text())["models"]
     if name in PEERS:
-        # Measured once per FM, whichever data set it labels; the size option changes the
-        # FM's input, not its parameters.
-        key = f"{dataset.teacher.partition(':')[0]} (FM)"
+        key = f"{dataset.teacher} (FM)"
     elif name == "fm-zero-shot":
         return ""
     else:
@@ -703,8 +701,10 @@ def _deployed(dataset: Dataset, name: str) -> str:
     if key not in models:
         return ""
     entry = models[key]
-    # Batch-1 latencies stay in the JSON: timed on a shared, overloaded CPU they mislead.
-    return f"{key}: {entry['parameters'] / 1e6:.1f} M params, {entry['float32_mb']:.0f} MB fp32"
+    return (
+        f"{key}: {entry['parameters'] / 1e6:.1f} M params, {entry['float32_mb']:.0f} MB fp32, "
+        f"{entry['batch1_ms']:.1f} ms"
+    )
 
 
 def _result_table(dataset: Dataset, rows: list[dict]) -> list[str]:
@@ -995,7 +995,9 @@ def command_table(args) -> int:
             f"Budget: {dataset.total_steps} steps per method unless the run says otherwise "
             f"(zeromatch: half KD, half SSL); {dataset.max_unlabeled} unlabeled, "
             f"{dataset.max_test} test samples. `-fs` rows use the few-shot teacher's labels, "
-            "`-rf` rows the refined ones (`label --few-shot --refine`).",
+            "`-rf` rows the refined ones (`label --few-shot --refine`). Deployed model: "
+            "what a user ships (the probes, SetFit and the few-shot FM need the whole FM); "
+            "its latency is batch 1 on one idle CPU core in PyTorch (`peers.py latency`).",
             "",
             *_result_table(dataset, rows),
             "",
