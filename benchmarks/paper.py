@@ -858,16 +858,25 @@ def trained_steps(rows: list[dict]) -> str:
     return " + ".join(f"{sum(v) / len(v):.0f}" for v in per_stage.values()) or "?"
 
 
+def used_minutes(rows: list[dict]) -> str:
+    """Mean minutes the runs used of their budget, setup and saving included, as their
+    training summaries say: shown so that a run that overran its budget is seen."""
+    used = [r["train_summary"]["time_budget"]["used_seconds"] / 60 for r in rows]
+    return f"{sum(used) / len(used):.1f}"
+
+
 BUDGET_CONDITIONS = {
     "images": "each run alone (the other core idle)",
     "text": "15 minutes: ZeroMatch and KD of one seed side by side, one per core (each slowed "
     "by the other, so both planned fewer steps than alone); 4 minutes: one run at a time beside "
     "the test suite on the other core",
-    "digits": "not run",
-    "images-fm224": "ZeroMatch only: seeds 0 and 1 side by side, one per core (each slowed by "
-    "the other, so both planned fewer steps than alone); seed 2, rerun for the refinement's "
-    "prior rule, later on a faster machine beside a default-steps training run (its default "
-    "ZeroMatch run took 690 s there against 1,137 s on the first), so it planned more steps",
+    "digits": "each run beside an image budget run on the other core (1 and 4 minutes) or "
+    "beside another digits or image run (15 minutes), so every run shared the machine",
+    "images-fm224": "ZeroMatch at 15 minutes: seeds 0 and 1 side by side, one per core (each "
+    "slowed by the other, so both planned fewer steps than alone); seed 2, rerun for the "
+    "refinement's prior rule, later on a faster machine beside a default-steps training run (its "
+    "default ZeroMatch run took 690 s there against 1,137 s on the first), so it planned more "
+    "steps; every other cell: one run beside a digits or image budget run on the other core",
 }
 """How the budget rows ran: a run's planned steps depend on what else the machine did."""
 
@@ -880,8 +889,9 @@ def _budget_section(dataset: Dataset, results: list[dict]) -> list[str]:
         f"### {dataset.name}: accuracy against CPU minutes",
         "",
         "`--time-budget M` on one pinned core (wall minutes = CPU minutes), 4 labels/class, "
-        f"{BUDGET_CONDITIONS[dataset.name]}; each cell: mean, the seeds, and the steps the "
-        f"budget planned (KD + SSL, mean); plotted in `{BUDGET_PLOT.name}`.",
+        f"{BUDGET_CONDITIONS[dataset.name]}; each cell: mean, the seeds, the steps the "
+        "budget planned (KD + SSL, mean) and the minutes the runs used (mean, from the "
+        f"command's start to its summary); plotted in `{BUDGET_PLOT.name}`.",
         "",
         "| method | " + " | ".join(f"{m} min" for m in BUDGET_MINUTES) + " |",
         "|---|" + "---|" * len(BUDGET_MINUTES),
@@ -893,7 +903,7 @@ def _budget_section(dataset: Dataset, results: list[dict]) -> list[str]:
             seeds = {r["seed"]: accuracy_of(r) for r in rows}
             cells.append(
                 f"{_mean_std(list(seeds.values()))} ({_per_seed(seeds)}; "
-                f"{trained_steps(rows)} steps)"
+                f"{trained_steps(rows)} steps; {used_minutes(rows)} min used)"
                 if rows
                 else "-"
             )

@@ -54,6 +54,22 @@ def test_budget_plans_from_measured_steps_and_trains_like_the_planned_run(image_
     assert all(planned[name].equal(plain[name]) for name in plain)
 
 
+def test_the_plan_keeps_time_for_the_batchnorm_recalibration(image_data, tmp_path):
+    # Recalibrating on the whole unlabeled pool before saving can outlast a short budget's
+    # training (EfficientNet-Lite0, 10,000 images: about 45 s), so the probe times one batch
+    # and the plan keeps that time for every batch. 48 pool images in batches of 4: 12.
+    def plan(name, batches=40):
+        config = budget_config(
+            image_data, tmp_path / name, eval_batch_size=4, bn_recalibration_batches=batches
+        )
+        return run_train(config, clock=FakeClock(0.5))["time_budget"]
+
+    kept, skipped = plan("kept"), plan("skipped", batches=0)
+    assert kept["recalibration_seconds"] == 12 * 0.5 and skipped["recalibration_seconds"] == 0
+    assert kept["steps"]["kd"] < skipped["steps"]["kd"]
+    assert kept["used_seconds"] <= 60
+
+
 def test_budget_split_follows_the_configured_ratio(image_data, tmp_path):
     config = budget_config(image_data, tmp_path / "out", kd_steps=10, ssl_steps=30)
     steps = run_train(config, clock=FakeClock(0.5))["time_budget"]["steps"]

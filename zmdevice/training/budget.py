@@ -4,11 +4,13 @@ Planning happens once, before the first step, because the learning-rate warmup a
 and the alpha ramp of stage 2 are functions of a stage's total steps. A probe trains a
 throwaway copy of the student for ``PROBE_STEPS`` steps of each stage kind (stage-1 KD and
 stage-2 SSL steps cost differently) and times the steps after ``PROBE_WARM_STEPS`` warm
-ones, then times one evaluation. Every random generator is restored afterwards, so a budget
+ones, then times one evaluation and one batch of the BatchNorm recalibration that precedes
+saving (image students), which over the whole unlabeled pool can outlast a short budget's
+training. Every random generator is restored afterwards, so a budget
 run trains exactly like a run given the planned steps.
 
-The plan splits the time left, minus ``RESERVE_SHARE`` of the budget and two evaluations'
-time (BatchNorm recalibration, final test, saving), between the stages in the ratio of
+The plan splits the time left, minus ``RESERVE_SHARE`` of the budget, the recalibration and
+two evaluations' time (final test, saving), between the stages in the ratio of
 ``kd_steps : ssl_steps`` (the modality defaults unless set), counting the periodic
 evaluations. The planned steps replace ``kd_steps`` and ``ssl_steps`` in the run's settings
 (``train_config.toml``, checkpoints), and the plan is stored in checkpoints: ``--resume``
@@ -24,7 +26,14 @@ import dataclasses
 from collections.abc import Callable
 
 from zmdevice.errors import UserError
-from zmdevice.training.loop import Setup, begin_stage, evaluate_now, new_state
+from zmdevice.training.loop import (
+    Setup,
+    begin_stage,
+    evaluate_now,
+    new_state,
+    recalibrate,
+    recalibration_batches,
+)
 from zmdevice.training.stages import StagePlan, StepModel, plan_stages
 
 PROBE_WARM_STEPS = 2
@@ -55,7 +64,8 @@ class Budget:
 
     def reserve(self) -> float:
         """Seconds kept for finishing when the run stops on time."""
-        return 2 * self.plan["eval_seconds"] + FINISH_SHARE * self.seconds
+        finishing = 2 * self.plan["eval_seconds"] + self.plan.get("recalibration_seconds", 0.0)
+        return finishing + FINISH_SHARE * self.seconds
 
     def out_of_time(self, setup: Setup, state: dict, plan: StagePlan) -> bool:
         """True (logged, and the run marked stopped) once only the reserve is left."""
@@ -85,7 +95,7 @@ def plan_budget(setup: Setup, clock: Callable[[], float], started: float) -> Non
         for plan in setup.plans
         if plan.steps
     )
-    fixed = eval_seconds * (len(setup.plans) + 2)
+    fixed = eval_seconds * (len(setup.plans) + 2) + measured["recalibration_seconds"]
     x = (left - fixed) / per_x if per_x > 0 else 0.0
     steps = {plan.kind: int(x * plan.steps) for plan in setup.plans}
     if any(count < 1 for plan in setup.plans if plan.steps for count in [steps[plan.kind]]):
@@ -93,7 +103,8 @@ def plan_budget(setup: Setup, clock: Callable[[], float], started: float) -> Non
             f"--time-budget {config.time_budget:g} minutes leaves no time to train: setup and "
             f"the step probe took {clock() - started:.1f} s, a step takes "
             + ", ".join(f"{s:.2f} s ({k})" for k, s in measured["step_seconds"].items())
-            + f" and an evaluation {eval_seconds:.2f} s; give more minutes"
+            + f", an evaluation {eval_seconds:.2f} s and the BatchNorm recalibration before "
+            f"saving {measured['recalibration_seconds']:.1f} s; give more minutes"
         )
     plan = {"steps": steps, **measured}
     fix_plan(setup, plan, seconds, clock, started)
@@ -127,7 +138,7 @@ def resume_budget(setup: Setup, manifest: dict, clock: Callable[[], float]) -> N
 
 
 def measure(setup: Setup, clock: Callable[[], float]) -> dict:
-    """Seconds per step of each stage kind and per evaluation, on a copy of the student.
+    """Seconds per step of each stage kind, per evaluation and for the recalibration.
 
     The copy, its optimizer and samplers are thrown away and every random generator is
     restored, so the run itself is untouched.
@@ -143,11 +154,22 @@ def measure(setup: Setup, clock: Callable[[], float]) -> dict:
     began = clock()
     evaluate_now(probe, StagePlan("kd", 1))
     eval_seconds = clock() - began
+    recalibration_seconds = 0.0
+    batches = recalibration_batches(setup)
+    if batches:
+        began = clock()
+        recalibrate(replace_config(probe, bn_recalibration_batches=1))
+        recalibration_seconds = (clock() - began) * batches
     set_rng_state(setup, saved)
     return {
         "step_seconds": {kind: round(value, 6) for kind, value in step_seconds.items()},
         "eval_seconds": round(eval_seconds, 6),
+        "recalibration_seconds": round(recalibration_seconds, 6),
     }
+
+
+def replace_config(setup: Setup, **changes) -> Setup:
+    return dataclasses.replace(setup, config=dataclasses.replace(setup.config, **changes))
 
 
 def probe_setup(setup: Setup) -> Setup:
@@ -209,7 +231,8 @@ def summary_line(budget: Budget | None, state: dict) -> str | None:
     measured = ", ".join(f"{kind} {s:.3f} s/step" for kind, s in plan["step_seconds"].items())
     return (
         f"  time budget {budget.seconds / 60:g} min: planned {steps} steps from measured "
-        f"{measured}, evaluation {plan['eval_seconds']:.2f} s; used {budget.used() / 60:.2f} min"
+        f"{measured}, evaluation {plan['eval_seconds']:.2f} s, recalibration "
+        f"{plan.get('recalibration_seconds', 0.0):.1f} s; used {budget.used() / 60:.2f} min"
         + ("; stopped on time" if state["stopped"] == "time budget" else "")
     )
 

@@ -342,12 +342,20 @@ def evaluate_now(setup: Setup, plan: StagePlan) -> dict:
     return results
 
 
+def recalibration_batches(setup: Setup) -> int:
+    """How many batches the BatchNorm recalibration before saving reads (0: none)."""
+    config, data = setup.config, setup.data
+    if data.modality != "image":
+        return 0
+    return min(config.bn_recalibration_batches, -(-data.num_pool // config.eval_batch_size))
+
+
 def recalibrate(setup: Setup) -> int:
     """Re-estimate BatchNorm statistics on clean unlabeled images (no labels)."""
     from zmdevice.students import recalibrate_batchnorm
 
     config, data = setup.config, setup.data
-    if data.modality != "image" or config.bn_recalibration_batches == 0:
+    if recalibration_batches(setup) == 0:
         return 0
     generator = torch.Generator().manual_seed(config.seed + 2)
     order = torch.randperm(data.num_pool, generator=generator)
