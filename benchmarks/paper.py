@@ -866,7 +866,10 @@ def used_minutes(rows: list[dict]) -> str:
 
 
 BUDGET_CONDITIONS = {
-    "images": "each run alone (the other core idle)",
+    "images": "MobileNet (1 minute) and EfficientNet-Lite0 at 15 minutes: each run alone (the "
+    "other core idle); EfficientNet-Lite0 at 1 and 4 minutes, rerun after the planner began to "
+    "count the BatchNorm recalibration: each run beside another budget run or the 224 px FM's "
+    "feature pass on the other core",
     "text": "15 minutes: ZeroMatch and KD of one seed side by side, one per core (each slowed "
     "by the other, so both planned fewer steps than alone); 4 minutes: one run at a time beside "
     "the test suite on the other core",
@@ -876,7 +879,9 @@ BUDGET_CONDITIONS = {
     "slowed by the other, so both planned fewer steps than alone); seed 2, rerun for the "
     "refinement's prior rule, later on a faster machine beside a default-steps training run (its "
     "default ZeroMatch run took 690 s there against 1,137 s on the first), so it planned more "
-    "steps; every other cell: one run beside a digits or image budget run on the other core",
+    "steps; 1 and 4 minutes, rerun after the planner began to count the BatchNorm "
+    "recalibration: one run beside another budget run or the test suite on the other core; KD "
+    "at 15 minutes: one run beside a digits or image budget run",
 }
 """How the budget rows ran: a run's planned steps depend on what else the machine did."""
 

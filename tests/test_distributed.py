@@ -31,6 +31,10 @@ weight by up to the learning rate per step, so a missing gradient sync or a wron
 loss shows as differences of ~1e-4, far above this bound."""
 SMALL = dict(threads=1, kd_steps=4, ssl_steps=4, eval_every=2, log_every=1,
              kd_batch_size=8, labeled_batch_size=4, unlabeled_batch_size=8)  # fmt: skip
+TEXT_PRECISION = "fp32"
+"""Pinned for the comparison with one process: on a CPU with bf16 instructions ``auto``
+trains the text student in bf16, whose rounding depends on how a batch is split (measured:
+3.6e-3 after 8 steps), as large as the errors the comparison is there to catch."""
 
 
 def environment() -> dict:
@@ -61,8 +65,8 @@ def rank_records(dump: Path, nproc: int) -> list[dict]:
 
 
 def test_two_text_ranks_stay_identical_and_match_one_process(text_data, tmp_path):
-    single = text_config(text_data, tmp_path / "one", **SMALL)
-    double = text_config(text_data, tmp_path / "two", **SMALL)
+    single = text_config(text_data, tmp_path / "one", precision=TEXT_PRECISION, **SMALL)
+    double = text_config(text_data, tmp_path / "two", precision=TEXT_PRECISION, **SMALL)
     run_worker(single, tmp_path / "dump-one", 1, "--no-dropout")
     run_worker(double, tmp_path / "dump-two", 2, "--no-dropout")
 
