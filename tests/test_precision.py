@@ -255,10 +255,12 @@ def label_config(tmp_path, embed, **values):
     return LabelConfig(**{**settings, **values})
 
 
-def test_label_records_what_ran_and_onnx_labels_like_torch(embed, tmp_path):
+def test_label_records_what_ran_and_onnx_labels_like_torch(embed, tmp_path, monkeypatch):
     from zmdevice.label import run_label
     from zmdevice.pseudolabels import read_pseudolabels
 
+    # A CPU without bf16 instructions, whatever this one has: auto then stays fp32 in torch.
+    monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: ())
     onnx = run_label(label_config(tmp_path, embed))  # auto on a CPU: onnx, fp32
     assert (onnx["precision"], onnx["runtime"]) == ("fp32", "onnx")
     assert "(fp32, onnx runtime, 0 loader workers)" in onnx["lines"][1]
@@ -303,6 +305,7 @@ def test_resume_refuses_a_precision_resolved_otherwise(embed, tmp_path, monkeypa
         run_label(label_config(tmp_path, embed, runtime="torch"))  # auto -> bf16 here
     monkeypatch.undo()
     monkeypatch.setenv("ZMDEVICE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: ())
     # The same flags on a CPU without bf16: auto resolves to fp32, and the parts are bf16.
     with pytest.raises(UserError, match=r"--resume: .* precision bf16.*pass --precision bf16"):
         run_label(label_config(tmp_path, embed, runtime="torch", resume=True))
