@@ -46,7 +46,7 @@ KL_TARGET = 1e-3
 
 
 def size_target(num_classes: int) -> float | None:
-    """File bytes over float32 .npy bytes, at most; None where the issue sets no target."""
+    """File bytes over float32 .npy bytes, at most; None where no target is set."""
     if 10 <= num_classes <= 15:
         return 0.5
     return 0.15 if num_classes >= 1000 else None

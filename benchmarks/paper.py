@@ -867,21 +867,19 @@ def used_minutes(rows: list[dict]) -> str:
 
 BUDGET_CONDITIONS = {
     "images": "MobileNet (1 minute) and EfficientNet-Lite0 at 15 minutes: each run alone (the "
-    "other core idle); EfficientNet-Lite0 at 1 and 4 minutes, rerun after the planner began to "
-    "count the BatchNorm recalibration: each run beside another budget run or the 224 px FM's "
-    "feature pass on the other core",
+    "other core idle), on a machine whose EfficientNet-Lite0 steps took about 3 times as long "
+    "as on the one of the 1- and 4-minute EfficientNet-Lite0 cells, rerun after the planner "
+    "began to count the BatchNorm recalibration, each beside another budget run or the 224 px "
+    "FM's feature pass on the other core",
     "text": "15 minutes: ZeroMatch and KD of one seed side by side, one per core (each slowed "
     "by the other, so both planned fewer steps than alone); 4 minutes: one run at a time beside "
     "the test suite on the other core",
     "digits": "each run beside an image budget run on the other core (1 and 4 minutes) or "
     "beside another digits or image run (15 minutes), so every run shared the machine",
-    "images-fm224": "ZeroMatch at 15 minutes: seeds 0 and 1 side by side, one per core (each "
-    "slowed by the other, so both planned fewer steps than alone); seed 2, rerun for the "
-    "refinement's prior rule, later on a faster machine beside a default-steps training run (its "
-    "default ZeroMatch run took 690 s there against 1,137 s on the first), so it planned more "
-    "steps; 1 and 4 minutes, rerun after the planner began to count the BatchNorm "
-    "recalibration: one run beside another budget run or the test suite on the other core; KD "
-    "at 15 minutes: one run beside a digits or image budget run",
+    "images-fm224": "all on one machine, each run beside another on the other core: at 1 and "
+    "4 minutes beside another budget run or the test suite, at 15 minutes ZeroMatch and KD of "
+    "one seed side by side (the 1- and 4-minute cells were rerun after the planner began to "
+    "count the BatchNorm recalibration, the 15-minute ones then on the same machine)",
 }
 """How the budget rows ran: a run's planned steps depend on what else the machine did."""
 

@@ -306,7 +306,7 @@ def utc_now() -> str:
 
 @dataclass
 class Row:
-    """One number on the page, with its target where the issue sets one."""
+    """One number on the page, with its target where one is set."""
 
     subject: str
     quantity: str
