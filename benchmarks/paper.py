@@ -825,6 +825,8 @@ def _dev_section(dataset: Dataset, results: list[dict]) -> list[str]:
 
 
 BUDGET_MINUTES = (1, 4, 15)
+PRETRAINED_IMAGE_TAG = "-effl0-"
+"""In a method's name: the pretrained EfficientNet-Lite0 student."""
 BUDGET_PLOT = Path(__file__).resolve().parent / "budget-curves.png"
 
 
@@ -927,10 +929,16 @@ def plot_budgets(results: list[dict]) -> None:
         return
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for axis, (dataset, runs) in zip(axes[0], panels, strict=True):
+        # One colour per method in every panel; dashed squares: a second student beside the
+        # default one.
+        two_students = any(PRETRAINED_IMAGE_TAG in method for method in runs)
         for method, by_minutes in sorted(runs.items()):
             minutes = sorted(by_minutes)
             means = [100 * sum(s.values()) / len(s) for s in map(by_minutes.get, minutes)]
-            (line,) = axis.plot(minutes, means, marker="o", label=method)
+            second = two_students and PRETRAINED_IMAGE_TAG not in method
+            color = "tab:red" if method.startswith("zeromatch") else "tab:blue"
+            (line,) = axis.plot(minutes, means, "--" if second else "-", color=color,
+                                marker="s" if second else "o", label=method)  # fmt: skip
             for m in minutes:
                 seeds = [100 * v for v in by_minutes[m].values()]
                 axis.scatter([m] * len(seeds), seeds, s=8, color=line.get_color(), alpha=0.5)
