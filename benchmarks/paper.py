@@ -868,11 +868,11 @@ def used_minutes(rows: list[dict]) -> str:
 
 
 BUDGET_CONDITIONS = {
-    "images": "MobileNet (1 minute) and EfficientNet-Lite0 at 15 minutes: each run alone (the "
-    "other core idle), on a machine whose EfficientNet-Lite0 steps took about 3 times as long "
-    "as on the one of the 1- and 4-minute EfficientNet-Lite0 cells, rerun after the planner "
-    "began to count the BatchNorm recalibration, each beside another budget run or the 224 px "
-    "FM's feature pass on the other core",
+    "images": "MobileNet at 1 minute and EfficientNet-Lite0 at 15 minutes: each run alone (the "
+    "other core idle) on an earlier machine, where EfficientNet-Lite0 steps took about 3 times "
+    "as long; EfficientNet-Lite0 at 1 and 4 minutes: rerun on a faster machine after the "
+    "planner began to count the BatchNorm recalibration, each run beside another budget run "
+    "or the 224 px FM's feature pass on the other core",
     "text": "15 minutes: ZeroMatch and KD of one seed side by side, one per core (each slowed "
     "by the other, so both planned fewer steps than alone); 4 minutes: one run at a time beside "
     "the test suite on the other core",

@@ -56,7 +56,7 @@ def test_budget_plans_from_measured_steps_and_trains_like_the_planned_run(image_
 
 def test_the_plan_keeps_time_for_the_batchnorm_recalibration(image_data, tmp_path):
     # Recalibrating on the whole unlabeled pool before saving can outlast a short budget's
-    # training (EfficientNet-Lite0, 10,000 images: about 45 s), so the probe times one batch
+    # training (EfficientNet-Lite0, 10,000 images: 15-40 s), so the probe times one batch
     # and the plan keeps that time for every batch. 48 pool images in batches of 4: 12.
     def plan(name, batches=40):
         config = budget_config(

@@ -169,6 +169,7 @@ def measure(setup: Setup, clock: Callable[[], float]) -> dict:
 
 
 def replace_config(setup: Setup, **changes) -> Setup:
+    """A copy of ``setup`` with settings changed (the original is left as it was)."""
     return dataclasses.replace(setup, config=dataclasses.replace(setup.config, **changes))
 
 
