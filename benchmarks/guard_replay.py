@@ -30,12 +30,19 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "benchmarks" / "work" / "runs"
 RESULTS = ROOT / "benchmarks" / "results"
 OUTPUT = RESULTS / "guard-dev-replay.json"
-SHIPPED = {"collapse_agreement_drop": None, "collapse_entropy_fraction": 0.5,
-           "collapse_patience": 2}  # fmt: skip
-"""The rule before this replay chose ``TrainConfig``'s (entropy only, patience 2)."""
+SHIPPED = {"collapse_agreement": True, "collapse_class_fraction": 0.5,
+           "collapse_entropy_fraction": 0.5, "collapse_patience": 3}  # fmt: skip
+"""The rule ``TrainConfig`` ships: the agreement floor its labels' accuracy sets, a class
+losing half its predictions, entropy halved; three evaluations in a row."""
 RULES = [
-    {**SHIPPED, "collapse_agreement_drop": drop, "collapse_patience": patience}
-    for drop in (None, 0.10, 0.15, 0.20, 0.25, 0.30)
+    {
+        **SHIPPED,
+        "collapse_agreement": agreement,
+        "collapse_class_fraction": fraction,
+        "collapse_patience": patience,
+    }  # fmt: skip
+    for agreement in (False, True)
+    for fraction in (0.0, 0.25, 0.5)
     for patience in (1, 2, 3)
 ]
 
@@ -71,7 +78,9 @@ def replay(rule: dict, run: dict) -> dict:
     """Where ``rule`` fires on ``run`` and the dev accuracy of the weights it ends with."""
     config = SimpleNamespace(**rule)
     evaluations = run["evaluations"]
-    memory = new_memory(evaluations[0])
+    first = evaluations[0]
+    floor = first.get("guard_agreement_floor") if rule["collapse_agreement"] else None
+    memory = new_memory(first, floor, mostly_right=bool(first.get("guard_labels_mostly_right")))
     for index, signals in enumerate(evaluations):
         last = index == len(evaluations) - 1
         _, act = judge(config, signals, memory, signals["step"], last)

@@ -8,6 +8,7 @@
     python benchmarks/peers.py setfit     # SetFit (text), same MiniLM body, its defaults
     python benchmarks/peers.py latency    # size and batch-1 CPU latency of each deployed model
     python benchmarks/peers.py pool-labels  # pseudo-label accuracy on the pool (diagnostic)
+    python benchmarks/peers.py label-source  # the label source cross-validation picks, on dev
 
 Every step skips what its JSON file in ``benchmarks/results/`` already holds, so an
 interrupted run resumes. Each result records the split that produced it (``"split"``):
@@ -35,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paper import (  # noqa: E402
+    ALL_DATASETS,
     DATASETS,
     RESULTS,
     WORK,
@@ -119,9 +121,10 @@ def cache_features(
             if part.is_file() or number % worker[1] != worker[0]:
                 continue
             if teacher is None:
-                teacher = build_teacher(DATASETS[dataset].teacher, classes_of(dataset))
+                teacher = build_teacher(ALL_DATASETS[dataset].teacher, classes_of(dataset))
             chunk = order[start : start + CHUNK]
-            if DATASETS[dataset].modality == "text":  # by length: a batch pads to its longest text
+            # Texts by length: a batch pads to its longest text.
+            if ALL_DATASETS[dataset].modality == "text":
                 chunk = chunk[np.argsort([len(data.texts[i]) for i in chunk], kind="stable")]
             started = time.time()
             features, probs = teacher_outputs(teacher, _Subset(data, chunk))
@@ -372,6 +375,101 @@ def screen_refine(dataset: str) -> dict:
     return result
 
 
+def screen_label_source(dataset: str) -> dict:
+    """Which label source ``label_source.choose`` picks per labeled draw, and what each
+    candidate's labels score on dev.
+
+    As ``screen_refine``: the graph holds pool and dev (dev as unlabeled nodes) and the
+    labeled examples; the draw's pool rows are the labeled examples. Every candidate's labels
+    are made on that one graph and scored on the dev rows; beside them the old rule
+    (``refined``, the prior kept iff the FM's zero-shot labels are right on at least half the
+    labeled examples) and the choice with ``MAX_FOLDS`` at 3 instead of its shipped value.
+    Dev labels only score; they choose nothing here.
+    """
+    from zmdevice import label_source
+    from zmdevice.label_source import CANDIDATES, Evidence, choose, data_graph, make_labels
+
+    path = RESULTS / f"{dataset}-dev-label-source.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    pool, dev, features, probs, on_dev = pool_and_dev_nodes(dataset)
+    rows = []
+    for k in sorted(LABELS_PER_CLASS):
+        for seed in SEEDS:
+            started = time.time()
+            labeled, labels = labeled_rows(dataset, k, seed, pool)
+            evidence = Evidence(
+                features, probs, pool["features"][labeled], labels, pool["probs"][labeled]
+            )
+            graph = data_graph(evidence)
+            decision = choose(evidence, graph=graph)
+            shipped_folds = label_source.MAX_FOLDS
+            try:
+                label_source.MAX_FOLDS = FEWER_FOLDS
+                fewer = choose(evidence, graph=graph)
+            finally:
+                label_source.MAX_FOLDS = shipped_folds
+            dev_accuracy = {
+                name: accuracy(make_labels(name, evidence, graph=graph)[0][on_dev], dev["labels"])
+                for name in CANDIDATES
+            }
+            right_on_labeled = accuracy(pool["probs"][labeled], labels)
+            old_rule = "refined" if right_on_labeled >= 0.5 else "refined-no-prior"
+            oracle = max(CANDIDATES, key=lambda n: (dev_accuracy[n], -CANDIDATES.index(n)))
+            rows.append({
+                "labels_per_class": k,
+                "seed": seed,
+                "chosen": decision["chosen"],
+                "how": decision["how"],
+                "folds": decision["folds"],
+                "scored": decision["scored"],
+                "p_value": decision["p_value"],
+                "cv_accuracy": {n: c["accuracy"] for n, c in decision["candidates"].items()},
+                "cv_spread": {n: c["spread"] for n, c in decision["candidates"].items()},
+                "dev_accuracy": dev_accuracy,
+                "chosen_dev_accuracy": dev_accuracy[decision["chosen"]],
+                "old_rule": old_rule,
+                "old_rule_dev_accuracy": dev_accuracy[old_rule],
+                "oracle": oracle,
+                "oracle_dev_accuracy": dev_accuracy[oracle],
+                "zero_shot_accuracy_on_labeled": right_on_labeled,
+                f"max_folds_{FEWER_FOLDS}": {
+                    "chosen": fewer["chosen"], "how": fewer["how"], "folds": fewer["folds"],
+                    "cv_accuracy": {n: c["accuracy"] for n, c in fewer["candidates"].items()},
+                    "chosen_dev_accuracy": dev_accuracy[fewer["chosen"]],
+                },
+                "seconds": round(time.time() - started, 1),
+            })  # fmt: skip
+            row = rows[-1]
+            print(
+                f"[peers] {dataset} label-source k{k} s{seed}: {row['chosen']} ({row['how']}) "
+                f"{100 * row['chosen_dev_accuracy']:.1f}, old rule {row['old_rule']} "
+                f"{100 * row['old_rule_dev_accuracy']:.1f}, oracle {row['oracle']} "
+                f"{100 * row['oracle_dev_accuracy']:.1f} ({row['seconds']:.0f} s)",
+                flush=True,
+            )
+    result = {
+        "dataset": dataset,
+        "split": "dev",
+        "what": "label source chosen by cross-validation on the labeled examples, and the dev "
+        "accuracy of every candidate's labels (dev as unlabeled graph nodes)",
+        "classes": len(classes_of(dataset)),
+        "teacher": ALL_DATASETS[dataset].teacher,
+        "fm_zero_shot_dev_accuracy": accuracy(dev["probs"], dev["labels"]),
+        "candidates": list(CANDIDATES),
+        "max_folds": label_source.MAX_FOLDS,
+        "prior_significance": label_source.PRIOR_SIGNIFICANCE,
+        "rows": rows,
+        "environment": environment(),
+    }
+    write_json(path, result)
+    return result
+
+
+FEWER_FOLDS = 3
+"""The ``MAX_FOLDS`` that ``label-source`` also chooses with, beside the shipped one."""
+
+
 GRAPH_GRID = {"neighbours": (5, 10, 20, 40), "power": (1.0, 3.0), "alpha": (0.9, 0.99)}
 """The label-spreading settings ``refine-grid`` scores (the shipped: 10, 3, 0.9)."""
 
@@ -465,7 +563,7 @@ def write_pool_labels(
     ids = [str(i) for i in ids]
     if not set(ids) <= set(data.ids):
         raise RuntimeError(f"{features_path(dataset, 'pool')} is stale: rerun `features`")
-    teacher = {"spec": DATASETS[dataset].teacher, "source": "peers.py feature cache"}
+    teacher = {"spec": ALL_DATASETS[dataset].teacher, "source": "peers.py feature cache"}
     if few_shot:
         teacher["few_shot"] = few_shot
     if refine:
@@ -783,18 +881,20 @@ def _describe(module, example) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     steps = ("features", "screen", "refine-screen", "refine-grid", "probes", "setfit", "latency",
-             "pool-labels")  # fmt: skip
+             "pool-labels", "label-source")  # fmt: skip
     parser.add_argument("step", choices=steps)
-    parser.add_argument("--only", choices=sorted(DATASETS))
+    parser.add_argument("--only", choices=sorted(ALL_DATASETS))
     args = parser.parse_args(argv)
-    datasets = [d for d in DATASETS if args.only in (None, d)]
+    # The label-only domains need only the FM pass and the label-source screen.
+    every = ALL_DATASETS if args.step in ("features", "label-source") else DATASETS
+    datasets = [d for d in every if args.only in (None, d)]
     if args.step == "latency":
         latency_results()
     elif args.step == "setfit":
         setfit_results()
     for dataset in datasets:
         if args.step == "features":
-            prepare_data(DATASETS[dataset])  # build the data set first if it is missing
+            prepare_data(ALL_DATASETS[dataset])  # build the data set first if it is missing
             cache_features(dataset)
         elif args.step == "screen":
             result = screen_fewshot(dataset)
@@ -806,6 +906,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{row['setting']}: {100 * row['mean']:.1f}")
         elif args.step == "probes":
             probe_results(dataset)
+        elif args.step == "label-source":
+            screen_label_source(dataset)
         elif args.step == "pool-labels":
             for draw in pool_label_accuracy(dataset)["draws"]:
                 print(json.dumps(draw))

@@ -1,10 +1,14 @@
-"""Build the three benchmark data sets from offline sources into zmdevice's formats.
+"""Build the benchmark data sets from offline sources into zmdevice's formats.
 
 Sources (the first two are Debian packages, installed by .ci/run):
   - Fashion-MNIST, ``apt-get install dataset-fashion-mnist``: idx files in
     /usr/share/datasets/fashion-mnist (60k train + 10k test, 28x28 grey, MIT licence).
   - WordNet 3.0, ``apt-get install wordnet-base``: /usr/share/wordnet/data.noun; each noun
-    synset's definition is a text, its lexicographer file (8 categories) the label.
+    synset's definition is a text, its lexicographer file (8 categories) the label. The
+    other WordNet sets (``WORDNET_DOMAINS``: the 15 verb files, all 25 noun files, the 44
+    files of every part of speech, the 4 parts of speech, 60 noun hypernyms) read
+    data.verb, data.adj and data.adv beside it too; they, and ``images-groups4`` (the
+    Fashion-MNIST images in 4 groups), are built only when named with ``--only``.
   - scikit-learn's bundled handwritten digits (``sklearn.datasets.load_digits``, in the
     ``bench`` extra): 1,797 images of 8x8 pixels with 17 grey levels, 10 classes.
 
@@ -23,6 +27,7 @@ Output (``--out DIR``, default ``data/``)::
     DIR/text/test.csv                            id,text,label: disjoint from the pool
     DIR/text/classes.toml                        class -> description for zero-shot
     DIR/digits/...                               as DIR/images/ (file names digit-00042.png)
+    DIR/text-verbs/... (each WORDNET_DOMAINS)    as DIR/text/ (ids: part of speech + offset)
     DIR/*/BUILD.json                             how the folder was built
 
 Labeled examples are also in the unlabeled pool (as in the paper), with the same content;
@@ -85,6 +90,24 @@ FASHION_DESCRIPTIONS = {
     "ankle-boot": "an ankle boot",
 }
 
+FASHION_GROUPS = {
+    "top": ["t-shirt", "pullover", "dress", "coat", "shirt"],
+    "bottom": ["trouser"],
+    "footwear": ["sandal", "sneaker", "ankle-boot"],
+    "bag": ["bag"],
+}
+"""``images-groups4``: Fashion-MNIST's classes grouped into 4 (the images and splits of
+``images``; a dress counts as a top, as the garment covering the upper body)."""
+
+FASHION_GROUP_DESCRIPTIONS = {
+    "top": "a top or a dress, such as a jersey, a sweatshirt, a cardigan, a gown or a coat",
+    "bottom": "a pair of trousers, such as jeans",
+    "footwear": "footwear, such as a sandal, a running shoe or a boot",
+    "bag": "a bag, such as a purse, a mailbag, a backpack or a plastic bag",
+}
+"""Each description names the ImageNet classes its group should take (the image teacher
+matches ImageNet names to these words when no shipped class map fits)."""
+
 WORDNET_CATEGORIES = {
     "05": "animal",
     "20": "plant",
@@ -107,6 +130,265 @@ WORDNET_DESCRIPTIONS = {
     "body": "a part of the body, such as an organ, bone, muscle, tissue or limb",
     "substance": "a substance, a material or chemical such as a compound, mineral or liquid",
 }
+
+
+LEXNAMES = {
+    "00": "adj.all", "01": "adj.pert", "02": "adv.all", "03": "noun.Tops", "04": "noun.act",
+    "05": "noun.animal", "06": "noun.artifact", "07": "noun.attribute", "08": "noun.body",
+    "09": "noun.cognition", "10": "noun.communication", "11": "noun.event",
+    "12": "noun.feeling", "13": "noun.food", "14": "noun.group", "15": "noun.location",
+    "16": "noun.motive", "17": "noun.object", "18": "noun.person", "19": "noun.phenomenon",
+    "20": "noun.plant", "21": "noun.possession", "22": "noun.process", "23": "noun.quantity",
+    "24": "noun.relation", "25": "noun.shape", "26": "noun.state", "27": "noun.substance",
+    "28": "noun.time", "29": "verb.body", "30": "verb.change", "31": "verb.cognition",
+    "32": "verb.communication", "33": "verb.competition", "34": "verb.consumption",
+    "35": "verb.contact", "36": "verb.creation", "37": "verb.emotion", "38": "verb.motion",
+    "39": "verb.perception", "40": "verb.possession", "41": "verb.social", "42": "verb.stative",
+    "43": "verb.weather", "44": "adj.ppl",
+}  # fmt: skip
+"""WordNet 3.0's lexicographer files (``lexnames(5WN)``): number -> name."""
+
+NOUN_DESCRIPTIONS = {
+    "act": "an act, something people do, such as an action, activity, game, sport or deed",
+    "animal": WORDNET_DESCRIPTIONS["animal"],
+    "artifact": WORDNET_DESCRIPTIONS["artifact"],
+    "attribute": "an attribute, a quality of a person or thing, such as size, colour or character",
+    "body": WORDNET_DESCRIPTIONS["body"],
+    "cognition": "a cognition, a thought, idea, belief, piece of knowledge or field of study",
+    "communication": "a communication, a message such as speech, writing, a language or a sign",
+    "event": "an event, something that happens, such as an incident, occasion, change or sound",
+    "feeling": "a feeling, an emotion or mood such as love, fear, anger, joy or desire",
+    "food": WORDNET_DESCRIPTIONS["food"],
+    "group": "a group, a collection of people or things, such as an organization, family or set",
+    "location": WORDNET_DESCRIPTIONS["location"],
+    "motive": "a motive, a reason or goal for acting, such as a need, a purpose or a conscience",
+    "object": "a natural object, such as a celestial body, a landform, a rock or a body of water",
+    "person": WORDNET_DESCRIPTIONS["person"],
+    "phenomenon": "a phenomenon, a natural force or effect, such as weather, light or energy",
+    "plant": WORDNET_DESCRIPTIONS["plant"],
+    "possession": "a possession, money or property, such as a payment, asset, debt, tax or fee",
+    "process": "a process, a natural or bodily process such as growth, decay or a reaction",
+    "quantity": "a quantity, an amount or a unit of measure, such as a number, length or weight",
+    "relation": "a relation, a connection between people, things or ideas, such as a part or ratio",
+    "shape": "a shape, a two- or three-dimensional form such as a line, curve, angle or solid",
+    "state": "a state, a condition of being, such as a disease, a situation or a social state",
+    "substance": WORDNET_DESCRIPTIONS["substance"],
+    "time": "a time, a period or point in time, such as a day, season, era, age or duration",
+}
+"""Every noun lexicographer file but noun.Tops (its 51 top concepts): class -> description
+(the 8 of the ``text`` set kept word for word)."""
+
+VERB_DESCRIPTIONS = {
+    "body": "to care for or use the body, such as grooming, dressing, washing or breathing",
+    "change": "to change something, such as its size, temperature, shape or intensity",
+    "cognition": "to think, such as judging, reasoning, analysing, remembering or doubting",
+    "communication": "to communicate, such as telling, asking, ordering, writing or singing",
+    "competition": "to compete, such as fighting, attacking, defending or playing a sport",
+    "consumption": "to consume, such as eating, drinking, feeding or using something up",
+    "contact": "to touch, such as hitting, pressing, tying, cutting, attaching or digging",
+    "creation": "to create, such as making, building, sewing, baking, painting or performing",
+    "emotion": "to feel or cause an emotion, such as loving, fearing, pleasing or annoying",
+    "motion": "to move, such as walking, running, flying, swimming, travelling or falling",
+    "perception": "to perceive, such as seeing, hearing, smelling, tasting or sensing",
+    "possession": "to own or transfer, such as buying, selling, owning, giving or taking",
+    "social": "to act in society, such as governing, working, meeting, marrying or voting",
+    "stative": "to be in a state, such as being, having, existing, containing or resembling",
+    "weather": "of the weather, such as raining, snowing, thawing, thundering or shining",
+}
+"""The 15 verb lexicographer files (``verb.<class>``): class -> description."""
+
+OTHER_DESCRIPTIONS = {
+    "adj.all": "a quality, an adjective describing how something is, such as big, good or red",
+    "adj.pert": "relating to something, an adjective such as musical, atomic or American",
+    "adj.ppl": "a participle used as an adjective, such as broken, written or moving",
+    "adv.all": "a manner or degree, an adverb saying how, when or where, such as quickly",
+}
+"""The adjective and adverb lexicographer files: lexname -> description."""
+
+PART_OF_SPEECH_DESCRIPTIONS = {
+    "noun": "a noun, a word naming a thing, a person, a place or an idea",
+    "verb": "a verb, a word for an action, an event or a state, such as doing or being",
+    "adjective": "an adjective, a word describing a quality of a thing, such as big, red or good",
+    "adverb": "an adverb, a word saying how, when, where or how much, such as quickly or very",
+}
+
+
+class WordNetDomain:
+    """A text data set of WordNet definitions labeled by their lexicographer files.
+
+    A plain class, not a dataclass: the tests load this script as a module without
+    registering it, which dataclasses need.
+
+    Args:
+        files: WordNet data files read, in this order (a definition seen before is dropped).
+        categories: lexicographer file number -> class name (several files may share one).
+        descriptions: class name -> zero-shot description, in the order of classes.toml.
+        comment: the first line of classes.toml.
+        cap: most synsets kept per class, drawn with ``--seed`` before the splits (None:
+            all), so that small classes are not lost among large ones.
+    """
+
+    def __init__(
+        self,
+        files: tuple[str, ...],
+        categories: dict[str, str],
+        descriptions: dict[str, str],
+        comment: str,
+        cap: int | None = None,
+    ):
+        self.files, self.categories, self.descriptions = files, categories, descriptions
+        self.comment, self.cap = comment, cap
+
+    def read(self, paths: Sequence[Path]) -> tuple[list, dict[str, str], dict[str, str]]:
+        """``(rows (id, definition, class), class -> description, class -> the WordNet
+        files it stands for)`` from the data files ``paths`` (``files``, in order)."""
+        lexnames = {name: ", ".join(LEXNAMES[key] for key, cls in self.categories.items()
+                                    if cls == name) for name in self.descriptions}  # fmt: skip
+        return read_wordnet(paths, self.categories), self.descriptions, lexnames
+
+
+class HypernymDomain(WordNetDomain):
+    """Noun definitions labeled by an ancestor in WordNet's hypernym tree instead.
+
+    The tree follows each synset's first hypernym (its first instance hypernym when it has
+    none). The classes are a cut of it: starting from the root, the node with the most
+    descendants is replaced by its children until ``classes`` nodes with at least
+    ``min_size`` descendants each are in the cut; those are the classes, each synset below
+    one (not the node itself, whose definition is the description) a sample. Descendants of
+    the cut's smaller nodes are left out. Description: the node's first word and its
+    definition ("a mammal, any warm-blooded vertebrate ...").
+    """
+
+    def __init__(self, comment: str, cap: int | None, classes: int = 60, min_size: int = 150):
+        super().__init__(("data.noun",), {}, {}, comment, cap)
+        self.classes, self.min_size = classes, min_size
+
+    def read(self, paths: Sequence[Path]) -> tuple[list, dict[str, str], dict[str, str]]:
+        (path,) = paths
+        nodes = read_noun_tree(path)
+        children: dict[str, list[str]] = {}
+        for offset, (parent, _, _) in nodes.items():
+            if parent is not None:
+                children.setdefault(parent, []).append(offset)
+        size: dict[str, int] = {}
+        for offset in _post_order(children, [o for o, n in nodes.items() if n[0] is None]):
+            size[offset] = sum(size[c] + 1 for c in children.get(offset, []))
+        cut = [o for o, n in nodes.items() if n[0] is None]
+        while sum(size[o] >= self.min_size for o in cut) < self.classes:
+            largest = max(cut, key=lambda o: (size[o], o))
+            if not children.get(largest):
+                raise BuildError(f"{path}: fewer than {self.classes} classes of {self.min_size}")
+            cut.remove(largest)
+            cut += children[largest]
+        chosen = sorted(o for o in cut if size[o] >= self.min_size)
+        names, descriptions, provenance = {}, {}, {}
+        for offset in chosen:
+            word = nodes[offset][1]
+            name = word if word not in descriptions else f"{word}-{offset}"
+            article = "an" if word[:1].lower() in "aeiou" else "a"
+            names[offset] = name
+            descriptions[name] = f"{article} {word}, {definition(nodes[offset][2])}"
+            provenance[name] = f"n{offset}"
+        rows, seen = [], set(definition(nodes[o][2]) for o in chosen)
+        for offset in nodes:  # file order
+            ancestor = nodes[offset][0]
+            while ancestor is not None and ancestor not in names:
+                ancestor = nodes[ancestor][0]
+            text = definition(nodes[offset][2])
+            if ancestor is None or offset in names or not text or text in seen:
+                continue
+            seen.add(text)
+            rows.append((f"n{offset}", text, names[ancestor]))
+        return rows, descriptions, provenance
+
+
+def read_noun_tree(path: Path) -> dict[str, tuple[str | None, str, str]]:
+    """Every noun synset of data.noun: offset -> (first hypernym's offset or None, first
+    word with spaces, gloss)."""
+    _require_wordnet(path)
+    nodes = {}
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if not line[:1].isdigit() or " | " not in line:
+                continue
+            fields, gloss = line.split(" | ", 1)
+            parts = fields.split()
+            words = int(parts[3], 16)
+            at = 4 + 2 * words
+            pointers = [parts[at + 1 + 4 * j : at + 5 + 4 * j] for j in range(int(parts[at]))]
+            hypernyms = [p[1] for p in pointers if p[0] == "@"]
+            hypernyms += [p[1] for p in pointers if p[0] == "@i"]
+            nodes[parts[0]] = (hypernyms[0] if hypernyms else None,
+                               parts[4].replace("_", " "), gloss)  # fmt: skip
+    return nodes
+
+
+def _post_order(children: dict[str, list[str]], roots: list[str]) -> list[str]:
+    """Every node under ``roots``, each after all its descendants (no recursion)."""
+    order, stack = [], [(root, False) for root in roots]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            order.append(node)
+            continue
+        stack.append((node, True))
+        stack += [(child, False) for child in children.get(node, [])]
+    return order
+
+
+def _lexfiles(pos: str, names: dict[str, str]) -> dict[str, str]:
+    """Lexicographer file numbers of ``pos.<class>`` for each class in ``names``."""
+    number = {name: key for key, name in LEXNAMES.items()}
+    return {number[f"{pos}.{name}"]: name for name in names}
+
+
+WORDNET_DOMAINS = {
+    "text": WordNetDomain(
+        ("data.noun",),
+        WORDNET_CATEGORIES,
+        WORDNET_DESCRIPTIONS,
+        "WordNet 3.0 noun categories (lexicographer files) of the definitions",
+    ),
+    "text-verbs": WordNetDomain(
+        ("data.verb",),
+        _lexfiles("verb", VERB_DESCRIPTIONS),
+        VERB_DESCRIPTIONS,
+        "WordNet 3.0 verb categories (lexicographer files) of the definitions",
+    ),
+    "text-nouns25": WordNetDomain(
+        ("data.noun",),
+        _lexfiles("noun", NOUN_DESCRIPTIONS),
+        NOUN_DESCRIPTIONS,
+        "WordNet 3.0 noun categories (all 25 lexicographer files but noun.Tops)",
+        cap=800,
+    ),
+    "text-lex44": WordNetDomain(
+        ("data.noun", "data.verb", "data.adj", "data.adv"),
+        {key: name for key, name in LEXNAMES.items() if name != "noun.Tops"},
+        {
+            **{f"noun.{name}": text for name, text in NOUN_DESCRIPTIONS.items()},
+            **{f"verb.{name}": text for name, text in VERB_DESCRIPTIONS.items()},
+            **OTHER_DESCRIPTIONS,
+        },
+        "WordNet 3.0 lexicographer files of every part of speech but noun.Tops",
+        cap=400,
+    ),
+    "text-pos4": WordNetDomain(
+        ("data.noun", "data.verb", "data.adj", "data.adv"),
+        {
+            key: {"adj": "adjective", "adv": "adverb"}.get(name.split(".")[0], name.split(".")[0])
+            for key, name in LEXNAMES.items()
+        },
+        PART_OF_SPEECH_DESCRIPTIONS,
+        "WordNet 3.0 parts of speech of the definitions",
+        cap=4000,
+    ),
+    "text-hypernyms": HypernymDomain(
+        "WordNet 3.0 noun hypernyms (a cut of the first-hypernym tree) of the definitions",
+        cap=300,
+    ),
+}
+"""Text data sets from WordNet: name (the folder and ``--only`` name) -> what it holds."""
 
 
 DIGIT_DESCRIPTIONS = {
@@ -223,30 +505,52 @@ def definition(gloss: str) -> str:
 
 
 def read_wordnet_nouns(path: Path, categories: dict[str, str]) -> list[tuple[str, str, str]]:
-    """Noun synsets of the chosen lexicographer files as ``(id, definition, class)``.
+    """Noun synsets of the chosen lexicographer files as ``(id, definition, class)``
+    (``read_wordnet`` of data.noun alone)."""
+    return read_wordnet([path], categories)
 
-    The id is ``n`` + the synset offset (stable across runs). Synsets whose definition
-    repeats an earlier one (in file order) are dropped, so no text appears twice and no
-    text carries two labels.
+
+def read_wordnet(paths: Sequence[Path], categories: dict[str, str]) -> list[tuple[str, str, str]]:
+    """Synsets of the chosen lexicographer files as ``(id, definition, class)``.
+
+    The id is the part of speech (``n``, ``v``, ``a``, ``r``; adjective satellites are
+    ``a``) + the synset offset (stable across runs, unique across the files). Synsets whose
+    definition repeats an earlier one (in file order, across ``paths``) are dropped, so no
+    text appears twice and no text carries two labels.
     """
-    _require_wordnet(path)
     rows, seen = [], set()
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            if not line[:1].isdigit() or " | " not in line:
-                continue  # licence header lines start with spaces
-            fields, gloss = line.split(" | ", 1)
-            offset, lex_file = fields.split(" ", 2)[:2]
-            if lex_file not in categories:
-                continue
-            text = definition(gloss)
-            if not text or text in seen:
-                continue
-            seen.add(text)
-            rows.append((f"n{offset}", text, categories[lex_file]))
+    for path in paths:
+        _require_wordnet(path)
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if not line[:1].isdigit() or " | " not in line:
+                    continue  # licence header lines start with spaces
+                fields, gloss = line.split(" | ", 1)
+                offset, lex_file, pos = fields.split(" ", 3)[:3]
+                if lex_file not in categories:
+                    continue
+                text = definition(gloss)
+                if not text or text in seen:
+                    continue
+                seen.add(text)
+                rows.append((f"{pos.replace('s', 'a')}{offset}", text, categories[lex_file]))
     if not rows:
-        raise BuildError(f"{path} has no noun synsets in the categories {sorted(categories)}")
+        names = ", ".join(str(path) for path in paths)
+        raise BuildError(f"{names} has no synsets in the categories {sorted(categories)}")
     return rows
+
+
+def cap_per_class(
+    rows: list[tuple[str, str, str]], cap: int | None, classes: Sequence[str], rng: random.Random
+) -> list[tuple[str, str, str]]:
+    """At most ``cap`` rows of each class (drawn without replacement), in their file order."""
+    if cap is None:
+        return rows
+    kept = []
+    for name in classes:
+        members = [i for i, row in enumerate(rows) if row[2] == name]
+        kept += members if len(members) <= cap else rng.sample(members, cap)
+    return [rows[i] for i in sorted(kept)]
 
 
 # --------------------------------------------------------------------------- splits
@@ -374,27 +678,36 @@ def build_images(
     max_unlabeled: int | None = None,
     max_test: int | None = None,
     max_dev: int = 1000,
+    grouped: bool = False,
 ) -> dict:
-    """Write ``out`` (e.g. data/images) from Fashion-MNIST; returns the split sizes."""
+    """Write ``out`` (e.g. data/images) from Fashion-MNIST; returns the split sizes.
+
+    ``grouped``: label the images by ``FASHION_GROUPS`` (the same images in every split).
+    """
     splits = load_fashion(fashion_dir)
     train_x, train_y = splits["train"]
     test_x, test_y = splits["test"]
-    names = [FASHION_CLASSES[int(y)] for y in train_y]
+    group = {member: name for name, members in FASHION_GROUPS.items() for member in members}
+    label = [group[name] if grouped else name for name in FASHION_CLASSES]
+    descriptions = FASHION_GROUP_DESCRIPTIONS if grouped else FASHION_DESCRIPTIONS
+    names = [label[int(y)] for y in train_y]
     pool = sample_indices(len(train_y), max_unlabeled, _rng(seed, "pool"))
     pool, dev = split_dev(range(len(train_y)), pool, max_dev, _rng(seed, "dev"))
-    labeled = per_class(names, pool, labels_per_class, _rng(seed, "labeled"), FASHION_CLASSES)
+    labeled = per_class(names, pool, labels_per_class, _rng(seed, "labeled"), list(descriptions))
     test = sample_indices(len(test_y), max_test, _rng(seed, "test"))
 
-    test_images = [(test_x[i], FASHION_CLASSES[int(test_y[i])], f"test-{i:05d}") for i in test]
+    test_images = [(test_x[i], label[int(test_y[i])], f"test-{i:05d}") for i in test]
     return _write_image_folder(
         out,
         train=lambda i: (train_x[i], names[i], f"train-{i:05d}"),
         parts=(pool, labeled, dev),
         test=test_images,
-        descriptions=FASHION_DESCRIPTIONS,
-        comment="Fashion-MNIST classes (folder names of labeled/ and test/)",
+        descriptions=descriptions,
+        comment=f"Fashion-MNIST {'groups' if grouped else 'classes'} (folder names of labeled/ "
+        "and test/)",
         build_info={
             "source": "Fashion-MNIST (Zalando SE, MIT licence)",
+            **({"groups": FASHION_GROUPS} if grouped else {}),
             "labels_per_class": labels_per_class,
             "seed": seed,
             "max_unlabeled": max_unlabeled,
@@ -496,14 +809,22 @@ def build_text(
     max_unlabeled: int | None = None,
     max_test: int | None = 5000,
     max_dev: int = 1000,
+    domain: str = "text",
 ) -> dict:
-    """Write ``out`` (e.g. data/text) from WordNet noun definitions; returns the split sizes.
+    """Write ``out`` (e.g. data/text) from WordNet definitions; returns the split sizes.
 
-    The test split is drawn first from all synsets; the unlabeled pool from the rest, so
-    no synset and no definition is in both; the dev split comes from what the pool leaves.
+    ``domain``: which of ``WORDNET_DOMAINS`` (default the 8 noun categories); its files are
+    read from ``wordnet_file``'s folder (data.noun is ``wordnet_file`` itself). The test
+    split is drawn first from all synsets (after the domain's cap per class); the unlabeled
+    pool from the rest, so no synset and no definition is in both; the dev split comes from
+    what the pool leaves.
     """
-    rows = read_wordnet_nouns(wordnet_file, WORDNET_CATEGORIES)
-    classes = list(WORDNET_DESCRIPTIONS)
+    spec = WORDNET_DOMAINS[domain]
+    paths = [wordnet_file if name == WORDNET_NOUNS.name else wordnet_file.parent / name
+             for name in spec.files]  # fmt: skip
+    rows, descriptions, provenance = spec.read(paths)
+    classes = list(descriptions)
+    rows = cap_per_class(rows, spec.cap, classes, _rng(seed, "cap"))
     pool, dev, test = draw_test_first(len(rows), seed, max_unlabeled, max_dev, max_test)
     labels = [row[2] for row in rows]
     labeled = per_class(labels, pool, labels_per_class, _rng(seed, "labeled"), classes)
@@ -521,11 +842,7 @@ def build_text(
         _write_csv(folder / "labeled.csv", ("id", "text", "label"), [rows[i] for i in labeled])
         _write_csv(folder / "dev.csv", ("id", "text", "label"), [rows[i] for i in dev])
         _write_csv(folder / "test.csv", ("id", "text", "label"), [rows[i] for i in test])
-        _write_classes(
-            folder / "classes.toml",
-            WORDNET_DESCRIPTIONS,
-            "WordNet 3.0 noun categories (lexicographer files) of the definitions",
-        )
+        _write_classes(folder / "classes.toml", descriptions, spec.comment)
         sizes = {
             "unlabeled": len(pool),
             "labeled": len(labeled),
@@ -534,8 +851,10 @@ def build_text(
         }
         staging.commit(
             {
-                "source": "WordNet 3.0 data.noun (Princeton University, WordNet 3.0 licence)",
-                "categories": {name: f"noun.{name}" for name in classes},
+                "source": f"WordNet 3.0 {' + '.join(spec.files)} (Princeton University, "
+                "WordNet 3.0 licence)",
+                "categories": provenance,
+                **({"cap_per_class": spec.cap} if spec.cap else {}),
                 "labels_per_class": labels_per_class,
                 "seed": seed,
                 "max_unlabeled": max_unlabeled,
@@ -574,10 +893,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"size of each dev split (default: 1,000; {DIGITS_DEV} digits)",
     )
     parser.add_argument(
-        "--only", choices=("images", "text", "digits"), help="build only one data set"
+        "--only",
+        choices=("images", "images-groups4", "digits", *WORDNET_DOMAINS),
+        help="build only one data set (the WordNet sets but text are built only when named)",
     )
     parser.add_argument("--fashion-dir", type=Path, default=FASHION_DIR)
-    parser.add_argument("--wordnet-file", type=Path, default=WORDNET_NOUNS)
+    parser.add_argument(
+        "--wordnet-file",
+        type=Path,
+        default=WORDNET_NOUNS,
+        help="WordNet's data.noun; data.verb, data.adj and data.adv are read beside it",
+    )
     args = parser.parse_args(argv)
     for name in ("labels_per_class", "max_unlabeled", "max_test", "max_dev"):
         value = getattr(args, name)
@@ -600,9 +926,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         # Check every source first, so a missing one fails before an hour of building.
-        if "images" in wanted:
+        if "images" in wanted or args.only == "images-groups4":
             _require_fashion(args.fashion_dir)
-        if "text" in wanted:
+        if "text" in wanted or args.only in WORDNET_DOMAINS:
             _require_wordnet(args.wordnet_file)
         digits = load_digits() if "digits" in wanted else None
         if digits is not None:
@@ -640,6 +966,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 **common,
             )
             print(f"{args.out / 'digits'}: {sizes}")
+        if args.only == "images-groups4":
+            sizes = build_images(
+                args.out / args.only,
+                fashion_dir=args.fashion_dir,
+                max_test=args.max_test,
+                max_dev=cap(args.max_dev, 1000),
+                grouped=True,
+                **common,
+            )
+            print(f"{args.out / args.only}: {sizes}")
+        if args.only in WORDNET_DOMAINS and args.only != "text":
+            sizes = build_text(
+                args.out / args.only,
+                wordnet_file=args.wordnet_file,
+                max_test=cap(args.max_test, 5000),
+                max_dev=cap(args.max_dev, 1000),
+                domain=args.only,
+                **common,
+            )
+            print(f"{args.out / args.only}: {sizes}")
     except BuildError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

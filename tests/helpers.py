@@ -144,3 +144,25 @@ def snapshot(folder: Path) -> dict[str, str]:
         key = path.relative_to(folder).as_posix()
         state[key] = hashlib.sha1(path.read_bytes()).hexdigest() if path.is_file() else "dir"
     return state
+
+
+def clusters(rng, per_class=40, classes=3, dim=8, noise=0.15):
+    """FM-like features in separated clusters around orthogonal directions: (features
+    [per_class * classes, dim], class ids)."""
+    import numpy as np
+
+    labels = np.repeat(np.arange(classes), per_class)
+    return np.eye(classes, dim)[labels] + noise * rng.standard_normal((len(labels), dim)), labels
+
+
+def noisy_prior(rng, labels, classes=3, correct=0.6, top=0.8):
+    """Teacher probabilities [N, C] right on about ``correct`` of the samples, else a random
+    class; the guessed class gets ``top``, the others share the rest."""
+    import numpy as np
+
+    guess = np.where(
+        rng.random(len(labels)) < correct, labels, rng.integers(0, classes, len(labels))
+    )
+    probs = np.full((len(labels), classes), (1 - top) / (classes - 1), dtype=np.float32)
+    probs[np.arange(len(labels)), guess] = top
+    return probs

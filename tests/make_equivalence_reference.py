@@ -3,13 +3,22 @@
 ``compute_fingerprints(folder)`` writes small synthetic data sets into ``folder``, runs every
 training method on a tiny image and a tiny text student (two seeds, a few steps, one torch
 thread) and labels a text table and an image folder with the two tiny test teachers. It
-returns, per run, the sha256 of
+returns two records per run:
+
+``runs``, sha256 fingerprints, compared bit for bit where the reference was recorded (same
+torch build and CPU capability), of
 
 - the saved student's tensors (name, dtype, shape and bytes, in sorted name order),
 - the deterministic fields of every ``metrics.jsonl`` line (timings dropped, and the
   collapse guard's observations, added after the reference was recorded: they only
   observe, which the unchanged weights prove),
-- a label file's ids, hard labels and dense probabilities.
+- a label file's ids, hard labels and dense probabilities;
+
+``values``, the numbers behind them, compared with tolerances on other CPU kinds, whose
+kernels round differently: those metrics lines themselves, per float tensor its L2 norm and
+two fixed random +-1 projections (a change of relative size r in a tensor moves them by
+about r times its norm), integer tensors exactly, and a label file's hard labels and
+probabilities.
 
 ``tests/equivalence_reference.json`` holds the fingerprints of the code before the training
 refactoring; ``tests/test_equivalence.py`` recomputes and compares them. Regenerate only for a
@@ -23,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -60,10 +70,30 @@ IMAGE_CLASSES = ["red", "green", "blue"]
 
 
 def environment() -> dict:
-    """What the fingerprints depend on besides the code: float maths differs across these."""
+    """What the fingerprints depend on besides the code: float maths differs across these.
+
+    The vendor too: MKL, which does torch's matrix products, picks its kernels by vendor as
+    well as by instruction set.
+    """
     import torch
 
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    return {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_vendor": cpu_vendor(),
+    }
+
+
+def cpu_vendor() -> str:
+    """``/proc/cpuinfo``'s vendor_id (GenuineIntel, AuthenticAMD), else the machine type."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        if line.startswith("vendor_id"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
 
 
 def sha256_json(value) -> str:
@@ -81,30 +111,65 @@ def tensors_sha256(tensors: dict) -> str:
     return digest.hexdigest()
 
 
-def run_fingerprint(out: Path) -> dict:
-    from safetensors.torch import load_file
+def tensors_values(tensors: dict) -> dict:
+    """Per tensor: ``[norm, projection, projection]`` of a float one, the list of an integer one.
 
+    The +-1 projection vectors come from a fixed numpy seed per tensor size and the sums
+    are float64, so the numbers depend on the weights alone, not on the CPU.
+    """
+    import numpy as np
+
+    values = {}
+    for name in sorted(tensors):
+        array = tensors[name].numpy().reshape(-1)
+        if not np.issubdtype(array.dtype, np.floating):
+            values[name] = array.tolist()
+            continue
+        array = array.astype(np.float64)
+        signs = np.random.default_rng(array.size).integers(0, 2, (2, array.size)) * 2.0 - 1.0
+        values[name] = [float(np.sqrt(np.sum(array * array))), *map(float, signs @ array)]
+    return values
+
+
+def metrics_records(out: Path) -> list[dict]:
     records = []
     for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         if any(key.startswith(GUARD_PREFIX) for key in record):
             continue
         records.append({k: v for k, v in record.items() if k not in TIMING_KEYS})
-    return {
-        "weights": tensors_sha256(load_file(str(out / "student.safetensors"))),
+    return records
+
+
+def run_fingerprint(out: Path) -> tuple[dict, dict]:
+    """The run's ``runs`` (sha256) and ``values`` (numbers) records."""
+    from safetensors.torch import load_file
+
+    records = metrics_records(out)
+    tensors = load_file(str(out / "student.safetensors"))
+    fingerprint = {
+        "weights": tensors_sha256(tensors),
         "metrics": sha256_json(records),
         "metrics_lines": len(records),
     }
+    return fingerprint, {"metrics": records, "weights": tensors_values(tensors)}
 
 
-def labels_fingerprint(path: Path) -> str:
+def labels_fingerprint(path: Path) -> tuple[dict, dict]:
+    """The label file's ``runs`` (sha256) and ``values`` (numbers) records."""
     from zmdevice.pseudolabels import read_pseudolabels
 
     labels = read_pseudolabels(path)
+    probs = labels.dense_probs().astype("float32")
     digest = hashlib.sha256(json.dumps(list(labels.ids)).encode())
     digest.update(labels.label.astype("int64").tobytes())
-    digest.update(labels.dense_probs().astype("float32").tobytes())
-    return digest.hexdigest()
+    digest.update(probs.tobytes())
+    values = {
+        "ids": sha256_json(list(labels.ids)),
+        "label": labels.label.astype("int64").tolist(),
+        "probs": probs.astype("float64").tolist(),
+    }
+    return {"labels": digest.hexdigest()}, values
 
 
 # --------------------------------------------------------------------------- data
@@ -187,7 +252,11 @@ def make_image_data(root: Path) -> Path:
 # --------------------------------------------------------------------------- runs
 
 
-def train_once(root: Path, modality: str, out: Path, method: str, seed: int, **changes) -> dict:
+def train_once(
+    root: Path, modality: str, out: Path, method: str, seed: int, **changes
+) -> tuple[dict, dict]:
+    """One tiny run's records; ``changes`` holds ``soft_labels``, ``extra`` (settings on top
+    of ``SETTINGS``) and ``steps`` (``kd_steps`` and ``ssl_steps`` other than 4)."""
     from zmdevice.config import TrainConfig
     from zmdevice.train import run_train
 
@@ -210,17 +279,16 @@ def train_once(root: Path, modality: str, out: Path, method: str, seed: int, **c
         out=out,
         device="cpu",
         method=method,
-        kd_steps=4,
-        ssl_steps=4,
         seed=seed,
         soft_labels=changes.get("soft_labels", False),
+        **{"kd_steps": 4, "ssl_steps": 4, **changes.get("steps", {})},
         **settings,
     )
     run_train(config)
     return run_fingerprint(out)
 
 
-def label_runs(folder: Path) -> dict:
+def label_runs(folder: Path) -> tuple[dict, dict]:
     """Label a text table with the tiny text-embedding teacher, images with the tiny CLIP."""
     import numpy as np
     import tiny_teachers
@@ -246,7 +314,7 @@ def label_runs(folder: Path) -> dict:
         "label/text-embed": (texts, f"text-embed:{embed}"),
         "label/clip": (images, f"clip:zm-tiny-clip:{clip}"),
     }
-    results = {}
+    runs, values = {}, {}
     for name, (data, teacher) in jobs.items():
         out = folder / f"{name.replace('/', '-')}.parquet"
         run_label(
@@ -260,12 +328,13 @@ def label_runs(folder: Path) -> dict:
                 workers=0,
             )
         )
-        results[name] = {"labels": labels_fingerprint(out)}
-    return results
+        runs[name], values[name] = labels_fingerprint(out)
+    return runs, values
 
 
 def compute_fingerprints(folder: Path) -> dict:
-    """Every run's fingerprints, keyed by ``modality/method/seed`` (and ``label/teacher``).
+    """``{"runs": ..., "values": ...}``, each keyed by ``modality/method/seed`` (and
+    ``label/teacher``).
 
     ``curves.png`` is not drawn: matplotlib takes most of a tiny run's time and the curves
     come from ``metrics.jsonl``, which is fingerprinted.
@@ -284,30 +353,30 @@ def all_runs(folder: Path) -> dict:
         "image": make_image_data(folder / "image-data"),
         "text": make_text_data(folder / "text-data"),
     }
-    results = {}
+    runs, values = {}, {}
     for modality, root in roots.items():
         for method in METHODS:
             for seed in SEEDS:
                 name = f"{modality}/{method}/{seed}"
                 out = folder / "runs" / name.replace("/", "-")
-                results[name] = train_once(root, modality, out, method, seed)
+                runs[name], values[name] = train_once(root, modality, out, method, seed)
         for variant, changes in VARIANTS.items():
             name = f"{modality}/{variant}/0"
             out = folder / "runs" / name.replace("/", "-")
             changes = dict(changes)
             method = changes.pop("method")
-            results[name] = train_once(root, modality, out, method, 0, **changes)
-    results.update(label_runs(folder))
-    return results
+            runs[name], values[name] = train_once(root, modality, out, method, 0, **changes)
+    label_records, label_values = label_runs(folder)
+    return {"runs": {**runs, **label_records}, "values": {**values, **label_values}}
 
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        runs = compute_fingerprints(Path(tmp))
+        records = compute_fingerprints(Path(tmp))
     REFERENCE.write_text(
-        json.dumps({"environment": environment(), "runs": runs}, indent=1, sort_keys=True) + "\n"
+        json.dumps({"environment": environment(), **records}, indent=1, sort_keys=True) + "\n"
     )
-    print(f"wrote {len(runs)} fingerprints to {REFERENCE}")
+    print(f"wrote {len(records['runs'])} fingerprints to {REFERENCE}")
 
 
 if __name__ == "__main__":

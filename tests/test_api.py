@@ -233,7 +233,7 @@ def test_text_workflow_label_train_export_load(tmp_path, monkeypatch):
     onnx_probabilities = classifier.predict_proba(texts[:5])
     assert np.allclose(onnx_probabilities, probabilities, atol=1e-4)
     assert classifier.predict(texts[:5]) == predicted
-    assert classifier.predict("dog cat bird") == student.predict(["dog cat bird"])
+    assert classifier.predict(("dog cat bird",)) == student.predict(["dog cat bird"])
     assert isinstance(zmdevice.load(student.out), zmdevice.TrainedStudent)
 
 
@@ -253,7 +253,7 @@ def test_image_workflow_on_pil_images_and_paths(tmp_path, monkeypatch):
     assert student.classes == sorted(names)
     images[0].save(tmp_path / "first.png")
     from_pil = student.predict_proba(images[:1])
-    from_path = student.predict_proba(tmp_path / "first.png")
+    from_path = student.predict_proba([tmp_path / "first.png"])
     assert np.allclose(from_pil, from_path) and np.allclose(from_pil.sum(axis=1), 1, atol=1e-5)
     classifier = zmdevice.load(zmdevice.export(student, out=tmp_path / "img.onnx"))
     assert np.allclose(classifier.predict_proba([tmp_path / "first.png"]), from_pil, atol=1e-4)

@@ -12,7 +12,7 @@ import tomli_w
 from typer.testing import CliRunner
 
 from zmdevice.cli import app
-from zmdevice.config import LabelConfig, TrainConfig, load_config
+from zmdevice.config import DEFAULT_STUDENTS, LabelConfig, TrainConfig, load_config
 from zmdevice.errors import UserError
 
 # option -> (value in the file, value typed on the command line). The typed value is the
@@ -169,8 +169,8 @@ def test_modality_defaults_fill_only_what_is_not_set():
 def test_default_image_student_is_the_pretrained_preset_with_its_training_defaults():
     from zmdevice.catalog import require_entry
 
-    entry = require_entry(TrainConfig.student, "student", "--student")
-    assert TrainConfig.student == "efficientnet_lite0" and entry["weights"] == "imagenet"
+    entry = require_entry(DEFAULT_STUDENTS["image"], "student", "--student")
+    assert DEFAULT_STUDENTS["image"] == "efficientnet_lite0" and entry["weights"] == "imagenet"
     config = TrainConfig(labeled=Path("l"), unlabeled=Path("u")).for_modality(
         "image", entry["train"]
     )

@@ -103,10 +103,11 @@ def labeling_setup(tmp_path, embed_dir, count):
     )
 
 
-def test_label_few_shot_writes_the_adapted_teachers_labels(tmp_path, embed_dir):
+def test_label_few_shot_without_refining_writes_the_adapted_teachers_labels(tmp_path, embed_dir):
     base = labeling_setup(tmp_path, embed_dir, 12)
     run_label(LabelConfig(**base, out=tmp_path / "zs.parquet"))
-    run_label(LabelConfig(**base, out=tmp_path / "fs.parquet", few_shot=tmp_path / "l.csv"))
+    few_shot_only = dict(few_shot=tmp_path / "l.csv", refine=False)
+    run_label(LabelConfig(**base, out=tmp_path / "fs.parquet", **few_shot_only))
     zero_shot, few_shot = (read_pseudolabels(tmp_path / n) for n in ("zs.parquet", "fs.parquet"))
     assert zero_shot.metadata["teacher"].get("few_shot") is None
     assert few_shot.metadata["teacher"]["few_shot"]["examples"] == 6
@@ -122,6 +123,46 @@ def test_label_few_shot_writes_the_adapted_teachers_labels(tmp_path, embed_dir):
     np.testing.assert_array_equal(few_shot.label, expected.argmax(1))
     truth = np.array([classes.index(row[2]) for row in texts(12)])
     assert (few_shot.label == truth).mean() >= (zero_shot.label == truth).mean()
+    assert few_shot.metadata["teacher"]["label_source"]["how"] == "only candidate"
+
+
+def test_label_with_labeled_examples_writes_the_source_cross_validation_chose(tmp_path, embed_dir):
+    from zmdevice.label_source import CANDIDATES, DEFAULT_SOURCES, make_labels
+
+    base = labeling_setup(tmp_path, embed_dir, 24)
+    run_label(LabelConfig(**base, out=tmp_path / "zs.parquet"))
+    summary = run_label(
+        LabelConfig(**base, out=tmp_path / "auto.parquet", few_shot=tmp_path / "l.csv")
+    )
+    zero_shot, chosen = (read_pseudolabels(tmp_path / n) for n in ("zs.parquet", "auto.parquet"))
+    decision = chosen.metadata["teacher"]["label_source"]
+    assert decision["allowed"] == list(DEFAULT_SOURCES) and decision["how"] == "cross-validation"
+    assert decision["scored"] == 6 and decision["folds"] == 2
+    # Every source is scored; the choice is the best of the allowed ones.
+    scores = {name: c["accuracy"] for name, c in decision["candidates"].items()}
+    assert sorted(scores) == sorted(CANDIDATES)
+    allowed = decision["allowed"]
+    assert decision["chosen"] == max(allowed, key=lambda n: (scores[n], -allowed.index(n)))
+    assert any(line.startswith("  labels: " + decision["chosen"]) for line in summary["lines"])
+    # The file holds the chosen source's labels, remade here from the same FM outputs.
+    classes = load_classes(TOPIC_NAMES)
+    teacher = build_teacher(f"text-embed:{embed_dir}", classes)
+    labeled = open_dataset(tmp_path / "l.csv", require_labels=True)
+    data_features, _ = teacher_outputs(teacher, open_dataset(tmp_path / "texts.csv"))
+    labeled_features, labeled_probs = teacher_outputs(teacher, labeled)
+    from zmdevice.data import label_indices
+    from zmdevice.label_source import Evidence
+
+    evidence = Evidence(
+        data_features.astype(np.float16).astype(np.float32),  # as the parts keep them
+        zero_shot.dense_probs(),
+        labeled_features,
+        label_indices(labeled, classes),
+        labeled_probs,
+    )
+    expected, _ = make_labels(decision["chosen"], evidence)
+    np.testing.assert_array_equal(chosen.label, expected.argmax(1))
+    assert not (tmp_path / ".auto.parquet.parts").exists()
 
 
 def test_few_shot_with_an_unknown_class_or_a_teacher_without_features_fails(tmp_path, embed_dir):
@@ -154,13 +195,16 @@ def test_label_refine_spreads_from_the_labeled_set_and_records_how(tmp_path, emb
     zero_shot, refined = (read_pseudolabels(tmp_path / n) for n in ("zs.parquet", "rf.parquet"))
     info = refined.metadata["teacher"]["refine"]
     assert info["labeled"] == 6
-    # The prior is kept exactly when the FM labels at least half the labeled examples right.
-    assert info["prior_weight"] == float(info["zero_shot_accuracy_on_labeled"] >= 0.5)
+    # --refine forces a refined source; cross-validation decides the prior.
+    decision = refined.metadata["teacher"]["label_source"]
+    assert decision["allowed"] == ["refined", "refined-no-prior"]
+    assert info["prior_weight"] == float(decision["chosen"] == "refined")
     verdict = "kept" if info["prior_weight"] else "dropped"
-    assert f"refined from 6 labeled examples; the FM's own labels {verdict}" in "\n".join(
+    assert f"refined from 6 labeled examples; the FM's few-shot prior {verdict}" in "\n".join(
         summary["lines"]
     )
-    assert refined.metadata["teacher"].get("few_shot") is None  # refinement fits its own prior
+    few_shot = refined.metadata["teacher"].get("few_shot")
+    assert (few_shot is not None) == bool(info["prior_weight"])  # the prior is the few-shot one
     assert list(refined.ids) == list(zero_shot.ids)
     assert not (tmp_path / ".rf.parquet.parts").exists()
     assert summary["out"] == str(tmp_path / "rf.parquet")

@@ -681,7 +681,12 @@ def command_flags() -> dict[str, set[str]]:
 
     group = typer.main.get_command(app)
     return {
-        name: {opt for param in command.params for opt in param.opts if opt.startswith("--")}
+        name: {
+            opt
+            for param in command.params
+            for opt in (*param.opts, *getattr(param, "secondary_opts", ()))  # --no-X too
+            if opt.startswith("--")
+        }
         for name, command in group.commands.items()
     }
 

@@ -90,7 +90,8 @@ def test_workflow_commands_run_in_order(tmp_path):
         assert result.returncode == 0, f"block {number}:\n{script}\n{result.stderr[-3000:]}"
     # The two label runs wrote two files: the image labels did not overwrite the text ones.
     labels = sorted(path.name for path in (work / "labels").iterdir())
-    assert labels == ["unlabeled-efficientnet-lite0.parquet", "unlabeled-minilm.parquet"]
+    expected = ["unlabeled-efficientnet-lite0-fewshot.parquet", "unlabeled-minilm-fewshot.parquet"]
+    assert labels == expected
     assert (work / "export" / "images.README.md").is_file()
 
 
@@ -107,6 +108,10 @@ def test_python_example_runs_as_written(tmp_path):
         text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "FM: " in result.stdout and "student: " in result.stdout
+    from zmdevice.label_source import CANDIDATES
+
+    first = result.stdout.splitlines()[0]
+    assert first.split()[0] in CANDIDATES and "cv" not in first  # the source, its scores
+    assert "'accuracy':" in first and "student: " in result.stdout
     assert (empty / "export" / "api-text.onnx").is_file()
     assert (empty / "export" / "api-text.README.md").is_file()

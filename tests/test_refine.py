@@ -1,10 +1,11 @@
-"""zmdevice.refine: label spreading over the k-NN graph, its prior kept or dropped by the
-FM's zero-shot accuracy on the labeled examples, and the refined labels rebalanced to a class
+"""zmdevice.refine: label spreading over the k-NN graph, its prior kept or dropped as the
+labeled examples say (``zmdevice.label_source``), and the refined labels rebalanced to a class
 prior the user gives (``zmdevice.classes.load_class_prior``)."""
 
 import numpy as np
 import pytest
 import torch
+from helpers import clusters, noisy_prior
 
 from zmdevice.classes import load_class_prior, load_classes
 from zmdevice.errors import UserError
@@ -19,22 +20,6 @@ from zmdevice.refine import (
 )
 
 torch.set_num_threads(1)
-
-
-def clusters(rng, per_class=40, classes=3, dim=8, noise=0.15):
-    """Separated clusters around orthogonal directions: (features, class ids)."""
-    labels = np.repeat(np.arange(classes), per_class)
-    return np.eye(classes, dim)[labels] + noise * rng.standard_normal((len(labels), dim)), labels
-
-
-def noisy_prior(rng, labels, classes=3, correct=0.6):
-    """Teacher probabilities right on about ``correct`` of the samples, else a random class."""
-    guess = np.where(
-        rng.random(len(labels)) < correct, labels, rng.integers(0, classes, len(labels))
-    )
-    probs = np.full((len(labels), classes), 0.2 / (classes - 1), dtype=np.float32)
-    probs[np.arange(len(labels)), guess] = 0.8
-    return probs
 
 
 def test_graph_is_symmetric_normalised_and_spreading_keeps_distributions():
@@ -61,19 +46,25 @@ def test_spreading_the_prior_alone_corrects_a_noisy_teacher():
     assert before < 0.8 and after > 0.95
 
 
-def test_a_prior_wrong_on_the_labeled_examples_is_dropped():
+def test_a_wrong_zero_shot_prior_is_outvoted_by_the_labeled_examples():
+    """The FM is one class off everywhere; the few-shot prior learns the clusters from 4
+    examples per class, and cross-validation on them says so."""
     rng = np.random.default_rng(2)
     features, labels = clusters(rng)
     labeled_features, labeled = clusters(rng, per_class=4)
     wrong = noisy_prior(rng, (labels + 1) % 3, correct=1.0)  # every sample one class off
     wrong_on_labeled = noisy_prior(rng, (labeled + 1) % 3, correct=1.0)
     refined, info = refine_labels(features, wrong, labeled_features, labeled, wrong_on_labeled)
-    assert info == {"prior_weight": 0.0, "labeled": 12, "zero_shot_accuracy_on_labeled": 0.0}
+    decision = info["decision"]
+    assert decision["how"] == "cross-validation" and decision["scored"] == 12
+    assert decision["zero_shot_accuracy_on_labeled"] == 0.0
+    assert decision["candidates"]["refined"]["accuracy"] == 1.0
+    assert info["labeled"] == 12 and info["prior_weight"] == 1.0
     assert (refined.argmax(1) == labels).mean() > 0.95
     assert (wrong.argmax(1) == labels).mean() == 0.0
 
 
-def test_a_prior_right_on_most_labeled_examples_is_kept_where_no_example_reaches():
+def test_with_one_example_per_class_the_prior_follows_the_fms_accuracy_on_them():
     rng = np.random.default_rng(4)
     # Each class has two separate clusters; the labeled examples lie in the first of each.
     clusters_, ids = clusters(rng, classes=6)
@@ -83,7 +74,8 @@ def test_a_prior_right_on_most_labeled_examples_is_kept_where_no_example_reaches
     good = noisy_prior(rng, labels, correct=0.9)
     right = np.eye(3, dtype=np.float32)[example_ids]
     kept, info = refine_labels(clusters_, good, examples, example_ids, right)
-    assert info["prior_weight"] == 1.0 and info["zero_shot_accuracy_on_labeled"] == 1.0
+    assert info["prior_weight"] == 1.0 and info["decision"]["how"] == "binomial test"
+    assert info["decision"]["zero_shot_accuracy_on_labeled"] == 1.0
     wrong = np.eye(3, dtype=np.float32)[(example_ids + 1) % 3]
     dropped, info = refine_labels(clusters_, good, examples, example_ids, wrong)
     assert info["prior_weight"] == 0.0

@@ -178,6 +178,56 @@ def test_missing_tokenizer_file_names_the_expected_path(models, tmp_path):
     assert str(expected) in str(error.value)
 
 
+def with_tokenizer_name(models, folder: Path, name: str) -> Path:
+    """A copy of the tiny text model in ``folder`` whose metadata names tokenizer ``name``,
+    with the real tokenizer file beside it under its usual name."""
+    import onnx
+
+    model = onnx.load(str(models["text_onnx"]))
+    for prop in model.metadata_props:
+        if prop.key == "zmdevice.preprocess":
+            preprocess = json.loads(prop.value)
+            original = Path(models["text_onnx"]).parent / preprocess["tokenizer"]
+            prop.value = json.dumps({**preprocess, "tokenizer": name})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_bytes(original.read_bytes())
+    onnx.save(model, str(folder / "crafted.onnx"))
+    return folder / "crafted.onnx"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../../../../etc/passwd",
+        "/etc/passwd",
+        "../outside/tokenizer.json",  # a valid tokenizer, but outside the model's folder
+        "sub/tokenizer.json",
+        "sub\\tokenizer.json",
+        "..",
+        "linked.json",  # a link in the folder to a tokenizer elsewhere
+    ],
+)
+def test_a_tokenizer_name_outside_the_models_folder_is_refused_unopened(models, tmp_path, name):
+    model = with_tokenizer_name(models, tmp_path / "model", name)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "tokenizer.json").write_bytes((model.parent / "tokenizer.json").read_bytes())
+    (model.parent / "sub").mkdir()
+    (model.parent / "sub" / "tokenizer.json").write_bytes((outside / "tokenizer.json").read_bytes())
+    (model.parent / "linked.json").symlink_to(outside / "tokenizer.json")
+    with pytest.raises(UserError, match="not a file name in the model's folder") as error:
+        OnnxClassifier(model)
+    assert "\n" not in str(error.value) and str(model) in str(error.value)
+
+
+def test_a_plain_tokenizer_name_in_the_models_folder_is_loaded(models, tmp_path):
+    model = with_tokenizer_name(models, tmp_path / "model", "tokenizer.json")
+    classifier = OnnxClassifier(model)
+    assert classifier.tokenizer_path() == model.parent / "tokenizer.json"
+    expected = OnnxClassifier(models["text_onnx"]).predict_proba(["a dog", "a tree"])
+    assert np.allclose(classifier.predict_proba(["a dog", "a tree"]), expected)
+
+
 def test_corrupt_image_input_names_the_file(models, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")

@@ -7,7 +7,9 @@ the real writers (CSV tables, PNG folders, ``PseudoLabelWriter``), with a fake F
 right 70% of the time.
 """
 
+import dataclasses
 import json
+import tomllib
 
 import pytest
 import torch
@@ -241,10 +243,14 @@ def test_cli_bad_input_is_one_line_exit_2(image_data, tmp_path):
         str(tmp_path / "m"),
         "--device",
         "cpu",
+        "--teacher",
+        "nope",  # no --pseudo-labels: the run labels its data first, with this teacher
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
-    assert "needs --pseudo-labels" in result.output and "Traceback" not in result.output
+    assert "nope" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "m" / "pseudo_labels.parquet").exists()
 
 
 # --------------------------------------------------------------------------- user errors
@@ -297,8 +303,6 @@ def test_error_fewer_unlabeled_than_a_batch(text_data, tmp_path):
 def test_error_unknown_student_method_setting_and_resume(text_data, tmp_path):
     with pytest.raises(UserError, match="unknown --student 'nope'"):
         run_train(text_config(text_data, tmp_path / "m", student="nope"))
-    with pytest.raises(UserError, match="needs --pseudo-labels"):
-        run_train(text_config(text_data, tmp_path / "m", pseudo_labels=None))
     with pytest.raises(UserError, match="no checkpoint"):
         run_train(text_config(text_data, tmp_path / "fresh", resume=True))
 
@@ -407,3 +411,38 @@ def test_real_students_train_and_resume_a_few_steps(image_data, text_data, tmp_p
     a, b = weights(tmp_path / "full"), weights(tmp_path / "split")
     assert all(torch.equal(a[key], b[key]) for key in a)
     assert 0.0 <= full["test_accuracy"] <= 1.0
+
+
+def test_without_pseudo_labels_train_makes_them_from_the_labeled_examples(
+    text_data, embed_dir, tmp_path
+):
+    """No --pseudo-labels: the run labels the pool first with the teacher and the labeled
+    examples (the label source chosen by cross-validation), into its own folder, and
+    trains on that file; a resume reuses it and --overwrite keeps the one it just made."""
+    from zmdevice.pseudolabels import read_pseudolabels
+
+    out = tmp_path / "auto"
+    config = text_config(
+        text_data, out, pseudo_labels=None, teacher=f"text-embed:{embed_dir}", stop_after=12
+    )
+    run_train(config)
+    labels = read_pseudolabels(out / "pseudo_labels.parquet")
+    decision = labels.metadata["teacher"]["label_source"]
+    assert decision["how"] == "cross-validation" and decision["scored"] == 6
+    assert labels.metadata["teacher"]["name"] == f"text-embed:{embed_dir}"
+    saved = tomllib.loads((out / "train_config.toml").read_text())
+    assert saved["pseudo_labels"] == str(out / "pseudo_labels.parquet")
+    before = (out / "pseudo_labels.parquet").stat().st_mtime_ns
+    resumed = run_train(dataclasses.replace(config, stop_after=None, resume=True))
+    assert (out / "pseudo_labels.parquet").stat().st_mtime_ns == before
+    assert resumed["stopped"] is None
+    again = run_train(dataclasses.replace(config, stop_after=None, overwrite=True))
+    assert (out / "pseudo_labels.parquet").is_file()
+    assert any(line.startswith("  pseudo-labels made with text-embed:") for line in again["lines"])
+
+
+def test_zero_shot_pseudo_labels_get_a_note_about_the_labeled_examples(text_data, tmp_path):
+    summary = run_train(text_config(text_data, tmp_path / "zs"))
+    assert any(
+        "these pseudo-labels are the FM's zero-shot ones" in line for line in summary["lines"]
+    )

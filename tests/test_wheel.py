@@ -8,6 +8,7 @@ then runs ``zmdevice demo --quick`` from such an install.
 
 import json
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -65,13 +66,37 @@ def test_wheel_holds_catalog_default_data_and_licence(wheel):
     assert f"zmdevice-{zmdevice.__version__}.dist-info/licenses/LICENSE" in names
 
 
-def test_installed_wheel_finds_everything_outside_the_checkout(wheel, tmp_path):
-    venv = tmp_path / "venv"
-    # --system-site-packages reuses the installed dependencies (torch is gigabytes);
-    # --ignore-installed puts zmdevice itself into the venv even when the checkout is
-    # installed in editable mode.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+def outer_site_dirs() -> list[str]:
+    """The site-packages folders of the environment running the tests: a venv's own when
+    they run in one (``--system-site-packages`` would give its base interpreter's), else the
+    interpreter's; the user's too where this interpreter reads it."""
+    folders = site.getsitepackages()
+    if site.ENABLE_USER_SITE and Path(site.getusersitepackages()).is_dir():
+        folders.append(site.getusersitepackages())
+    return folders
+
+
+def venv_reusing_these_packages(venv: Path) -> Path:
+    """A venv whose own site-packages is empty and which then sees this environment's
+    packages, as ``--system-site-packages`` does for a base interpreter's: a ``.pth`` file
+    adds them with ``site.addsitedir``, which reads their own ``.pth`` files (editable
+    installs, namespace packages) too. Returns its python."""
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    lines = [f"import site; site.addsitedir({folder!r})" for folder in outer_site_dirs()]
+    (Path(purelib) / "outer-site-packages.pth").write_text("\n".join(lines) + "\n")
+    return python
+
+
+def test_installed_wheel_finds_everything_outside_the_checkout(wheel, tmp_path):
+    # The installed dependencies are reused (torch is gigabytes); --ignore-installed puts
+    # zmdevice itself into the venv even when the checkout is installed in editable mode,
+    # and the venv's own site-packages comes before the reused ones.
+    python = venv_reusing_these_packages(tmp_path / "venv")
     subprocess.run(
         [python, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", str(wheel)],
         check=True, capture_output=True,

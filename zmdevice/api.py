@@ -14,6 +14,13 @@ Each function is the CLI command of the same name: it fills the same typed confi
 - ``progress=False`` turns the progress bars off; ``on_step`` receives each record that
   training logs to ``metrics.jsonl``.
 
+Every argument is checked before any data is read or model built, by the same typed configs
+as the command line: a value of the wrong type (a string for a number included: ``"0.1"``
+is refused, as in a ``--config`` file, not converted), a bool or a fraction where an
+integer is meant, a non-finite number or one out of range raises ``UserError`` with a
+one-line message naming the argument. Items to classify are a list (or tuple, array,
+DataFrame): a bare string, path, image or dict is refused rather than guessed at.
+
 Outputs default to the CLI's paths relative to the working folder: ``labels/NAME-TEACHER
 .parquet``, ``models/STUDENT-METHOD/`` and ``export/NAME.onnx``.
 
@@ -28,19 +35,17 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from zmdevice.config import check_device, checked_value, shown
 from zmdevice.errors import UserError
 from zmdevice.inputs import class_spec, data_path, is_dataframe, is_pil
 from zmdevice.pseudolabels import PseudoLabels
 from zmdevice.runtime import OnnxClassifier, load_image
-
-DEFAULT_STUDENTS = {"image": "efficientnet_lite0", "text": "distilbert"}
-"""The student ``train`` picks when none is named: the offline default of each modality."""
 
 # --------------------------------------------------------------------------- run helpers
 
@@ -105,6 +110,38 @@ def _field_names(config_class) -> set[str]:
     return {item.name for item in dataclasses.fields(config_class)}
 
 
+def _check_switch(value: Any, name: str) -> None:
+    if not isinstance(value, bool):
+        raise UserError(f"{name} must be True or False, got {shown(value)}")
+
+
+def _check_path(value: Any, name: str, expected: str) -> Path:
+    if not isinstance(value, str | os.PathLike):
+        raise UserError(f"{name}: expected {expected} (a path), got {shown(value)}")
+    return Path(value)
+
+
+def _check_batch_size(value: Any) -> int:
+    value = checked_value("batch_size", value, "int")
+    if value < 1:
+        raise UserError(f"batch_size must be >= 1, got {value}")
+    return value
+
+
+def _callbacks(on_step: Any) -> list[Callable[[dict], Any]]:
+    """``on_step`` as a list of callables: None, one callable, or a list/tuple of them."""
+    if on_step is None:
+        return []
+    if callable(on_step):
+        return [on_step]
+    if isinstance(on_step, list | tuple) and all(callable(item) for item in on_step):
+        return list(on_step)
+    raise UserError(
+        f"on_step must be a callable or a list of callables (each given a dict), got "
+        f"{shown(on_step)}"
+    )
+
+
 # --------------------------------------------------------------------------- label
 
 
@@ -137,8 +174,9 @@ def label(
         out: the Parquet file; default ``labels/<data name>-<teacher>.parquet``.
         progress: False hides the progress bar.
         **options: any other ``LabelConfig`` field (``batch_size``, ``device``, ``top_k``,
-            ``gold`` (data as above), ``resume``, ``shard``, ``templates``, ``workers``,
-            ``combine``) or ``DataOptions`` field (``text_column``, ``skip_corrupt``, ...).
+            ``gold`` and ``few_shot`` (labeled data as above), ``resume``, ``shard``,
+            ``templates``, ``workers``, ``combine``, ``refine``, ...) or ``DataOptions``
+            field (``text_column``, ``skip_corrupt``, ...).
 
     Returns:
         The pseudo-labels (a ``PseudoLabels``) with ``.path`` and ``.summary``.
@@ -147,19 +185,21 @@ def label(
     from zmdevice.label import run_label
     from zmdevice.pseudolabels import read_pseudolabels
 
+    _check_switch(progress, "progress")
     label_fields = _field_names(LabelConfig) - {"data", "classes", "teacher", "out"}
     label_fields.discard("data_options")
     data_fields = _field_names(DataOptions)
     _split_options(options, label_fields | data_fields, "label")
     data_options = DataOptions(**{k: v for k, v in options.items() if k in data_fields})
     settings = {k: v for k, v in options.items() if k in label_fields}
-    if settings.get("gold") is not None:
-        settings["gold"] = data_path(settings["gold"], "gold", data_options)
+    for key in ("gold", "few_shot"):  # labeled data, in any form the API takes data
+        if settings.get(key) is not None:
+            settings[key] = data_path(settings[key], key, data_options)
     config = LabelConfig(
         data=data_path(data, "data", data_options),
         classes=class_spec(classes),
         teacher=teacher,
-        out=Path(out) if out is not None else None,
+        out=out,
         data_options=data_options,
         **settings,
     )
@@ -197,12 +237,6 @@ def _metrics_forwarder(callbacks: list[Callable[[dict], Any]]):
     return on_step
 
 
-def _modality_of(path: Path) -> str:
-    from zmdevice.data import open_dataset
-
-    return open_dataset(path).modality
-
-
 def train(
     labeled: Any,
     unlabeled: Any,
@@ -225,12 +259,14 @@ def train(
         unlabeled: the training pool (labeled samples included), as data above.
         pseudo_labels: what ``label`` returned, or the path of a pseudo-label file; needed by
             ``zeromatch``, ``kd`` and ``naive-pl``.
-        student: a student preset; default ``efficientnet_lite0`` for images, ``distilbert``
-            for text.
+        student: a student preset; default by the labeled data's modality,
+            ``DEFAULT_STUDENTS`` (``efficientnet_lite0`` for images, ``distilbert`` for text),
+            as on the command line.
         method: zeromatch, kd, supervised, fixmatch, adamatch or naive-pl.
         device: cpu, cuda, cuda:N, mps or auto.
         out: the output folder; default ``models/<student>-<method>``.
-        test: labeled test data, evaluated periodically and at the end.
+        test: labeled test data, evaluated periodically and at the end (``gold_unlabeled``
+            in ``hyper`` takes data the same ways).
         progress: False hides the progress bars.
         on_step: a callable (or a list of them) given each record written to
             ``metrics.jsonl``: ``stage``, ``step``, ``global_step`` and the named losses of a
@@ -242,6 +278,8 @@ def train(
     from zmdevice.config import TrainConfig
     from zmdevice.train import run_train
 
+    _check_switch(progress, "progress")
+    callbacks = _callbacks(on_step)
     if isinstance(pseudo_labels, PseudoLabels):
         if getattr(pseudo_labels, "path", None) is None:
             raise UserError(
@@ -249,21 +287,22 @@ def train(
                 "pseudo-label file"
             )
         pseudo_labels = pseudo_labels.path
-    labeled_path = data_path(labeled, "labeled")
     named = {"labeled", "unlabeled", "pseudo_labels", "student", "method", "device", "out", "test"}
     _split_options(hyper, _field_names(TrainConfig) - named, "train")
+    if hyper.get("gold_unlabeled") is not None:
+        hyper["gold_unlabeled"] = data_path(hyper["gold_unlabeled"], "gold_unlabeled")
+    # The student, when None, follows the labeled data's modality: run_train settles it.
     config = TrainConfig(
-        labeled=labeled_path,
+        labeled=data_path(labeled, "labeled"),
         unlabeled=data_path(unlabeled, "unlabeled"),
-        pseudo_labels=Path(pseudo_labels) if pseudo_labels is not None else None,
-        student=student or DEFAULT_STUDENTS[_modality_of(labeled_path)],
+        pseudo_labels=pseudo_labels,
+        student=student,
         method=method,
         device=device,
-        out=Path(out) if out is not None else None,
+        out=out,
         test=data_path(test, "test") if test is not None else None,
         **hyper,
     )
-    callbacks = [on_step] if callable(on_step) else list(on_step or [])
     with progress_bars(progress):
         summary = run_train(config, on_step=_metrics_forwarder(callbacks) if callbacks else None)
     return TrainedStudent(summary["out"], summary)
@@ -293,14 +332,24 @@ class _ImageItems:
 
 
 def _as_items(items: Any, modality: str) -> list:
-    """Texts (text model) or PIL images and image paths (image model), as a list."""
+    """Texts (text model) or PIL images and image paths (image model), as a list.
+
+    A single item is refused, not wrapped: a string could be one text or a list of
+    characters to the caller's mind, a dict its keys; ``[item]`` says which.
+    """
+    wanted = "texts" if modality == "text" else "PIL images or image paths"
     if is_dataframe(items):
         column = "text" if modality == "text" else "path"
         if column not in items.columns:
             raise UserError(f"items: the DataFrame has no '{column}' column")
         items = items[column].tolist()
-    elif isinstance(items, (str, os.PathLike)) or is_pil(items):
-        items = [items]  # one item
+    elif isinstance(items, str | bytes | os.PathLike | Mapping) or is_pil(items):
+        raise UserError(
+            f"items: pass a list of {wanted} (one item: [item]), got a single "
+            f"{type(items).__name__}"
+        )
+    elif not isinstance(items, Iterable):
+        raise UserError(f"items: pass a list of {wanted}, got {shown(items)}")
     items = list(items)
     for item in items:
         fits = (
@@ -309,7 +358,6 @@ def _as_items(items: Any, modality: str) -> list:
             else is_pil(item) or isinstance(item, (str, os.PathLike))
         )
         if not fits:
-            wanted = "strings" if modality == "text" else "PIL images or image paths"
             raise UserError(
                 f"items: a {modality} model classifies {wanted}, got {type(item).__name__}"
             )
@@ -325,6 +373,7 @@ class Classifier(OnnxClassifier):
     """
 
     def predict_proba(self, items: Any, batch_size: int = 32) -> np.ndarray:
+        batch_size = _check_batch_size(batch_size)
         items = _as_items(items, self.modality)
         if self.modality == "image":
             items = [item if is_pil(item) else load_image(Path(item)) for item in items]
@@ -334,10 +383,23 @@ class Classifier(OnnxClassifier):
         return [self.classes[i] for i in self.predict_proba(items).argmax(axis=1)]
 
     def evaluate(self, data: Any, **options: Any) -> dict:
-        """Accuracy, macro-F1, per-class scores and confusion on labeled ``data``."""
+        """Accuracy, macro-F1, per-class scores and confusion on labeled ``data``;
+        ``options``: ``text_column``, ``label_column``."""
         from zmdevice.runtime import run_evaluate_onnx
 
+        _evaluate_options(options, "Classifier.evaluate", {"text_column", "label_column"})
         return run_evaluate_onnx(self.path, data_path(data, "data"), device="cpu", **options)
+
+
+def _evaluate_options(options: dict, command: str, accepted: set[str]) -> None:
+    """The options of an ``evaluate`` method: known names, column names that are strings,
+    a batch size that is a positive integer."""
+    from zmdevice.config import DataOptions
+
+    _split_options(options, accepted, command)
+    DataOptions(**{k: v for k, v in options.items() if k != "batch_size"})
+    if "batch_size" in options:
+        options["batch_size"] = _check_batch_size(options["batch_size"])
 
 
 class TrainedStudent:
@@ -349,9 +411,11 @@ class TrainedStudent:
     """
 
     def __init__(self, out: str | os.PathLike, summary: dict | None = None, device: str = "cpu"):
-        self.out = Path(out)
+        self.out = _check_path(out, "out", "a trained student folder")
+        if summary is not None and not isinstance(summary, dict):
+            raise UserError(f"summary must be a dict or None, got {shown(summary)}")
         self.summary = summary or {}
-        self.device = device
+        self.device = check_device(device)
         self._model = None
 
     def __repr__(self) -> str:
@@ -372,13 +436,21 @@ class TrainedStudent:
 
         return list(read_student_config(self.out)["classes"])
 
+    @property
+    def modality(self) -> str:
+        """The student's modality, image or text, read from its folder (no torch)."""
+        from zmdevice.students import read_student_config
+
+        return read_student_config(self.out)["modality"]
+
     def predict_proba(self, items: Any, batch_size: int = 64) -> np.ndarray:
         """float32 [len(items), len(classes)] class probabilities, rows summing to 1."""
         from zmdevice.data import TextDataset
         from zmdevice.evaluate import predict_student
 
+        batch_size = _check_batch_size(batch_size)
+        items = _as_items(items, self.modality)  # checked before the model is loaded
         model = self.model
-        items = _as_items(items, model.modality)
         if model.modality == "text":
             ids = [str(i) for i in range(len(items))]
             dataset = TextDataset(source=Path("<texts>"), ids=ids, texts=items)
@@ -392,9 +464,12 @@ class TrainedStudent:
         return [classes[i] for i in self.predict_proba(items).argmax(axis=1)]
 
     def evaluate(self, data: Any, **options: Any) -> dict:
-        """Accuracy, macro-F1, per-class scores and confusion on labeled ``data``."""
+        """Accuracy, macro-F1, per-class scores and confusion on labeled ``data``;
+        ``options``: ``text_column``, ``label_column``, ``batch_size``."""
         from zmdevice.evaluate import run_evaluate_student
 
+        accepted = {"text_column", "label_column", "batch_size"}
+        _evaluate_options(options, "TrainedStudent.evaluate", accepted)
         return run_evaluate_student(
             self.out, data_path(data, "data"), device=self.device, **options
         )
@@ -431,25 +506,24 @@ def export(
 
     accepted = _field_names(ExportConfig) - {"model_dir", "out", "quantize"}
     _split_options(options, accepted, "export")
+    if isinstance(model_or_dir, TrainedStudent):
+        model_dir = model_or_dir.out
+    else:
+        model_dir = _check_path(
+            model_or_dir, "model_or_dir", "what zmdevice.train returned or a student folder"
+        )
     for key in ("test", "calibration"):
         if options.get(key) is not None:
             options[key] = data_path(options[key], key)
-    model_dir = model_or_dir.out if isinstance(model_or_dir, TrainedStudent) else model_or_dir
-    summary = run_export(
-        ExportConfig(
-            model_dir=Path(model_dir),
-            out=Path(out) if out is not None else None,
-            quantize=quantize,
-            **options,
-        )
-    )
-    return Path(summary["onnx"])
+    config = ExportConfig(model_dir=model_dir, out=out, quantize=quantize, **options)
+    return Path(run_export(config)["onnx"])
 
 
 def load(path: str | os.PathLike, *, device: str = "cpu") -> Classifier | TrainedStudent:
     """An exported ``.onnx`` file as a torch-free ``Classifier``; a student folder
     (``models/NAME``) as a ``TrainedStudent``."""
-    path = Path(path)
+    path = _check_path(path, "path", "an exported .onnx file or a trained student folder")
+    check_device(device)
     if path.is_dir():
         from zmdevice.students import read_student_config
 

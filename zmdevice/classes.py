@@ -191,8 +191,45 @@ def load_class_prior(spec: str, classes: ClassList) -> list[float]:
             f"{' ...' if len(missing) > 5 else ''}: give every class a share"
         )
     values = [_positive_share(shares[name], name, where) for name in classes.names]
-    total = sum(values)
-    return [value / total for value in values]
+    # Scaled by the largest share first: a sum of huge shares (1e308 each) would overflow to
+    # inf and turn every share into 0, and the label file into NaN.
+    largest = max(values)
+    scaled = [value / largest for value in values]
+    total = sum(scaled)
+    normalised = [value / total for value in scaled]
+    vanished = [name for name, share in zip(classes.names, normalised, strict=True) if share <= 0]
+    if vanished:
+        raise UserError(
+            f"{where}: the share of class '{vanished[0]}' is too small next to the largest "
+            f"({largest:g}) to be represented; give shares closer together"
+        )
+    return normalised
+
+
+def check_few_shot_classes(labels: list[str], classes: ClassList, where: str) -> list[str]:
+    """A labeled set that adapts a teacher (few-shot) must show it at least two classes:
+    fitted on one, the teacher labels everything that class.
+
+    Args:
+        labels: the labeled set's label of each example.
+        classes: the target classes.
+        where: the flag and file, for the message ("--few-shot data.csv").
+
+    Returns:
+        The classes with no example (the caller may say so), in class order.
+
+    Raises:
+        UserError: fewer than two of ``classes`` have an example.
+    """
+    present = set(labels)
+    found = [name for name in classes.names if name in present]
+    if len(found) < 2:
+        held = f"only class '{found[0]}'" if found else "none of the classes"
+        raise UserError(
+            f"{where} holds examples of {held} ({len(labels)} example(s)); a few-shot set "
+            f"needs examples of at least 2 classes of {len(classes)}, better of every class"
+        )
+    return [name for name in classes.names if name not in present]
 
 
 def _read_prior_file(path: Path) -> dict:

@@ -17,7 +17,15 @@ from typing import Annotated
 import typer
 import typer.main
 
-from zmdevice.config import DataOptions, ExportConfig, LabelConfig, TrainConfig, methods_help
+from zmdevice.config import (
+    DEFAULT_STUDENTS,
+    DEFAULT_TEACHERS,
+    DataOptions,
+    ExportConfig,
+    LabelConfig,
+    TrainConfig,
+    methods_help,
+)
 from zmdevice.errors import UserError, missing_dependency, os_error
 
 app = typer.Typer(
@@ -99,6 +107,11 @@ def typed_flags(local_values: dict, skip=("config", "as_json")) -> dict:
     return {key: value for key, value in local_values.items() if key not in skip}
 
 
+def by_modality(defaults: dict[str, str]) -> str:
+    """A modality -> name table in help text: 'by the labeled data, X for text, Y for images'."""
+    return "by the labeled data, " + ", ".join(f"{n} for {kind}" for kind, n in defaults.items())
+
+
 @app.command()
 @user_errors_exit_2
 def label(
@@ -162,21 +175,23 @@ def label(
     few_shot: Annotated[
         Path | None,
         typer.Option(
-            help="Labeled data: adapt the teacher to it in its feature space (a probe times "
-            "the zero-shot probabilities) before labeling; text-embed and imagenet teachers."
+            help="Your labeled examples: write the labels that cross-validation on them "
+            "scores best (refined over the data's neighbour graph, with or without the FM's "
+            "prior; text-embed and imagenet teachers)."
         ),
     ] = None,
     refine: Annotated[
         bool | None,
         typer.Option(
-            help="Smooth the labels over the data's neighbour graph in the teacher's feature "
-            "space, from the --few-shot examples and the teacher's own probabilities."
+            help="--refine: refined labels (also without --few-shot: the FM's own labels "
+            "spread); --no-refine: with --few-shot, the few-shot labels (a probe on the FM's "
+            "features times its zero-shot probabilities), never refined."
         ),
     ] = None,
     class_prior: Annotated[
         str | None,
         typer.Option(
-            help="With --refine: the class shares you know the data has, 'balanced', "
+            help="With refined labels: the class shares you know the data has, 'balanced', "
             "'cat=3,dog=1' or a .json file; the refined labels are rebalanced to them "
             "(default: keep the FM's shares)."
         ),
@@ -232,13 +247,24 @@ def train(
     ] = None,
     unlabeled: Annotated[Path | None, typer.Option(help="Unlabeled training data.")] = None,
     pseudo_labels: Annotated[
-        Path | None, typer.Option(help="Pseudo-label file from `zmdevice label`.")
+        Path | None,
+        typer.Option(
+            help="Pseudo-label file from `zmdevice label` (default: made first from "
+            "--unlabeled with --teacher and the --labeled examples, into --out)."
+        ),
+    ] = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(
+            help="The FM that makes the pseudo-labels when --pseudo-labels is not given "
+            f"(default: {by_modality(DEFAULT_TEACHERS)})."
+        ),
     ] = None,
     student: Annotated[
         str | None,
         typer.Option(
             help="efficientnet_lite0, mobilenet_v3_small, mobilenet_v3_large, distilbert, or a "
-            f"tiny preset (default {TrainConfig.student})."
+            f"tiny preset (default: {by_modality(DEFAULT_STUDENTS)})."
         ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default models/NAME).")] = None,
@@ -403,13 +429,20 @@ def demo(
     ),
     modality: Annotated[str, typer.Option(help="text or image.")] = "text",
     quick: Annotated[bool, typer.Option(help="A reduced run (fewer steps) for CI.")] = False,
+    zero_shot: Annotated[
+        bool,
+        typer.Option(
+            help="Train on the FM's zero-shot labels (the paper's protocol) instead of the "
+            "labels chosen with the labeled examples."
+        ),
+    ] = False,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
 ) -> None:
     """The whole workflow on the embedded default data: label, train, export, predict."""
     from zmdevice.demo import run_demo
 
-    summary = run_demo(out=out, modality=modality, quick=quick, device=device)
+    summary = run_demo(out=out, modality=modality, quick=quick, device=device, zero_shot=zero_shot)
     emit_summary(summary, as_json, summary.get("lines", []))
 
 

@@ -2,8 +2,11 @@
 
 The CLI maps the flags the user typed and an optional ``--config`` TOML file onto these
 (``load_config``): a typed flag always wins over the file, a flag left out never does.
-File values are type-checked when the file is read and every field is range-checked in
-``__post_init__``; a bad value is a ``UserError`` naming the key, where it came from and
+File values are type-checked when the file is read; ``__post_init__`` checks every field's
+type (``check_fields``: no strings for numbers, no bools for integers, no fractional
+integers, finite floats, 64-bit integers; paths may be strings or ``os.PathLike``) before
+any range, so a config built from Python (``zmdevice.api``) is held to the same rules as
+the command line. A bad value is a ``UserError`` naming the key, where it came from and
 what is expected.
 
 Over 500 lines on purpose: the fields of all three commands with their one-line
@@ -14,6 +17,9 @@ read them; a split would part each field from its check.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +42,87 @@ class ConfigError(UserError):
 
 def check_device(device: str) -> str:
     """Accept auto, cpu, cuda, cuda:N or mps; anything else is a user error."""
+    if not isinstance(device, str):
+        raise ConfigError(
+            "device", f"device must be a string (auto, cpu, cuda, cuda:N, mps), got {shown(device)}"
+        )
     base = device.split(":", 1)[0]
     if base not in DEVICES or (":" in device and not (base == "cuda" and device[5:].isdigit())):
         raise ConfigError(
             "device", f"unknown device '{device}': use one of auto, cpu, cuda, cuda:N, mps"
         )
     return device
+
+
+def shown(value: Any) -> str:
+    """``value`` for a one-line message: its repr when short, else its type."""
+    text = repr(value)
+    return f"a {type(value).__name__}" if len(text) > 60 or "\n" in text else text
+
+
+def _is_int(value: Any) -> bool:
+    # numbers.Integral takes numpy's integers too; bool is an int to Python, not to us.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _as_path(value: Any) -> Path:
+    return Path(value)
+
+
+FIELD_TYPES = {
+    "int": ("an integer", _is_int, int),
+    "float": ("a number", _is_number, float),
+    "str": ("a string", lambda v: isinstance(v, str), str),
+    "Path": ("a path", lambda v: isinstance(v, str | os.PathLike), _as_path),
+    "bool": ("true or false", lambda v: isinstance(v, bool), bool),
+    "list[str]": (
+        "a list of strings",
+        lambda v: isinstance(v, list | tuple) and all(isinstance(item, str) for item in v),
+        list,
+    ),
+    "DataOptions": ("a DataOptions", lambda v: isinstance(v, DataOptions), lambda v: v),
+}
+"""Each annotation a config field may have: what it is called in a message, the test a value
+must pass, and the conversion to the one type the stages see (Path, int, float, list)."""
+
+INT64 = 2**63
+
+
+def checked_value(key: str, value: Any, annotation: str) -> Any:
+    """``value`` converted to the field's type; a ``ConfigError`` naming ``key`` when it has
+    the wrong type (None where it is not allowed included), is not finite, or does not fit
+    in 64 bits (what torch, numpy and the checkpoint files hold)."""
+    options = [part.strip() for part in annotation.split("|")]
+    if value is None and "None" in options:
+        return None
+    kinds = [option for option in options if option != "None"]
+    for kind in kinds:
+        _, fits, convert = FIELD_TYPES[kind]
+        if not fits(value):
+            continue
+        value = convert(value)
+        if kind == "int" and not -INT64 <= value < INT64:
+            raise ConfigError(key, f"{key} must fit in 64 bits (-2**63 to 2**63 - 1), got {value}")
+        if kind == "float" and not math.isfinite(value):
+            raise ConfigError(key, f"{key} must be a finite number, got {value}")
+        return value
+    expected = " or ".join(FIELD_TYPES[kind][0] for kind in kinds)
+    # A string is never read as a number (as in a --config file): say so, it looks alike.
+    string = " (a string)" if isinstance(value, str) else ""
+    raise ConfigError(key, f"{key} must be {expected}, got {shown(value)}{string}")
+
+
+def check_fields(config) -> None:
+    """Check the type of every field of a config dataclass and convert it in place (see
+    ``checked_value``). Runs first in ``__post_init__``, so that range checks compare
+    numbers with numbers."""
+    for item in dataclasses.fields(config):
+        value = checked_value(item.name, getattr(config, item.name), str(item.type))
+        object.__setattr__(config, item.name, value)
 
 
 def require(config, key: str, ok: bool, expected: str) -> None:
@@ -120,6 +201,9 @@ class DataOptions:
     skip_corrupt: bool = False
     """Skip and count unreadable images instead of failing on the first one."""
 
+    def __post_init__(self):
+        check_fields(self)
+
 
 ENGINES = ("local", "ray")
 
@@ -162,11 +246,14 @@ class LabelConfig:
     runtime: str = "auto"
     """Teacher runtime: auto, torch, onnx or onnx-int8 (``zmdevice.precision.choose_runtime``)."""
     few_shot: Path | None = None
-    """Labeled data the teacher is adapted to before labeling (``zmdevice.fewshot``: a probe
-    on the FM's features times its zero-shot probabilities); None: the paper's zero-shot."""
-    refine: bool = False
-    """Spread the labels over the neighbour graph of the data's FM features, from the
-    ``few_shot`` examples and the teacher's probabilities (``zmdevice.refine``)."""
+    """Your labeled examples: the labels written are then the best of zero-shot, few-shot
+    (a probe on the FM's features times its zero-shot probabilities) and refined (spread
+    over the data's neighbour graph, with or without the FM's prior), by cross-validation on
+    these examples (``zmdevice.label_source``); None: the paper's zero-shot labels."""
+    refine: bool | None = None
+    """True: refined labels (spread over the neighbour graph of the data's FM features,
+    ``zmdevice.refine``); False: never refined; None: as cross-validation decides when
+    ``few_shot`` is given, else not refined."""
     class_prior: str | None = None
     """The class shares the refined labels are rebalanced to: 'balanced', 'cat=3,dog=1' or a
     .json/.toml file (``zmdevice.classes.load_class_prior``); None keeps the FM's."""
@@ -180,6 +267,7 @@ class LabelConfig:
     """GPUs per Ray teacher actor (fractions share a GPU); 0 runs the teacher on CPUs."""
 
     def __post_init__(self):
+        check_fields(self)
         check_device(self.device)
         at_least(self, 1, "batch_size", "top_k", "ray_workers")
         at_least(self, 0, "workers", "gpus_per_worker")
@@ -201,11 +289,12 @@ class LabelConfig:
                 f"--refine needs every sample's features in one run, not {flag}: label "
                 "with the local engine and without --shard",
             )
-        if self.class_prior is not None and not self.refine:
+        refinable = self.refine or (self.refine is None and self.few_shot is not None)
+        if self.class_prior is not None and not (refinable and self.shard is None):
             raise ConfigError(
                 "class_prior",
                 "--class-prior rebalances the refined labels, which see every sample at "
-                "once: add --refine",
+                "once: add --refine (or --few-shot), without --shard",
             )
         if self.engine == "ray" and self.device not in ("auto", "cpu"):
             raise ConfigError(
@@ -232,9 +321,14 @@ class TrainConfig:
     unlabeled: Path
     """Unlabeled training data (the labeled samples are part of it too)."""
     pseudo_labels: Path | None = None
-    """Pseudo-label file from `zmdevice label` (required by methods that use the FM)."""
-    student: str = "efficientnet_lite0"
-    """Student preset from the catalog, or a hub id / local dir for distilbert."""
+    """Pseudo-label file from `zmdevice label`; None with a method that uses the FM: made
+    first, as `zmdevice label UNLABELED --few-shot LABELED` makes them, with ``teacher``."""
+    teacher: str | None = None
+    """The FM that labels the unlabeled data when no ``pseudo_labels`` are given; None: the
+    default of the data's modality, ``DEFAULT_TEACHERS``."""
+    student: str | None = None
+    """Student preset from the catalog (``preset:weights`` for other weights); None: the
+    default of the labeled data's modality, ``DEFAULT_STUDENTS`` (``resolve_student``)."""
     out: Path | None = None
     """Output folder; default models/<student>-<method>."""
     device: str = "auto"
@@ -331,12 +425,16 @@ class TrainConfig:
     """Minutes for the whole run: the stages' steps are planned from measured step times,
     split as kd_steps:ssl_steps, and training stops on time (``training.budget``)."""
     collapse_guard: str = "rollback"
-    """Stage-2 collapse guard (``training.guard``): rollback (to the best weights, then
-    finish), distill (roll back, then spend stage 2's remaining steps on stage-1
+    """Stage-2 collapse guard (``training.guard``): rollback (to the last weights the rule
+    passed, then finish), distill (roll back, then spend stage 2's remaining steps on stage-1
     distillation), stop (finish with the weights as they are) or off."""
-    collapse_agreement_drop: float | None = 0.15
-    """Also a collapse: held-out agreement with the FM this far below its stage-2 best (0 or
-    None: logged, not judged). Chosen on dev with the patience (``benchmarks/guard_replay.py``)."""
+    collapse_agreement: bool = True
+    """Also a collapse: held-out agreement with the pseudo-labels below ``2a - 1``, the
+    least a student as accurate as labels right on a share ``a`` keeps (``a`` measured on
+    the labeled examples; no floor when unknown or a <= 0.5)."""
+    collapse_class_fraction: float = 0.5
+    """Also a collapse: a class keeping less than this share of its held-out predictions at
+    stage 2's start while the predictions grow less even (0: not judged)."""
     collapse_entropy_fraction: float = 0.5
     """Collapse when the predicted-class entropy on the held-out slice falls below this
     share of its stage-2 highest."""
@@ -348,7 +446,9 @@ class TrainConfig:
     optimizer and losses stay fp32; ``zmdevice.precision``). The run records the resolved one."""
 
     def __post_init__(self):
+        check_fields(self)
         check_device(self.device)
+        at_least(self, 0, "seed")
         if self.resume and self.overwrite:
             raise ConfigError("overwrite", "--resume and --overwrite exclude each other")
         require(self, "method", self.method in METHODS, f"one of {', '.join(METHODS)}")
@@ -364,7 +464,7 @@ class TrainConfig:
         for key in ("lr", "head_lr", "temperature", "ssl_lr_scale"):
             value = getattr(self, key)
             require(self, key, value is None or value > 0, "> 0")
-        shares = ("warmup", "da_momentum", "collapse_agreement_drop", "collapse_entropy_fraction")
+        shares = ("warmup", "da_momentum", "collapse_class_fraction", "collapse_entropy_fraction")
         for key in shares:
             value = getattr(self, key)
             require(self, key, value is None or 0 <= value < 1, "in [0, 1)")
@@ -431,6 +531,47 @@ MODALITY_DEFAULTS = {
 """CPU defaults of the TrainConfig fields that depend on the student's modality."""
 
 
+DEFAULT_STUDENTS = {"image": "efficientnet_lite0", "text": "distilbert"}
+"""The student trained when none is named, by the labeled data's modality: the offline
+default of each."""
+DEFAULT_TEACHERS = {"image": "efficientnet-lite0", "text": "minilm"}
+"""The FM ``train`` labels with when given no pseudo-labels: the offline default of each
+modality (the catalog's ``models/*.toml``)."""
+
+
+def resolve_student(config: TrainConfig) -> TrainConfig:
+    """``config`` with its student settled: the one named, checked to fit the labeled data's
+    modality, else that modality's ``DEFAULT_STUDENTS`` entry. The one rule of the CLI and
+    the API: ``run_train`` applies it before anything else.
+
+    Raises:
+        UserError: the labeled data cannot be opened, the student is not in the catalog, or
+            it is a model of the other modality.
+    """
+    from zmdevice.catalog import list_entries, require_entry
+    from zmdevice.data import open_dataset
+
+    modality = open_dataset(config.labeled).modality
+    if config.student is None:
+        return dataclasses.replace(config, student=DEFAULT_STUDENTS[modality])
+    preset = config.student.partition(":")[0].strip()
+    kind = require_entry(preset, "student", "--student").get("modality", "image")
+    if kind != modality:
+        fitting = sorted(
+            name
+            for name, entry in list_entries("student").items()
+            if entry.get("modality", "image") == modality
+        )
+        article = "an" if kind == "image" else "a"
+        raise ConfigError(
+            "student",
+            f"--student {config.student} is {article} {kind} model but --labeled "
+            f"{config.labeled} holds {modality} data: use a {modality} student "
+            f"({', '.join(fitting)}) or leave --student out for {DEFAULT_STUDENTS[modality]}",
+        )
+    return config
+
+
 # --------------------------------------------------------------------------- export
 
 SUPPORTED_OPSETS = range(18, 24)
@@ -467,6 +608,7 @@ class ExportConfig:
     """'onnx', or 'ort' to also write ONNX Runtime's mobile format (NAME.ort)."""
 
     def __post_init__(self):
+        check_fields(self)
         if self.quantize not in (None, "int8"):
             raise ConfigError(
                 "quantize", f"unknown --quantize '{self.quantize}': the only choice is int8"
@@ -488,24 +630,14 @@ def config_fields(cls) -> dict[str, dataclasses.Field]:
     return fields
 
 
-TYPE_NAMES = {
-    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-    "float": ("a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool)),
-    "str": ("a string", lambda v: isinstance(v, str)),
-    "Path": ("a path (string)", lambda v: isinstance(v, str)),
-    "bool": ("true or false", lambda v: isinstance(v, bool)),
-    "list[str]": ("a list of strings", lambda v: isinstance(v, list) and all(
-        isinstance(item, str) for item in v)),
-}  # fmt: skip
-
-
 def check_type(key: str, value: Any, annotation: str, source: str) -> None:
     """UserError naming ``key`` and ``source`` unless ``value`` fits ``annotation``."""
-    options = [part.strip() for part in annotation.split("|") if part.strip() != "None"]
-    if any(TYPE_NAMES[option][1](value) for option in options):
+    # Ranges (finite, 64-bit) are the dataclass's to check; load_config names the file then.
+    kinds = [part.strip() for part in annotation.split("|") if part.strip() != "None"]
+    if any(FIELD_TYPES[kind][1](value) for kind in kinds):
         return
-    expected = " or ".join(TYPE_NAMES[option][0] for option in options)
-    raise UserError(f"{source}: {key} = {value!r} must be {expected}")
+    expected = " or ".join(FIELD_TYPES[kind][0] for kind in kinds)
+    raise UserError(f"{source}: {key} = {shown(value)} must be {expected}")
 
 
 def read_config_file(cls, config_file: Path) -> dict:
@@ -544,9 +676,6 @@ def load_config(cls, config_file: Path | None, flags: dict):
     typed = {key: value for key, value in flags.items() if value is not None}
     values = {**from_file, **typed}
     fields = config_fields(cls)
-    for key, value in values.items():
-        if "Path" in str(fields[key].type) and isinstance(value, str):
-            values[key] = Path(value)
     missing = [
         key
         for key, item in fields.items()

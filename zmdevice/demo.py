@@ -63,8 +63,15 @@ def onnx_latency_ms(model: Path, example, repeats: int = 30) -> float:
     return 1000 * sorted(times)[len(times) // 2]
 
 
-def run_demo(out: Path, modality: str = "text", quick: bool = False, device: str = "auto") -> dict:
-    """Run label -> train -> export -> predict on the embedded default; return the summary."""
+def run_demo(
+    out: Path, modality: str = "text", quick: bool = False, device: str = "auto",
+    zero_shot: bool = False,
+) -> dict:  # fmt: skip
+    """Run label -> train -> export -> predict on the embedded default; return the summary.
+
+    The labels are made as ``zmdevice label --few-shot`` makes them from the labeled
+    examples (the source cross-validation picks); ``zero_shot``: the FM's own labels.
+    """
     from zmdevice.config import ExportConfig, LabelConfig, TrainConfig
     from zmdevice.data import open_dataset
 
@@ -88,12 +95,16 @@ def run_demo(out: Path, modality: str = "text", quick: bool = False, device: str
 
     step(f"1/4 labeling {plan.unlabeled} with the foundation model '{plan.teacher}'")
     labels = out / "labels" / f"{plan.data}.parquet"
-    run_label(
+    # Zero-shot labels are measured on the labeled examples; labels made from those
+    # examples would be measured on what they were made from, so they are not.
+    made = {"gold": data / plan.labeled} if zero_shot else {"few_shot": data / plan.labeled}
+    labeled_now = run_label(
         LabelConfig(
             data=data / plan.unlabeled, classes=classes, teacher=plan.teacher, out=labels,
-            device=device, gold=data / plan.labeled,
+            device=device, **made,
         )
     )  # fmt: skip
+    source = [line.strip() for line in labeled_now["lines"] if line.strip().startswith("labels:")]
     # The FM's zero-shot accuracy on the test split: the baseline the student must beat.
     fm_test = run_label(
         LabelConfig(
@@ -196,10 +207,12 @@ def run_demo(out: Path, modality: str = "text", quick: bool = False, device: str
         f"  zmdevice predict {onnx_path.name} '{shown}' -> {first['top'][0]['class']} "
         f"({first['top'][0]['probability']:.2f}); true class: {test_set.labels[0]}"
     )
+    lines += [f"  {line}" for line in source]
     lines.append(f"  files under {out}: labels/, models/, export/")
     return {
         "modality": modality,
         "quick": quick,
+        "label_source": labeled_now.get("label_source"),
         "fm_accuracy": fm_accuracy,
         "student_accuracy_torch": torch_eval["accuracy"],
         "student_accuracy_onnx": onnx_eval["accuracy"],

@@ -18,6 +18,8 @@ import contextlib
 import io
 import json
 import os
+import shutil
+import tempfile
 import tomllib
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -27,7 +29,7 @@ import numpy as np
 
 from zmdevice import __version__
 from zmdevice.config import ExportConfig, check_opset
-from zmdevice.errors import UserError, atomic_path, check_writable
+from zmdevice.errors import UserError, atomic_path, atomic_paths, check_writable, disk_errors
 
 FORMAT = "zmdevice-onnx"
 FORMAT_VERSION = 1
@@ -148,13 +150,24 @@ def strip_debug_info(model_proto) -> None:
 
 def save_model(model_proto, target: Path) -> int:
     """Check and save an in-memory ONNX model as one file, atomically; returns its size."""
+    onnx_checked(model_proto)
+    with atomic_path(target) as tmp:
+        write_model(model_proto, tmp)
+    return target.stat().st_size
+
+
+def onnx_checked(model_proto) -> None:
     import onnx
 
     onnx.checker.check_model(model_proto)
-    with atomic_path(target) as tmp:
-        onnx.save_model(model_proto, str(tmp), save_as_external_data=False)
-        _readable(tmp)
-    return target.stat().st_size
+
+
+def write_model(model_proto, path: Path) -> None:
+    """The ONNX model as one file at ``path`` (no external data)."""
+    import onnx
+
+    onnx.save_model(model_proto, str(path), save_as_external_data=False)
+    _readable(path)
 
 
 def _readable(path: Path) -> None:
@@ -399,15 +412,15 @@ def export_student(
     write_metadata(model_proto, metadata)
     model_bytes = model_proto.SerializeToString()
     parity = check_parity(student, model_bytes, feeds, inputs, tolerance)
-    tokenizer_path = None
-    if tokenizer_name:
-        tokenizer_path = out_path.parent / tokenizer_name
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(tokenizer_path) as tmp:
+    onnx_checked(model_proto)
+    tokenizer_path = out_path.parent / tokenizer_name if tokenizer_name else None
+    # The model and its tokenizer appear together or not at all (a full disk).
+    with atomic_paths(out_path, *([tokenizer_path] if tokenizer_path else [])) as temporary:
+        write_model(model_proto, temporary[0])
+        if tokenizer_path:
             # The student's own file, untouched: the runtime applies the metadata settings.
-            Path(tmp).write_text(student.tokenizer.to_str(), encoding="utf-8")
-            _readable(tmp)
-    size = save_model(model_proto, out_path)
+            temporary[1].write_text(student.tokenizer.to_str(), encoding="utf-8")
+    size = out_path.stat().st_size
     return ExportResult(out_path, opset, size, parity, metadata, tokenizer_path)
 
 
@@ -461,14 +474,83 @@ def _check_test_data(test: Path, student) -> None:
     label_indices(dataset, student.classes, owner="the model")
 
 
+def export_files(config, student, model_dir: Path, out: Path, staged: Path, samples: tuple):
+    """Write the export's files into ``staged``'s folder; (summary, lines) naming them as
+    they will be called beside ``out`` (``run_export`` moves them there).
+
+    Args:
+        samples: (parity examples or None, where they came from, calibration images or None).
+    """
+    from zmdevice.ort_format import write_ort
+    from zmdevice.quantize import int8_path, quantize_int8
+
+    examples, source, calibration = samples
+
+    def final(path) -> Path:
+        return out.parent / Path(path).name
+
+    result = export_student(
+        student, staged, opset=config.opset, examples=examples, examples_source=source
+    )
+    parity = result.parity
+    lines = [
+        f"exported {model_dir} -> {out} ({result.size_bytes / 1e6:.2f} MB, opset {config.opset}, "
+        "dynamo exporter)",
+        f"parity onnxruntime vs PyTorch: max relative logit error {parity.relative_error:.1e} "
+        f"(abs {parity.max_abs_error:.1e}, scale {parity.logit_scale:.2g}), top class agrees on "
+        f"{100 * parity.argmax_agreement:.0f}% over batch/length cases {parity.cases}, "
+        f"inputs: {parity.inputs}",
+    ]
+    tokenizer = final(result.tokenizer_path) if result.tokenizer_path else None
+    if tokenizer:
+        lines.append(f"tokenizer: {tokenizer} (keep it next to the .onnx file)")
+    card = None
+    if (model_dir / "README.md").is_file():
+        # The model card travels with the model: an app developer sees what it is for.
+        model_card_path(staged).write_bytes((model_dir / "README.md").read_bytes())
+        card = final(model_card_path(staged))
+        lines.append(f"model card: {card}")
+    summary: dict = {
+        "model_dir": str(model_dir),
+        "onnx": str(out),
+        "size_bytes": result.size_bytes,
+        "exporter": "dynamo",  # kept for readers of earlier summaries (benchmarks)
+        "opset": config.opset,
+        "parity": asdict(parity),
+        "metadata": result.metadata,
+        "tokenizer": str(tokenizer) if tokenizer else None,
+        "model_card": str(card) if card else None,
+    }
+    if config.quantize == "int8":
+        quantized = quantize_int8(staged, int8_path(staged), calibration)
+        quantized["path"] = str(final(quantized["path"]))
+        ratio = quantized["size_bytes"] / result.size_bytes
+        lines.append(
+            f"int8: {quantized['path']} ({quantized['size_bytes'] / 1e6:.2f} MB, "
+            f"{ratio:.2f}x fp32), {quantized['method']}"
+        )
+        summary["int8"] = {**quantized, "size_ratio": ratio}
+    if config.format == "ort":
+        sources = [staged, *([int8_path(staged)] if "int8" in summary else [])]
+        written = write_ort(sources, examples)
+        written["files"] = [str(final(path)) for path in written["files"]]
+        written["operators_config"] = str(final(written["operators_config"]))
+        errors = ", ".join(f"{k} {v:.1e}" for k, v in written["relative_errors"].items())
+        lines.append(
+            f"ORT format: {', '.join(written['files'])} (max relative logit error vs .onnx: "
+            f"{errors}); operators for a minimal build: {written['operators_config']}"
+        )
+        summary["ort"] = written
+    return summary, lines
+
+
 def run_export(config) -> dict:
     """`zmdevice export`: ONNX file (+ int8 variant), parity-checked; returns the summary.
 
     Args:
         config: ``zmdevice.config.ExportConfig``.
     """
-    from zmdevice.ort_format import write_ort
-    from zmdevice.quantize import int8_path, quantize_int8
+    from zmdevice.quantize import int8_path
     from zmdevice.students import load_student, read_student_config
 
     # Everything that can be checked is checked before the (slow) export writes anything.
@@ -500,53 +582,28 @@ def run_export(config) -> dict:
         except UserError as error:
             # Parity still runs (on synthetic inputs); the summary says why.
             source = f"synthetic inputs (training data unreadable: {error})"
-    result = export_student(
-        student, out, opset=config.opset, examples=examples, examples_source=source
-    )
-    parity = result.parity
-    lines = [
-        f"exported {model_dir} -> {out} ({result.size_bytes / 1e6:.2f} MB, opset {config.opset}, "
-        "dynamo exporter)",
-        f"parity onnxruntime vs PyTorch: max relative logit error {parity.relative_error:.1e} "
-        f"(abs {parity.max_abs_error:.1e}, scale {parity.logit_scale:.2g}), top class agrees on "
-        f"{100 * parity.argmax_agreement:.0f}% over batch/length cases {parity.cases}, "
-        f"inputs: {parity.inputs}",
-    ]
-    if result.tokenizer_path:
-        lines.append(f"tokenizer: {result.tokenizer_path} (keep it next to the .onnx file)")
-    card = model_card_path(out)
-    if (model_dir / "README.md").is_file():
-        # The model card travels with the model: an app developer sees what it is for.
-        with atomic_path(card) as tmp:
-            tmp.write_bytes((model_dir / "README.md").read_bytes())
-        lines.append(f"model card: {card}")
-    summary: dict = {
-        "model_dir": str(model_dir),
-        "onnx": str(out),
-        "size_bytes": result.size_bytes,
-        "exporter": "dynamo",  # kept for readers of earlier summaries (benchmarks)
-        "opset": config.opset,
-        "parity": asdict(parity),
-        "metadata": result.metadata,
-        "tokenizer": str(result.tokenizer_path) if result.tokenizer_path else None,
-        "model_card": str(card) if card.is_file() else None,
-    }
-    if config.quantize == "int8":
-        quantized = quantize_int8(out, int8_path(out), calibration)
-        ratio = quantized["size_bytes"] / result.size_bytes
-        lines.append(
-            f"int8: {quantized['path']} ({quantized['size_bytes'] / 1e6:.2f} MB, "
-            f"{ratio:.2f}x fp32), {quantized['method']}"
-        )
-        summary["int8"] = {**quantized, "size_ratio": ratio}
-    if config.format == "ort":
-        written = write_ort([out, *([int8_path(out)] if "int8" in summary else [])], examples)
-        errors = ", ".join(f"{k} {v:.1e}" for k, v in written["relative_errors"].items())
-        lines.append(
-            f"ORT format: {', '.join(written['files'])} (max relative logit error vs .onnx: "
-            f"{errors}); operators for a minimal build: {written['operators_config']}"
-        )
-        summary["ort"] = written
+    # Every file is written into a hidden folder beside --out and moved under its name only
+    # once all of them were written: a full disk or a failed check leaves nothing half-done.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.stem}.export-", dir=out.parent))
+    try:
+        with disk_errors(out):
+            try:
+                summary, lines = export_files(
+                    config, student, model_dir, out, stage / out.name,
+                    (examples, source, calibration),
+                )  # fmt: skip
+                for path in sorted(stage.iterdir()):
+                    if path.is_file() and not path.name.startswith("."):
+                        os.replace(path, out.parent / path.name)
+            except OSError as error:
+                if error.filename is None or Path(error.filename).parent != stage:
+                    raise
+                # Name the file the user asked for, not its temporary twin.
+                final = str(out.parent / Path(error.filename).name)
+                raise OSError(error.errno, error.strerror, final) from error
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     if config.test is not None:
         from zmdevice.runtime import run_evaluate_onnx
 

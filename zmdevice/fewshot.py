@@ -142,6 +142,7 @@ def adapt_teacher(
     *,
     l2: float = DEFAULT_L2,
     zero_shot_weight: float = DEFAULT_ZERO_SHOT_WEIGHT,
+    features: np.ndarray | None = None,
 ):
     """A copy of ``teacher`` whose probabilities are adapted to the ``labeled`` data set.
 
@@ -149,6 +150,7 @@ def adapt_teacher(
         teacher: a ``Teacher`` with ``features_and_probs``.
         labeled: a labeled data set (``open_dataset(..., require_labels=True)``).
         classes: the ``ClassList`` the teacher was built for.
+        features: the teacher's features [L, D] of ``labeled`` when already computed.
 
     Returns:
         A :class:`FewShotTeacher`; its ``info["few_shot"]`` records the settings and the
@@ -157,7 +159,8 @@ def adapt_teacher(
     from zmdevice.data import label_indices
 
     labels = label_indices(labeled, classes)
-    features, _ = teacher_outputs(teacher, labeled)
+    if features is None:
+        features, _ = teacher_outputs(teacher, labeled)
     adapter = fit_adapter(features, labels, len(classes), l2=l2, zero_shot_weight=zero_shot_weight)
     few_shot = {
         "labeled": str(labeled.source),

@@ -22,12 +22,15 @@ output, so either engine can resume the other's parts. The parts folder's bookke
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,13 +39,23 @@ from zmdevice.errors import UserError, check_writable, listing
 from zmdevice.label_parts import (
     check_parts,
     check_same_numerics,
+    claim_parts,
     finished_parts,
     labels_by_id,
+    read_parts_outputs,
     read_run,
-    refine_parts,
     start_parts,
     write_part,
     write_part_features,
+)
+from zmdevice.label_source import (
+    DEFAULT_SOURCES,
+    REFINED,
+    Evidence,
+    choose,
+    data_graph,
+    decision_line,
+    make_labels,
 )
 from zmdevice.pseudolabels import (
     PseudoLabelWriter,
@@ -59,18 +72,28 @@ REFINE_WRITE_ROWS = 65536
 """Rows per row group of a refined output file."""
 
 
-def default_out(data: Path, teacher: str) -> Path:
-    """labels/<data name>-<teacher>.parquet (the folder name for an image folder).
+def default_out(data: Path, teacher: str, made: str | None = None) -> Path:
+    """labels/<data name>-<teacher>[-<made>].parquet (the folder name for an image folder).
 
     The teacher is part of the name so that labeling a text table and an image folder that
     share a name (``unlabeled.csv``, ``unlabeled/``), or one data set with two teachers,
-    never overwrites an earlier file. A ``kind:spec`` teacher keeps the last component of
-    each path in it: ``text-embed:/models/e5`` -> ``text-embed-e5``.
+    never overwrites an earlier file; ``made`` tells labels made otherwise than zero-shot
+    (``fewshot``: from labeled examples, ``refined``: spread without them) apart from the
+    zero-shot ones. A ``kind:spec`` teacher keeps the last component of each path in it:
+    ``text-embed:/models/e5`` -> ``text-embed-e5``.
     """
     name = data.name if data.is_dir() else data.stem
     parts = [Path(part).name if "/" in part else part for part in teacher.split(":")]
     teacher_name = re.sub(r"[^A-Za-z0-9._=-]+", "-", "-".join(parts)).strip("-.")
-    return Path("labels") / f"{name}-{teacher_name}.parquet"
+    suffix = f"-{made}" if made else ""
+    return Path("labels") / f"{name}-{teacher_name}{suffix}.parquet"
+
+
+def made_tag(config: LabelConfig) -> str | None:
+    """How the labels are made, for their default file name (``default_out``)."""
+    if config.few_shot is not None:
+        return "fewshot"
+    return "refined" if config.refine else None
 
 
 def parse_shard(shard: str | None) -> tuple[int, int] | None:
@@ -212,19 +235,27 @@ def run_label(config: LabelConfig) -> dict:
     Returns:
         Summary dict (output path, counts, throughput, sizes, quality) with ``lines``.
     """
-    from zmdevice.classes import load_class_prior, load_classes
+    with contextlib.ExitStack() as claims:  # held from the claim of the output to the end
+        return _run_label(config, claims)
+
+
+def _run_label(config: LabelConfig, claims: contextlib.ExitStack) -> dict:
+    from zmdevice.calibrate import calibrated_teacher
+    from zmdevice.classes import check_few_shot_classes, load_class_prior, load_classes
     from zmdevice.data import label_indices, open_dataset
     from zmdevice.device import resolve_device
-    from zmdevice.teachers import build_teacher, teacher_modality
+    from zmdevice.teachers import teacher_modality
 
-    out = Path(config.out) if config.out else default_out(Path(config.data), config.teacher)
+    out = config.out or default_out(Path(config.data), config.teacher, made_tag(config))
+    out = Path(out)
     check_writable(out, "--out", suffix=".parquet")
     if config.combine:
         return _combine(config, out)
     if config.engine == "ray":
-        from zmdevice.label_ray import import_ray
+        from zmdevice.label_ray import check_ray_address, import_ray
 
-        import_ray()  # a missing extra fails before anything is written
+        import_ray()  # a missing extra or a dead cluster fails before anything is written
+        check_ray_address(config.ray_address)
     shard = parse_shard(config.shard)
     classes = load_classes(config.classes)
     class_prior = None
@@ -247,48 +278,52 @@ def run_label(config: LabelConfig) -> dict:
     if len(indices) == 0:
         raise UserError(f"{config.data}: no samples to label (shard {config.shard} is empty)")
     parts_dir = out.with_name(f".{out.name}.parts")
+    claims.enter_context(claim_parts(parts_dir, out))  # one run at a time on this output
     top_k = config.top_k or default_top_k(len(classes))
     fingerprint = dataset.fingerprint()
     settings = _settings(config, fingerprint, shard, top_k, len(indices))
     labeled = None
     if config.few_shot is not None:
         labeled = open_dataset(config.few_shot, config.data_options, require_labels=True)
+        where = f"--few-shot {config.few_shot}"
+        label_indices(labeled, classes)  # an unknown class is named first
+        missing = check_few_shot_classes(labeled.labels, classes, where)
+        if missing:
+            print(
+                f"warning: {where} has no example of {listing(missing)}: only the FM speaks "
+                "for those classes",
+                file=sys.stderr,
+            )
         settings["few_shot"] = labeled.fingerprint()
     done_parts = check_parts(parts_dir, settings, config.resume, out)
     # The ray engine's workers load their own teacher; this copy, on the CPU, only lends
     # them its preprocessing, fills the metadata and answers --gold.
     device = resolve_device(config.device if config.engine == "local" else "cpu")
-    teacher = build_teacher(
-        config.teacher,
-        classes,
-        device=device,
-        templates=config.templates,
-        precision=config.precision,
-        runtime=config.runtime,
-    )
-    if config.refine and teacher.features_and_probs is None:
-        raise UserError(
-            f"--refine needs a teacher with a feature space (text-embed or imagenet); "
-            f"'{config.teacher}' has none: label without --refine"
-        )
-    refine_seeds = None
-    if labeled is not None and config.refine:
-        # Refinement fits its own few-shot prior, and only when the FM's zero-shot labels of the
-        # labeled examples are good enough (zmdevice.refine), so the parts keep the plain
-        # teacher's probabilities.
+    # --precision / --runtime auto: measured on this run's first batches, or cached.
+    teacher = calibrated_teacher(config, classes, device, dataset, indices, parts_dir, done_parts)
+    allowed = allowed_sources(config, teacher, labeled is not None)
+    examples = None
+    if labeled is not None:
         from zmdevice.fewshot import teacher_outputs
 
-        labeled_features, labeled_probs = teacher_outputs(teacher, labeled)
-        refine_seeds = (labeled_features, label_indices(labeled, classes), labeled_probs)
-    elif labeled is not None:
-        from zmdevice.fewshot import adapt_teacher
-
-        teacher = adapt_teacher(teacher, labeled, classes)
-    check_same_numerics(parts_dir, done_parts, teacher.info)
+        features, probs = teacher_outputs(teacher, labeled)
+        examples = LabeledExamples(
+            labeled, classes, features, probs, label_indices(labeled, classes)
+        )
+    with_features = bool(config.refine) or bool(set(allowed) & set(REFINED))
+    teacher_info = teacher.info
+    if labeled is not None and not with_features:
+        # No refinement: the choice needs the labeled examples only, so it is made now and a
+        # few-shot teacher labels the data directly.
+        decision = choose(examples.evidence(), allowed)
+        if decision["chosen"] == "few-shot":
+            teacher = examples.adapt(teacher)
+        teacher_info = dict(teacher.info, label_source=decision)
+    check_same_numerics(parts_dir, done_parts, teacher_info)
     run = read_run(parts_dir) if done_parts else start_parts(parts_dir, settings)
     metadata = build_metadata(
         classes=classes.names,
-        teacher=teacher.info,
+        teacher=teacher_info,
         data={
             "source": str(config.data),
             "modality": dataset.modality,
@@ -326,7 +361,7 @@ def run_label(config: LabelConfig) -> dict:
                 workers,
                 parts_dir,
                 metadata,
-                with_features=config.refine,
+                with_features=with_features,
             )
     except BaseException:
         # Finished chunks stay for --resume; a run that finished none leaves nothing.
@@ -337,10 +372,9 @@ def run_label(config: LabelConfig) -> dict:
 
     quality, quality_lines = None, []
     parts = [parts_dir / f"part-{j:06d}.parquet" for j in range(len(chunks))]
-    target = out
-    if config.refine:
-        target = parts_dir / "unrefined.parquet"  # joined here, refined into ``out`` below
-    if gold is not None and not config.refine:
+    # Labels made from the parts' features are joined first, then remade into ``out``.
+    target = parts_dir / "unrefined.parquet" if with_features else out
+    if gold is not None and not with_features:
         quality, quality_lines = _gold_report(
             gold, gold_truth, teacher, classes.names, config.batch_size, workers, config.gold,
             known=labels_by_id(parts),
@@ -348,22 +382,108 @@ def run_label(config: LabelConfig) -> dict:
     combined = combine_pseudolabels(
         parts, target, metadata_update={"quality": quality, "created": run["created"]}
     )
-    if config.refine:
-        ids, refined, refined_metadata = refine_parts(target, parts, refine_seeds, class_prior)
+    if with_features:
+        zero_shot, features = read_parts_outputs(target, parts)
+        ids, probs, combined, gold_teacher = labels_from_features(
+            zero_shot, features, examples, allowed, class_prior, teacher
+        )
         if gold is not None:
-            known = dict(zip(ids, refined.argmax(axis=1).tolist(), strict=True))
+            known = dict(zip(ids, probs.argmax(axis=1).tolist(), strict=True))
             quality, quality_lines = _gold_report(
-                gold, gold_truth, teacher, classes.names, config.batch_size, workers,
+                gold, gold_truth, gold_teacher, classes.names, config.batch_size, workers,
                 config.gold, known=known,
             )  # fmt: skip
-        refined_metadata["quality"] = quality
-        with PseudoLabelWriter(out, refined_metadata) as writer:
+        combined["quality"] = quality
+        with PseudoLabelWriter(out, combined) as writer:
             for start in range(0, len(ids), REFINE_WRITE_ROWS):
                 stop = start + REFINE_WRITE_ROWS
-                writer.write_probs(ids[start:stop], refined[start:stop])
+                writer.write_probs(ids[start:stop], probs[start:stop])
         combined = read_pseudolabel_metadata(out)
     shutil.rmtree(parts_dir, ignore_errors=True)
     return _summary(out, combined, labeled_now, elapsed, quality_lines, workers, device)
+
+
+def allowed_sources(config: LabelConfig, teacher, has_labeled: bool) -> tuple[str, ...]:
+    """The label sources (``zmdevice.label_source``) this run may choose from: none without
+    labeled examples; the refined ones (``DEFAULT_SOURCES``, chosen on the benchmark's dev
+    splits) by default and with ``--refine``; the few-shot teacher with ``--no-refine``;
+    few-shot or zero-shot in a run that cannot see every sample's features at once
+    (``--shard``)."""
+    if (config.refine or has_labeled) and teacher.features_and_probs is None:
+        flag = "--refine" if config.refine else "--few-shot"
+        raise UserError(
+            f"{flag} needs a teacher with a feature space (text-embed or imagenet); "
+            f"'{config.teacher}' has none: label without {flag}"
+        )
+    if not has_labeled:
+        return ()
+    if config.refine is False:
+        return ("few-shot",)
+    if config.shard is not None:
+        return ("few-shot", "zero-shot")
+    return DEFAULT_SOURCES
+
+
+@dataclass(frozen=True)
+class LabeledExamples:
+    """The user's labeled examples (``--few-shot``) and the FM's outputs on them."""
+
+    dataset: Any
+    class_list: Any
+    """The ``ClassList`` the teacher labels."""
+    features: np.ndarray
+    """float [L, D] FM features."""
+    probs: np.ndarray
+    """float [L, C] zero-shot probabilities."""
+    classes: np.ndarray
+    """int [L] class ids."""
+
+    def evidence(self, features=None, probs=None) -> Evidence:
+        """What ``label_source`` decides from; the data's features and probabilities are
+        needed for the refined sources only."""
+        return Evidence(features, probs, self.features, self.classes, self.probs)
+
+    def adapt(self, teacher):
+        """``teacher`` adapted to these examples (``fewshot.adapt_teacher``)."""
+        from zmdevice.fewshot import adapt_teacher
+
+        return adapt_teacher(teacher, self.dataset, self.class_list, features=self.features)
+
+
+def labels_from_features(zero_shot, features, examples, allowed, class_prior, teacher):
+    """The labels to write, made from the joined zero-shot labels and the FM features.
+
+    Without labeled examples (``examples`` None) the zero-shot labels are refined
+    (``--refine``); with them the label source is chosen among ``allowed`` by
+    cross-validation (``label_source.choose``).
+
+    Returns:
+        (ids, probabilities float32 [N, C], the output's metadata, the teacher that answers
+        ``--gold`` for samples outside the data).
+    """
+    from zmdevice.refine import METHOD, refine_labels
+
+    probs = zero_shot.dense_probs()
+    teacher_info = dict(zero_shot.metadata["teacher"])
+    gold_teacher = teacher
+    if examples is None:
+        labels, info = refine_labels(features, probs, class_prior=class_prior)
+        teacher_info["refine"] = {**info, "method": METHOD}
+    else:
+        evidence = examples.evidence(features, probs)
+        graph = data_graph(evidence) if set(allowed) & set(REFINED) else None
+        decision = choose(evidence, allowed, graph)
+        labels, info = make_labels(decision["chosen"], evidence, class_prior, graph)
+        teacher_info["label_source"] = decision
+        if decision["chosen"] in REFINED:
+            teacher_info["refine"] = {**info, "method": METHOD}
+        if decision["chosen"] in ("few-shot", "refined"):
+            adapted = examples.adapt(teacher)
+            teacher_info["few_shot"] = adapted.info["few_shot"]
+            if decision["chosen"] == "few-shot":
+                gold_teacher = adapted
+    metadata = dict(zero_shot.metadata, teacher=teacher_info)
+    return list(zero_shot.ids), labels, metadata, gold_teacher
 
 
 def _label_chunks(
@@ -480,6 +600,8 @@ def _gold_report(gold, truth, teacher, names, batch_size, workers, path, known):
 def _summary(out, metadata, labeled_now, elapsed, quality_lines, workers, device) -> dict:
     import pyarrow.parquet as pq
 
+    from zmdevice.calibrate import calibration_line
+
     table = pq.read_table(out, columns=["label"])
     labels = table.column("label").to_numpy()
     names = metadata["classes"]
@@ -501,6 +623,12 @@ def _summary(out, metadata, labeled_now, elapsed, quality_lines, workers, device
         lines.append(
             f"  skipped {skipped} unreadable samples (e.g. {metadata['skipped']['examples'][0]})"
         )
+    calibration = calibration_line(metadata["teacher"].get("calibration"))
+    if calibration:
+        lines.append(calibration)
+    source = metadata["teacher"].get("label_source")
+    if source:
+        lines.append(f"  {decision_line(source)}")
     refine = metadata["teacher"].get("refine")
     if refine:
         lines.append(f"  {refine_line(refine)}")
@@ -517,12 +645,14 @@ def _summary(out, metadata, labeled_now, elapsed, quality_lines, workers, device
         "teacher": metadata["teacher"]["spec"],
         "precision": metadata["teacher"].get("precision"),
         "runtime": metadata["teacher"].get("runtime"),
+        "calibration": metadata["teacher"].get("calibration"),
         "samples_per_s": rate,
         "bytes": size,
         "bytes_per_sample": size / max(len(labels), 1),
         "label_counts": {n: int(c) for n, c in zip(names, counts, strict=True)},
         "skipped": skipped,
         "answers": answers,
+        "label_source": (source or {}).get("chosen"),
         "quality": metadata.get("quality"),
         "lines": lines,
     }

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zmdevice.errors import UserError, write_text_atomic
+from zmdevice.errors import UserError, claim, write_text_atomic
 from zmdevice.pseudolabels import PseudoLabelWriter, read_pseudolabel_metadata
 
 _PART_NAME = re.compile(r"part-(\d+)\.parquet")
@@ -45,6 +45,24 @@ def read_run(parts_dir: Path) -> dict:
             f"{parts_dir} to start over"
         ) from None
     return run
+
+
+def lock_path(parts_dir: Path) -> Path:
+    """``.NAME.parquet.parts`` -> ``.NAME.parquet.lock``: beside the parts folder, which a
+    fresh run deletes and rebuilds, and which the finished run removes."""
+    return parts_dir.with_name(parts_dir.name.removesuffix(".parts") + ".lock")
+
+
+def claim_parts(parts_dir: Path, out: Path):
+    """Context manager: this process alone labels into ``out`` and its ``parts_dir`` for the
+    block (``zmdevice.errors.claim``); a second run on the same output (``--resume`` twice at
+    once) is refused naming the first one's pid, host and start time.
+
+    Raises:
+        UserError: another live run holds the output.
+    """
+    parts_dir.parent.mkdir(parents=True, exist_ok=True)
+    return claim(lock_path(parts_dir), f"--out {out}")
 
 
 def check_parts(parts_dir: Path, settings: dict, resume: bool, out: Path) -> set[int]:
@@ -150,21 +168,13 @@ def write_part_features(parts_dir: Path, number: int, features: list[np.ndarray]
         np.save(handle, np.concatenate(features).astype(np.float16), allow_pickle=False)
 
 
-REFINE_METHOD = "label spreading on the k-NN graph of L2-normalised FM features"
-
-
-def refine_parts(
-    unrefined: Path, parts: list[Path], seeds, class_prior=None
-) -> tuple[list[str], np.ndarray, dict]:
-    """The joined labels of ``unrefined`` refined over the neighbour graph of the parts'
-    features (``seeds``: the labeled examples' features, class ids and zero-shot
-    probabilities, or None), then rebalanced to ``class_prior`` (class shares) if given.
+def read_parts_outputs(unrefined: Path, parts: list[Path]):
+    """The joined zero-shot labels of ``unrefined`` and the FM features the parts kept.
 
     Returns:
-        (ids, refined probabilities float32 [N, C], the output's metadata).
+        (the ``PseudoLabels`` of ``unrefined``, features float16 [N, D] in its row order).
     """
     from zmdevice.pseudolabels import read_pseudolabels
-    from zmdevice.refine import refine_labels
 
     labels = read_pseudolabels(unrefined)
     features = []
@@ -183,9 +193,4 @@ def refine_parts(
             f"{parts[0].parent}: the parts' features cover {len(features)} samples, their "
             f"labels {len(labels.ids)}; delete that folder and label again"
         )
-    refined, info = refine_labels(
-        features, labels.dense_probs(), *(seeds or (None, None, None)), class_prior=class_prior
-    )
-    metadata = dict(labels.metadata)
-    metadata["teacher"] = dict(metadata["teacher"], refine={**info, "method": REFINE_METHOD})
-    return list(labels.ids), refined, metadata
+    return labels, features

@@ -184,16 +184,64 @@ def label_chunks_ray(config, dataset, teacher, classes, chunks, done, parts_dir,
             ray.shutdown()
 
 
+RAY_CONNECT_SECONDS = 3.0
+"""How long the address check waits for the cluster's port to answer."""
+RAY_INIT_WAIT_SECONDS = 15
+"""How long ``ray.init`` may try to reach the cluster's GCS before giving up."""
+
+
+def check_ray_address(address: str | None, timeout: float = RAY_CONNECT_SECONDS) -> None:
+    """Fail in one line, within ``timeout`` seconds, when nothing listens at ``address``
+    (``HOST:PORT`` or ``ray://HOST:PORT``); ``ray.init`` would wait on it for minutes.
+    No address, ``auto`` and ``local`` are Ray's to resolve and pass unchecked.
+
+    Raises:
+        UserError: the address is malformed or its port does not answer.
+    """
+    import socket
+
+    if not address or address in ("auto", "local"):
+        return
+    where = address.removeprefix("ray://")
+    host, _, port = where.rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(
+            f"--ray-address {address}: give HOST:PORT (or ray://HOST:PORT), the address "
+            "`ray start --head` printed"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        raise UserError(
+            f"--ray-address {address}: nothing answers at {host}:{port} ({reason}); check "
+            "that `ray start --head` runs there and the address is the one it printed"
+        ) from None
+
+
 def _start(ray, address: str | None) -> None:
+    import os
+
+    check_ray_address(address)
+    # ray.init retries the cluster's GCS about once a second; bound that wait (unless the
+    # user set it) for an address that answers but is not a Ray cluster.
+    wait = "RAY_gcs_server_port_wait_time_s"
+    bounded = address is not None and wait not in os.environ
+    if bounded:
+        os.environ[wait] = str(RAY_INIT_WAIT_SECONDS)
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as error:
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as error:
         where = f"--ray-address {address}" if address else "a local Ray cluster"
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
         raise UserError(
             f"{where}: could not start or join it ({first}); check that `ray start --head` "
             "runs there and the address is the one it printed"
         ) from None
+    finally:
+        if bounded:
+            os.environ.pop(wait, None)
 
 
 def _run(ray, config, dataset, teacher, classes, chunks, done, parts_dir, metadata) -> int:

@@ -1,16 +1,17 @@
 """A teacher's network run by onnxruntime: exported once into a cache folder, then reused.
 
-``--runtime onnx`` (the CPU default for the teachers that support it, see
-``zmdevice.precision``) replaces the PyTorch call of a teacher's network (MiniLM's encoder with
-its mean pooling, an ImageNet classifier) by an onnxruntime session; everything around it
-(tokenising, class weights, the zero-shot head) stays as it is, so the label loop does not
-change. The exported file is checked against PyTorch on the example batch before it is
-kept: a file that disagrees is never written. ``--runtime onnx-int8`` runs a dynamically
-quantised copy of that file (sentence encoders), cached beside it.
+``--runtime onnx`` (on a CPU, a candidate of ``--runtime auto`` for the teachers that
+support it, see ``zmdevice.calibrate``) replaces the PyTorch call of a teacher's network
+(MiniLM's encoder with its mean pooling, an ImageNet classifier) by an onnxruntime session;
+everything around it (tokenising, class weights, the zero-shot head) stays as it is, so the
+label loop does not change. The exported file is checked against PyTorch on the example
+batch before it is kept: a file that disagrees is never written. ``--runtime onnx-int8``
+runs a dynamically quantised copy of that file (sentence encoders), cached beside it.
 
 Cache: ``$ZMDEVICE_CACHE`` or ``~/.cache/zmdevice``, file ``teachers/<key>.onnx``, the key a
 hash of the teacher spec, its weight files (names, sizes, modification times) and the
-torch / onnxruntime versions, so new weights or a new torch export again.
+torch / onnxruntime versions, so new weights or a new torch export again. The decisions of
+``--runtime auto`` go to the same folder, under ``calibration/`` (``zmdevice.calibrate``).
 """
 
 from __future__ import annotations

@@ -5,7 +5,17 @@ model's matrix products in; weights, optimizer state, losses, pseudo-labels and 
 ONNX files stay float32 whatever is chosen. ``--runtime auto|torch|onnx`` (label) picks
 whether a teacher runs in PyTorch or as an ONNX file in onnxruntime.
 
-``auto`` follows what was measured, not what should be faster in principle:
+``auto`` measures on the machine it runs on (``zmdevice.calibrate``): a labeling run times
+the teacher's candidate (runtime, precision) pairs on its first batches and keeps the fastest
+that labels like fp32; a training run times a few steps of fp32 and bf16 and keeps bf16 only
+when it is faster and its loss stays with fp32's. The decision is cached per model, device,
+library versions and CPU, so only the first run measures. Where measuring is impossible or
+not worth it (too little data, the ray engine whose workers build their own teacher, shards,
+several training processes, a resumed run without a cached decision) ``choose_precision``
+and ``choose_runtime`` decide from the table below, written from the machines the project
+was measured on; it will be wrong on the next CPU, which is why it is only the fallback.
+
+The table follows what was measured there, not what should be faster in principle:
 
 - CPU, transformers (MiniLM teacher, DistilBERT student): bf16 autocast only on CPUs with
   bf16 instructions (``avx512_bf16`` or ``amx_bf16``). On an EPYC that has them, one
@@ -62,17 +72,36 @@ def check_runtime(runtime: str) -> str:
     return runtime
 
 
-def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, ...]:
-    """The bf16 instruction flags this CPU reports (empty when none, or not on Linux)."""
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """Every instruction flag this CPU reports (empty when unreadable, or not on Linux)."""
     try:
         text = cpuinfo.read_text(errors="replace")
     except OSError:
-        return ()
+        return frozenset()
     flags = set()
     for line in text.splitlines():
         if line.startswith("flags"):
             flags.update(line.partition(":")[2].split())
+    return frozenset(flags)
+
+
+def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, ...]:
+    """The bf16 instruction flags this CPU reports (empty when none, or not on Linux)."""
+    flags = cpu_flags(cpuinfo)
     return tuple(flag for flag in CPU_BF16_FLAGS if flag in flags)
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name ("AMD EPYC 9654 96-Core Processor"), else the platform's."""
+    import platform
+
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @dataclass(frozen=True)
@@ -152,7 +181,8 @@ def model_family(model) -> str:
 
 
 def choose_precision(requested: str, hardware: Hardware, family: str) -> Precision:
-    """Resolve ``--precision`` for a model of ``family`` on ``hardware`` (see module doc).
+    """Resolve ``--precision`` for a model of ``family`` on ``hardware`` from the table of
+    the module doc: the fallback of ``auto`` where ``zmdevice.calibrate`` cannot measure.
 
     An explicit choice is honoured (the reason then warns when it is known to be slow);
     fp16 on a CPU is refused: torch has few fp16 CPU kernels and nothing here measured it.
@@ -180,7 +210,8 @@ def choose_precision(requested: str, hardware: Hardware, family: str) -> Precisi
 
 
 def choose_runtime(requested: str, device_type: str, teacher_kind: str, precision: str) -> str:
-    """Resolve ``--runtime`` for a teacher: "torch", "onnx" or "onnx-int8" (see module doc)."""
+    """Resolve ``--runtime`` for a teacher: "torch", "onnx" or "onnx-int8", from the table of
+    the module doc (the fallback of ``auto`` where ``zmdevice.calibrate`` cannot measure)."""
     check_runtime(requested)
     exportable = teacher_kind in ONNX_TEACHER_KINDS
     if requested in ("onnx", "onnx-int8"):

@@ -10,11 +10,10 @@ over the symmetric k-nearest-neighbour graph ``W`` of the L2-normalised features
 similarity raised to ``SIMILARITY_POWER``, negative similarities dropped). The seeds ``Y``
 are the user's labeled examples (``--few-shot``), clamped as one-hot rows, and the few-shot
 teacher's probabilities on every other sample (the prior). The prior helps only when the FM
-knows the classes: a weak FM's guesses, spread, outvote the labeled examples near them. So
-it is kept only when the FM's zero-shot labels are right on at least ``MIN_PRIOR_ACCURACY``
-of the labeled examples themselves, a reading that exists from one example per class on (on
-the benchmark's dev split the FMs right 35-37% and 8% of the time gave better labels without
-the prior, the one right 75% with it). Without labeled examples only the prior is spread.
+knows the classes: a weak FM's guesses, spread, outvote the labeled examples near them. Whether
+it is kept is decided per run by cross-validation on the labeled examples
+(``zmdevice.label_source``), not by a fixed threshold. Without labeled examples only the prior
+is spread.
 
 With a class prior (``--class-prior``: the user knows the class shares, e.g. "balanced"),
 the refined labels are then rebalanced to it (``rebalance``). Spreading follows the FM's
@@ -35,6 +34,8 @@ import numpy as np
 
 from zmdevice.errors import UserError
 
+METHOD = "label spreading on the k-NN graph of L2-normalised FM features"
+"""What the refinement is, in the label file's metadata."""
 NEIGHBOURS = 10
 """Neighbours per sample in the graph."""
 SIMILARITY_POWER = 3.0
@@ -43,10 +44,6 @@ ALPHA = 0.9
 """How far labels travel: the share of each update that comes from the neighbours."""
 ITERATIONS = 40
 """Spreading steps (alpha ** 40 < 0.015: the remaining change is negligible)."""
-MIN_PRIOR_ACCURACY = 0.5
-"""The FM's zero-shot accuracy on the labeled examples at which its prior is kept: right at
-least as often as wrong (fixed in advance; on the benchmark's labeled draws the image FM read
-0.2-0.5, the text FM 0.75-0.875, the image FM on digits 0-0.125)."""
 BLOCK = 2048
 """Rows of the similarity matrix computed at once (memory: BLOCK * N floats)."""
 REBALANCE_ITERATIONS = 200
@@ -120,8 +117,8 @@ def refine_labels(
     """Spread labels over the samples and the labeled examples together.
 
     With labeled examples the prior is the few-shot teacher (``zmdevice.fewshot``: a probe
-    on the labeled examples times the zero-shot probabilities), kept only when the FM's
-    zero-shot labels of the labeled examples are right often enough (``MIN_PRIOR_ACCURACY``).
+    on the labeled examples times the zero-shot probabilities), kept or dropped by
+    cross-validation on the labeled examples (``zmdevice.label_source.choose``).
 
     Args:
         features: float [N, D] FM features of the samples being labeled.
@@ -129,37 +126,48 @@ def refine_labels(
         labeled_features, labeled_classes, labeled_probs: the user's labeled examples
             (features [L, D], class ids [L], the teacher's zero-shot probabilities [L, C]),
             or None.
-        keep_prior: override the rule (True: keep the prior, False: drop it), for screening
-            both on a dev split; None follows the rule.
+        keep_prior: force the prior (True: keep, False: drop), for screening both on a dev
+            split; None decides by cross-validation.
         class_prior: the class shares [C] the refined labels are rebalanced to, or None
             (``zmdevice.classes.load_class_prior``).
 
     Returns:
-        (refined probabilities float32 [N, C], what was done: the prior weight and the FM's
-        zero-shot accuracy on the labeled examples that decided it).
+        (refined probabilities float32 [N, C], what was done: the prior weight and, when it
+        was decided here, the decision with each variant's cross-validated accuracy).
     """
-    count, classes = probs.shape
+    from zmdevice.label_source import REFINED, Evidence, choose, data_graph, make_labels
+
+    count = len(probs)
     labeled = 0 if labeled_features is None else len(labeled_features)
-    if count + labeled > MAX_SAMPLES:
+    check_size(count + labeled)
+    if labeled == 0:
+        refined = spread(knn_graph(features), probs)
+        return with_class_prior(refined, class_prior, {"prior_weight": 1.0, "labeled": 0})
+    evidence = Evidence(
+        np.asarray(features),
+        np.asarray(probs),
+        np.asarray(labeled_features),
+        np.asarray(labeled_classes, dtype=np.int64),
+        np.asarray(labeled_probs),
+    )
+    graph = data_graph(evidence)
+    decision = None
+    if keep_prior is None:
+        decision = choose(evidence, allowed=REFINED, graph=graph)
+        source = decision["chosen"]
+    else:
+        source = REFINED[0] if keep_prior else REFINED[1]
+    refined, info = make_labels(source, evidence, class_prior, graph)
+    return refined, info if decision is None else dict(info, decision=decision)
+
+
+def check_size(count: int) -> None:
+    """Refuse a graph too large to build in reasonable time (``MAX_SAMPLES``)."""
+    if count > MAX_SAMPLES:
         raise UserError(
             f"--refine builds an exact neighbour graph, too slow beyond {MAX_SAMPLES:,} "
             "samples: label without --refine, or label a sample of the data"
         )
-    if labeled == 0:
-        refined = spread(knn_graph(features), probs)
-        return with_class_prior(refined, class_prior, {"prior_weight": 1.0, "labeled": 0})
-    labeled_classes = np.asarray(labeled_classes, dtype=np.int64)
-    zero_shot_accuracy, rule = prior_rule(labeled_probs, labeled_classes)
-    keep_prior = rule if keep_prior is None else keep_prior
-    seeds = seed_rows(features, probs, labeled_features, labeled_classes, keep_prior)
-    graph = knn_graph(np.concatenate([np.asarray(features), np.asarray(labeled_features)]))
-    refined = spread(graph, seeds)[:count]
-    info = {
-        "prior_weight": 1.0 if keep_prior else 0.0,
-        "labeled": labeled,
-        "zero_shot_accuracy_on_labeled": round(zero_shot_accuracy, 4),
-    }
-    return with_class_prior(refined, class_prior, info)
 
 
 def with_class_prior(refined: np.ndarray, class_prior, info: dict) -> tuple[np.ndarray, dict]:
@@ -206,38 +214,13 @@ def rebalance(probs: np.ndarray, shares) -> tuple[np.ndarray, int]:
     return labels, rounds
 
 
-def prior_rule(labeled_probs, labeled_classes) -> tuple[float, bool]:
-    """(the FM's zero-shot accuracy on the labeled examples, whether the prior is kept)."""
-    right = np.asarray(labeled_probs).argmax(axis=1) == np.asarray(labeled_classes)
-    accuracy = float(right.mean())
-    return accuracy, accuracy >= MIN_PRIOR_ACCURACY
-
-
-def seed_rows(features, probs, labeled_features, labeled_classes, keep_prior: bool):
-    """The spreading's seeds [N + L, C]: the few-shot teacher's probabilities on the samples
-    (zeros without the prior), then the labeled examples one-hot."""
-    from zmdevice.fewshot import fit_adapter
-
-    count, classes = probs.shape
-    seeds = np.zeros((count + len(labeled_classes), classes), dtype=np.float32)
-    if keep_prior:
-        adapter = fit_adapter(labeled_features, labeled_classes, classes)
-        seeds[:count] = adapter.probs(features, probs)
-    seeds[count:] = np.eye(classes, dtype=np.float32)[labeled_classes]
-    return seeds
-
-
 def refine_line(info: dict) -> str:
     """What the refinement did, in one line for the label command's summary."""
     if not info.get("labeled"):
         line = "refined: the FM's labels spread over the neighbour graph (no labeled examples)"
     else:
         verdict = "kept" if info["prior_weight"] else "dropped"
-        line = (
-            f"refined from {info['labeled']} labeled examples; the FM's own labels {verdict} as "
-            f"a prior (right on {info['zero_shot_accuracy_on_labeled']:.0%} of those examples; "
-            f"kept from {MIN_PRIOR_ACCURACY:.0%})"
-        )
+        line = f"refined from {info['labeled']} labeled examples; the FM's few-shot prior {verdict}"
     prior = info.get("class_prior")
     if prior:
         before, after = prior["label_shares_before"], prior["label_shares_after"]

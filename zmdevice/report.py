@@ -2,7 +2,8 @@
 
 ``report.md`` and ``curves.png`` are read back from ``metrics.jsonl``: per stage, the named
 losses (loss, sup, unsup, kd), the mask rate, and the held-out agreement with the FM
-(stage 1) and test accuracy when they were measured. matplotlib runs on the Agg backend
+(stage 1) and test accuracy when they were measured, and the stage-2 collapse guard's
+evaluations with any rollback (``training.guard``). matplotlib runs on the Agg backend
 (no display needed); it is imported here only.
 
 ``README.md`` is the model card, in the Hugging Face layout (YAML front matter, then
@@ -22,6 +23,7 @@ from zmdevice.errors import atomic_path, write_text_atomic
 LOSS_KEYS = ("loss", "sup", "unsup", "kd")
 RATE_KEYS = ("mask_rate", "pl_accuracy", "kd_agreement")
 EVAL_KEYS = ("heldout_agreement", "heldout_gold_accuracy", "test_accuracy")
+GUARD_KEYS = ("guard_heldout_agreement", "guard_labeled_accuracy")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -93,8 +95,66 @@ def render_markdown(summary: dict, records: list[dict]) -> str:
                 f"| {name} | {100 * row.get('recall', 0):.1f}% "
                 f"| {100 * row.get('precision', 0):.1f}% | {row.get('support', '')} |"
             )
+    lines += guard_section(summary, records)
     lines += ["", "![curves](curves.png)", ""]
     return "\n".join(lines)
+
+
+def guard_section(summary: dict, records: list[dict]) -> list[str]:
+    """The collapse guard's stage-2 evaluations and its verdict, as markdown lines (none
+    when the guard did not observe)."""
+    observed = [r for r in records if "guard_class_entropy" in r]
+    if not observed:
+        return []
+    fired = summary.get("collapse")
+    if fired is None:
+        verdict = "no collapse: stage 2 kept every step."
+    else:
+        back = fired.get("rolled_back_to")
+        done = "kept the weights as they were" if back is None else (
+            f"**rolled back to the weights of stage-2 step {back}**"
+        )  # fmt: skip
+        verdict = f"**collapse at stage-2 step {fired['step']}**: {fired['reason']}; {done}."
+    suspected = {r["step"] for r in records if "collapse_suspected" in r}
+    lines = [
+        "",
+        "## Stage-2 collapse guard",
+        "",
+        f"Verdict: {verdict}",
+        "",
+        "| stage-2 step | agreement with the pseudo-labels | floor | class entropy "
+        "| smallest class kept | labeled accuracy | |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    start = observed[0].get("guard_class_counts")
+    for record in observed:
+        floor = record.get("guard_agreement_floor")
+        note = ""
+        if record["step"] in suspected:
+            note = "suspected"
+        if fired is not None and record["step"] == fired["step"]:
+            note = "collapse"
+        if fired is not None and record["step"] == fired.get("rolled_back_to"):
+            note = "rolled back to"
+        lines.append(
+            f"| {record['step']} | {percent(record.get('guard_heldout_agreement'))} "
+            f"| {percent(floor)} | {record['guard_class_entropy']:.3f} "
+            f"| {percent(smallest_kept(start, record.get('guard_class_counts')))} "
+            f"| {percent(record.get('guard_labeled_accuracy'))} | {note} |"
+        )
+    return lines
+
+
+def percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def smallest_kept(start, counts) -> float | None:
+    """The smallest share of its stage-2-start predictions that a class keeps."""
+    if not start or not counts:
+        return None
+    shares = [now / before for before, now in zip(start, counts, strict=True) if before > 0]
+    return min(shares, default=None)
 
 
 def _per_class(report: dict):
@@ -111,11 +171,12 @@ def plot_curves(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    figure, axes = plt.subplots(1, 4, figsize=(20, 4))
     panels = (
         (axes[0], LOSS_KEYS, "losses"),
         (axes[1], RATE_KEYS, "rates"),
         (axes[2], EVAL_KEYS, "evaluation"),
+        (axes[3], GUARD_KEYS, "stage-2 collapse guard"),
     )
     for axis, keys, title in panels:
         for key in keys:
@@ -131,10 +192,38 @@ def plot_curves(records: list[dict], path: Path) -> None:
     for axis in axes:
         for border in borders:
             axis.axvline(border, color="grey", linestyle="--", linewidth=0.8)
+    plot_guard_marks(axes[3], records)
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=90)
     plt.close(figure)
+
+
+def plot_guard_marks(axis, records: list[dict]) -> None:
+    """The agreement floor, the smallest share a class kept, and a collapse: a red line at
+    the step it acted, a red dot on the weights it rolled back to."""
+    observed = [r for r in records if "guard_class_entropy" in r]
+    if not observed:
+        return
+    start = observed[0].get("guard_class_counts")
+    kept = [(r["global_step"], smallest_kept(start, r.get("guard_class_counts"))) for r in observed]
+    kept = [(step, share) for step, share in kept if share is not None]
+    if kept:
+        axis.plot(*zip(*kept, strict=True), label="smallest class kept", marker=".")
+    floor = observed[0].get("guard_agreement_floor")
+    if floor is not None:
+        axis.axhline(floor, color="tab:blue", linestyle=":", label="agreement floor")
+    offset = observed[0]["global_step"] - observed[0]["step"]
+    for record in records:
+        if "collapse" not in record:
+            continue
+        axis.axvline(record["global_step"], color="red", linewidth=1.5, label="collapse")
+        back = [r for r in observed if r["step"] == record.get("rolled_back_to")]
+        for target in back:
+            axis.plot([target["global_step"]], [target.get("guard_heldout_agreement") or 0],
+                      "o", color="red", label="rolled back to")  # fmt: skip
+    axis.set_xlim(left=min(offset, axis.get_xlim()[0]))
+    axis.legend(fontsize=8)
 
 
 # --------------------------------------------------------------------------- model card

@@ -11,6 +11,7 @@ std) or tokenizer settings; the tokenizer file of a text model lies next to the 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -179,8 +180,15 @@ class OnnxClassifier:
 
     def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None):
         """Open ``path``; UserError for a missing/corrupt file or a missing tokenizer file."""
+        from zmdevice.config import check_device, checked_value, shown
+
+        if not isinstance(path, str | os.PathLike):
+            raise UserError(f"model path: expected an exported .onnx file, got {shown(path)}")
+        threads = checked_value("threads", threads, "int | None")
+        if threads is not None and threads < 1:
+            raise UserError(f"threads must be >= 1 or None, got {threads}")
         self.path = Path(path)
-        self.session, raw = _open_session(self.path, _providers(device), threads)
+        self.session, raw = _open_session(self.path, _providers(check_device(device)), threads)
         self.classes: list[str] = _json_field(raw, "classes", self.path)
         self.preprocess: dict = _json_field(raw, "preprocess", self.path)
         self.modality: str = raw.get(METADATA_PREFIX + "modality", "")
@@ -206,9 +214,29 @@ class OnnxClassifier:
         self.tokenizer = self._load_tokenizer() if self.modality == "text" else None
 
     def tokenizer_path(self) -> Path:
-        """Where the tokenizer file of a text model must lie: next to the .onnx file."""
+        """Where the tokenizer file of a text model must lie: next to the .onnx file.
+
+        The metadata names the file, and a model file may come from anyone: a name that is
+        not a plain file name in the model's folder (absolute, with a path separator or
+        '..', or a link that resolves elsewhere) is refused, never opened.
+        """
         name = self.preprocess.get("tokenizer") or f"{self.path.stem}.tokenizer.json"
-        return self.path.parent / name
+        separators = {"/", "\\", os.sep, os.altsep} - {None}
+        plain = (
+            isinstance(name, str)
+            and not any(separator in name for separator in separators)
+            and ".." not in name
+            and not Path(name).is_absolute()
+            and "\0" not in name
+        )
+        folder = self.path.parent
+        if plain and (folder / name).resolve().parent == folder.resolve():
+            return folder / name
+        raise UserError(
+            f"{self.path}: metadata 'zmdevice.preprocess' names the tokenizer file "
+            f"{json.dumps(name)[:80]}, which is not a file name in the model's folder; "
+            "re-export the model with `zmdevice export models/NAME`"
+        )
 
     def _load_tokenizer(self):
         """The ``tokenizers.Tokenizer`` with the export's truncation and padding settings."""
@@ -259,6 +287,9 @@ class OnnxClassifier:
         """
         if isinstance(inputs, dict):
             return self.session.run(["logits"], inputs)[0]
+        if isinstance(inputs, str | bytes):  # one text would be read as its characters
+            kind = type(inputs).__name__
+            raise UserError(f"inputs: pass a list of texts (one text: [text]), got a single {kind}")
         feed = self.encode_texts(inputs) if self.modality == "text" else self.encode_images(inputs)
         return self.session.run(["logits"], feed)[0]
 

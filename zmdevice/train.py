@@ -25,16 +25,20 @@ BatchNorm statistics are re-estimated on clean unlabeled images before saving.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import shutil
 import time
 from pathlib import Path
 
-from zmdevice.config import METHODS, TrainConfig
-from zmdevice.errors import UserError, check_writable, write_text_atomic
+from zmdevice.config import METHODS, TrainConfig, resolve_student
+from zmdevice.errors import UserError, check_writable, claim, disk_errors, write_text_atomic
 
+PSEUDO_LABELS = "pseudo_labels.parquet"
+"""The pseudo-labels a run makes itself when given none (``label_for_training``)."""
 RUN_FILES = (
+    PSEUDO_LABELS,
     "student.safetensors",
     "config.json",
     "tokenizer.json",
@@ -86,6 +90,7 @@ def build_setup(config: TrainConfig, out: Path, on_step=None, ranks=None):
     import numpy as np
     import torch
 
+    from zmdevice.calibrate import calibrated_setup
     from zmdevice.catalog import require_entry
     from zmdevice.device import resolve_device
     from zmdevice.precision import Hardware, choose_precision, model_family
@@ -123,11 +128,12 @@ def build_setup(config: TrainConfig, out: Path, on_step=None, ranks=None):
     student.to(device).use_channels_last()
     ranks.prepare(student, device)
     freeze = config.freeze_word_embeddings
-    precision = choose_precision(config.precision, Hardware.probe(device), model_family(student))
+    requested = config.precision
+    precision = choose_precision(requested, Hardware.probe(device), model_family(student))
     # The resolved precision is the run's setting: train_config.toml records it, and a
     # resume where ``auto`` resolves otherwise (another machine) is refused as a new run.
     config = dataclasses.replace(config, precision=precision.name)
-    return Setup(
+    setup = Setup(
         config=config,
         plans=plans,
         data=data,
@@ -143,10 +149,28 @@ def build_setup(config: TrainConfig, out: Path, on_step=None, ranks=None):
         ranks=ranks,
         guard=make_guard(config),
     )
+    # ``auto``: a few steps of fp32 and bf16 measured here (or cached) replace the table.
+    return calibrated_setup(setup, requested)
+
+
+LOCK = ".zmdevice.lock"
+"""The lock file in a run folder while a run works in it (one run per folder at a time)."""
+
+
+def claim_run(out: Path, ranks):
+    """The claim on ``out`` for this process: rank 0 holds it for its whole launch (the other
+    ranks of the same launch write nothing and must not lock each other out)."""
+    if not ranks.is_main:
+        return contextlib.nullcontext()
+    out.mkdir(parents=True, exist_ok=True)
+    return claim(out / LOCK, f"--out {out}")
 
 
 def run_train(config: TrainConfig, on_step=None, clock=time.monotonic) -> dict:
     """Train a student as ``config`` says and write ``models/NAME/``.
+
+    One run at a time works in a folder (``claim_run``). A fresh run that fails before its
+    first checkpoint leaves nothing behind; a full disk is one ``UserError``.
 
     Args:
         config: the typed settings (CLI flags and ``--config`` file).
@@ -157,25 +181,120 @@ def run_train(config: TrainConfig, on_step=None, clock=time.monotonic) -> dict:
     Returns:
         Summary dict; ``lines`` is the one-screen text the CLI prints.
     """
+    from zmdevice.training.budget import check_time_budget
+    from zmdevice.training.distributed import ranks_from_environment, worker_errors
+
+    started, budget_started = time.perf_counter(), clock()
+    config = resolve_student(config)
+    out = default_out(config)
+    check_writable(out, "--out", folder=True)
+    check_time_budget(config.time_budget)
+    ranks = ranks_from_environment()
+    made_folder = not out.exists()
+    try:
+        with worker_errors(ranks), claim_run(out, ranks), disk_errors(out):
+            return train_in(config, out, ranks, on_step, clock, (started, budget_started))
+    finally:
+        if made_folder and ranks.is_main and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run refused before it wrote anything leaves no folder
+
+
+def train_in(config: TrainConfig, out: Path, ranks, on_step, clock, started) -> dict:
+    """``run_train`` in a claimed folder: build, plan, clear the previous run, train."""
+    from zmdevice.training import checkpoint
+    from zmdevice.training.budget import start_budget
+
+    previous_run = claim_folder(config, out)
+    config, made = label_for_training(config, out, ranks)
+    if made is not None:  # just written: not the previous run's to delete
+        previous_run = [path for path in previous_run if path.name != PSEUDO_LABELS]
+    setup = build_setup(config, out, on_step, ranks)
+    if config.time_budget is not None:
+        # Planned before --overwrite deletes anything: a refused budget changes nothing.
+        start_budget(setup, clock, started[1])
+    if ranks.is_main:  # rank 0 alone writes files (one process: always)
+        delete(previous_run)
+    try:
+        summary = train_stages(setup, ranks, started[0])
+    except BaseException:
+        fresh = not config.resume and not (out / checkpoint.MANIFEST).exists()
+        if ranks.is_main and fresh:
+            delete([out / name for name in RUN_FILES])  # nothing to resume: leave nothing
+        raise
+    summary["lines"][1:1] = labels_lines(made, setup)
+    if made is not None:
+        summary["pseudo_labels_made"] = made
+    return summary
+
+
+def label_for_training(config: TrainConfig, out: Path, ranks) -> tuple[TrainConfig, dict | None]:
+    """``config`` with pseudo-labels: as given, or made now from the labeled examples.
+
+    A method that uses the FM and is given no pseudo-labels gets them as ``zmdevice label
+    UNLABELED --few-shot LABELED --teacher T`` makes them (the label source cross-validation
+    on the labeled examples picks), written to ``out/pseudo_labels.parquet``; a resumed run
+    reuses that file.
+
+    Returns:
+        (the config naming the pseudo-labels, the label command's summary or None).
+    """
+    if config.pseudo_labels is not None or not METHODS[config.method].uses_fm:
+        return config, None
+    labels = out / PSEUDO_LABELS
+    if config.resume and labels.is_file():
+        return dataclasses.replace(config, pseudo_labels=labels), None
+    if ranks.active:
+        raise UserError(
+            "a distributed run cannot make its own pseudo-labels: make them first with "
+            "`zmdevice label UNLABELED --classes C --teacher T --few-shot LABELED` and pass "
+            "--pseudo-labels"
+        )
+    from zmdevice.config import DEFAULT_TEACHERS, LabelConfig
+    from zmdevice.data import open_dataset
+    from zmdevice.label import run_label
+
+    labeled = open_dataset(config.labeled, require_labels=True)
+    teacher = config.teacher or DEFAULT_TEACHERS[labeled.modality]
+    classes = config.classes or sorted(set(labeled.labels))
+    made = run_label(
+        LabelConfig(
+            data=config.unlabeled,
+            classes=",".join(classes) if isinstance(classes, list) else classes,
+            teacher=teacher,
+            out=labels,
+            device=config.device,
+            few_shot=config.labeled,
+        )
+    )
+    return dataclasses.replace(config, pseudo_labels=labels), made
+
+
+def labels_lines(made: dict | None, setup) -> list[str]:
+    """The summary's lines about where the pseudo-labels came from."""
+    if made is not None:
+        source = next((line.strip() for line in made["lines"] if "labels: " in line), "")
+        return [f"  pseudo-labels made with {made['teacher']} into {made['out']}: {source}"]
+    teacher = setup.data.label_teacher
+    made_from_labels = ("label_source", "few_shot", "refine")
+    if teacher is not None and not any(teacher.get(key) for key in made_from_labels):
+        return [
+            "  note: these pseudo-labels are the FM's zero-shot ones; labels made with your "
+            "labeled examples (`zmdevice label ... --few-shot LABELED`, or train without "
+            "--pseudo-labels) were more accurate on each of the benchmark's dev sets"
+        ]
+    return []
+
+
+def train_stages(setup, ranks, started: float) -> dict:
+    """Run every stage from the start or the checkpoint; finish (rank 0) and summarise."""
     import torch
 
     from zmdevice.training import checkpoint
     from zmdevice.training.average import end_with_average
-    from zmdevice.training.budget import start_budget
-    from zmdevice.training.distributed import NoLog, ranks_from_environment
+    from zmdevice.training.distributed import NoLog
     from zmdevice.training.loop import MetricsLog, StopTraining, begin_stage, new_state, run_stage
 
-    started, budget_started = time.perf_counter(), clock()
-    out = default_out(config)
-    check_writable(out, "--out", folder=True)
-    ranks = ranks_from_environment()
-    previous_run = claim_folder(config, out)
-    setup = build_setup(config, out, on_step, ranks)
-    main = ranks.is_main  # rank 0 alone writes files (one process: always)
-    if main:
-        delete(previous_run)
-    if config.time_budget is not None:
-        start_budget(setup, clock, budget_started)
+    config, out, main = setup.config, setup.out, ranks.is_main
     state = new_state(setup)
     if config.resume:
         checkpoint.load(setup, state)
@@ -225,9 +344,6 @@ def run_train(config: TrainConfig, on_step=None, clock=time.monotonic) -> dict:
     except torch.OutOfMemoryError:
         from zmdevice.training.loop import out_of_memory
 
-        setup.log.close()
-        if not config.resume and not (out / checkpoint.MANIFEST).exists():
-            delete([out / name for name in RUN_FILES])  # nothing to resume: leave nothing
         raise out_of_memory(setup, state) from None
     finally:
         setup.log.close()

@@ -17,6 +17,8 @@ function readVarint(bytes, pos) {
   let value = 0;
   let scale = 1;
   for (;;) {
+    // past the end, bytes[pos] is undefined and the loop would never end
+    if (pos >= bytes.length) throw new Error('truncated protobuf varint');
     const byte = bytes[pos++];
     value += (byte & 0x7f) * scale;
     if (byte < 0x80) return [value, pos];
@@ -41,6 +43,7 @@ function walkMessage(bytes, start, end, visit) {
     } else if (wireType === 2) {
       let length;
       [length, pos] = readVarint(bytes, pos);
+      if (pos + length > end) throw new Error(`protobuf field ${field} runs past its message`);
       visit(field, pos, pos + length);
       pos += length;
     } else {
@@ -264,7 +267,11 @@ export function encodeText(tokenizer, text, preprocess) {
 
 /** A batch of texts -> input_ids and attention_mask (BigInt64Array [B, L], right-padded). */
 export function textInputs(tokenizer, texts, preprocess) {
-  const rows = texts.map((text) => encodeText(tokenizer, text, preprocess));
+  return padRows(texts.map((text) => encodeText(tokenizer, text, preprocess)), preprocess);
+}
+
+/** Token id rows (encodeText's) -> input_ids and attention_mask, as textInputs. */
+export function padRows(rows, preprocess) {
   const length = Math.max(1, ...rows.map((row) => row.length));
   const ids = new BigInt64Array(rows.length * length).fill(BigInt(preprocess.pad_token_id ?? 0));
   const mask = new BigInt64Array(rows.length * length);

@@ -33,6 +33,10 @@ class Teacher:
         stats: running counters a teacher reports (e.g. the LLM's unmapped answers).
         device: the torch device it runs on.
         model: the frozen ``torch.nn.Module`` (eval mode, no gradients).
+        precision: the resolved ``zmdevice.precision.Precision`` its network runs at.
+        network: the :class:`Network` of the kinds whose network is one module call
+            (text-embed, imagenet: these can also run in onnxruntime); None on the others,
+            which run their model under ``precision.autocast()``.
         features_and_probs: batch -> (features [B, D], probabilities [B, C]) from one pass,
             a method of the kinds with a feature space (text-embed, imagenet); None on the
             others. ``zmdevice.fewshot`` adapts such a teacher with a few labeled examples.
@@ -41,6 +45,7 @@ class Teacher:
     kind: str = ""
     modality: str = ""
     features_and_probs = None
+    network = None
 
     def __init__(
         self,
@@ -70,6 +75,7 @@ class Teacher:
         self.classes = list(classes)
         self.prepare, self.collate, self.model = prepare, collate, model
         self.device = numerics.device
+        self.precision = numerics.precision
         self.stats = {} if stats is None else stats
         self.info = {
             "name": request.name or self.spec,
@@ -83,6 +89,34 @@ class Teacher:
     def forward(self, batch) -> Any:
         """batch -> float32 [B, C] probabilities (torch tensor)."""
         raise NotImplementedError
+
+    def with_numerics(self, precision, runtime: str, record: dict | None = None) -> Teacher:
+        """A copy of this teacher whose network runs at ``precision`` (a resolved
+        ``zmdevice.precision.Precision``) in ``runtime``; model, preprocessing and class
+        weights are shared, the counters start at zero. ``record`` goes into its ``info``
+        beside the new precision and runtime (how they were chosen).
+
+        Raises:
+            UserError: an onnx runtime for a kind without a single-module network, or an
+                export that fails or disagrees with PyTorch.
+        """
+        import copy
+
+        if runtime != "torch" and self.network is None:
+            raise UserError(f"--runtime {runtime}: not for {self.kind} teachers")
+        variant = copy.copy(self)
+        variant.precision = precision
+        if self.network is not None:
+            variant.network = self.network.variant(precision, runtime)
+        variant.stats = dict.fromkeys(self.stats, 0)
+        variant.info = {
+            **self.info,
+            "precision": precision.name,
+            "precision_reason": precision.reason,
+            "runtime": runtime,
+            **(record or {}),
+        }
+        return variant
 
     def predict_proba(self, batch) -> Any:
         """float32 [B, C] class probabilities (CPU torch tensor) for a collated batch."""
@@ -140,13 +174,10 @@ class Numerics:
         ``identity`` = (spec, weights path, dict of whatever else shapes the graph) keys the
         ONNX cache."""
         self.set_model(module)
-        onnx = None
-        if self.runtime in ("onnx", "onnx-int8"):
-            from zmdevice.onnx_teacher import cache_key, onnx_module
-
-            key = cache_key(*identity)
-            onnx = onnx_module(module, example, names, dynamic, key, self.runtime == "onnx-int8")
-        return Network(module, self.precision, self.device, onnx)
+        export = Export(example, names, dynamic, identity)
+        return Network(module, self.precision, self.device, export).variant(
+            self.precision, self.runtime
+        )
 
     def info(self) -> dict:
         return {
@@ -156,12 +187,45 @@ class Numerics:
         }
 
 
+@dataclass(frozen=True)
+class Export:
+    """What exporting a network to ONNX needs (``zmdevice.onnx_teacher.onnx_module``)."""
+
+    example: tuple
+    """Example input tensors, a batch > 1 so that the batch axis stays dynamic."""
+    names: list
+    """One name per input."""
+    dynamic: dict
+    """Input name -> {axis: axis name} of the axes that vary."""
+    identity: tuple
+    """(spec, weights path, dict of whatever else shapes the graph): the ONNX cache key."""
+
+
 class Network:
     """A teacher's network as it runs: the torch module under autocast with a float32
     result, or its cached ONNX export (``zmdevice.onnx_teacher.OnnxModule``)."""
 
-    def __init__(self, module, precision, device, onnx=None):
-        self.module, self.precision, self.device, self.onnx = module, precision, device, onnx
+    def __init__(self, module, precision, device, export: Export, onnx=None):
+        self.module, self.precision, self.device = module, precision, device
+        self.export, self.onnx = export, onnx
+
+    def variant(self, precision, runtime: str) -> Network:
+        """The same module run at ``precision`` in ``runtime`` ("torch", "onnx" or
+        "onnx-int8"; an ONNX runtime exports the module once into the cache folder)."""
+        onnx = None
+        if runtime in ("onnx", "onnx-int8"):
+            from zmdevice.onnx_teacher import cache_key, onnx_module
+
+            export = self.export
+            onnx = onnx_module(
+                self.module,
+                export.example,
+                export.names,
+                export.dynamic,
+                cache_key(*export.identity),
+                int8=runtime == "onnx-int8",
+            )
+        return Network(self.module, precision, self.device, self.export, onnx)
 
     def __call__(self, *inputs):
         if self.onnx is not None:

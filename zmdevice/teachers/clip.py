@@ -106,7 +106,6 @@ class ClipTeacher(Teacher):
             self.weights = class_weights(per_class)
             self.scale = float(model.logit_scale.exp())
         numerics.set_model(model.visual)
-        self.precision = numerics.precision
         super().__init__(
             request,
             classes.names,

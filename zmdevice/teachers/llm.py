@@ -93,7 +93,6 @@ class LlmTeacher(Teacher):
         self.tokenizer = tokenizer
         model = freeze(load_hf("llm", model_name, loader)).to(numerics.device)
         numerics.set_model(model)
-        self.precision = numerics.precision
         preprocess = entry.get("preprocess", {})
         self.max_length = int(preprocess.get("max_length", 512))
         self.max_new_tokens = int(preprocess.get("max_new_tokens", 8))

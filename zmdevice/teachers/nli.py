@@ -51,7 +51,6 @@ class NliTeacher(Teacher):
         model = freeze(load_hf("nli", rest, AutoModelForSequenceClassification))
         model = model.to(numerics.device)
         numerics.set_model(model)
-        self.precision = numerics.precision
         label2id = {k.lower(): v for k, v in (model.config.label2id or {}).items()}
         self.entailment = next((v for k, v in label2id.items() if k.startswith("entail")), None)
         if self.entailment is None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Callable
 
 from zmdevice.errors import UserError
@@ -46,6 +47,23 @@ RESERVE_SHARE = 0.05
 FINISH_SHARE = 0.02
 """Share of the budget (besides two evaluations) left when a run stops on time, for
 finishing: BatchNorm recalibration, final test, saving, report and curves."""
+
+
+MAX_MINUTES = 7 * 24 * 60
+"""The longest budget planned (7 days): beyond it the plan's step counts are meaningless
+(a typo such as 1e9 minutes would plan 13-digit steps and train on)."""
+
+
+def check_time_budget(minutes: float | None) -> None:
+    """Refuse a budget that is not a finite number of minutes up to ``MAX_MINUTES``; called
+    before anything is built or deleted."""
+    if minutes is None:
+        return
+    if not (math.isfinite(minutes) and 0 < minutes <= MAX_MINUTES):
+        raise UserError(
+            f"--time-budget {minutes:g}: give a number of minutes above 0 and at most "
+            f"{MAX_MINUTES} (7 days)"
+        )
 
 
 @dataclasses.dataclass

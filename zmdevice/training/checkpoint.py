@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import random
 import secrets
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zmdevice.errors import UserError, atomic_path, write_text_atomic
+from zmdevice.errors import UserError, atomic_path, disk_trouble, write_text_atomic
 from zmdevice.training.average import restore_average
 from zmdevice.training.guard import plans_after_collapse
 from zmdevice.training.loop import Setup, begin_stage, cpu_state
@@ -94,6 +95,7 @@ def settings_of(setup: Setup) -> dict:
 
 def save(setup: Setup, state: dict) -> None:
     """Write everything needed to continue exactly (see the module docstring)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     student = setup.student
@@ -121,7 +123,14 @@ def save(setup: Setup, state: dict) -> None:
     folder = setup.out / FOLDER
     name = f"last-{secrets.token_hex(4)}.safetensors"
     with atomic_path(folder / name) as tmp:
-        save_file(tensors, str(tmp))
+        try:
+            save_file(tensors, str(tmp))
+        except SafetensorError as error:
+            # Its I/O errors (a full disk) carry the system's code in the text only.
+            code = disk_trouble(error)
+            if code is None:
+                raise
+            raise OSError(code, os.strerror(code), str(folder / name)) from error
         digest = file_sha256(tmp)
     manifest = {
         "format": FORMAT,
@@ -133,7 +142,11 @@ def save(setup: Setup, state: dict) -> None:
         "world_size": setup.ranks.world_size,
         "state": flat,
     }
-    write_text_atomic(setup.out / MANIFEST, json.dumps(manifest))
+    try:
+        write_text_atomic(setup.out / MANIFEST, json.dumps(manifest))
+    except BaseException:
+        (folder / name).unlink(missing_ok=True)  # the previous pair stays whole
+        raise
     for old in folder.glob("last-*.safetensors"):
         if old.name != name:
             old.unlink()

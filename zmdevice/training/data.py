@@ -44,6 +44,12 @@ class TrainData:
     """int64 [N_l]: FM labels of the labeled samples (-1 where the file has none)."""
     gold_pool: Any = None
     """int64 [num_pool] labels the unlabeled table happens to carry (diagnostics only)."""
+    label_teacher: dict | None = None
+    """The pseudo-label file's teacher metadata (how the labels were made), or None."""
+    label_accuracy: tuple[int, int] | None = None
+    """(right, count): how often the pseudo-labels are right on the labeled examples,
+    measured without letting an example judge labels made from it (``label_accuracy``);
+    None when unknown."""
     holdout: Any = None
     """int64 indices of pool samples held out of stage 1 (model selection)."""
     kd_train: Any = None
@@ -90,6 +96,34 @@ def load_data(config: TrainConfig):
     if config.test is not None:
         test = open_dataset(config.test, modality=labeled.modality, require_labels=True)
     return classes, labeled, unlabeled, pseudo, test
+
+
+def label_accuracy(pseudo, labeled_fm, labeled_y) -> tuple[int, int] | None:
+    """(right, count) of the pseudo-labels on the labeled examples, measured fairly.
+
+    Labels ``zmdevice label`` chose by cross-validation carry the chosen source's held-out
+    score. Other labels made from the labeled examples (few-shot, refined) have seen them,
+    so their agreement with them says nothing: None. Zero-shot labels are scored on the
+    labeled examples that the file labels.
+    """
+    if pseudo is None:
+        return None
+    teacher = pseudo.metadata.get("teacher", {})
+    decision = teacher.get("label_source")
+    if decision is not None:
+        chosen = decision.get("candidates", {}).get(decision.get("chosen"), {})
+        if chosen.get("accuracy") is None or not decision.get("scored"):
+            return None
+        return int(chosen["right"]), int(decision["scored"])
+    if teacher.get("few_shot") or (teacher.get("refine") or {}).get("labeled"):
+        return None
+    import numpy as np
+
+    fm, truth = np.asarray(labeled_fm), np.asarray(labeled_y)
+    known = fm >= 0
+    if not known.any():
+        return None
+    return int((fm[known] == truth[known]).sum()), int(known.sum())
 
 
 def explicit_classes(config: TrainConfig) -> list[str] | None:
@@ -169,6 +203,8 @@ def build_data(
         labeled_index=torch.tensor(labeled_index, dtype=torch.long),
         labeled_y=torch.from_numpy(labeled_y),
         labeled_fm=labeled_fm,
+        label_teacher=None if pseudo is None else pseudo.metadata.get("teacher", {}),
+        label_accuracy=label_accuracy(pseudo, labeled_fm, labeled_y),
         gold_pool=gold_pool,
         holdout=order[:num_holdout].sort().values,
         kd_train=order[num_holdout:].sort().values,

@@ -21,14 +21,16 @@ same on every rank, and a checkpoint (rank 0's random state) resumes every rank 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from zmdevice.errors import UserError
+from zmdevice.errors import FlagHint, UserError, write_text_atomic
 from zmdevice.losses import DistributionAlignment
 
 
@@ -57,6 +59,9 @@ class Ranks:
             return device
         import torch.distributed as dist
 
+        if ERRORS_VARIABLE not in os.environ:  # under ``launch``, checked before it started us
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+            check_process_count(local, "torchrun --nproc-per-node")
         if device.type == "cuda":
             device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(device)
@@ -246,28 +251,131 @@ def ranks_from_environment() -> Ranks:
     return Ranks(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+ERRORS_VARIABLE = "ZMDEVICE_RANK_ERRORS"
+"""Set by ``launch``: the folder where a rank leaves its one-line error for the launcher."""
+
+
+@contextlib.contextmanager
+def worker_errors(ranks: Ranks):
+    """Say a ``UserError`` of a distributed run once, not once per rank.
+
+    Under ``launch`` every rank leaves its message in the launcher's folder and exits with
+    code 2 silently; the launcher prints the first rank's message. Under a plain torchrun,
+    rank 0 raises it (the CLI prints it) and the other ranks exit with code 2 silently.
+    In one process this does nothing.
+    """
+    try:
+        yield
+    except UserError as error:
+        if not ranks.active:
+            raise
+        folder = os.environ.get(ERRORS_VARIABLE)
+        if folder:
+            said = {"message": error.message, "hint": dataclasses.asdict(error.hint)
+                    if error.hint else None}  # fmt: skip
+            with contextlib.suppress(OSError):
+                write_text_atomic(Path(folder) / f"rank{ranks.rank:06d}.json", json.dumps(said))
+        if folder or not ranks.is_main:
+            raise SystemExit(2) from None
+        raise
+
+
+def first_rank_error(folder: Path) -> UserError | None:
+    """The error the lowest failing rank left in ``folder`` (see ``worker_errors``)."""
+    for path in sorted(folder.glob("rank*.json")):
+        try:
+            said = json.loads(path.read_text(encoding="utf-8"))
+            hint = FlagHint(**said["hint"]) if said.get("hint") else None
+            return UserError(str(said["message"]), hint=hint)
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+    return None
+
+
 def launch(nproc: int, argv: list[str]) -> int:
-    """Run ``torchrun --nproc-per-node nproc -m zmdevice ARGV`` and return its exit code."""
+    """Run ``torchrun --nproc-per-node nproc -m zmdevice ARGV``; its exit code.
+
+    torchrun runs in this process (its elastic agent starts the ranks), so that a failed
+    rank ends in one line rather than torchrun's traceback and failure table: a
+    ``UserError`` of a rank is raised here once (the CLI prints it, exit code 2).
+
+    Raises:
+        UserError: a bad process count (before anything starts), or a rank's error.
+    """
+    import logging
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
     command = torchrun_command(nproc, argv)
-    environment = dict(os.environ)
-    # torchrun would give each rank 1 thread; a CPU run gets its share of the cores instead.
-    environment.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // nproc)))
-    return subprocess.call(command, env=environment)
+    check_process_count(nproc, "--nproc")
+    args = get_args_parser().parse_args(command[3:])  # after: python -m torch.distributed.run
+    elastic = logging.getLogger("torch.distributed")
+    level = elastic.level
+    with tempfile.TemporaryDirectory(prefix="zmdevice-ranks-") as folder:
+        # torchrun would give each rank 1 thread; a CPU run gets its share of the cores.
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, usable_cores() // nproc))
+        saved = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", ERRORS_VARIABLE)}
+        os.environ.update({"OMP_NUM_THREADS": threads, ERRORS_VARIABLE: folder})
+        elastic.setLevel(logging.CRITICAL)  # its per-rank "failed (exitcode ...)" lines
+        try:
+            run(args)
+        except ChildFailedError as failure:
+            said = first_rank_error(Path(folder))
+            if said is not None:
+                raise said from None
+            rank, info = failure.get_first_failure()
+            print(
+                f"error: training process {rank} failed with exit code {info.exitcode}; its "
+                "error is printed above",
+                file=sys.stderr,
+            )
+            return 1
+        finally:
+            elastic.setLevel(level)
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+    return 0
 
 
-def usable_cores() -> int:
-    """The cores this process may use (taskset, containers), not all of the machine's, and
-    no more than ``OMP_NUM_THREADS`` when that is set: a user who limits OpenMP threads
-    (other jobs share the cores) would otherwise get one thread per core anyway."""
+def affinity_cores() -> int:
+    """The cores this process may run on (taskset, containers), not all of the machine's."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    limit = os.environ.get("OMP_NUM_THREADS", "")
-    if limit.isdigit() and int(limit) > 0:
-        cores = min(cores or 1, int(limit))
     return cores or 1
 
 
+def usable_cores() -> int:
+    """``affinity_cores``, and no more than ``OMP_NUM_THREADS`` when that is set: a user who
+    limits OpenMP threads (other jobs share the cores) would otherwise get one thread per
+    core anyway."""
+    cores = affinity_cores()
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    if limit.isdigit() and int(limit) > 0:
+        cores = min(cores, int(limit))
+    return cores
+
+
+def check_process_count(nproc: int, flag: str) -> None:
+    """Refuse more processes on this machine than cores it may use (each rank needs one):
+    a typo such as ``--nproc 100000`` would start that many processes."""
+    cores = affinity_cores()
+    if nproc > cores:
+        raise UserError(
+            f"{flag} {nproc}: this machine lets zmdevice use {cores} CPU core(s), and every "
+            f"process needs one; give at most {cores}"
+        )
+
+
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
-    """The torchrun command line for ``zmdevice ARGV`` on ``nproc`` ranks, without --nproc."""
+    """The torchrun command line for ``zmdevice ARGV`` on ``nproc`` ranks, without --nproc.
+
+    Raises:
+        UserError: ``nproc`` below 1, or a nested launch.
+    """
     if nproc < 1:
         raise UserError(f"--nproc {nproc}: give 1 or more processes")
     if "WORLD_SIZE" in os.environ:

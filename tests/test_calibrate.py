@@ -1,0 +1,315 @@
+"""``auto`` numerics by measurement (zmdevice.calibrate), with faked timings: the fastest
+candidate that labels like fp32 wins, the decision is cached as JSON, a damaged cache is
+measured again, explicit flags skip their axis, a resume keeps its parts' numerics, and a
+training run keeps bf16 only when measured faster and trains as if nothing was measured."""
+
+import json
+
+import numpy as np
+import pytest
+import tiny_teachers
+import torch
+from helpers import TOPIC_NAMES, text_config, weights, write_texts
+
+from zmdevice import calibrate
+from zmdevice import precision as precision_module
+from zmdevice.config import LabelConfig
+from zmdevice.errors import UserError
+
+torch.set_num_threads(1)
+ALL = ["torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8"]
+
+
+class FakeTimer:
+    """Seconds per sample by candidate; ``disagree``: candidates whose labels it shifts by
+    one class, ``loss_factor``: candidates whose training loss it scales."""
+
+    def __init__(self, seconds: dict, disagree=(), loss_factor=None):
+        self.seconds, self.disagree, self.loss_factor = seconds, disagree, loss_factor or {}
+        self.calls: list[str] = []
+
+    def __call__(self, name, call):
+        self.calls.append(name)
+        result = call()
+        if isinstance(result, float):  # a training step's loss
+            return self.seconds[name], result * self.loss_factor.get(name, 1.0)
+        probs = np.asarray(result)
+        if name in self.disagree:
+            probs = np.roll(probs, 1, axis=1)
+        return self.seconds[name] * len(probs), probs
+
+
+def no_timer(name, call):
+    raise AssertionError(f"measured {name}, but nothing should be measured")
+
+
+FAST_ONNX = {"torch-fp32": 1e-3, "torch-bf16": 5e-4, "onnx-fp32": 2.5e-4, "onnx-int8": 1e-4}
+
+
+@pytest.fixture()
+def embed(tmp_path, monkeypatch):
+    """A tiny text-embed teacher, a private cache folder, a CPU with bf16 instructions and
+    calibration allowed on small runs."""
+    monkeypatch.setenv("ZMDEVICE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: ("amx_bf16",))
+    monkeypatch.setattr(calibrate, "MIN_LABEL_BATCHES", 1)
+    return tiny_teachers.make_text_embed(tmp_path / "embed")
+
+
+def label(tmp_path, embed, monkeypatch, timer, name="out", **values):
+    from zmdevice.label import run_label
+
+    monkeypatch.setattr(calibrate, "measure_call", timer)
+    settings = dict(
+        data=tmp_path / "texts.csv",
+        classes=TOPIC_NAMES,
+        teacher=f"text-embed:{embed}",
+        out=tmp_path / f"{name}.parquet",
+        batch_size=4,
+        device="cpu",
+        workers=0,
+    )
+    if not settings["data"].exists():
+        write_texts(settings["data"], 24)
+    return run_label(LabelConfig(**{**settings, **values}))
+
+
+def cache_files(tmp_path):
+    return sorted((tmp_path / "cache" / "calibration").glob("*.json"))
+
+
+def test_auto_keeps_the_fastest_candidate_that_labels_like_fp32(embed, tmp_path, monkeypatch,
+                                                                capsys):  # fmt: skip
+    from zmdevice.pseudolabels import read_pseudolabel_metadata
+
+    timer = FakeTimer(FAST_ONNX, disagree={"onnx-int8"})  # the fastest, but labels otherwise
+    summary = label(tmp_path, embed, monkeypatch, timer)
+    err = capsys.readouterr().err
+    assert f"calibrating the teacher's runtime on 3 batches: {', '.join(ALL)}" in err
+    # Each candidate: 3 timed batches (the warm-up batch is not timed).
+    assert timer.calls == [name for name in ALL for _ in range(3)]
+    assert (summary["runtime"], summary["precision"]) == ("onnx", "fp32")
+    record = summary["calibration"]
+    assert record["chosen"] == "onnx-fp32" and record["cached"] is False
+    results = record["candidates"]
+    assert results["onnx-int8"]["agreement"] == 0.0 and not results["onnx-int8"]["passed"]
+    assert results["torch-bf16"]["passed"] and results["torch-bf16"]["speedup"] == 2.0
+    assert results["onnx-fp32"]["speedup"] == 4.0 and results["onnx-fp32"]["samples"] == 12
+    assert results["onnx-fp32"]["max_abs_prob_diff"] < 1e-3  # the same network in fp32
+    assert results["torch-bf16"]["max_abs_prob_diff"] > 0  # bf16 did run
+    assert results["torch-fp32"]["seconds_per_sample"] == 1e-3
+    assert "teacher numerics measured: onnx-fp32 chosen, 4.00x torch-fp32" in summary["lines"][3]
+    assert "onnx-int8 10.00x (0.00% equal, rejected)" in summary["lines"][3]
+    teacher = read_pseudolabel_metadata(tmp_path / "out.parquet")["teacher"]
+    assert teacher["calibration"] == record and teacher["runtime"] == "onnx"
+    assert teacher["precision_reason"].startswith("auto, measured: onnx-fp32 ran 4.00x")
+    (cached,) = cache_files(tmp_path)
+    stored = json.loads(cached.read_text())
+    assert stored["chosen"] == "onnx-fp32" and stored["identity"]["candidates"] == ALL
+    assert stored["identity"]["cpu_bf16"] == ["amx_bf16"]
+
+    # The next run on the same model and machine reads the decision and measures nothing.
+    again = label(tmp_path, embed, monkeypatch, no_timer, name="again")
+    assert "calibrating" not in capsys.readouterr().err
+    assert again["calibration"] == {**record, "cached": True}
+    assert again["runtime"] == "onnx" and "measured (cached): onnx-fp32" in again["lines"][3]
+
+
+def test_a_slower_candidate_is_not_chosen_and_torch_bf16_can_win(embed, tmp_path, monkeypatch):
+    seconds = {"torch-fp32": 1e-3, "torch-bf16": 2e-4, "onnx-fp32": 9e-4, "onnx-int8": 3e-3}
+    summary = label(tmp_path, embed, monkeypatch, FakeTimer(seconds))
+    assert (summary["runtime"], summary["precision"]) == ("torch", "bf16")
+    assert summary["calibration"]["chosen"] == "torch-bf16"
+    # Nothing faster than fp32 that agrees: fp32 in torch.
+    seconds = {"torch-fp32": 1e-4, "torch-bf16": 2e-4, "onnx-fp32": 9e-4, "onnx-int8": 1e-5}
+    monkeypatch.setenv("ZMDEVICE_CACHE", str(tmp_path / "other-cache"))
+    slow = label(tmp_path, embed, monkeypatch, FakeTimer(seconds, {"onnx-int8"}), name="slow")
+    assert (slow["runtime"], slow["precision"]) == ("torch", "fp32")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda text: "{not json",
+        lambda text: text.replace('"chosen": "onnx-fp32"', '"chosen": "tvm-int4"'),
+        lambda text: text.replace('"torch": "', '"torch": "0.0-'),  # another torch's decision
+    ],
+)
+def test_a_damaged_cache_file_is_ignored_with_a_note_and_measured_again(
+    embed, tmp_path, monkeypatch, capsys, damage
+):
+    label(tmp_path, embed, monkeypatch, FakeTimer(FAST_ONNX, {"onnx-int8"}))
+    (cached,) = cache_files(tmp_path)
+    cached.write_text(damage(cached.read_text()))
+    capsys.readouterr()
+    timer = FakeTimer(FAST_ONNX, {"onnx-int8"})
+    summary = label(tmp_path, embed, monkeypatch, timer, name="again")
+    err = capsys.readouterr().err
+    assert f"note: ignoring the calibration cache {cached}" in err and "measuring again" in err
+    assert timer.calls and summary["calibration"]["cached"] is False
+    assert json.loads(cached.read_text())["chosen"] == "onnx-fp32"  # replaced, whole
+
+
+@pytest.mark.parametrize(
+    ("flags", "measured", "expected"),
+    [
+        ({"precision": "fp32", "runtime": "torch"}, None, ("fp32", "torch")),
+        ({"precision": "bf16"}, None, ("bf16", "torch")),  # one candidate: nothing to measure
+        ({"runtime": "onnx-int8"}, None, ("fp32", "onnx-int8")),
+        ({"precision": "fp32"}, ["torch-fp32", "onnx-fp32", "onnx-int8"], ("fp32", "onnx")),
+        ({"runtime": "torch"}, ["torch-fp32", "torch-bf16"], ("bf16", "torch")),
+    ],
+)
+def test_an_explicit_flag_is_not_measured(embed, tmp_path, monkeypatch, flags, measured,
+                                          expected):  # fmt: skip
+    timer = FakeTimer(FAST_ONNX, {"onnx-int8"}) if measured else no_timer
+    summary = label(tmp_path, embed, monkeypatch, timer, **flags)
+    assert (summary["precision"], summary["runtime"]) == expected
+    if measured is None:
+        assert summary["calibration"] is None and not cache_files(tmp_path)
+    else:
+        assert sorted(summary["calibration"]["candidates"]) == sorted(measured)
+        assert sorted(set(timer.calls)) == sorted(measured)
+
+
+def test_without_enough_data_or_in_a_shard_the_table_decides(embed, tmp_path, monkeypatch):
+    monkeypatch.setattr(calibrate, "MIN_LABEL_BATCHES", 7)  # 24 texts at batch 4: 6 batches
+    small = label(tmp_path, embed, monkeypatch, no_timer)
+    assert small["calibration"] is None and (small["precision"], small["runtime"]) == (
+        "fp32",
+        "onnx",
+    )
+    monkeypatch.setattr(calibrate, "MIN_LABEL_BATCHES", 1)
+    shard = label(tmp_path, embed, monkeypatch, no_timer, name="shard", shard="0/2")
+    assert shard["calibration"] is None and not cache_files(tmp_path)
+
+
+def test_a_failed_export_is_recorded_and_left_out(embed, tmp_path, monkeypatch):
+    from zmdevice import onnx_teacher
+
+    monkeypatch.setattr(onnx_teacher, "PARITY_TOLERANCE", -1.0)  # every export disagrees
+    summary = label(tmp_path, embed, monkeypatch, FakeTimer(FAST_ONNX))
+    results = summary["calibration"]["candidates"]
+    assert "disagrees with PyTorch" in results["onnx-fp32"]["error"]
+    assert "error" in results["onnx-int8"]
+    assert summary["calibration"]["chosen"] == "torch-bf16"
+    assert "onnx-fp32 failed" in summary["lines"][3]
+
+
+def test_a_resume_keeps_the_numerics_of_its_parts(embed, tmp_path, monkeypatch, capsys):
+    from zmdevice import label as label_module
+    from zmdevice.pseudolabels import read_pseudolabels
+
+    write_part = label_module.write_part
+
+    def killed_after_one_part(parts_dir, number, *args):
+        if number > 0:
+            raise KeyboardInterrupt
+        write_part(parts_dir, number, *args)
+
+    monkeypatch.setattr(label_module, "write_part", killed_after_one_part)
+    # Batch 1: chunks of 16 texts, 2 for 24; the first is written, then the run dies.
+    with pytest.raises(KeyboardInterrupt):
+        label(tmp_path, embed, monkeypatch, FakeTimer(FAST_ONNX, {"onnx-int8"}), batch_size=1)
+    monkeypatch.setattr(label_module, "write_part", write_part)
+    first = next(iter(cache_files(tmp_path)))
+    first.unlink()  # a new measurement would now be needed, and could choose otherwise
+    with pytest.raises(UserError, match=r"--resume: .*precision fp32, runtime onnx"):
+        label(tmp_path, embed, monkeypatch, no_timer, batch_size=1, resume=True,
+              runtime="torch")  # fmt: skip
+    capsys.readouterr()
+    summary = label(tmp_path, embed, monkeypatch, no_timer, batch_size=1, resume=True)
+    assert "calibrating" not in capsys.readouterr().err
+    assert summary["count"] == 24 and summary["runtime"] == "onnx"
+    assert summary["calibration"]["chosen"] == "onnx-fp32"
+    assert summary["calibration"]["cached"] is False  # the record of the interrupted run
+    assert read_pseudolabels(tmp_path / "out.parquet").metadata["teacher"]["runtime"] == "onnx"
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.fixture()
+def bf16_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZMDEVICE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: ("amx_bf16",))
+    monkeypatch.setattr(calibrate, "MIN_TRAIN_STEPS", 1)
+
+
+def setup_of(config, out, monkeypatch, timer):
+    from zmdevice.config import resolve_student
+    from zmdevice.train import build_setup
+
+    monkeypatch.setattr(calibrate, "measure_call", timer)
+    return build_setup(resolve_student(config), out)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "loss_factor", "expected"),
+    [
+        ({"fp32": 1.0, "bf16": 0.5}, {}, "bf16"),
+        ({"fp32": 1.0, "bf16": 1.5}, {}, "fp32"),  # measured slower: fp32
+        ({"fp32": 1.0, "bf16": 0.5}, {"bf16": 1.2}, "fp32"),  # faster, but its loss strays
+    ],
+)
+def test_training_keeps_bf16_only_when_faster_and_its_loss_agrees(
+    text_data,
+    tmp_path,
+    monkeypatch,
+    bf16_cpu,
+    seconds,
+    loss_factor,
+    expected,
+):
+    timer = FakeTimer(seconds, loss_factor=loss_factor)
+    setup = setup_of(text_config(text_data, tmp_path / "a"), tmp_path / "a", monkeypatch, timer)
+    # fp32 then bf16, each a warm-up step and 3 timed steps from the same weights.
+    assert timer.calls == ["fp32"] * 4 + ["bf16"] * 4
+    assert setup.precision.name == expected == setup.config.precision
+    assert setup.model.precision is setup.precision
+    assert setup.precision.reason.startswith(f"auto, measured: {expected} steps")
+    # The measurement left no trace: the same weights and random streams as a forced run.
+    after = torch.rand(4)
+    forced = setup_of(
+        text_config(text_data, tmp_path / "b", precision=expected),
+        tmp_path / "b",
+        monkeypatch,
+        no_timer,
+    )
+    torch.testing.assert_close(after, torch.rand(4), rtol=0, atol=0)
+    ours, theirs = setup.student.state_dict(), forced.student.state_dict()
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+    cached = setup_of(text_config(text_data, tmp_path / "c"), tmp_path / "c", monkeypatch,
+                      no_timer)  # fmt: skip
+    assert cached.precision.name == expected
+    assert cached.precision.reason.startswith(f"auto, cached measurement: {expected}")
+
+
+def test_a_calibrated_training_run_trains_as_the_forced_one(text_data, tmp_path, monkeypatch,
+                                                            bf16_cpu):  # fmt: skip
+    from zmdevice.train import run_train
+
+    monkeypatch.setattr(calibrate, "measure_call", FakeTimer({"fp32": 1.0, "bf16": 0.4}))
+    auto = run_train(text_config(text_data, tmp_path / "auto", kd_steps=4, ssl_steps=4))
+    assert auto["precision"] == "bf16"
+    assert any("precision bf16 (auto, measured: bf16 steps 2.50x" in x for x in auto["lines"])
+    monkeypatch.setattr(calibrate, "measure_call", no_timer)
+    run_train(text_config(text_data, tmp_path / "bf16", kd_steps=4, ssl_steps=4,
+                          precision="bf16"))  # fmt: skip
+    a, b = weights(tmp_path / "auto"), weights(tmp_path / "bf16")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_training_without_bf16_or_with_few_steps_uses_the_table(text_data, tmp_path,
+                                                                 monkeypatch):  # fmt: skip
+    monkeypatch.setenv("ZMDEVICE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: ())
+    monkeypatch.setattr(calibrate, "MIN_TRAIN_STEPS", 1)
+    config = text_config(text_data, tmp_path / "a")
+    assert setup_of(config, tmp_path / "a", monkeypatch, no_timer).precision.name == "fp32"
+    monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: ("amx_bf16",))
+    monkeypatch.setattr(calibrate, "MIN_TRAIN_STEPS", 21)  # 10 + 10 steps: too short
+    setup = setup_of(text_config(text_data, tmp_path / "b"), tmp_path / "b", monkeypatch,
+                     no_timer)  # fmt: skip
+    assert setup.precision.reason == "auto: transformer on a CPU with bf16 instructions"

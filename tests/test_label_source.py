@@ -1,0 +1,163 @@
+"""zmdevice.label_source: the labels to write, chosen by cross-validation on the labeled
+examples, with no example predicting itself."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import clusters, noisy_prior
+
+from zmdevice.label_source import (
+    CANDIDATES,
+    DEFAULT_SOURCES,
+    Evidence,
+    above_chance,
+    choose,
+    cross_validate,
+    data_graph,
+    decision_line,
+    make_labels,
+    stratified_folds,
+)
+
+torch.set_num_threads(1)
+
+
+def teacher_probs(rng, labels, classes=4, correct=0.9):
+    """An FM right on about ``correct`` of the samples, else a random class."""
+    return noisy_prior(rng, labels, classes, correct, top=0.7)
+
+
+def evidence(rng, per_class=4, fm_correct=0.9, features_informative=True, classes=4):
+    data, truth = clusters(rng, 30, classes)
+    labeled_features, labeled = clusters(rng, per_class, classes)
+    if not features_informative:  # the FM's feature space knows nothing of the classes
+        data = rng.standard_normal(data.shape)
+        labeled_features = rng.standard_normal(labeled_features.shape)
+    return (
+        Evidence(
+            data,
+            teacher_probs(rng, truth, classes, fm_correct),
+            labeled_features,
+            labeled,
+            teacher_probs(rng, labeled, classes, fm_correct),
+        ),
+        truth,
+    )
+
+
+def test_folds_are_stratified_deterministic_and_cover_every_example():
+    classes = np.repeat(np.arange(3), [4, 4, 2])
+    fold = stratified_folds(classes, seed=0)
+    assert fold.max() == 3  # min(5 folds, the largest class)
+    for k in range(4):
+        # Each class with 4 examples has exactly one in each fold.
+        assert np.bincount(classes[fold == k], minlength=3)[:2].tolist() == [1, 1]
+    np.testing.assert_array_equal(fold, stratified_folds(classes, seed=0))
+    assert not np.array_equal(fold, stratified_folds(classes, seed=1))
+    assert stratified_folds(np.repeat(np.arange(2), 12)).max() == 4  # at most 5 folds
+
+
+def test_no_labeled_example_predicts_itself():
+    """Labels with no relation to the features: any leak of a held-out example's own label
+    into its prediction (the refinement clamps training examples) would score near 100%."""
+    rng = np.random.default_rng(0)
+    e, _ = evidence(rng, per_class=6)
+    shuffled = Evidence(
+        e.features, e.probs, e.labeled_features, rng.permutation(e.labeled_classes), e.probs[:24]
+    )
+    result = cross_validate(shuffled, graph=data_graph(shuffled))
+    assert result["scored"] == 24
+    for name in ("few-shot", "refined", "refined-no-prior"):
+        assert result["candidates"][name]["accuracy"] < 0.6, name
+
+
+def test_a_strong_fm_in_a_feature_space_that_knows_nothing_keeps_its_zero_shot_labels():
+    rng = np.random.default_rng(1)
+    e, truth = evidence(rng, fm_correct=0.95, features_informative=False)
+    decision = choose(e, allowed=CANDIDATES)
+    assert decision["how"] == "cross-validation" and decision["chosen"] == "zero-shot"
+    labels, _ = make_labels(decision["chosen"], e)
+    assert (labels.argmax(1) == truth).mean() > 0.85
+
+
+def test_a_useless_fm_with_a_good_feature_space_is_outvoted_by_the_examples():
+    rng = np.random.default_rng(2)
+    e, truth = evidence(rng, fm_correct=0.0)  # the FM guesses at random
+    decision = choose(e, allowed=CANDIDATES)
+    scores = {n: c["accuracy"] for n, c in decision["candidates"].items()}
+    assert decision["chosen"] != "zero-shot" and scores["zero-shot"] < 0.6
+    assert scores[decision["chosen"]] == max(scores.values())
+    labels, _ = make_labels(decision["chosen"], e)
+    assert (labels.argmax(1) == truth).mean() > 0.9
+    line = decision_line(decision)
+    assert line.startswith(f"labels: {decision['chosen']}, by 4-fold cross-validation on 16")
+
+
+def test_ties_go_to_the_earlier_candidate():
+    rng = np.random.default_rng(3)
+    e, _ = evidence(rng, fm_correct=1.0)  # every candidate right on every example
+    decision = choose(e, allowed=CANDIDATES)
+    assert {c["accuracy"] for c in decision["candidates"].values()} == {1.0}
+    assert decision["chosen"] == CANDIDATES[0]
+    assert choose(e, allowed=("zero-shot", "few-shot"))["chosen"] == "few-shot"
+    forced = choose(e, allowed=("zero-shot",))
+    assert forced["chosen"] == "zero-shot" and forced["how"] == "only candidate"
+
+
+@pytest.mark.parametrize(
+    ("right", "classes", "kept"),
+    [
+        # 15 classes, the FM right on 17 of 60 examples (28%, 4x chance): a weak FM whose
+        # prior still carries information, dropped by a fixed 50% threshold.
+        (17, 15, True),
+        (6, 15, False),  # 10%: chance is 6.7%
+        (3, 10, False),  # 30% of 10 examples: possible by chance (p = 0.07)
+        (5, 10, True),
+    ],
+)
+def test_with_one_example_per_class_the_prior_follows_a_binomial_test(right, classes, kept):
+    count = 60 if classes == 15 else 10
+    labeled = np.arange(count) % classes
+    guess = np.where(np.arange(count) < right, labeled, (labeled + 1) % classes)
+    probs = np.eye(classes, dtype=np.float32)[guess]
+    accuracy, p_value = above_chance(probs, labeled)
+    assert accuracy == pytest.approx(right / count) and (p_value < 0.05) == kept
+    if count == classes:  # one example per class: cross-validation has nothing to score
+        rng = np.random.default_rng(4)
+        e = Evidence(
+            rng.standard_normal((50, 6)),
+            np.full((50, classes), 1 / classes, np.float32),
+            rng.standard_normal((count, 6)),
+            labeled,
+            probs,
+        )
+        decision = choose(e)
+        assert decision["scored"] == 0 and decision["how"] == "binomial test"
+        assert decision["chosen"] == ("refined" if kept else "refined-no-prior")
+        assert ("are above chance" if kept else "not above chance") in decision_line(decision)
+
+
+def test_by_default_the_choice_is_among_the_refined_sources_with_all_scored():
+    rng = np.random.default_rng(6)
+    e, _ = evidence(rng, fm_correct=0.95, features_informative=False)
+    decision = choose(e)
+    assert decision["allowed"] == list(DEFAULT_SOURCES) == ["refined", "refined-no-prior"]
+    assert decision["chosen"] in DEFAULT_SOURCES and sorted(decision["candidates"]) == sorted(
+        CANDIDATES
+    )
+    line = decision_line(decision)
+    assert "; not candidates: " in line and line.index("zero-shot") > line.index("not candidates")
+    # Without the data's features only the unrefined sources can be scored.
+    bare = Evidence(None, None, e.labeled_features, e.labeled_classes, e.labeled_probs)
+    decision = choose(bare, allowed=("few-shot", "zero-shot"))
+    assert sorted(decision["candidates"]) == ["few-shot", "zero-shot"]
+
+
+def test_labels_rebalanced_to_a_class_prior_only_when_refined():
+    rng = np.random.default_rng(5)
+    e, _ = evidence(rng)
+    balanced = [0.25] * 4
+    refined, info = make_labels("refined", e, class_prior=balanced)
+    assert refined.mean(0) == pytest.approx(balanced, abs=1e-2) and "class_prior" in info
+    few_shot, info = make_labels("few-shot", e, class_prior=balanced)
+    assert info == {}

@@ -1,0 +1,610 @@
+"""``auto`` numerics by measurement: time the candidates on the run's own batches, keep the
+fastest one that computes like fp32, and cache the decision.
+
+Labeling (``calibrated_teacher``): the (runtime, precision) pairs the hardware supports
+(``teacher_candidates``: torch fp32; torch bf16 on a CPU with bf16 instructions or a GPU
+with bf16; torch fp16 on CUDA; onnx fp32 and, for sentence encoders, onnx int8 on a CPU)
+each label the first ``CALIBRATION_BATCHES`` batches of the data, after one untimed warm-up
+batch, within ``TIME_CAP_S`` seconds in all. A candidate passes when its argmax labels equal
+torch fp32's on at least ``MIN_AGREEMENT`` of those samples; the fastest that passes is
+kept. ``--precision`` or ``--runtime`` given explicitly fix their axis: only the other one
+is measured (nothing, when both are given).
+
+Training (``calibrated_setup``): a few training steps of fp32 and of bf16 (where the
+hardware has bf16) from the same weights on the same batches, the first untimed; bf16 is kept
+only when its steps are faster and the loss of its last step is within
+``TRAIN_LOSS_TOLERANCE`` of fp32's. The student's weights and every random stream are
+restored afterwards, so the run trains as if nothing had been measured.
+
+The decision is cached as JSON in ``<cache folder>/calibration/<key>.json`` (the cache
+folder of ``zmdevice.onnx_teacher.cache_root``): the key is a hash of the model (spec and
+weight files), the device, the torch and onnxruntime versions, the CPU (model, flags,
+threads), the candidates and the batch shape; the file repeats that identity, and a file
+that does not parse or does not match is ignored with a note and measured again. Later runs
+read it and start at once.
+
+Where measuring is impossible or not worth it, the table of ``zmdevice.precision`` decides:
+fewer than ``MIN_LABEL_BATCHES`` batches to label or ``MIN_TRAIN_STEPS`` steps to train and
+no cached decision, the ray engine (its workers build their own teacher), ``--shard`` runs
+(their files must join under one teacher record: they read a cached decision but never
+measure), several training processes (each would measure its own), a resumed training run.
+A resumed labeling run keeps the numerics its finished parts recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from zmdevice import precision as numerics
+from zmdevice.errors import UserError, write_text_atomic
+
+CALIBRATION_BATCHES = 3
+"""Timed batches per teacher candidate (after one untimed warm-up batch)."""
+TIME_CAP_S = 6.0
+"""Timed seconds of a teacher calibration in all, shared evenly by the candidates; a
+candidate stops after its share, once it has timed one batch."""
+MIN_AGREEMENT = 0.995
+"""Share of samples whose label must equal torch fp32's for a teacher candidate to pass."""
+MIN_LABEL_BATCHES = 100
+"""Batches a run must label to measure: calibration runs up to 5 candidates x 4 batches, and
+a shorter run would spend more on measuring than it can gain."""
+TRAIN_STEPS = 3
+"""Timed training steps per precision (after one untimed warm-up step)."""
+TRAIN_TIME_CAP_S = 10.0
+"""Timed seconds of a training calibration in all (one timed step at least)."""
+TRAIN_LOSS_TOLERANCE = 0.05
+"""bf16's last measured loss must be within 5% of fp32's (0.01 absolute for losses below 0.2)."""
+MIN_TRAIN_STEPS = 100
+"""Steps a run must train to measure (calibration takes 2 x 4 steps)."""
+CACHE_VERSION = 1
+
+Timer = Callable[[str, Callable[[], Any]], tuple[float, Any]]
+"""(candidate name, call) -> (seconds the call took, what it returned); tests fake it."""
+
+
+def measure_call(name: str, call: Callable[[], Any]) -> tuple[float, Any]:
+    """Wall-clock seconds of ``call()`` and its result. The calls end on a host copy (the
+    probabilities, a loss as a float), so a GPU has finished its work when the clock stops."""
+    started = time.perf_counter()
+    result = call()
+    return time.perf_counter() - started, result
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to run a teacher's network."""
+
+    runtime: str
+    """"torch", "onnx" or "onnx-int8"."""
+    precision: str
+    """"fp32", "bf16" or "fp16" (the onnx runtimes: fp32)."""
+
+    @property
+    def name(self) -> str:
+        return self.runtime if self.runtime == "onnx-int8" else f"{self.runtime}-{self.precision}"
+
+
+REFERENCE = Candidate("torch", "fp32")
+"""What every candidate is compared with, and the speed ratios are relative to."""
+
+
+def has_bf16(hardware: numerics.Hardware) -> bool:
+    """The device computes bf16 natively (a CPU with bf16 instructions, a GPU with bf16)."""
+    kind = hardware.device_type
+    return (kind == "cpu" and hardware.cpu_bf16) or (kind == "cuda" and hardware.cuda_bf16)
+
+
+def teacher_candidates(
+    precision: str, runtime: str, hardware: numerics.Hardware, kind: str
+) -> list[Candidate]:
+    """The candidates this hardware supports for a teacher of ``kind``, torch fp32 first,
+    restricted to the explicit ``--precision`` / ``--runtime`` (``auto``: any)."""
+    import importlib.util
+
+    precisions = ["fp32"] + ["bf16"] * has_bf16(hardware)
+    if hardware.device_type == "cuda":
+        precisions.append("fp16")
+    found = [Candidate("torch", p) for p in precisions]
+    onnx_there = importlib.util.find_spec("onnxruntime") is not None
+    if hardware.device_type == "cpu" and onnx_there and kind in numerics.ONNX_TEACHER_KINDS:
+        found.append(Candidate("onnx", "fp32"))
+        if kind in numerics.INT8_TEACHER_KINDS:
+            found.append(Candidate("onnx-int8", "fp32"))
+    return [
+        c for c in found if precision in ("auto", c.precision) and runtime in ("auto", c.runtime)
+    ]
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+def machine_identity(device) -> dict:
+    """What makes one candidate faster than another besides the model: device, library
+    versions, CPU model and flags, threads."""
+    import importlib.metadata
+
+    import torch
+
+    device = torch.device(device)
+    try:
+        onnxruntime = importlib.metadata.version("onnxruntime")
+    except importlib.metadata.PackageNotFoundError:
+        onnxruntime = None
+    flags = " ".join(sorted(numerics.cpu_flags()))
+    identity = {
+        "device": device.type,
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime,
+        "cpu": numerics.cpu_model(),
+        "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()[:16],
+        "cpu_bf16": list(numerics.cpu_bf16_flags()),
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        identity["gpu"] = torch.cuda.get_device_name(device)
+        identity["capability"] = list(torch.cuda.get_device_capability(device))
+    return identity
+
+
+def spec_files(rest: str) -> list:
+    """(name, size, mtime) of every local file or folder a teacher spec names (weights, a
+    class map), so that new weights are a new cache entry."""
+    from zmdevice.onnx_teacher import files_fingerprint
+
+    found = []
+    for part in rest.split(":"):
+        value = part.partition("=")[2] if "=" in part else part
+        path = Path(value).expanduser()
+        if value and path.exists():
+            found.append([value, [list(f) for f in files_fingerprint(path)]])
+    return found
+
+
+def cache_path(identity: dict) -> Path:
+    from zmdevice.onnx_teacher import cache_root
+
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_root() / "calibration" / f"{key}.json"
+
+
+def read_decision(path: Path, identity: dict, names: list[str], fields: tuple) -> dict | None:
+    """The cached decision for ``identity`` (None when there is none). A file that does not
+    parse, was made for another identity, chose none of ``names`` or lacks a number of
+    ``fields`` for a candidate that ran is ignored with a note: the caller measures again
+    and replaces it."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("identity") != identity:
+            raise ValueError("made for another model or machine")
+        candidates = data.get("candidates")
+        if not isinstance(candidates, dict) or data.get("chosen") not in names:
+            raise ValueError("no valid choice in it")
+        if data["chosen"] not in candidates or not all(
+            isinstance(result, dict)
+            and ("error" in result or all(_is_number(result.get(f)) for f in fields))
+            for result in candidates.values()
+        ):
+            raise ValueError("malformed candidates")
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())[:100]
+        print(f"note: ignoring the calibration cache {path} ({reason}); measuring again",
+              file=sys.stderr)  # fmt: skip
+        return None
+    return {"chosen": data["chosen"], "candidates": candidates}
+
+
+def write_decision(path: Path, identity: dict, decision: dict) -> None:
+    """Cache ``decision`` ({"chosen", "candidates"}) atomically; a cache folder that cannot
+    be written costs the next run a measurement, not this run."""
+    import datetime
+
+    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    record = {"version": CACHE_VERSION, "identity": identity, **decision, "created": created}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(record, indent=1, sort_keys=True))
+    except OSError as error:
+        print(f"note: cannot cache the calibration in {path} ({error.strerror})",
+              file=sys.stderr)  # fmt: skip
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _normalised(identity: dict) -> dict:
+    """``identity`` as it reads back from JSON (tuples become lists), for comparison."""
+    return json.loads(json.dumps(identity, default=str))
+
+
+# ----------------------------------------------------------------------------- teachers
+
+
+def calibrated_teacher(
+    config, classes, device, dataset, indices, parts_dir: Path, done: set, timer=None
+):
+    """The teacher of a labeling run (``zmdevice.label``), its numerics resolved: forced by
+    the flags, kept from the finished parts of a resumed run, read from the cache, measured
+    on the first batches of ``indices`` (see the module doc), or from the table.
+
+    Args:
+        config: the run's ``LabelConfig``.
+        classes: its ``ClassList``.
+        device: the torch device the teacher runs on.
+        dataset, indices: the data and the samples this run labels, in order.
+        parts_dir, done: the parts folder and the chunks an interrupted run finished.
+        timer: a :data:`Timer` (default: the wall clock).
+
+    Returns:
+        The teacher; its ``info["calibration"]`` records a measured or cached decision.
+    """
+    import functools
+
+    import torch
+
+    from zmdevice.teachers import build_teacher, resolve_spec
+
+    build = functools.partial(
+        build_teacher, config.teacher, classes, device=device, templates=config.templates
+    )
+    flags = {"precision": config.precision, "runtime": config.runtime}
+    if config.engine == "ray":
+        return build(**flags)
+    kind, rest, entry = resolve_spec(config.teacher)
+    if done:
+        return _resumed_teacher(build, flags, kind, parts_dir, done, torch.device(device))
+    hardware = numerics.Hardware.probe(device)
+    candidates = teacher_candidates(config.precision, config.runtime, hardware, kind)
+    if len(candidates) < 2:
+        return build(**flags)
+    identity = _normalised(
+        {
+            "what": "teacher",
+            "version": CACHE_VERSION,
+            "spec": f"{kind}:{rest}",
+            "catalog": {k: v for k, v in entry.items() if k != "weights_from"},
+            "files": spec_files(rest),
+            **machine_identity(device),
+            "candidates": [c.name for c in candidates],
+            "batch_size": config.batch_size,
+        }
+    )
+    path = cache_path(identity)
+    names = [c.name for c in candidates]
+    decision = read_decision(path, identity, names, ("speedup", "agreement"))
+    cached = decision is not None
+    too_small = len(indices) < MIN_LABEL_BATCHES * config.batch_size
+    if not cached and (config.shard is not None or too_small):
+        return build(**flags)
+    reference = build(precision="fp32", runtime="torch")
+    if not cached:
+        batches = first_batches(dataset, reference, indices, config.batch_size)
+        if not batches:
+            return build(**flags)
+        print(
+            f"calibrating the teacher's runtime on {len(batches)} batches: "
+            f"{', '.join(names)} (once for this model and machine; cached in {path.parent})",
+            file=sys.stderr,
+        )
+        decision = measure_teacher(reference, candidates, batches, timer or measure_call)
+        write_decision(path, identity, decision)
+    chosen = next(c for c in candidates if c.name == decision["chosen"])
+    record = {**decision, "cached": cached, "min_agreement": MIN_AGREEMENT}
+    precision = numerics.Precision(chosen.precision, hardware.device_type, _reason(record))
+    return reference.with_numerics(precision, chosen.runtime, {"calibration": record})
+
+
+def _resumed_teacher(build, flags: dict, kind: str, parts_dir: Path, done: set, device):
+    """The teacher of a resumed run, at the precision and runtime the finished parts record
+    (their reason and calibration too, so every part carries the same teacher record). An
+    explicit flag that differs builds the teacher it asks for: ``check_same_numerics`` then
+    refuses the mix.
+
+    Raises:
+        UserError: the recorded numerics cannot run on ``device`` (onnx parts resumed on a
+            GPU, fp16 parts on a CPU), naming the flag that would.
+    """
+    from zmdevice.label_parts import finished_parts
+    from zmdevice.pseudolabels import read_pseudolabel_metadata
+
+    before = read_pseudolabel_metadata(finished_parts(parts_dir)[min(done)])["teacher"]
+    recorded = {"precision": before.get("precision", "fp32"),
+                "runtime": before.get("runtime", "torch")}  # fmt: skip
+    if any(flags[k] not in ("auto", recorded[k]) for k in recorded):
+        return build(**flags)
+    # The same checks as these values given as flags (both raise the flag's error).
+    numerics.choose_runtime(recorded["runtime"], device.type, kind, recorded["precision"])
+    if recorded["runtime"] == "torch":
+        numerics.choose_precision(recorded["precision"], numerics.Hardware(device.type), "")
+    reason = before.get("precision_reason", "the interrupted run's")
+    precision = numerics.Precision(recorded["precision"], device.type, reason)
+    record = {"calibration": before["calibration"]} if "calibration" in before else None
+    return build(precision="fp32", runtime="torch").with_numerics(
+        precision, recorded["runtime"], record
+    )
+
+
+def first_batches(dataset, teacher, indices, batch_size: int) -> list:
+    """Up to ``CALIBRATION_BATCHES`` collated batches of the first readable samples of
+    ``indices`` (unreadable images skipped, as the run skips them); [] when not one full
+    batch is readable."""
+    from zmdevice.images import CorruptImage
+
+    batches, items = [], []
+    for index in indices:
+        try:
+            raw = dataset.load_image(index) if dataset.modality == "image" else dataset.texts[index]
+        except CorruptImage:
+            continue
+        items.append(teacher.prepare(raw))
+        if len(items) == batch_size:
+            batches.append(teacher.collate(items))
+            items = []
+            if len(batches) == CALIBRATION_BATCHES:
+                break
+    return batches
+
+
+def measure_teacher(reference, candidates: list[Candidate], batches: list, timer: Timer) -> dict:
+    """Time each candidate on ``batches`` and compare its labels with torch fp32's.
+
+    Args:
+        reference: the teacher at torch fp32 (``candidates[0]``).
+        candidates: what to measure, ``REFERENCE`` first.
+        batches: collated batches of the run's data.
+        timer: see :data:`Timer`.
+
+    Returns:
+        {"chosen": the fastest name that passes, "candidates": {name: {"seconds_per_sample",
+        "speedup" (vs torch fp32), "agreement" (share of equal labels), "max_abs_prob_diff",
+        "samples", "passed"} or {"error": why it could not run}}}.
+    """
+    assert candidates[0] == REFERENCE
+    share = TIME_CAP_S / len(candidates)
+    results: dict[str, dict] = {}
+    expected = None
+    for candidate in candidates:
+        teacher = reference
+        if candidate != REFERENCE:
+            precision = numerics.Precision(candidate.precision, reference.device.type, "")
+            try:
+                teacher = reference.with_numerics(precision, candidate.runtime)
+            except UserError as error:  # an export that fails or disagrees: not a candidate
+                results[candidate.name] = {"error": str(error)}
+                continue
+        teacher.predict_proba(batches[0])  # warm-up: first-call allocations, not timed
+        seconds, outputs = 0.0, []
+        for batch in batches[: len(batches) if expected is None else len(expected)]:
+            elapsed, probs = timer(
+                candidate.name, lambda teacher=teacher, batch=batch: teacher.predict_proba(batch)
+            )
+            seconds += elapsed
+            outputs.append(np.asarray(probs, dtype=np.float32))
+            if seconds >= share:
+                break
+        if expected is None:
+            expected = outputs  # torch fp32's, on as many batches as its share allowed
+        probs, want = np.concatenate(outputs), np.concatenate(expected[: len(outputs)])
+        agreement = float((probs.argmax(1) == want.argmax(1)).mean())
+        results[candidate.name] = {
+            "seconds_per_sample": seconds / len(probs),
+            "agreement": agreement,
+            "max_abs_prob_diff": float(np.abs(probs - want).max()),
+            "samples": len(probs),
+            "passed": agreement >= MIN_AGREEMENT,
+        }
+    base = results[REFERENCE.name]["seconds_per_sample"]
+    for result in results.values():
+        if "error" not in result:
+            result["speedup"] = base / max(result["seconds_per_sample"], 1e-12)
+    passed = [n for n, r in results.items() if r.get("passed")]
+    chosen = min(passed, key=lambda n: results[n]["seconds_per_sample"])
+    return {"chosen": chosen, "candidates": results}
+
+
+def _reason(record: dict) -> str:
+    chosen = record["candidates"][record["chosen"]]
+    how = "cached measurement" if record["cached"] else "measured"
+    return (
+        f"auto, {how}: {record['chosen']} ran {chosen['speedup']:.2f}x torch-fp32 with "
+        f"{100 * chosen['agreement']:.2f}% of labels equal"
+    )
+
+
+def calibration_line(record: dict | None) -> str | None:
+    """One summary line of a teacher's ``info["calibration"]`` (None without one)."""
+    if not record:
+        return None
+    others = []
+    for name, result in record["candidates"].items():
+        if name == record["chosen"]:
+            continue
+        if "error" in result:
+            others.append(f"{name} failed")
+            continue
+        note = "" if result.get("passed") else ", rejected"
+        agreement = 100 * result["agreement"]
+        others.append(f"{name} {result['speedup']:.2f}x ({agreement:.2f}% equal{note})")
+    chosen = record["candidates"][record["chosen"]]
+    cached = " (cached)" if record["cached"] else ""
+    return (
+        f"  teacher numerics measured{cached}: {record['chosen']} chosen, "
+        f"{chosen['speedup']:.2f}x torch-fp32; " + (", ".join(others) or "no other candidate")
+    )
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def student_candidates(hardware: numerics.Hardware) -> list[str]:
+    """Precisions a training step is measured in: fp32, and bf16 where the device has it
+    (fp16 needs loss scaling and stays with the table)."""
+    return ["fp32"] + ["bf16"] * has_bf16(hardware)
+
+
+def calibrated_setup(setup, requested: str, timer=None):
+    """``setup`` (``zmdevice.training.loop.Setup``, built at the table's precision) with the
+    precision of its training steps measured when ``requested`` is ``auto`` (see the module
+    doc); unchanged where the table decides.
+
+    Returns:
+        The same setup, or a copy at the measured precision (config, step model and reason).
+    """
+    from zmdevice.training.stages import StepModel
+
+    if requested != "auto" or setup.ranks.active:
+        return setup
+    hardware = numerics.Hardware.probe(setup.device)
+    names = student_candidates(hardware)
+    plan, config = setup.plans[0], setup.config
+    if len(names) < 2 or plan.kd_head:
+        return setup
+    identity = _normalised(
+        {
+            "what": "student",
+            "version": CACHE_VERSION,
+            "student": config.student,
+            "modality": setup.data.modality,
+            "stage": plan.name,
+            "rows": plan.rows_per_step(config),
+            "image_size": config.image_size,
+            "max_length": config.max_length,
+            "freeze_embeddings": setup.freeze_embeddings,
+            **machine_identity(setup.device),
+            "candidates": names,
+        }
+    )
+    path = cache_path(identity)
+    decision = read_decision(path, identity, names, ("speedup", "loss_difference"))
+    cached = decision is not None
+    if not cached:
+        if config.resume or sum(p.steps for p in setup.plans) < MIN_TRAIN_STEPS:
+            return setup
+        print(
+            f"calibrating the training precision on {1 + TRAIN_STEPS} steps each: "
+            f"{', '.join(names)} (once for this student and machine; cached in {path.parent})",
+            file=sys.stderr,
+        )
+        decision = measure_student(setup, names, timer or measure_call)
+        write_decision(path, identity, decision)
+    name = decision["chosen"]
+    result = decision["candidates"][name]
+    how = "cached measurement" if cached else "measured"
+    reason = f"auto, {how}: {name} steps {result['speedup']:.2f}x fp32's"
+    if name != "fp32":
+        reason += f", last loss {100 * result['loss_difference']:.2f}% off fp32's"
+    precision = numerics.Precision(name, setup.device.type, reason)
+    return dataclasses.replace(
+        setup,
+        config=dataclasses.replace(config, precision=name),
+        precision=precision,
+        model=StepModel(setup.student, precision),
+    )
+
+
+def measure_student(setup, names: list[str], timer: Timer) -> dict:
+    """Train a few steps of the first stage in each precision of ``names`` (fp32 first) from
+    the same weights, batches and random state; restore the weights and random streams.
+
+    Returns:
+        {"chosen": the fastest that passes, "candidates": {name: {"seconds_per_step",
+        "speedup" (vs fp32), "loss" (of the last step), "loss_difference" (relative to
+        fp32's), "steps", "passed"}}}.
+    """
+    import copy
+    import random
+
+    import torch
+
+    from zmdevice.pipeline import Sampler
+    from zmdevice.training.loop import draw_batches
+
+    student, config, plan = setup.student, setup.config, setup.plans[0]
+    saved = copy.deepcopy(student.state_dict())
+    training = student.training
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = [setup.device] if setup.device.type == "cuda" else []
+    results: dict[str, dict] = {}
+    try:
+        with torch.random.fork_rng(devices=devices):
+            sizes = plan.samplers(setup.data, config).items()
+            samplers = {
+                name: Sampler(population, batch_size, config.seed * 1000 + offset)
+                for offset, (name, (population, batch_size)) in enumerate(sizes)
+            }
+            # One at a time: only image batches can be drawn several at once.
+            batches = [draw_batches(setup, samplers, plan, 1)[0] for _ in range(1 + TRAIN_STEPS)]
+            share, steps = TRAIN_TIME_CAP_S / len(names), TRAIN_STEPS
+            for name in names:
+                torch.manual_seed(config.seed)  # the same dropout for every candidate
+                precision = numerics.Precision(name, setup.device.type, "")
+                results[name] = _train_steps(setup, batches[: 1 + steps], precision, share, timer)
+                steps = results[name]["steps"]  # the others: as many as fp32 managed
+                student.load_state_dict(saved)
+    finally:
+        student.load_state_dict(saved)
+        student.train(training)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+    base = results["fp32"]
+    for result in results.values():
+        result["speedup"] = base["seconds_per_step"] / max(result["seconds_per_step"], 1e-12)
+        difference = abs(result["loss"] - base["loss"])
+        result["loss_difference"] = difference / max(abs(base["loss"]), 1e-12)
+        result["passed"] = math.isfinite(result["loss"]) and difference <= max(
+            TRAIN_LOSS_TOLERANCE * abs(base["loss"]), TRAIN_LOSS_TOLERANCE * 0.2
+        )
+    passed = [n for n, r in results.items() if r["passed"]]
+    chosen = min(passed, key=lambda n: results[n]["seconds_per_step"])
+    return {"chosen": chosen, "candidates": results}
+
+
+def _train_steps(setup, batches: list, precision, share: float, timer: Timer) -> dict:
+    """The first batch as an untimed warm-up step, then timed steps until the batches or
+    ``share`` seconds are used up: forward -> loss -> backward -> (clip) -> AdamW step, as
+    ``training.loop.run_stage`` trains (a scaler only fp16 needs is left out)."""
+    import torch
+
+    from zmdevice.training.loop import make_optimizer
+    from zmdevice.training.stages import StepContext, StepModel
+
+    config, plan = setup.config, setup.plans[0]
+    model = StepModel(setup.student, precision).train()
+    optimizer, scheduler = make_optimizer(
+        setup.student, config, plan.steps, setup.freeze_embeddings
+    )
+    alignment = setup.ranks.alignment(len(setup.data.classes), config.da_momentum)
+    seconds, loss, steps = 0.0, math.nan, 0
+    for step, batch in enumerate(batches):
+        context = StepContext(setup.data, config, setup.soft, setup.device, alignment, step,
+                              plan.steps, setup.ranks)  # fmt: skip
+
+        def train_step(batch=batch, context=context) -> float:
+            named = plan.losses(model, batch, context)
+            optimizer.zero_grad(set_to_none=True)
+            named["loss"].backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            return float(named["loss"].detach())
+
+        elapsed, loss = timer(precision.name, train_step)
+        if step:
+            seconds, steps = seconds + elapsed, steps + 1
+            if seconds >= share:
+                break
+    return {"seconds_per_step": seconds / max(steps, 1), "loss": loss, "steps": steps}
