@@ -152,6 +152,54 @@ def misses(results: list[dict], points: float = 1.0) -> list[str]:
     return lines
 
 
+RULES = {
+    "CV over all four": ("refined", "few-shot", "refined-no-prior", "zero-shot"),
+    "CV over refined, refined-no-prior, zero-shot": ("refined", "refined-no-prior", "zero-shot"),
+    "CV over refined, refined-no-prior": ("refined", "refined-no-prior"),
+    "CV over refined, few-shot, refined-no-prior": ("refined", "few-shot", "refined-no-prior"),
+}
+"""The sets of sources ``label_source.choose`` may choose among, screened for
+``DEFAULT_SOURCES`` (each scored from the stored cross-validated accuracies)."""
+
+
+def pick(row: dict, allowed) -> str:
+    """What ``choose`` picks among ``allowed`` from a draw's stored CV accuracies (ties to
+    the earlier candidate; with nothing scored, the binomial test's order)."""
+    from zmdevice import label_source
+
+    names = [n for n in label_source.CANDIDATES if n in allowed]
+    cv = row["cv_accuracy"]
+    if any(cv[n] is not None for n in names):
+        return max(names, key=lambda n: (cv[n], -names.index(n)))
+    with_prior = row["p_value"] < label_source.PRIOR_SIGNIFICANCE
+    order = label_source.FALLBACK_WITH_PRIOR if with_prior else label_source.FALLBACK_WITHOUT_PRIOR
+    return next(n for n in order if n in names)
+
+
+def rule_screen(results: list[dict]) -> list[str]:
+    """Mean dev accuracy of each candidate set of ``RULES`` over every draw, and which set
+    wins with each data set left out."""
+
+    def mean(rows, allowed):
+        return float(np.mean([r["dev_accuracy"][pick(r, allowed)] for _, r in rows]))
+
+    rows = [(result["dataset"], r) for result in results for r in result["rows"]]
+    head = ["chosen among", "every draw", *(f"without {r['dataset']}" for r in results)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    winners = []
+    for result in results:
+        kept = [(d, r) for d, r in rows if d != result["dataset"]]
+        winners.append(max(RULES, key=lambda name: mean(kept, RULES[name])))
+    for name, allowed in RULES.items():
+        cells = [f"{100 * mean(rows, allowed):.2f}"]
+        for result, winner in zip(results, winners, strict=True):
+            kept = [(d, r) for d, r in rows if d != result["dataset"]]
+            value = f"{100 * mean(kept, allowed):.2f}"
+            cells.append(f"**{value}**" if winner == name else value)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> int:
     results = load()
     if not results:
@@ -190,6 +238,16 @@ def main() -> int:
         "## Over every draw of every data set",
         "",
         *summary(results),
+        "",
+        "## Which sources to choose among (`DEFAULT_SOURCES`)",
+        "",
+        "Mean dev accuracy of the chosen labels when cross-validation chooses among each set",
+        "of sources (the same stored CV accuracies, ties to the earlier source, one example per",
+        "class by the binomial test), over every draw and with each data set left out in turn",
+        "(bold: the best set without that data set). The shipped `DEFAULT_SOURCES` is the set",
+        "with the best mean over every draw.",
+        "",
+        *rule_screen(results),
         "",
         "## Draws where cross-validation's choice is a point or more below the oracle",
         "",

@@ -28,6 +28,7 @@ __all__ = [
     "Classifier",
     "TrainedStudent",
     "UserError",
+    "ZeroMatchClassifier",
     "__version__",
     "export",
     "label",
@@ -83,4 +84,8 @@ def __getattr__(name: str):
         from zmdevice import api
 
         return getattr(api, name)
+    if name == "ZeroMatchClassifier":  # the sklearn extra's estimator
+        from zmdevice.sklearn import ZeroMatchClassifier
+
+        return ZeroMatchClassifier
     raise AttributeError(f"module 'zmdevice' has no attribute {name!r}")

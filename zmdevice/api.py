@@ -6,8 +6,9 @@ Each function is the CLI command of the same name: it fills the same typed confi
 ``UserError`` messages. What the API adds:
 
 - **In-memory data.** Wherever the CLI takes a data path, the API also takes a pandas
-  DataFrame, a list of texts, images or image paths, or ``(item, label)`` pairs of those
-  (``zmdevice.inputs`` writes them once to files the stages read).
+  DataFrame, a ``datasets.Dataset``, a list of texts, images or image paths, or
+  ``(item, label)`` pairs of those (``zmdevice.inputs`` writes them once to files the
+  stages read).
 - **Results as objects**: ``label`` returns the ``PseudoLabels`` it wrote (``.path``,
   ``.summary``); ``train`` a ``TrainedStudent`` (``.out``, ``.predict``, ``.predict_proba``,
   ``.evaluate``); ``load`` a torch-free ``Classifier`` for an exported ONNX file.
@@ -43,7 +44,14 @@ import numpy as np
 
 from zmdevice.config import check_device, checked_value, shown
 from zmdevice.errors import UserError
-from zmdevice.inputs import class_spec, data_path, is_dataframe, is_pil
+from zmdevice.inputs import (
+    class_spec,
+    data_path,
+    hf_image_column,
+    is_dataframe,
+    is_hf_dataset,
+    is_pil,
+)
 from zmdevice.pseudolabels import PseudoLabels
 from zmdevice.runtime import OnnxClassifier, load_image
 
@@ -343,6 +351,12 @@ def _as_items(items: Any, modality: str) -> list:
         if column not in items.columns:
             raise UserError(f"items: the DataFrame has no '{column}' column")
         items = items[column].tolist()
+    elif is_hf_dataset(items):
+        column = "text" if modality == "text" else hf_image_column(items)
+        if column not in items.column_names:
+            wanted = "'text'" if modality == "text" else "an Image"
+            raise UserError(f"items: the datasets.Dataset has no {wanted} column")
+        items = list(items[column])
     elif isinstance(items, str | bytes | os.PathLike | Mapping) or is_pil(items):
         raise UserError(
             f"items: pass a list of {wanted} (one item: [item]), got a single "
@@ -437,6 +451,12 @@ class TrainedStudent:
         return list(read_student_config(self.out)["classes"])
 
     @property
+    def classes_(self) -> np.ndarray:
+        """The class names as a numpy array, in the order of ``predict_proba``'s columns
+        (scikit-learn's attribute)."""
+        return np.asarray(self.classes)
+
+    @property
     def modality(self) -> str:
         """The student's modality, image or text, read from its folder (no torch)."""
         from zmdevice.students import read_student_config
@@ -495,7 +515,10 @@ def export(
         out: the .onnx file; default ``export/<folder name>.onnx``.
         quantize: "int8" also writes ``NAME.int8.onnx``.
         **options: ``test`` (labeled data: compare int8 with fp32), ``calibration``
-            (images for static int8), ``opset``.
+            (images for static int8), ``opset``, ``format``, the model card's
+            ``card_license``, ``card_language``, ``card_dataset`` (lists of strings),
+            ``card_intended_use``, and ``hub_folder`` (also a folder for
+            ``huggingface_hub.upload_folder``).
 
     Returns:
         The fp32 .onnx path (its model card ``NAME.README.md`` and, for text,

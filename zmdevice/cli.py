@@ -366,11 +366,38 @@ def export(
             "config of a minimal onnxruntime build (default onnx)."
         ),
     ] = None,
+    card_license: Annotated[
+        str | None,
+        typer.Option(
+            help="Model card license, a Hugging Face id such as apache-2.0 or mit (default: the student preset's, for its own weights)."
+        ),
+    ] = None,
+    card_language: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Model card language code, e.g. en; repeat for more (default: the preset's or the teacher's)."
+        ),
+    ] = None,
+    card_dataset: Annotated[
+        list[str] | None,
+        typer.Option(help="A data set the model card names (Hugging Face id); repeat for more."),
+    ] = None,
+    card_intended_use: Annotated[
+        str | None, typer.Option(help="The model card's intended use, in your words.")
+    ] = None,
+    hub_folder: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write a folder for huggingface_hub.upload_folder: README.md (the card), the ONNX file(s), the tokenizer, config.json with the class names."
+        ),
+    ] = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Export a trained student to one self-contained ONNX file (main head only)."""
     flags = typed_flags(locals())  # first: only the parameters are local yet
+    for key in ("card_language", "card_dataset"):  # a repeatable flag left out is []
+        flags[key] = flags[key] or None
     from zmdevice.config import load_config
 
     export_config = load_config(ExportConfig, config, flags)

@@ -20,6 +20,7 @@ import dataclasses
 import math
 import numbers
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -606,6 +607,19 @@ class ExportConfig:
     """ONNX opset version."""
     format: str = "onnx"
     """'onnx', or 'ort' to also write ONNX Runtime's mobile format (NAME.ort)."""
+    card_license: str | None = None
+    """The model card's license, a Hugging Face license id (apache-2.0, mit, other, ...);
+    None: the student preset's, for its own weights, else none is claimed."""
+    card_language: list[str] | None = None
+    """The model card's language codes (en, fr, ...); None: the student preset's or the
+    teacher's."""
+    card_dataset: list[str] | None = None
+    """Data sets named in the model card (Hugging Face dataset ids); None: none."""
+    card_intended_use: str | None = None
+    """The model card's intended use, in your words; None: a generic sentence."""
+    hub_folder: Path | None = None
+    """Also write a folder ready for ``huggingface_hub.upload_folder``: README.md (the card),
+    the ONNX file(s), the tokenizer and a config.json with the class names."""
 
     def __post_init__(self):
         check_fields(self)
@@ -616,6 +630,28 @@ class ExportConfig:
         if self.format not in ("onnx", "ort"):
             raise ConfigError("format", f"unknown --format '{self.format}': choose onnx or ort")
         check_opset(self.opset)
+        license_id = self.card_license
+        if license_id is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license_id):
+            raise ConfigError(
+                "card_license",
+                f"card_license must be a Hugging Face license id in lower case (apache-2.0, "
+                f"mit, cc-by-4.0, other, ...), got {shown(license_id)}",
+            )
+        for code in self.card_language or []:
+            if not re.fullmatch(r"[a-z]{2,3}([-_][A-Za-z0-9]{2,8})*", code):
+                raise ConfigError(
+                    "card_language",
+                    f"card_language must be language codes (en, fr, pt-BR, ...), got {shown(code)}",
+                )
+        for name in self.card_dataset or []:
+            if not name.strip() or name != name.strip() or any(c.isspace() for c in name):
+                raise ConfigError(
+                    "card_dataset",
+                    f"card_dataset must be data set names without spaces (a Hugging Face id "
+                    f"such as user/name), got {shown(name)}",
+                )
+        if self.card_intended_use is not None and not self.card_intended_use.strip():
+            raise ConfigError("card_intended_use", "card_intended_use must not be empty")
 
 
 # --------------------------------------------------------------------------- loading
@@ -652,6 +688,11 @@ def read_config_file(cls, config_file: Path) -> dict:
     # Files written before the hyper-parameters became fields kept them in an [extra] table.
     if isinstance(values.get("extra"), dict) and "extra" not in config_fields(cls):
         values.update(values.pop("extra"))
+    # `zmdevice export`'s [card] table: license, language, dataset, intended_use.
+    if isinstance(values.get("card"), dict) and "card_license" in config_fields(cls):
+        for key, value in values.pop("card").items():
+            many = key in ("language", "dataset")
+            values[f"card_{key}"] = [value] if many and isinstance(value, str) else value
     known = config_fields(cls)
     unknown = sorted(set(values) - set(known))
     if unknown:

@@ -428,8 +428,68 @@ def export_student(
 
 
 def model_card_path(onnx_path: Path) -> Path:
-    """``NAME.onnx`` -> ``NAME.README.md``: the training folder's model card, copied."""
+    """``NAME.onnx`` -> ``NAME.README.md``: the training folder's model card, as exported."""
     return onnx_path.with_name(f"{onnx_path.stem}.README.md")
+
+
+def card_given(config) -> dict:
+    """What the user stated for the model card (``--card-*``); None = not stated."""
+    return {
+        "license": config.card_license,
+        "language": config.card_language,
+        "datasets": config.card_dataset,
+        "intended_use": config.card_intended_use,
+    }
+
+
+def write_hub_folder(folder: Path, summary: dict, card: str) -> list[Path]:
+    """The layout ``huggingface_hub.upload_folder`` takes, from an export's files.
+
+    ``README.md`` (the card, whose front matter the Hub reads), the exported ONNX file(s)
+    and the tokenizer under their exported names (the ONNX metadata names the tokenizer
+    file, so ``zmdevice.load(folder / NAME.onnx)`` works there), and ``config.json``: the
+    class names (``classes``, ``id2label``, ``label2id``), modality, preprocessing and file
+    names. Each file is written atomically; other files in ``folder`` are left alone.
+
+    Returns:
+        The files written.
+    """
+    metadata = summary["metadata"]
+    classes = json.loads(metadata["zmdevice.classes"])
+    onnx = Path(summary["onnx"])
+    files = [onnx]
+    if summary.get("int8"):
+        files.append(Path(summary["int8"]["path"]))
+    if summary.get("tokenizer"):
+        files.append(Path(summary["tokenizer"]))
+    if summary.get("ort"):
+        files += [Path(path) for path in summary["ort"]["files"]]
+    config = {
+        "library_name": "zmdevice",
+        "format": metadata["zmdevice.format"],
+        "format_version": int(metadata["zmdevice.format_version"]),
+        "model_file": onnx.name,
+        "int8_model_file": Path(summary["int8"]["path"]).name if summary.get("int8") else None,
+        "tokenizer_file": Path(summary["tokenizer"]).name if summary.get("tokenizer") else None,
+        "modality": metadata["zmdevice.modality"],
+        "classes": classes,
+        "id2label": {str(index): name for index, name in enumerate(classes)},
+        "label2id": {name: index for index, name in enumerate(classes)},
+        "preprocess": json.loads(metadata["zmdevice.preprocess"]),
+        "student": metadata["zmdevice.student"],
+        "zmdevice_version": metadata["zmdevice.version"],
+    }
+    written = []
+    folder.mkdir(parents=True, exist_ok=True)
+    for source in files:
+        with atomic_path(folder / source.name) as tmp:
+            shutil.copyfile(source, tmp)
+        written.append(folder / source.name)
+    for name, text in (("README.md", card), ("config.json", json.dumps(config, indent=2) + "\n")):
+        with atomic_path(folder / name) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        written.append(folder / name)
+    return written
 
 
 # ------------------------------------------------------------------------------ CLI stage
@@ -504,12 +564,15 @@ def export_files(config, student, model_dir: Path, out: Path, staged: Path, samp
     tokenizer = final(result.tokenizer_path) if result.tokenizer_path else None
     if tokenizer:
         lines.append(f"tokenizer: {tokenizer} (keep it next to the .onnx file)")
-    card = None
-    if (model_dir / "README.md").is_file():
-        # The model card travels with the model: an app developer sees what it is for.
-        model_card_path(staged).write_bytes((model_dir / "README.md").read_bytes())
-        card = final(model_card_path(staged))
-        lines.append(f"model card: {card}")
+    from zmdevice.report import exported_model_card
+
+    # The model card travels with the model: an app developer sees what it is for and
+    # under which terms; what the user states (--card-*) is applied to it.
+    model_card_path(staged).write_text(
+        exported_model_card(model_dir, card_given(config)), encoding="utf-8"
+    )
+    card = final(model_card_path(staged))
+    lines.append(f"model card: {card}")
     summary: dict = {
         "model_dir": str(model_dir),
         "onnx": str(out),
@@ -561,6 +624,8 @@ def run_export(config) -> dict:
     check_writable(out, "--out", suffix=".onnx")
     if out.suffix != ".onnx":
         raise UserError(f"--out {out}: the output file must end in .onnx")
+    if config.hub_folder is not None:
+        check_writable(config.hub_folder, "--hub-folder", folder=True)
     student = load_student(model_dir)
     if config.test is not None:
         _check_test_data(config.test, student)
@@ -616,5 +681,17 @@ def run_export(config) -> dict:
             summary["test"].update(int8_accuracy=int8["accuracy"], int8_minus_fp32_points=delta)
             line += f", int8 {100 * int8['accuracy']:.2f}% ({delta:+.2f} points)"
         lines.append(line)
+    if config.hub_folder is not None:
+        card = model_card_path(out).read_text(encoding="utf-8")
+        with disk_errors(Path(config.hub_folder), "--hub-folder"):
+            written = write_hub_folder(Path(config.hub_folder), summary, card)
+        summary["hub_folder"] = {
+            "folder": str(config.hub_folder),
+            "files": [str(p) for p in written],
+        }
+        lines.append(
+            f"Hub folder: {config.hub_folder} ({', '.join(p.name for p in written)}); upload it "
+            "with huggingface_hub.upload_folder(folder_path=..., repo_id=...)"
+        )
     summary["lines"] = lines
     return summary

@@ -7,9 +7,10 @@ evaluations with any rollback (``training.guard``). matplotlib runs on the Agg b
 (no display needed); it is imported here only.
 
 ``README.md`` is the model card, in the Hugging Face layout (YAML front matter, then
-prose): what the model is for, the FM teacher and its measured quality, the training
-data's fingerprint, the budgets, the results and the limits. ``zmdevice export`` copies it
-next to the ONNX file as ``NAME.README.md``.
+prose): what the model is for, its license (the student preset's, for the preset's own
+weights; never assumed), the FM teacher and its measured quality, the training data's
+fingerprint, the budgets, the results and the limits. ``zmdevice export`` writes it next to
+the ONNX file as ``NAME.README.md``, with what the user states (``--card-*``) applied.
 """
 
 from __future__ import annotations
@@ -261,20 +262,155 @@ def _base_model(student_config: dict) -> str | None:
     return weights if looks_like_hub_id and ":" not in weights else None
 
 
-def render_model_card(out: Path, summary: dict) -> str:
-    """The model card of a trained student folder (``README.md``), from its files.
-
-    Reads ``config.json`` (student, classes, preprocessing), ``train_config.toml`` (data,
-    budgets) and the pseudo-label file's metadata (teacher, data fingerprint and, when the
-    file was made with ``--gold``, the teacher's measured quality).
-    """
+def _run_files(out: Path) -> tuple[dict, dict, dict | None]:
+    """A student folder's ``config.json``, ``train_config.toml`` and label file metadata."""
     student_config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     train_path = out / "train_config.toml"
     train_config = (
         tomllib.loads(train_path.read_text(encoding="utf-8")) if train_path.is_file() else {}
     )
+    return student_config, train_config, _label_file_metadata(train_config)
+
+
+CARD_GIVEN = ("license", "language", "datasets", "intended_use")
+"""What the user may state about a model (``zmdevice export --card-*``, a ``[card]`` table)."""
+
+
+def model_card_facts(out: Path, given: dict | None = None) -> dict:
+    """What a card states about a student's terms and use, and where each fact came from.
+
+    The student preset's ``license`` (with ``license_name``/``license_link``/``license_note``)
+    holds only while the run kept the preset's own weights: other weights carry their own
+    terms, unknown here. The language is the preset's (same rule), else the teacher's
+    catalog entry's. ``given`` (``CARD_GIVEN`` keys, None = not given) overrides each.
+
+    Returns:
+        ``license``, ``license_name``, ``license_link``, ``license_note`` (str or None),
+        ``language`` and ``datasets`` (lists), ``intended_use`` (str or None), ``weights``
+        (what the student started from), ``teacher`` and ``teacher_licence`` (str or None).
+    """
+    from zmdevice.catalog import find_entry
+
+    student_config, _, labels = _run_files(out)
+    preset = find_entry(str(student_config.get("student", "")), "student") or {}
+    weights = str(student_config.get("weights", "random"))
+    own_weights = bool(preset) and weights == (preset.get("weights") or "random")
+    teacher_name = ((labels or {}).get("teacher") or {}).get("name")
+    teacher = find_entry(str(teacher_name), "teacher") if teacher_name else None
+    license_keys = ("license", "license_name", "license_link", "license_note")
+    facts = {key: preset.get(key) if own_weights else None for key in license_keys}
+    language = (preset.get("language") if own_weights else None) or (teacher or {}).get("language")
+    facts.update(
+        language=[language] if isinstance(language, str) else list(language or []),
+        datasets=[],
+        intended_use=None,
+        weights=weights,
+        teacher=teacher_name,
+        teacher_licence=(teacher or {}).get("licence"),
+    )
+    given = {key: value for key, value in (given or {}).items() if value is not None}
+    if "license" in given and given["license"] != facts["license"]:
+        # The user's license replaces the preset's, its name, link and note with it.
+        facts.update(license_name=None, license_link=None, license_note=None)
+    facts.update({key: given[key] for key in CARD_GIVEN if key in given})
+    return facts
+
+
+def _card_front_lines(facts: dict) -> list[str]:
+    """The front matter lines of ``model_card_facts`` (first in the card, in this order)."""
+    lines = [
+        f"{key}: {_yaml(facts[key])}"
+        for key in ("license", "license_name", "license_link")
+        if facts.get(key)
+    ]
+    lines += [f"{key}: {_yaml(facts[key])}" for key in ("language", "datasets") if facts.get(key)]
+    return lines
+
+
+CARD_FRONT_KEYS = ("license", "license_name", "license_link", "language", "datasets")
+
+
+def _intended_use_lines(modality: str, facts: dict) -> list[str]:
+    use = facts.get("intended_use") or (
+        f"Classifying {modality}s like the training data into exactly these classes, on "
+        "device: export it with `zmdevice export` and run the ONNX file with onnxruntime "
+        "(no torch)."
+    )
+    return [
+        use.strip(),
+        "",
+        "It always answers one of the classes above; it has no 'none of these' answer.",
+    ]
+
+
+def _license_lines(facts: dict) -> list[str]:
+    if facts.get("license"):
+        named = f" ({facts['license_name']})" if facts.get("license_name") else ""
+        link = f", see {facts['license_link']}" if facts.get("license_link") else ""
+        lines = [f"License: `{facts['license']}`{named}{link}."]
+        if facts.get("license_note"):
+            lines.append(facts["license_note"])
+    else:
+        lines = [
+            f"License: not known here. The student started from the weights "
+            f"`{facts.get('weights', '?')}`, which carry their own terms; state the license "
+            "with `zmdevice export --card-license ID` once you know it."
+        ]
+    if facts.get("teacher"):
+        licence = facts.get("teacher_licence") or "not in the catalog; check its terms"
+        lines.append(f"The pseudo-labels came from the teacher `{facts['teacher']}` ({licence}).")
+    return lines
+
+
+def update_model_card(text: str, facts: dict, modality: str) -> str:
+    """``text`` (a card ``render_model_card`` wrote) with the front matter keys, the intended
+    use and the license of ``facts``; the rest is kept. Applied to a card rendered from the
+    same facts, it changes nothing."""
+    if text.startswith("---\n") and "\n---\n" in text[4:]:
+        end = text.index("\n---\n", 4)
+        kept = [
+            line for line in text[4:end].split("\n") if line.split(":", 1)[0] not in CARD_FRONT_KEYS
+        ]
+        text = "\n".join(["---", *_card_front_lines(facts), *kept]) + text[end:]
+    text = _replace_section(text, "Intended use", _intended_use_lines(modality, facts))
+    return _replace_section(text, "License", _license_lines(facts))
+
+
+def _replace_section(text: str, heading: str, lines: list[str]) -> str:
+    """The ``## heading`` section's body replaced by ``lines`` (appended when absent)."""
+    body = "\n".join(["", *lines, ""])
+    marker = f"\n## {heading}\n"
+    start = text.find(marker)
+    if start < 0:
+        return text.rstrip("\n") + f"\n{marker}{body}"
+    begin = start + len(marker)
+    end = text.find("\n## ", begin)
+    return text[:begin] + body + (text[end:] if end >= 0 else "\n")
+
+
+def exported_model_card(model_dir: Path, given: dict | None = None) -> str:
+    """The card ``zmdevice export`` writes: the training folder's ``README.md`` (or, when it
+    is gone, one rendered from the folder's files) with the facts of ``given`` applied."""
+    card = model_dir / "README.md"
+    text = card.read_text(encoding="utf-8") if card.is_file() else render_model_card(model_dir, {})
+    modality = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get(
+        "modality", "image"
+    )
+    return update_model_card(text, model_card_facts(model_dir, given), modality)
+
+
+def render_model_card(out: Path, summary: dict, given: dict | None = None) -> str:
+    """The model card of a trained student folder (``README.md``), from its files.
+
+    Reads ``config.json`` (student, classes, preprocessing, weights), ``train_config.toml``
+    (data, budgets), the pseudo-label file's metadata (teacher, data fingerprint and, when
+    the file was made with ``--gold``, the teacher's measured quality) and the catalog
+    entries of the student preset and the teacher (license, language: ``model_card_facts``,
+    where ``given`` overrides them).
+    """
+    student_config, train_config, labels = _run_files(out)
+    facts = model_card_facts(out, given)
     hyper = {**train_config, **train_config.get("extra", {})}  # flat, or an [extra] table
-    labels = _label_file_metadata(train_config)
     modality = student_config.get("modality", "image")
     task = f"{modality}-classification"
     classes = list(student_config.get("classes", summary.get("classes", [])))
@@ -282,7 +418,7 @@ def render_model_card(out: Path, summary: dict) -> str:
     method = summary.get("method", train_config.get("method", "zeromatch"))
     name = out.name
 
-    front = ["---", 'license: "apache-2.0"', 'library_name: "zmdevice"']
+    front = ["---", *_card_front_lines(facts), 'library_name: "zmdevice"']
     front.append(f"pipeline_tag: {_yaml(task)}")
     tags = ["zmdevice", method, "knowledge-distillation", "semi-supervised", task, "onnx"]
     front.append(f"tags: {_yaml(tags)}")
@@ -315,10 +451,11 @@ def render_model_card(out: Path, summary: dict) -> str:
         "",
         "## Intended use",
         "",
-        f"Classifying {modality}s like the training data into exactly these classes, on "
-        "device: export it with `zmdevice export` and run the ONNX file with onnxruntime "
-        "(no torch). It always answers one of the classes above; it has no 'none of "
-        "these' answer.",
+        *_intended_use_lines(modality, facts),
+        "",
+        "## License",
+        "",
+        *_license_lines(facts),
         "",
         "## Foundation-model teacher",
         "",

@@ -213,6 +213,12 @@ class OnnxClassifier:
             )
         self.tokenizer = self._load_tokenizer() if self.modality == "text" else None
 
+    @property
+    def classes_(self) -> np.ndarray:
+        """The class names as a numpy array, in the order of ``predict_proba``'s columns
+        (scikit-learn's attribute)."""
+        return np.asarray(self.classes)
+
     def tokenizer_path(self) -> Path:
         """Where the tokenizer file of a text model must lie: next to the .onnx file.
 
