@@ -261,5 +261,9 @@ def test_a_full_disk_during_export_leaves_no_tokenizer_or_model(tmp_path, monkey
     assert list(out.parent.iterdir()) == []  # no tokenizer, no model, no temporary folder
     monkeypatch.undo()
     summary = run_export(ExportConfig(model_dir=model_dir, out=out))
-    assert sorted(path.name for path in out.parent.iterdir()) == ["m.onnx", "m.tokenizer.json"]
+    assert sorted(path.name for path in out.parent.iterdir()) == [
+        "m.README.md",
+        "m.onnx",
+        "m.tokenizer.json",
+    ]
     assert json.loads(json.dumps(summary))["tokenizer"] == str(out.parent / "m.tokenizer.json")
