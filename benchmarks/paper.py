@@ -117,6 +117,8 @@ class Method:
     labels: str = "zero-shot"
     """FM pseudo-labels: "zero-shot", "few-shot" (adapted to the run's labeled set) or
     "refined" (spread over the pool's neighbour graph from the labeled set, zmdevice.refine),
+    "chosen" (what ``zmdevice label --few-shot LABELED`` writes by default: the source picked
+    by cross-validation on the labeled set, ``zmdevice.label_source``),
     or "refined-balanced" (refined, then rebalanced to equal class shares: ``label --refine
     --class-prior balanced``, the option of a user who knows the classes are balanced)."""
     student: str | None = None
@@ -139,6 +141,9 @@ METHODS = [
 ]
 PRETRAINED_IMAGE = "efficientnet_lite0"
 VARIANTS = [
+    # The default flow: labels chosen per run by cross-validation on the labeled examples.
+    Method("zeromatch-auto", "zeromatch", labels="chosen"),
+    Method("kd-auto", "kd", labels="chosen"),
     # ZeroMatch with the few-shot teacher's pseudo-labels (zmdevice.fewshot).
     Method("zeromatch-fs", "zeromatch", labels="few-shot"),
     Method("kd-fs", "kd", labels="few-shot"),
@@ -286,7 +291,7 @@ def plan_runs(
     ``ALL_METHODS``), only those, for ``seeds`` (default 0, 1, 2) and ``labels_per_class``
     (default 4), evaluated on ``split``; image-only variants are skipped for text.
     """
-    datasets = [d for d in DATASETS if only in (None, d)]
+    datasets = named_datasets(only)
     if methods:
         return [
             Run(d, k, ALL_METHODS[name], seed, split=split)
@@ -295,7 +300,7 @@ def plan_runs(
             for name in methods
             for d in datasets
             if not (
-                DATASETS[d].modality == "text" and ALL_METHODS[name].student == PRETRAINED_IMAGE
+                ALL_DATASETS[d].modality == "text" and ALL_METHODS[name].student == PRETRAINED_IMAGE
             )
         ]
     zeromatch = next(m for m in METHODS if m.name == "zeromatch")
@@ -304,6 +309,17 @@ def plan_runs(
     runs += [Run(d, 1, method, 0) for d in datasets for method in METHODS]
     runs += [Run(d, 4, method, seed) for seed in (1, 2) for d in datasets for method in METHODS]
     return runs
+
+
+def named_datasets(only: str | None) -> list[str]:
+    """The data sets ``--only`` names (comma-separated; the domains too), else the table's."""
+    if only is None:
+        return list(DATASETS)
+    names = only.split(",")
+    unknown = [name for name in names if name not in ALL_DATASETS]
+    if unknown:
+        raise SystemExit(f"unknown --only {unknown}; choose from {sorted(ALL_DATASETS)}")
+    return names
 
 
 def zmdevice(*args: str) -> dict:
@@ -384,6 +400,10 @@ def pseudo_label_file(run: Run) -> Path:
 
         balanced = run.method.labels == "refined-balanced"
         return refined_label_file(run.dataset, run.labels_per_class, run.seed, balanced)
+    if run.method.labels == "chosen":
+        from peers import chosen_label_file
+
+        return chosen_label_file(run.dataset, run.labels_per_class, run.seed)
     if run.method.labels == "few-shot":
         from peers import chosen_fewshot_settings, fewshot_label_file
 
@@ -443,7 +463,7 @@ def environment() -> dict:
 
 
 def execute(run: Run) -> dict:
-    dataset = DATASETS[run.dataset]
+    dataset = ALL_DATASETS[run.dataset]
     unlabeled = split_path(run.dataset, "unlabeled")
     evaluation_data = split_data(run.dataset, run.split)
     out = WORK / "runs" / run.run_id
@@ -531,7 +551,7 @@ def fm_result(dataset: str) -> dict | None:
         "dataset": dataset,
         "method": "fm-zero-shot",
         "split": "test",
-        "teacher": DATASETS[dataset].teacher,
+        "teacher": ALL_DATASETS[dataset].teacher,
         "test_accuracy": accuracy(test["probs"], test["labels"]),
         "environment": environment(),
     }
@@ -543,10 +563,9 @@ def fm_result(dataset: str) -> dict | None:
 def command_run(args) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     done = 0
-    for dataset in DATASETS.values():
-        if args.only in (None, dataset.name):
-            prepare_data(dataset)
-            fm_result(dataset.name)
+    for name in named_datasets(args.only):
+        prepare_data(ALL_DATASETS[name])
+        fm_result(name)
     for run in selected_runs(args):
         target = RESULTS / f"{run.run_id}.json"
         if target.is_file():
@@ -1064,7 +1083,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("run", "plan", "table"):
         command = sub.add_parser(name)
-        command.add_argument("--only", choices=sorted(DATASETS))
+        command.add_argument("--only", help="data sets, comma-separated (the domains too)")
         command.add_argument("--max-runs", type=int, help="stop after this many new runs")
         command.add_argument("--methods", help="comma list of method names (default: the table)")
         command.add_argument("--seeds", help="comma list of seeds (with --methods; default 0,1,2)")

@@ -537,6 +537,32 @@ def refined_label_file(dataset: str, k: int, seed: int, balanced: bool = False) 
     return path
 
 
+def chosen_label_file(dataset: str, k: int, seed: int) -> Path:
+    """The pool's labels as ``zmdevice label --few-shot LABELED`` writes them by default.
+
+    The label source is chosen by cross-validation on paper.py's labeled set (k, seed) among
+    ``label_source.DEFAULT_SOURCES`` (``label_source.choose``, the code behind the default
+    flow), from the cached FM outputs; the decision goes into the file's metadata.
+    """
+    from zmdevice.label_source import DEFAULT_SOURCES, Evidence, choose, data_graph, make_labels
+
+    path = WORK / "labels" / f"{dataset}-unlabeled-chosen-k{k}-s{seed}.parquet"
+    if path.is_file():
+        return path
+    pool = load_split(dataset, "pool")
+    rows, labels = labeled_rows(dataset, k, seed, pool)
+    evidence = Evidence(
+        pool["features"], pool["probs"], pool["features"][rows], labels, pool["probs"][rows]
+    )
+    graph = data_graph(evidence)
+    decision = choose(evidence, DEFAULT_SOURCES, graph)
+    probs, info = make_labels(decision["chosen"], evidence, None, graph)
+    refine = {"labeled": str(labeled_table(dataset, k, seed)), **info, "label_source": decision}
+    write_pool_labels(dataset, path, pool["ids"], probs, None, refine=refine)
+    print(f"[peers] {path.stem}: {decision['chosen']} ({decision['how']})", flush=True)
+    return path
+
+
 def zero_shot_label_file(dataset: str) -> Path:
     """The pool's zero-shot pseudo-labels (paper.py's label file) from the cached FM pass."""
     path = WORK / "labels" / f"{dataset}-unlabeled.parquet"
@@ -678,7 +704,7 @@ def probe_results(dataset: str) -> None:
                 "test_accuracy": accuracy(
                     adapter.probs(test["features"], test["probs"]), test["labels"]
                 ),
-                "deployed": f"{DATASETS[dataset].teacher} + linear layer",
+                "deployed": f"{ALL_DATASETS[dataset].teacher} + linear layer",
                 "environment": environment(),
             })  # fmt: skip
     for k in LABELS_PER_CLASS:
@@ -709,9 +735,9 @@ def probe_results(dataset: str) -> None:
                     "method": variant,
                     "seed": seed,
                     "split": "test",
-                    "teacher": DATASETS[dataset].teacher,
+                    "teacher": ALL_DATASETS[dataset].teacher,
                     "pool_used": len(pool["ids"]),
-                    "deployed": f"{DATASETS[dataset].teacher} + linear layer",
+                    "deployed": f"{ALL_DATASETS[dataset].teacher} + linear layer",
                     "chosen_on_dev": {"C": float(best), "dev_accuracy": dev_scores},
                     "dev_accuracy": dev_scores[best],
                     "test_accuracy": float(models[best].score(test["features"], test["labels"])),
@@ -886,12 +912,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=sorted(ALL_DATASETS))
     args = parser.parse_args(argv)
     # The label-only domains need only the FM pass and the label-source screen.
-    every = ALL_DATASETS if args.step in ("features", "label-source") else DATASETS
+    # A domain named with --only gets any step (its student rows: paper.py run --only NAME).
+    every = ALL_DATASETS if args.step in ("features", "label-source") or args.only else DATASETS
     datasets = [d for d in every if args.only in (None, d)]
     if args.step == "latency":
         latency_results()
     elif args.step == "setfit":
-        setfit_results()
+        setfit_results(args.only or "text")
     for dataset in datasets:
         if args.step == "features":
             prepare_data(ALL_DATASETS[dataset])  # build the data set first if it is missing
