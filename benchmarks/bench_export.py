@@ -180,8 +180,8 @@ def cold_start(onnx_path: Path, item: str, repeats: int = 5) -> dict:
 
 def bench(name: str, work: Path, steps: int, threads: int, repeats: int) -> dict:
     from zmdevice.config import ExportConfig
-    from zmdevice.export import run_export
-    from zmdevice.quantize import int8_path
+    from zmdevice.exporting.quantize import int8_path
+    from zmdevice.exporting.run import run_export
     from zmdevice.students import WEIGHTS_FILE
 
     print(f"{name}:")

@@ -63,7 +63,7 @@ def throughput(data: Path, classes: str, teacher_name: str, count: int, batch_si
     from zmdevice.classes import load_classes
     from zmdevice.config import LabelConfig
     from zmdevice.data import open_dataset
-    from zmdevice.label import run_label
+    from zmdevice.labeling.run import run_label
     from zmdevice.pseudolabels import read_pseudolabels
     from zmdevice.teachers import build_teacher
 

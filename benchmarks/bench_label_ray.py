@@ -45,7 +45,7 @@ def texts_file(folder: Path, count: int) -> Path:
 
 def timed_label(data: Path, out: Path, args, engine: str, workers: int = 1) -> dict:
     from zmdevice.config import LabelConfig
-    from zmdevice.label import run_label
+    from zmdevice.labeling.run import run_label
 
     started = time.perf_counter()
     summary = run_label(

@@ -126,8 +126,8 @@ def measure(student_name: str, steps: int, samples: int, precision: str = "auto"
     from zmdevice.catalog import require_entry
     from zmdevice.config import TrainConfig
     from zmdevice.students import WEIGHTS_FILE, build_student
-    from zmdevice.train import run_train
     from zmdevice.training import checkpoint
+    from zmdevice.training.run import run_train
 
     modality = require_entry(student_name, "student", "--student")["modality"]
     classes = [f"class{i}" for i in range(8 if modality == "text" else 10)]

@@ -62,7 +62,7 @@ def main() -> None:
 
     from zmdevice.config import TrainConfig
     from zmdevice.evaluate import run_evaluate_student
-    from zmdevice.train import run_train
+    from zmdevice.training.run import run_train
 
     work = Path(tempfile.mkdtemp(prefix="precision-quality-"))
     labeled = args.data / "labeled.csv"

@@ -17,7 +17,7 @@ import torch
 
 from zmdevice.config import TrainConfig
 from zmdevice.errors import UserError
-from zmdevice.train import run_train
+from zmdevice.training.run import run_train
 
 PATHS = ("labeled", "unlabeled", "pseudo_labels", "test", "out")
 

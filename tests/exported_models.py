@@ -115,7 +115,7 @@ def _train_text_student(table: Path, steps: int = 40):
 
 
 def _write_train_config(model_dir: Path, unlabeled: Path) -> None:
-    # The fields zmdevice.export reads from train.py's file: where the training data is.
+    # The fields zmdevice.export reads from training/run.py's file: where the training data is.
     (model_dir / "train_config.toml").write_text(
         f"unlabeled = {json.dumps(str(unlabeled))}\nlabeled = {json.dumps(str(unlabeled))}\n",
         encoding="utf-8",
@@ -124,7 +124,7 @@ def _write_train_config(model_dir: Path, unlabeled: Path) -> None:
 
 def model_file(paths: dict, name: str) -> Path:
     """``image_onnx``/``text_onnx`` or their int8 twins ``image_int8``/``text_int8``."""
-    from zmdevice.quantize import int8_path
+    from zmdevice.exporting.quantize import int8_path
 
     if name.endswith("_int8"):
         return int8_path(Path(paths[name.replace("_int8", "_onnx")]))
@@ -156,7 +156,7 @@ def build(root: Path) -> dict:
     import torch
 
     from zmdevice.config import ExportConfig
-    from zmdevice.export import run_export
+    from zmdevice.exporting.run import run_export
     from zmdevice.students import save_student
 
     torch.set_num_threads(1)

@@ -258,7 +258,7 @@ def train_once(
     """One tiny run's records; ``changes`` holds ``soft_labels``, ``extra`` (settings on top
     of ``SETTINGS``) and ``steps`` (``kd_steps`` and ``ssl_steps`` other than 4)."""
     from zmdevice.config import TrainConfig
-    from zmdevice.train import run_train
+    from zmdevice.training.run import run_train
 
     if modality == "image":
         files = dict(labeled=root / "labeled", unlabeled=root / "unlabeled", test=root / "test")
@@ -295,7 +295,7 @@ def label_runs(folder: Path) -> tuple[dict, dict]:
     from PIL import Image
 
     from zmdevice.config import LabelConfig
-    from zmdevice.label import run_label
+    from zmdevice.labeling.run import run_label
 
     embed = tiny_teachers.make_text_embed(folder / "embed")
     texts = folder / "label-texts.csv"

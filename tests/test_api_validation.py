@@ -42,9 +42,9 @@ def no_stage_runs(tmp_path, monkeypatch):
     def reached(*args, **kwargs):
         raise Reached("a bad argument reached the stage's work")
 
-    monkeypatch.setattr("zmdevice.train.build_setup", reached)
-    monkeypatch.setattr("zmdevice.label.run_label", reached)
-    monkeypatch.setattr("zmdevice.export.run_export", reached)
+    monkeypatch.setattr("zmdevice.training.run.build_setup", reached)
+    monkeypatch.setattr("zmdevice.labeling.run.run_label", reached)
+    monkeypatch.setattr("zmdevice.exporting.run.run_export", reached)
 
 
 def raises_one_line(call, *named: str) -> str:
@@ -216,7 +216,7 @@ def test_few_shot_takes_in_memory_labeled_data_like_gold(monkeypatch, few_shot):
         seen.append(config)
         raise Reached
 
-    monkeypatch.setattr("zmdevice.label.run_label", run_label)
+    monkeypatch.setattr("zmdevice.labeling.run.run_label", run_label)
     with pytest.raises(Reached):
         zmdevice.label(TEXTS, ["animal", "plant"], "minilm", few_shot=few_shot, gold=few_shot)
     (config,) = seen

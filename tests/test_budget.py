@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from zmdevice.cli import app
 from zmdevice.errors import UserError
-from zmdevice.train import run_train
+from zmdevice.training.run import run_train
 
 
 class FakeClock:

@@ -57,7 +57,7 @@ def embed(tmp_path, monkeypatch):
 
 
 def label(tmp_path, embed, monkeypatch, timer, name="out", **values):
-    from zmdevice.label import run_label
+    from zmdevice.labeling.run import run_label
 
     monkeypatch.setattr(calibrate, "measure_call", timer)
     settings = dict(
@@ -197,7 +197,7 @@ def test_a_failed_export_is_recorded_and_left_out(embed, tmp_path, monkeypatch):
 
 
 def test_a_resume_keeps_the_numerics_of_its_parts(embed, tmp_path, monkeypatch, capsys):
-    from zmdevice import label as label_module
+    from zmdevice.labeling import run as label_module
     from zmdevice.pseudolabels import read_pseudolabels
 
     write_part = label_module.write_part
@@ -238,7 +238,7 @@ def bf16_cpu(tmp_path, monkeypatch):
 
 def setup_of(config, out, monkeypatch, timer):
     from zmdevice.config import resolve_student
-    from zmdevice.train import build_setup
+    from zmdevice.training.run import build_setup
 
     monkeypatch.setattr(calibrate, "measure_call", timer)
     return build_setup(resolve_student(config), out)
@@ -288,7 +288,7 @@ def test_training_keeps_bf16_only_when_faster_and_its_loss_agrees(
 
 def test_a_calibrated_training_run_trains_as_the_forced_one(text_data, tmp_path, monkeypatch,
                                                             bf16_cpu):  # fmt: skip
-    from zmdevice.train import run_train
+    from zmdevice.training.run import run_train
 
     monkeypatch.setattr(calibrate, "measure_call", FakeTimer({"fp32": 1.0, "bf16": 0.4}))
     auto = run_train(text_config(text_data, tmp_path / "auto", kd_steps=4, ssl_steps=4))

@@ -16,7 +16,7 @@ from zmdevice.cli import app
 from zmdevice.config import ExportConfig, load_config
 from zmdevice.errors import UserError
 from zmdevice.report import model_card_facts, render_model_card, update_model_card
-from zmdevice.train import run_train
+from zmdevice.training.run import run_train
 
 
 @pytest.fixture(scope="module")

@@ -65,10 +65,10 @@ EXPORT = {
     "opset": (20, 18),
 }
 COMMANDS = {
-    "train": (TRAIN, "zmdevice.train.run_train", {"labeled": "l.csv", "unlabeled": "u.csv"}),
-    "label": (LABEL, "zmdevice.label.run_label", {"data": "d.csv", "classes": "a,b",
+    "train": (TRAIN, "zmdevice.training.run.run_train", {"labeled": "l.csv", "unlabeled": "u.csv"}),
+    "label": (LABEL, "zmdevice.labeling.run.run_label", {"data": "d.csv", "classes": "a,b",
                                                   "teacher": "minilm"}),
-    "export": (EXPORT, "zmdevice.export.run_export", {"model_dir": "m"}),
+    "export": (EXPORT, "zmdevice.exporting.run.run_export", {"model_dir": "m"}),
 }  # fmt: skip
 POSITIONAL = {"data", "model_dir"}
 

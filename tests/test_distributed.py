@@ -19,7 +19,7 @@ import torch
 from helpers import FAST, image_config, read_jsonl, text_config, weights
 
 from zmdevice.errors import UserError
-from zmdevice.train import run_train
+from zmdevice.training.run import run_train
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 REPO = Path(__file__).resolve().parents[1]

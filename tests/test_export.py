@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from zmdevice.cli import app
 from zmdevice.config import ExportConfig
 from zmdevice.errors import UserError
-from zmdevice.export import ExportError, export_student, run_export
+from zmdevice.exporting.run import ExportError, export_student, run_export
 from zmdevice.runtime import OnnxClassifier
 
 torch.set_num_threads(1)
@@ -88,7 +88,7 @@ def test_text_export_has_dynamic_length_and_its_tokenizer_beside_it(models):
 def test_parity_failure_is_loud_relative_to_tiny_logits_and_writes_nothing(
     models, tmp_path, monkeypatch
 ):
-    import zmdevice.export as export_module
+    import zmdevice.exporting.run as export_module
     from zmdevice.students import load_student
 
     student = load_student(models["image_dir"])
@@ -194,7 +194,7 @@ DEFAULT_DATA = Path(__file__).resolve().parent.parent / "examples" / "default"
 def test_real_students_export_with_parity_on_the_default_data(tmp_path):
     """MiniLM-initialised DistilBERT (real tokenizer, dynamic length, int8) and MobileNetV3."""
     from zmdevice.classes import load_classes
-    from zmdevice.export import sample_examples
+    from zmdevice.exporting.run import sample_examples
     from zmdevice.students import build_student, recalibrate_batchnorm
 
     text_classes = load_classes(str(DEFAULT_DATA / "text" / "classes.toml")).names
@@ -208,7 +208,7 @@ def test_real_students_export_with_parity_on_the_default_data(tmp_path):
     ids, mask = student.encode_texts(texts)
     feed = classifier.encode_texts(texts)
     np.testing.assert_array_equal(feed["input_ids"], ids.numpy())
-    from zmdevice.quantize import int8_path, quantize_int8
+    from zmdevice.exporting.quantize import int8_path, quantize_int8
 
     quantized = quantize_int8(out, int8_path(out))
     assert quantized["size_bytes"] <= 0.3 * out.stat().st_size
@@ -228,7 +228,7 @@ def test_real_students_export_with_parity_on_the_default_data(tmp_path):
 @pytest.mark.slow
 def test_pretrained_efficientnet_lite0_student_exports_with_parity(tmp_path):
     from zmdevice.classes import load_classes
-    from zmdevice.export import sample_examples
+    from zmdevice.exporting.run import sample_examples
     from zmdevice.students import build_student
 
     classes = load_classes(str(DEFAULT_DATA / "images" / "classes.toml")).names

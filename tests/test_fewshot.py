@@ -12,7 +12,7 @@ from zmdevice.config import LabelConfig
 from zmdevice.data import open_dataset
 from zmdevice.errors import UserError
 from zmdevice.fewshot import adapt_teacher, fit_adapter, teacher_outputs
-from zmdevice.label import run_label
+from zmdevice.labeling.run import run_label
 from zmdevice.pseudolabels import read_pseudolabels
 from zmdevice.teachers import build_teacher
 

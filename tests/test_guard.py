@@ -15,7 +15,6 @@ from helpers import image_config, read_jsonl, text_config, weights
 
 from zmdevice.config import TrainConfig
 from zmdevice.errors import UserError
-from zmdevice.train import run_train
 from zmdevice.training.guard import (
     agreement_floor,
     class_entropy,
@@ -24,6 +23,7 @@ from zmdevice.training.guard import (
     lower_bound,
     new_memory,
 )
+from zmdevice.training.run import run_train
 
 JUDGED = {
     "image": dict(holdout_fraction=0.5, kd_steps=30, lr=5e-3, head_lr=5e-3),

@@ -221,19 +221,19 @@ def train_args(text_train):
 
 def interrupted_run(work: Path, monkeypatch, out: Path, label_base) -> Path:
     """Label until the first part file is written, then stop as if killed; the parts folder."""
-    import zmdevice.label
+    import zmdevice.labeling.run
 
-    monkeypatch.setattr(zmdevice.label, "CHUNK_BATCHES", 4)  # 8 samples per part
-    write_part = zmdevice.label.write_part
+    monkeypatch.setattr(zmdevice.labeling.run, "CHUNK_BATCHES", 4)  # 8 samples per part
+    write_part = zmdevice.labeling.run.write_part
 
     def write_then_die(*args, **kwargs):
         write_part(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(zmdevice.label, "write_part", write_then_die)
+    monkeypatch.setattr(zmdevice.labeling.run, "write_part", write_then_die)
     result = invoke(label_args(label_base, out))
     assert result.exit_code == 130, result.output  # click's exit code for an interrupt
-    monkeypatch.setattr(zmdevice.label, "write_part", write_part)
+    monkeypatch.setattr(zmdevice.labeling.run, "write_part", write_part)
     parts = out.with_name(f".{out.name}.parts")
     assert len(list(parts.glob("part-*.parquet"))) == 1
     return parts
@@ -302,12 +302,12 @@ def test_label_full_disk_names_the_file_and_leaves_nothing(work, monkeypatch, la
 
 
 def test_label_enospc_with_errno_says_to_free_space(work, monkeypatch, label_base):
-    import zmdevice.label
+    import zmdevice.labeling.run
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(work / "out.parquet"))
 
-    monkeypatch.setattr(zmdevice.label, "combine_pseudolabels", no_space)
+    monkeypatch.setattr(zmdevice.labeling.run, "combine_pseudolabels", no_space)
     out = work / "out.parquet"
     before = snapshot(work)
     result = invoke(label_args(label_base, out))
@@ -326,12 +326,12 @@ def test_label_enospc_with_errno_says_to_free_space(work, monkeypatch, label_bas
 
 @pytest.mark.parametrize("case", ["out-is-folder", "read-only", "parent-is-file"])
 def test_label_unwritable_out_fails_before_labeling(work, monkeypatch, case, label_base):
-    import zmdevice.label
+    import zmdevice.labeling.run
 
     def never(*args, **kwargs):
         raise AssertionError("the teacher ran although the output cannot be written")
 
-    monkeypatch.setattr(zmdevice.label, "_label_chunks", never)
+    monkeypatch.setattr(zmdevice.labeling.run, "_label_chunks", never)
     if case == "out-is-folder":
         out = work / "folder"
         out.mkdir()
@@ -345,12 +345,12 @@ def test_label_unwritable_out_fails_before_labeling(work, monkeypatch, case, lab
 
 @pytest.mark.parametrize("case", ["out-is-folder", "read-only", "opset-3", "opset-99"])
 def test_export_bad_out_or_opset_fails_before_exporting(models, tmp_path, monkeypatch, case):
-    import zmdevice.export
+    import zmdevice.exporting.run
 
     def never(*args, **kwargs):
         raise AssertionError("the export ran although it was bound to fail")
 
-    monkeypatch.setattr(zmdevice.export, "export_student", never)
+    monkeypatch.setattr(zmdevice.exporting.run, "export_student", never)
     args, named = ["export", models["image_dir"]], []
     if case == "out-is-folder":
         (tmp_path / "folder.onnx").mkdir()
@@ -719,7 +719,7 @@ def test_every_flag_named_in_the_code_exists_on_some_command():
     other_tools = {"--head"}  # `ray start --head`, Ray's own command
     every = set().union(*command_flags().values(), {"--help"}, other_tools)
     mentioned = set()
-    for path in (REPO / "zmdevice").glob("*.py"):
+    for path in (REPO / "zmdevice").rglob("*.py"):
         # Underscored flags (--output_dir) belong to the ORT converter zmdevice runs.
         mentioned |= set(re.findall(r"(?<![\w-])--[a-z][a-z-]+(?!\w)", path.read_text()))
     # A family written as ``--card-*`` must prefix at least one real flag.

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from zmdevice.cli import app
 from zmdevice.config import DataOptions, LabelConfig
 from zmdevice.errors import UserError
-from zmdevice.label import parse_shard, run_label, shard_range
+from zmdevice.labeling.run import parse_shard, run_label, shard_range
 from zmdevice.pseudolabels import read_pseudolabel_metadata, read_pseudolabels
 
 torch.set_num_threads(1)
@@ -52,7 +52,7 @@ def assert_same_content(a, b):
 
 def test_gold_samples_already_labeled_reuse_their_pseudo_label(tmp_path, embed_dir, monkeypatch):
     """--gold naming (a gold copy of) the labeled data costs no second teacher pass."""
-    import zmdevice.label as label_module
+    import zmdevice.labeling.run as label_module
 
     write_texts(tmp_path / "texts.csv", 12, labels=True)
     write_texts(tmp_path / "gold.csv", 14, labels=True)  # 12 shared ids + 2 new ones
@@ -113,19 +113,19 @@ def slow_teacher(*args, **kwargs):
     return teacher
 
 teachers.build_teacher = slow_teacher
-import zmdevice.label
-zmdevice.label.CHUNK_BATCHES = 4
+import zmdevice.labeling.run
+zmdevice.labeling.run.CHUNK_BATCHES = 4
 from zmdevice.config import LabelConfig
-from zmdevice.label import run_label
+from zmdevice.labeling.run import run_label
 run_label(LabelConfig(data=sys.argv[1], classes=sys.argv[2], teacher=sys.argv[3], out=sys.argv[4],
                       batch_size=2, device="cpu", workers=0))
 """
 
 
 def test_killed_run_resumes_to_the_same_file(tmp_path, embed_dir, monkeypatch):
-    import zmdevice.label
+    import zmdevice.labeling.run
 
-    monkeypatch.setattr(zmdevice.label, "CHUNK_BATCHES", 4)  # 8 samples per part
+    monkeypatch.setattr(zmdevice.labeling.run, "CHUNK_BATCHES", 4)  # 8 samples per part
     write_texts(tmp_path / "texts.csv", 80)
     resumed = tmp_path / "resumed.parquet"
     parts = tmp_path / ".resumed.parquet.parts"

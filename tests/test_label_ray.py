@@ -14,12 +14,12 @@ import tiny_teachers
 import torch
 from typer.testing import CliRunner
 
-import zmdevice.label
+import zmdevice.labeling.run
 from zmdevice.cli import app
 from zmdevice.config import DataOptions, LabelConfig
 from zmdevice.errors import UserError
-from zmdevice.label import run_label
-from zmdevice.label_ray import batch_rows, plan_pool
+from zmdevice.labeling.ray_engine import batch_rows, plan_pool
+from zmdevice.labeling.run import run_label
 from zmdevice.pseudolabels import read_pseudolabels
 
 torch.set_num_threads(1)
@@ -76,7 +76,7 @@ def image_teacher(tmp_path_factory):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """4 batches per part file, so a few hundred samples make several chunks."""
-    monkeypatch.setattr(zmdevice.label, "CHUNK_BATCHES", 4)
+    monkeypatch.setattr(zmdevice.labeling.run, "CHUNK_BATCHES", 4)
 
 
 def label(engine, data, classes, teacher, out, **kw):
@@ -137,7 +137,7 @@ def test_resume_after_a_deleted_part_redoes_only_that_chunk(
     out, parts = tmp_path / "ray.parquet", tmp_path / ".ray.parquet.parts"
     args = (TEXT / "test.csv", TEXT / "classes.toml", text_teacher, out)
     written = []
-    real_write_part = zmdevice.label.write_part
+    real_write_part = zmdevice.labeling.run.write_part
 
     def recording_write_part(parts_dir, number, *rest):
         written.append(number)
@@ -146,16 +146,16 @@ def test_resume_after_a_deleted_part_redoes_only_that_chunk(
     def crash(*_args, **_kwargs):
         raise RuntimeError("killed before the parts were joined")
 
-    monkeypatch.setattr(zmdevice.label, "write_part", recording_write_part)
-    real_combine = zmdevice.label.combine_pseudolabels
-    monkeypatch.setattr(zmdevice.label, "combine_pseudolabels", crash)
+    monkeypatch.setattr(zmdevice.labeling.run, "write_part", recording_write_part)
+    real_combine = zmdevice.labeling.run.combine_pseudolabels
+    monkeypatch.setattr(zmdevice.labeling.run, "combine_pseudolabels", crash)
     with pytest.raises(RuntimeError, match="killed"):
         label("ray", *args)
     assert sorted(written) == list(range(7))  # 400 samples, 64 per chunk
     (parts / "part-000003.parquet").unlink()
 
     written.clear()
-    monkeypatch.setattr(zmdevice.label, "combine_pseudolabels", real_combine)
+    monkeypatch.setattr(zmdevice.labeling.run, "combine_pseudolabels", real_combine)
     summary = label("ray", *args, resume=True)
     assert written == [3] and summary["count"] == 400
     label("local", *args[:3], tmp_path / "whole.parquet")

@@ -112,7 +112,7 @@ def test_a_second_train_into_a_busy_folder_is_refused_and_writes_nothing(
 ):
     from helpers import image_config
 
-    from zmdevice.train import LOCK, run_train
+    from zmdevice.training.run import LOCK, run_train
 
     out = tmp_path / "run"
     out.mkdir()
@@ -123,8 +123,8 @@ def test_a_second_train_into_a_busy_folder_is_refused_and_writes_nothing(
 
 
 def test_only_rank_zero_claims_the_run_folder(tmp_path, holder):
-    from zmdevice.train import LOCK, claim_run
     from zmdevice.training.distributed import Ranks
+    from zmdevice.training.run import LOCK, claim_run
 
     out = tmp_path / "run"
     out.mkdir()
@@ -140,8 +140,8 @@ def test_a_second_label_on_the_same_output_is_refused_naming_the_first(tmp_path,
     from helpers import TOPIC_NAMES
 
     from zmdevice.config import LabelConfig
-    from zmdevice.label import run_label
-    from zmdevice.label_parts import lock_path
+    from zmdevice.labeling.parts import lock_path
+    from zmdevice.labeling.run import run_label
 
     out = tmp_path / "out.parquet"
     parts = out.with_name(f".{out.name}.parts")

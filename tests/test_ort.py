@@ -12,8 +12,8 @@ import pytest
 
 from zmdevice.config import ExportConfig
 from zmdevice.errors import UserError
-from zmdevice.export import run_export
-from zmdevice.ort_format import write_ort
+from zmdevice.exporting.ort_format import write_ort
+from zmdevice.exporting.run import run_export
 from zmdevice.runtime import OnnxClassifier, load_image, run_predict
 
 

@@ -159,7 +159,7 @@ def report():
             "thread_env": {},
             "git_commit": "abc123",
             "interpreter": "/usr/bin/python3",
-            "git_modified_files": ["zmdevice/train.py"],
+            "git_modified_files": ["zmdevice/training/run.py"],
         },
         "load_average_start": [1.0, 1.0, 1.0],
         "load_average_end": [2.0, 1.5, 1.0],
@@ -236,7 +236,7 @@ def test_page_marks_missed_targets_and_failed_jobs(report, tmp_path):
     assert "| 2.50 | ≤ 2 GB | **missed** |" in text
     assert "| -1.50 | within ±1 point | **missed** |" in text
     assert "job `export-distilbert` failed (exit 1)" in text
-    assert "`zmdevice/train.py`" in text  # uncommitted code is named
+    assert "`zmdevice/training/run.py`" in text  # uncommitted code is named
     assert "Test CPU" in text and "torch 2.14.1" in text and "onnxruntime 1.22" in text
     assert "`python benchmarks/bench_label.py`" in text
     assert "Quick mode" not in text

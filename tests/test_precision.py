@@ -256,7 +256,7 @@ def label_config(tmp_path, embed, **values):
 
 
 def test_label_records_what_ran_and_onnx_labels_like_torch(embed, tmp_path, monkeypatch):
-    from zmdevice.label import run_label
+    from zmdevice.labeling.run import run_label
     from zmdevice.pseudolabels import read_pseudolabels
 
     # A CPU without bf16 instructions, whatever this one has: auto then stays fp32 in torch.
@@ -293,8 +293,8 @@ def test_bad_precision_and_runtime_flags_are_one_line_errors(tmp_path):
 
 
 def test_resume_keeps_the_precision_its_parts_recorded(embed, tmp_path, monkeypatch):
-    from zmdevice import label as label_module
-    from zmdevice.label import run_label
+    from zmdevice.labeling import run as label_module
+    from zmdevice.labeling.run import run_label
 
     def fail(*args, **kwargs):
         raise KeyboardInterrupt  # killed after the last part, before the final file
@@ -320,7 +320,7 @@ def test_resume_keeps_the_precision_its_parts_recorded(embed, tmp_path, monkeypa
 def test_bf16_training_resumes_exactly_and_records_its_precision(text_data, tmp_path):  # noqa: F811
     import tomllib
 
-    from zmdevice.train import run_train
+    from zmdevice.training.run import run_train
 
     summary = run_train(text_config(text_data, tmp_path / "full", precision="bf16"))
     assert summary["precision"] == "bf16"
@@ -352,7 +352,7 @@ def test_auto_precision_of_a_training_run_follows_the_cpu(
     tmp_path,
     monkeypatch,
 ):
-    from zmdevice.train import run_train
+    from zmdevice.training.run import run_train
 
     monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: ("amx_bf16",))
     summary = run_train(text_config(text_data, tmp_path / "bf16cpu", kd_steps=2, ssl_steps=2))

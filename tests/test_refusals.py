@@ -118,8 +118,8 @@ def test_a_worker_error_under_nproc_is_one_line_and_exit_2(image_data, tmp_path)
 
 
 def test_non_finite_and_absurd_budgets_are_refused_before_anything(image_data, tmp_path):
-    from zmdevice.train import run_train
     from zmdevice.training.budget import check_time_budget
+    from zmdevice.training.run import run_train
 
     out = tmp_path / "run"
     with pytest.raises(UserError, match="--time-budget 1e\\+09: .*at most 10080 \\(7 days\\)$"):
@@ -132,7 +132,7 @@ def test_non_finite_and_absurd_budgets_are_refused_before_anything(image_data, t
 
 
 def test_a_refused_budget_with_overwrite_keeps_the_previous_run(image_data, tmp_path):
-    from zmdevice.train import run_train
+    from zmdevice.training.run import run_train
 
     out = tmp_path / "run"
     run_train(image_config(image_data, out, kd_steps=2, ssl_steps=2, stop_after=1, test=None))
@@ -173,7 +173,7 @@ def closed_port() -> int:
 
 
 def test_a_closed_ray_address_is_one_line_within_seconds():
-    from zmdevice import label_ray
+    from zmdevice.labeling import ray_engine as label_ray
 
     class NoRay:
         def init(self, **kwargs):
@@ -197,7 +197,7 @@ def test_a_full_disk_at_the_first_checkpoint_is_one_line_and_leaves_nothing(
 ):
     import safetensors.torch
 
-    from zmdevice.train import run_train
+    from zmdevice.training.run import run_train
 
     monkeypatch.setattr(safetensors.torch, "save_file", safetensors_no_space)
     out = tmp_path / "models" / "run"
@@ -211,10 +211,10 @@ def test_a_full_disk_writing_the_settings_leaves_nothing_through_the_cli(
 ):
     from typer.testing import CliRunner
 
-    import zmdevice.train
+    import zmdevice.training.run
     from zmdevice.cli import app
 
-    monkeypatch.setattr(zmdevice.train, "write_text_atomic", no_space)
+    monkeypatch.setattr(zmdevice.training.run, "write_text_atomic", no_space)
     out = tmp_path / "run"
     settings = tmp_path / "settings.toml"
     settings.write_text("".join(f"{key} = {value}\n" for key, value in FAST.items()))
@@ -233,7 +233,7 @@ def test_a_full_disk_writing_the_settings_leaves_nothing_through_the_cli(
 def test_a_full_disk_in_a_resumed_run_keeps_its_earlier_work(image_data, tmp_path, monkeypatch):
     import safetensors.torch
 
-    from zmdevice.train import run_train
+    from zmdevice.training.run import run_train
 
     out = tmp_path / "run"
     run_train(image_config(image_data, out, kd_steps=2, ssl_steps=2, stop_after=1, test=None))
@@ -249,7 +249,7 @@ def test_a_full_disk_during_export_leaves_no_tokenizer_or_model(tmp_path, monkey
     import onnx
 
     from zmdevice.config import ExportConfig
-    from zmdevice.export import run_export
+    from zmdevice.exporting.run import run_export
     from zmdevice.students import build_student, save_student
 
     model_dir = tmp_path / "student"

@@ -190,7 +190,7 @@ def label(
         The pseudo-labels (a ``PseudoLabels``) with ``.path`` and ``.summary``.
     """
     from zmdevice.config import DataOptions, LabelConfig
-    from zmdevice.label import run_label
+    from zmdevice.labeling.run import run_label
     from zmdevice.pseudolabels import read_pseudolabels
 
     _check_switch(progress, "progress")
@@ -284,7 +284,7 @@ def train(
             ``kd_batch_size``, ``ssl_loss``, ...).
     """
     from zmdevice.config import TrainConfig
-    from zmdevice.train import run_train
+    from zmdevice.training.run import run_train
 
     _check_switch(progress, "progress")
     callbacks = _callbacks(on_step)
@@ -525,7 +525,7 @@ def export(
         ``NAME.tokenizer.json`` lie beside it).
     """
     from zmdevice.config import ExportConfig
-    from zmdevice.export import run_export
+    from zmdevice.exporting.run import run_export
 
     accepted = _field_names(ExportConfig) - {"model_dir", "out", "quantize"}
     _split_options(options, accepted, "export")

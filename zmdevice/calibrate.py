@@ -317,7 +317,7 @@ def _resumed_teacher(build, flags: dict, kind: str, parts_dir: Path, done: set, 
         UserError: the recorded numerics cannot run on ``device`` (onnx parts resumed on a
             GPU, fp16 parts on a CPU), naming the flag that would.
     """
-    from zmdevice.label_parts import finished_parts
+    from zmdevice.labeling.parts import finished_parts
     from zmdevice.pseudolabels import read_pseudolabel_metadata
 
     before = read_pseudolabel_metadata(finished_parts(parts_dir)[min(done)])["teacher"]

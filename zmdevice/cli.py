@@ -228,7 +228,7 @@ def label(
     from zmdevice.config import load_config
 
     label_config = load_config(LabelConfig, config, flags)
-    from zmdevice.label import run_label
+    from zmdevice.labeling.run import run_label
 
     summary = run_label(label_config)
     emit_summary(summary, as_json, summary.get("lines", []))
@@ -331,7 +331,7 @@ def train(
     from zmdevice.config import load_config
 
     train_config = load_config(TrainConfig, config, flags)
-    from zmdevice.train import run_train
+    from zmdevice.training.run import run_train
 
     summary = run_train(train_config)
     emit_summary(summary, as_json, summary.get("lines", []))
@@ -401,7 +401,7 @@ def export(
     from zmdevice.config import load_config
 
     export_config = load_config(ExportConfig, config, flags)
-    from zmdevice.export import run_export
+    from zmdevice.exporting.run import run_export
 
     summary = run_export(export_config)
     emit_summary(summary, as_json, summary.get("lines", []))

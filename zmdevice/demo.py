@@ -91,7 +91,7 @@ def run_demo(
         elapsed = time.perf_counter() - started
         print(f"[demo] {title} ({elapsed:.0f} s)", file=sys.stderr, flush=True)
 
-    from zmdevice.label import run_label
+    from zmdevice.labeling.run import run_label
 
     step(f"1/4 labeling {plan.unlabeled} with the foundation model '{plan.teacher}'")
     labels = out / "labels" / f"{plan.data}.parquet"
@@ -115,7 +115,7 @@ def run_demo(
     )  # fmt: skip
     fm_accuracy = fm_test["quality"]["accuracy"]
 
-    from zmdevice.train import run_train
+    from zmdevice.training.run import run_train
 
     choice = 1 if quick else 0
     step(f"2/4 training {plan.student} with ZeroMatch (device {device})")
@@ -131,7 +131,7 @@ def run_demo(
     )  # fmt: skip
 
     from zmdevice.evaluate import run_evaluate_student
-    from zmdevice.export import run_export
+    from zmdevice.exporting.run import run_export
 
     step("3/4 exporting to ONNX (fp32 and int8)")
     onnx_path = out / "export" / f"{plan.data}-zeromatch.onnx"

@@ -14,10 +14,10 @@ same rows as an uninterrupted one.
 ``NAME.shard-I-of-N.parquet``; the same command with ``--combine`` instead of ``--shard``
 joins the N shard files into ``NAME.parquet``.
 
-``--engine ray`` (``zmdevice.label_ray``) labels the same chunks on a Ray cluster instead of
+``--engine ray`` (``labeling.ray_engine``) labels the same chunks on a Ray cluster instead of
 this process: Ray workers predict, this process writes the same part files and the same
 output, so either engine can resume the other's parts. The parts folder's bookkeeping is
-``zmdevice.label_parts``.
+``zmdevice.labeling.parts``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,16 @@ import numpy as np
 
 from zmdevice.config import LabelConfig
 from zmdevice.errors import UserError, check_writable, listing
-from zmdevice.label_parts import (
+from zmdevice.label_source import (
+    DEFAULT_SOURCES,
+    REFINED,
+    Evidence,
+    choose,
+    data_graph,
+    decision_line,
+    make_labels,
+)
+from zmdevice.labeling.parts import (
     check_parts,
     check_same_numerics,
     claim_parts,
@@ -47,15 +56,6 @@ from zmdevice.label_parts import (
     start_parts,
     write_part,
     write_part_features,
-)
-from zmdevice.label_source import (
-    DEFAULT_SOURCES,
-    REFINED,
-    Evidence,
-    choose,
-    data_graph,
-    decision_line,
-    make_labels,
 )
 from zmdevice.pseudolabels import (
     PseudoLabelWriter,
@@ -252,7 +252,7 @@ def _run_label(config: LabelConfig, claims: contextlib.ExitStack) -> dict:
     if config.combine:
         return _combine(config, out)
     if config.engine == "ray":
-        from zmdevice.label_ray import check_ray_address, import_ray
+        from zmdevice.labeling.ray_engine import check_ray_address, import_ray
 
         import_ray()  # a missing extra or a dead cluster fails before anything is written
         check_ray_address(config.ray_address)
@@ -345,7 +345,7 @@ def _run_label(config: LabelConfig, claims: contextlib.ExitStack) -> dict:
     started = time.perf_counter()
     try:
         if config.engine == "ray":
-            from zmdevice.label_ray import label_chunks_ray
+            from zmdevice.labeling.ray_engine import label_chunks_ray
 
             labeled_now = label_chunks_ray(
                 config, dataset, teacher, classes, chunks, done_parts, parts_dir, metadata

@@ -4,7 +4,7 @@
 batch (and sequence length for text), the zmdevice metadata in ``metadata_props``, and an
 onnxruntime-vs-PyTorch parity check on real inputs before the file appears under its
 name. ``run_export`` is what ``zmdevice export`` calls; it adds the int8 variant
-(``zmdevice.quantize``) and ONNX Runtime's mobile format (``zmdevice.ort_format``).
+(``exporting.quantize``) and ONNX Runtime's mobile format (``exporting.ort_format``).
 
 The ONNX contract (input names, shapes, metadata keys) is documented for app developers
 in ``export/README.md``; ``zmdevice.runtime`` is its reference reader. Over 500 lines on
@@ -541,8 +541,8 @@ def export_files(config, student, model_dir: Path, out: Path, staged: Path, samp
     Args:
         samples: (parity examples or None, where they came from, calibration images or None).
     """
-    from zmdevice.ort_format import write_ort
-    from zmdevice.quantize import int8_path, quantize_int8
+    from zmdevice.exporting.ort_format import write_ort
+    from zmdevice.exporting.quantize import int8_path, quantize_int8
 
     examples, source, calibration = samples
 
@@ -613,7 +613,7 @@ def run_export(config) -> dict:
     Args:
         config: ``zmdevice.config.ExportConfig``.
     """
-    from zmdevice.quantize import int8_path
+    from zmdevice.exporting.quantize import int8_path
     from zmdevice.students import load_student, read_student_config
 
     # Everything that can be checked is checked before the (slow) export writes anything.

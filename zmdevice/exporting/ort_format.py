@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from zmdevice.errors import atomic_path
-from zmdevice.export import PARITY_TOLERANCE, SYNTHETIC_TEXTS, ExportError
+from zmdevice.exporting.run import PARITY_TOLERANCE, SYNTHETIC_TEXTS, ExportError
 
 OPERATORS_SUFFIX = ".required_operators.config"
 

@@ -1,6 +1,6 @@
 """`zmdevice label --engine ray`: the local engine's chunks, labeled by a Ray Data actor pool.
 
-The driver (``zmdevice.label.run_label``) opens the data, assigns ids and splits the work
+The driver (``zmdevice.labeling.run.run_label``) opens the data, assigns ids and splits the work
 into the same chunks as the local engine; this module sends the unfinished chunks, one row
 per teacher batch, through two Ray Data stages:
 
@@ -89,12 +89,12 @@ class PrepareBatch:
     """Ray Data stage 1: positions of one batch -> the teacher's collated input."""
 
     def __init__(self, dataset, prepare, collate):
-        from zmdevice.label import _Collate
+        from zmdevice.labeling.run import _Collate
 
         self.dataset, self.prepare, self.collate = dataset, prepare, _Collate(collate)
 
     def __call__(self, row: dict) -> dict:
-        from zmdevice.label import _Prepared
+        from zmdevice.labeling.run import _Prepared
 
         view = _Prepared(self.dataset, self.prepare, row["indices"])
         try:
@@ -154,7 +154,7 @@ class TeacherBatch:
 def batch_rows(dataset, chunks, todo: list[int], batch_size: int) -> list[dict]:
     """One row per teacher batch of the chunks in ``todo``: chunk, batch number, positions,
     each chunk in the local engine's ``labeling_order`` (texts shortest first)."""
-    from zmdevice.label import labeling_order
+    from zmdevice.labeling.run import labeling_order
 
     ordered = {j: labeling_order(dataset, chunks[j]) for j in todo}
     return [
@@ -245,7 +245,7 @@ def _start(ray, address: str | None) -> None:
 
 
 def _run(ray, config, dataset, teacher, classes, chunks, done, parts_dir, metadata) -> int:
-    from zmdevice.label import chunk_order, chunk_progress, write_part
+    from zmdevice.labeling.run import chunk_order, chunk_progress, write_part
 
     todo = [j for j in range(len(chunks)) if j not in done]
     rows = batch_rows(dataset, chunks, todo, config.batch_size)

@@ -251,7 +251,7 @@ def label_for_training(config: TrainConfig, out: Path, ranks) -> tuple[TrainConf
         )
     from zmdevice.config import DEFAULT_TEACHERS, LabelConfig
     from zmdevice.data import open_dataset
-    from zmdevice.label import run_label
+    from zmdevice.labeling.run import run_label
 
     labeled = open_dataset(config.labeled, require_labels=True)
     teacher = config.teacher or DEFAULT_TEACHERS[labeled.modality]

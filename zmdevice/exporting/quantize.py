@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from zmdevice.errors import UserError
-from zmdevice.export import save_model, write_metadata
+from zmdevice.exporting.run import save_model, write_metadata
 from zmdevice.onnx_teacher import dynamic_int8
 
 INT8_SUFFIX = ".int8.onnx"
