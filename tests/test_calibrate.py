@@ -1,7 +1,8 @@
-"""``auto`` numerics by measurement (zmdevice.calibrate), with faked timings: the fastest
-candidate that labels like fp32 wins, the decision is cached as JSON, a damaged cache is
-measured again, explicit flags skip their axis, a resume keeps its parts' numerics, and a
-training run keeps bf16 only when measured faster and trains as if nothing was measured."""
+"""``auto`` numerics by measurement (zmdevice.calibrate, zmdevice.training.calibration),
+with faked timings: the fastest candidate that labels like fp32 wins, the decision is cached
+as JSON, a damaged cache is measured again, explicit flags skip their axis, a resume keeps
+its parts' numerics, and a training run keeps bf16 only when measured faster and trains as
+if nothing was measured."""
 
 import json
 
@@ -15,6 +16,7 @@ from zmdevice import calibrate
 from zmdevice import precision as precision_module
 from zmdevice.config import LabelConfig
 from zmdevice.errors import UserError
+from zmdevice.training import calibration
 
 torch.set_num_threads(1)
 ALL = ["torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8"]
@@ -233,7 +235,7 @@ def test_a_resume_keeps_the_numerics_of_its_parts(embed, tmp_path, monkeypatch, 
 def bf16_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("ZMDEVICE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: ("amx_bf16",))
-    monkeypatch.setattr(calibrate, "MIN_TRAIN_STEPS", 1)
+    monkeypatch.setattr(calibration, "MIN_TRAIN_STEPS", 1)
 
 
 def setup_of(config, out, monkeypatch, timer):
@@ -266,7 +268,6 @@ def test_training_keeps_bf16_only_when_faster_and_its_loss_agrees(
     # fp32 then bf16, each a warm-up step and 3 timed steps from the same weights.
     assert timer.calls == ["fp32"] * 4 + ["bf16"] * 4
     assert setup.precision.name == expected == setup.config.precision
-    assert setup.model.precision is setup.precision
     assert setup.precision.reason.startswith(f"auto, measured: {expected} steps")
     # The measurement left no trace: the same weights and random streams as a forced run.
     after = torch.rand(4)
@@ -305,11 +306,38 @@ def test_training_without_bf16_or_with_few_steps_uses_the_table(text_data, tmp_p
                                                                  monkeypatch):  # fmt: skip
     monkeypatch.setenv("ZMDEVICE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: ())
-    monkeypatch.setattr(calibrate, "MIN_TRAIN_STEPS", 1)
+    monkeypatch.setattr(calibration, "MIN_TRAIN_STEPS", 1)
     config = text_config(text_data, tmp_path / "a")
     assert setup_of(config, tmp_path / "a", monkeypatch, no_timer).precision.name == "fp32"
     monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: ("amx_bf16",))
-    monkeypatch.setattr(calibrate, "MIN_TRAIN_STEPS", 21)  # 10 + 10 steps: too short
+    monkeypatch.setattr(calibration, "MIN_TRAIN_STEPS", 21)  # 10 + 10 steps: too short
     setup = setup_of(text_config(text_data, tmp_path / "b"), tmp_path / "b", monkeypatch,
                      no_timer)  # fmt: skip
     assert setup.precision.reason == "auto: transformer on a CPU with bf16 instructions"
+
+
+def test_candidates_are_the_runtimes_each_teacher_class_declares(monkeypatch):
+    """``teacher_candidates`` takes a kind's ONNX runtimes from its registered class
+    (``runtimes()``), on a CPU only."""
+    import importlib.util
+
+    from zmdevice.teachers import list_teachers, teacher_class
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(  # as if onnxruntime were installed
+        importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "onnxruntime" else find_spec(name, *a),
+    )
+    cpu, gpu = precision_module.Hardware("cpu"), precision_module.Hardware("cuda", cuda_bf16=True)
+    seen = set()
+    for kind in list_teachers():
+        runtimes = teacher_class(kind).runtimes()
+        seen.update(runtimes)
+        onnx = [name for name in ("onnx", "onnx-int8") if name in runtimes]
+        want = ["torch-fp32"] + [{"onnx": "onnx-fp32"}.get(name, name) for name in onnx]
+        names = [c.name for c in calibrate.teacher_candidates("auto", "auto", cpu, kind)]
+        assert names == want, kind
+        on_gpu = calibrate.teacher_candidates("auto", "auto", gpu, kind)
+        assert [c.runtime for c in on_gpu] == ["torch"] * 3, kind
+    assert seen == {"torch", "onnx", "onnx-int8"}  # every branch taken by some kind

@@ -15,7 +15,7 @@ import zmdevice
 from zmdevice.cli import app
 from zmdevice.config import ExportConfig, load_config
 from zmdevice.errors import UserError
-from zmdevice.report import model_card_facts, render_model_card, update_model_card
+from zmdevice.model_card import model_card_facts, render_model_card, update_model_card
 from zmdevice.training.run import run_train
 
 

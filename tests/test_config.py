@@ -35,6 +35,7 @@ TRAIN = {
     "allow_partial": (True, False),
     "ssl_loss": ("fixmatch", "adamatch"),
     "alpha": ("constant", "ramp"),
+    "log": ("mlflow", "none"),
 }
 LABEL = {
     "data": ("file.csv", "flag.csv"),
@@ -183,3 +184,13 @@ def test_label_config_file_feeds_the_data_options(tmp_path):
                            'text_column = "sentence"\n')  # fmt: skip
     config = load_config(LabelConfig, config_file, {"skip_corrupt": True})
     assert config.data_options.text_column == "sentence" and config.data_options.skip_corrupt
+
+
+def test_log_choices_are_none_and_the_trackers():
+    """config (ground) cannot import trackers (middle): its copy of the names is pinned here."""
+    from zmdevice import trackers
+    from zmdevice.config import LOG_TRACKERS
+
+    assert ("none", *trackers.TRACKERS) == LOG_TRACKERS
+    with pytest.raises(UserError, match="log must be one of none, tensorboard, mlflow"):
+        TrainConfig(labeled="l.csv", unlabeled="u.csv", log="wandb")

@@ -131,9 +131,9 @@ def test_each_rank_takes_its_slice_of_every_view_group():
     from types import SimpleNamespace
 
     from zmdevice.training.distributed import Ranks
-    from zmdevice.training.stages import StagePlan
+    from zmdevice.training.stages import AdaMatch, SSLStage
 
-    plan = StagePlan("ssl", 4, unsup="adamatch", kd_head=True)
+    plan = SSLStage(4, unsup=AdaMatch(), kd_head=True)
     data = SimpleNamespace(labeled_index=torch.arange(100, 106))
     labeled, pool = torch.tensor([0, 3, 5, 1]), torch.tensor([7, 2, 9, 4, 8, 6])
     # rows: labeled weak (4), pool weak (6), pool strong (6); the value is the row number

@@ -16,7 +16,9 @@ from typer.testing import CliRunner
 from zmdevice.cli import app
 from zmdevice.config import ExportConfig
 from zmdevice.errors import UserError
-from zmdevice.exporting.run import ExportError, export_student, run_export
+from zmdevice.exporting.graph import export_student
+from zmdevice.exporting.onnx_file import ExportError
+from zmdevice.exporting.run import run_export
 from zmdevice.runtime import OnnxClassifier
 
 torch.set_num_threads(1)
@@ -88,7 +90,7 @@ def test_text_export_has_dynamic_length_and_its_tokenizer_beside_it(models):
 def test_parity_failure_is_loud_relative_to_tiny_logits_and_writes_nothing(
     models, tmp_path, monkeypatch
 ):
-    import zmdevice.exporting.run as export_module
+    import zmdevice.exporting.graph as export_module
     from zmdevice.students import load_student
 
     student = load_student(models["image_dir"])

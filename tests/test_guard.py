@@ -23,7 +23,9 @@ from zmdevice.training.guard import (
     lower_bound,
     new_memory,
 )
+from zmdevice.training.loop import stage_plan
 from zmdevice.training.run import run_train
+from zmdevice.training.stages import SSLStage
 
 JUDGED = {
     "image": dict(holdout_fraction=0.5, kd_steps=30, lr=5e-3, head_lr=5e-3),
@@ -69,7 +71,7 @@ def collapse_after(step):
     class 0."""
 
     def force(setup, state, values):
-        if setup.plans[state["stage_index"]].kind == "ssl" and state["step"] == step:
+        if isinstance(stage_plan(setup, state), SSLStage) and state["step"] == step:
             with torch.no_grad():
                 last_linear(setup.student.head).bias[0] = 1e4
 
@@ -118,7 +120,7 @@ def test_a_class_losing_its_predictions_to_the_others_is_caught(image_data, tmp_
     class at stage 2's start, so there the entropy rule would act first.)"""
 
     def drop_class_zero(setup, state, values):
-        if setup.plans[state["stage_index"]].kind == "ssl" and state["step"] == 2:
+        if isinstance(stage_plan(setup, state), SSLStage) and state["step"] == 2:
             with torch.no_grad():
                 last_linear(setup.student.head).bias[0] = -1e4
 
@@ -150,7 +152,7 @@ def test_a_breach_that_does_not_last_is_only_logged(image_data, tmp_path):
     kept = {}
 
     def dip(setup, state, values):
-        if setup.plans[state["stage_index"]].kind != "ssl":
+        if not isinstance(stage_plan(setup, state), SSLStage):
             return
         bias = last_linear(setup.student.head).bias
         with torch.no_grad():

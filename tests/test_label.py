@@ -52,18 +52,20 @@ def assert_same_content(a, b):
 
 def test_gold_samples_already_labeled_reuse_their_pseudo_label(tmp_path, embed_dir, monkeypatch):
     """--gold naming (a gold copy of) the labeled data costs no second teacher pass."""
-    import zmdevice.labeling.run as label_module
+    from zmdevice.labeling import batches, gold, local_engine
 
     write_texts(tmp_path / "texts.csv", 12, labels=True)
     write_texts(tmp_path / "gold.csv", 14, labels=True)  # 12 shared ids + 2 new ones
     seen = []
-    real = label_module.iterate_batches
 
     def counting(dataset, teacher, indices, batch_size, workers, *features):
         seen.append(len(list(indices)))
-        yield from real(dataset, teacher, indices, batch_size, workers, *features)
+        yield from batches.iterate_batches(
+            dataset, teacher, indices, batch_size, workers, *features
+        )
 
-    monkeypatch.setattr(label_module, "iterate_batches", counting)
+    for module in (local_engine, gold):  # the labeling pass and the gold report
+        monkeypatch.setattr(module, "iterate_batches", counting)
     summary = run_label(config(tmp_path, embed_dir, gold=tmp_path / "gold.csv"))
     assert seen == [12, 2]  # the data, then only the two gold samples it did not hold
     labels = read_pseudolabels(tmp_path / "out.parquet")

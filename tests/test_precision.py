@@ -20,7 +20,7 @@ from zmdevice.precision import (
     cpu_bf16_flags,
     model_family,
 )
-from zmdevice.teachers import build_teacher
+from zmdevice.teachers import build_teacher, teacher_class
 
 torch.set_num_threads(1)
 TOPICS = ClassList(["sports", "politics", "science"], {})
@@ -109,20 +109,23 @@ def test_autocast_runs_matrix_products_in_the_chosen_dtype_and_fp32_untouched():
     ],
 )
 def test_runtime_decision_table(requested, device, kind, precision, expected):
-    assert choose_runtime(requested, device, kind, precision) == expected
+    assert choose_runtime(requested, device, teacher_class(kind), precision) == expected
 
 
 def test_runtime_errors_name_the_flag():
-    with pytest.raises(UserError, match="--runtime onnx: not for nli teachers"):
-        choose_runtime("onnx", "cpu", "nli", "auto")
+    nli, imagenet, embed = (teacher_class(k) for k in ("nli", "imagenet", "text-embed"))
+    with pytest.raises(
+        UserError, match=r"--runtime onnx: not for nli teachers \(they run in torch\)"
+    ):
+        choose_runtime("onnx", "cpu", nli, "auto")
     with pytest.raises(UserError, match="--runtime onnx-int8: not for imagenet teachers"):
-        choose_runtime("onnx-int8", "cpu", "imagenet", "auto")
+        choose_runtime("onnx-int8", "cpu", imagenet, "auto")
     with pytest.raises(UserError, match="--runtime onnx runs teachers on the CPU"):
-        choose_runtime("onnx", "cuda", "text-embed", "auto")
+        choose_runtime("onnx", "cuda", embed, "auto")
     with pytest.raises(UserError, match="--runtime onnx runs in fp32: drop --precision bf16"):
-        choose_runtime("onnx", "cpu", "text-embed", "bf16")
+        choose_runtime("onnx", "cpu", embed, "bf16")
     with pytest.raises(UserError, match="unknown --runtime 'tvm'"):
-        choose_runtime("tvm", "cpu", "text-embed", "auto")
+        choose_runtime("tvm", "cpu", embed, "auto")
 
 
 # ----------------------------------------------------------------------------- teachers

@@ -8,11 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from zmdevice.errors import UserError
+from zmdevice.labeling.join import combine_pseudolabels
 from zmdevice.pseudolabels import (
     METADATA_KEY,
     PseudoLabelWriter,
     build_metadata,
-    combine_pseudolabels,
     read_pseudolabel_metadata,
     read_pseudolabels,
 )

@@ -1,8 +1,8 @@
-"""The README's commands and its Python example run as written.
+"""The README's commands and its Python example run as written, and its numbers are the code's.
 
-The ``bash`` blocks of "The workflow" are run in order, from a folder laid out like the
-repository root (``examples/`` and ``export/app.py`` linked in), on the embedded default
-data, with the real offline FMs. Only the budgets shrink: every ``zmdevice train`` gets
+The ``bash`` block of "The workflow" runs from an empty folder, as from a wheel (the
+embedded default data is found through ``zmdevice.catalog``, never through a checkout's
+paths), with the real offline FMs. Only the budget shrinks: every ``zmdevice train`` gets
 ``--kd-steps 2 --ssl-steps 2`` and the DistilBERT student becomes ``tiny-distilbert``. The
 ``python`` block of "Python API" runs exactly as written, from an empty folder.
 """
@@ -19,11 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
-def section(title: str) -> str:
-    """The README text from the ``## title`` heading to the next ``## `` heading."""
-    start = README.index(f"\n## {title}\n")
-    end = README.find("\n## ", start + 1)
-    return README[start : end if end >= 0 else None]
+def section(title: str, text: str = README) -> str:
+    """The text from the ``## title`` heading to the next ``## `` heading."""
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end >= 0 else None]
 
 
 def blocks(text: str, language: str) -> list[str]:
@@ -42,12 +42,14 @@ def tiny_budget(block: str) -> str:
 
 
 def environment(tmp_path: Path) -> dict:
-    """``zmdevice`` on PATH runs this checkout, offline."""
+    """``zmdevice`` and ``python`` on PATH run this checkout, offline."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    shim = bin_dir / "zmdevice"
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m zmdevice "$@"\n')
-    shim.chmod(0o755)
+    bin_dir.mkdir(exist_ok=True)
+    shims = {"zmdevice": f'"{sys.executable}" -m zmdevice', "python": f'"{sys.executable}"'}
+    for name, command in shims.items():
+        shim = bin_dir / name
+        shim.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
+        shim.chmod(0o755)
     return {
         **os.environ,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
@@ -58,41 +60,78 @@ def environment(tmp_path: Path) -> dict:
     }
 
 
-def workflow_blocks() -> list[str]:
-    """The runnable blocks: "The workflow" up to its "Embed in apps" part (npm, servers),
-    without the "Scaling out" parts (they start Ray clusters and torchrun on other hosts)."""
-    workflow = section("The workflow").split("\n### Embed in apps")[0]
-    parts = workflow.split("\n### ")
-    return [b for part in parts if not part.startswith("Scaling out") for b in blocks(part, "bash")]
+def run_blocks(shell_blocks: list[str], cwd: Path, env: dict) -> None:
+    """Run the blocks in order in one shell (a variable one block sets, the next reads)."""
+    script = "set -euo pipefail\n" + "\n".join(tiny_budget(block) for block in shell_blocks)
+    result = subprocess.run(
+        ["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, f"{script}\n{result.stderr[-3000:]}"
 
 
 def test_the_readme_has_what_the_tests_run():
-    workflow = workflow_blocks()
-    assert len(workflow) >= 3
-    commands = " ".join(workflow)
+    (workflow,) = blocks(section("The workflow"), "bash")
     for command in ("zmdevice label", "zmdevice train", "zmdevice export", "zmdevice predict"):
-        assert command in commands
+        assert command in workflow
+    assert "examples/" not in workflow and "export/app.py" not in workflow  # no checkout
     assert len(blocks(section("Python API"), "python")) == 1
+
+
+def test_the_readme_is_a_front_door():
+    """A front door (docs/STYLE.md item 24): short, the manual and the benchmark prose
+    elsewhere."""
+    assert len(README.splitlines()) <= 250
+    for page in ("docs/cli.md", "docs/api.md", "docs/deploy.md", "docs/scaling.md"):
+        assert f"]({page})" in README
+    assert "benchmarks/RESULTS.md" in README
+
+
+def test_the_readme_states_the_code_s_step_counts():
+    """Every step count the README gives is the one the code runs, and each is given once."""
+    from zmdevice.catalog import require_entry
+    from zmdevice.config import DEFAULT_STUDENTS, MODALITY_DEFAULTS
+    from zmdevice.demo import PLANS
+
+    text, image = PLANS["text"], PLANS["image"]
+    assert text.student == "distilbert" and image.student == "mobilenet_v3_small"
+    demo = " ".join(section("The main job in two commands").split())
+    assert f"text: {text.kd_steps[0]} + {text.ssl_steps[0]} steps" in demo
+    assert f"images: {image.kd_steps[0]} + {image.ssl_steps[0]})" in demo
+    quick = f"{text.kd_steps[1]} + {text.ssl_steps[1]} and {image.kd_steps[1]} + "
+    assert quick + f"{image.ssl_steps[1]} steps" in demo
+
+    image_default = require_entry(DEFAULT_STUDENTS["image"], "student", "--student")["train"]
+    workflow = " ".join(section("The workflow").split())
+    for numbers, what in (
+        (MODALITY_DEFAULTS["text"], "steps for a text student"),
+        (image_default, "for EfficientNet-Lite0 (the image default)"),
+        (MODALITY_DEFAULTS["image"], "for the other image students"),
+    ):
+        assert f"{numbers['kd_steps']} + {numbers['ssl_steps']} {what}" in workflow
+    # No other step count, and none twice.
+    stated = [(int(a), int(b)) for a, b in re.findall(r"(\d+) \+ (\d+)", README)]
+    known = [(plan.kd_steps[i], plan.ssl_steps[i]) for plan in (text, image) for i in (0, 1)]
+    known += [(n["kd_steps"], n["ssl_steps"]) for n in (*MODALITY_DEFAULTS.values(), image_default)]
+    assert sorted(stated) == sorted(known)
+
+
+def test_the_readme_s_install_and_test_commands_are_ci_s():
+    ci = (ROOT / ".ci" / "run").read_text()
+    pins = re.search(r"pip install -q (torch==\S+ torchvision==\S+)", ci).group(1)
+    assert f"pip install {pins}" in README
+    assert "python -m pytest -q" in ci and "python -m pytest -q" in section("Tests")
+    assert "--index-url https://download.pytorch.org/whl/cpu" in section("Install")
 
 
 @pytest.mark.slow
 def test_workflow_commands_run_in_order(tmp_path):
-    work = tmp_path / "repo"
-    (work / "export").mkdir(parents=True)
-    (work / "examples").symlink_to(ROOT / "examples")
-    (work / "export" / "app.py").symlink_to(ROOT / "export" / "app.py")
-    env = environment(tmp_path)
-    for number, block in enumerate(workflow_blocks(), start=1):
-        script = "set -euo pipefail\n" + tiny_budget(block)
-        result = subprocess.run(
-            ["bash", "-c", script], cwd=work, env=env, capture_output=True, text=True
-        )
-        assert result.returncode == 0, f"block {number}:\n{script}\n{result.stderr[-3000:]}"
-    # The two label runs wrote two files: the image labels did not overwrite the text ones.
+    work = tmp_path / "anywhere"
+    work.mkdir()
+    run_blocks(blocks(section("The workflow"), "bash"), work, environment(tmp_path))
     labels = sorted(path.name for path in (work / "labels").iterdir())
-    expected = ["unlabeled-efficientnet-lite0-fewshot.parquet", "unlabeled-minilm-fewshot.parquet"]
-    assert labels == expected
-    assert (work / "export" / "images.README.md").is_file()
+    assert labels == ["unlabeled-minilm-fewshot.parquet"]
+    assert (work / "export" / "text.onnx").is_file()
+    assert (work / "export" / "text.int8.onnx").is_file()
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Teachers: the zero-shot maths, each kind on a tiny offline model, and every error message."""
+"""Teachers: the zero-shot maths, each kind on a tiny offline model, and every error message
+(what every kind must do, walked over the registry, is ``test_teachers_registry.py``)."""
 
 import pickle
 from pathlib import Path
@@ -11,7 +12,7 @@ from PIL import Image
 
 from zmdevice.classes import ClassList
 from zmdevice.errors import UserError
-from zmdevice.teachers import KINDS, build_teacher, teacher_class
+from zmdevice.teachers import build_teacher
 from zmdevice.teachers.base import class_weights, zero_shot_probs
 from zmdevice.teachers.clip import fill_template, load_templates
 from zmdevice.teachers.imagenet import (
@@ -269,35 +270,6 @@ def test_in_order_loading_rejects_a_file_of_another_model(tmp_path):
     (tmp_path / "junk.pth").write_text("junk")
     with pytest.raises(UserError, match="cannot read weights file .*junk.pth"):
         load_weights_in_order(model, tmp_path / "junk.pth")
-
-
-def test_every_tiny_teacher_pickles_whole_and_its_workers_get_no_model(models, tmp_path):
-    """A teacher is plain data: it round-trips through pickle with the same probabilities,
-    and what a loader worker receives (``prepare``, ``collate``) is small, without the model."""
-    import timm
-
-    torch.manual_seed(0)
-    torch.save(timm.create_model("test_efficientnet").state_dict(), tmp_path / "w.pth")
-    (tmp_path / "map.toml").write_text("[map]\nsports = [282]\npolitics = [1]\nscience = [2]\n")
-    specs = {
-        "clip": f"clip:zm-tiny-clip:{models['clip']}",
-        "text-embed": f"text-embed:{models['embed']}",
-        "nli": f"nli:{models['nli']}",
-        "llm": f"llm:{tiny_teachers.make_llm(tmp_path / 'llm', favourite='sports')}",
-        "imagenet": f"imagenet:test_efficientnet:{tmp_path / 'w.pth'}:map={tmp_path / 'map.toml'}"
-        ":size=32",
-    }
-    assert set(specs) == set(KINDS)
-    for kind, spec in specs.items():
-        teacher = build_teacher(spec, TOPICS)
-        assert isinstance(teacher, teacher_class(kind)) and teacher.kind == kind
-        assert teacher.modality == KINDS[kind].modality
-        items = images(2) if teacher.modality == "image" else ["the game team", "vote law"]
-        copy = pickle.loads(pickle.dumps(teacher))
-        torch.testing.assert_close(copy.predict_items(items), teacher.predict_items(items))
-        assert copy.info == teacher.info and copy.spec == teacher.spec
-        worker_part = pickle.dumps((teacher.prepare, teacher.collate))
-        assert len(worker_part) < len(pickle.dumps(teacher.model)) / 2, kind
 
 
 def test_an_onnx_runtime_teacher_pickles_and_reopens_its_cached_export(

@@ -26,7 +26,45 @@ from typer.testing import CliRunner
 
 from zmdevice.cli import app
 from zmdevice.errors import UserError
+from zmdevice.training.loop import stage_plan
 from zmdevice.training.run import run_train
+from zmdevice.training.stages import METHOD_STAGES, DistillStage, SSLStage
+
+# --------------------------------------------------------------------------- methods
+
+
+def test_each_method_is_one_entry_in_both_tables_and_they_agree():
+    """config.METHODS (validation, help) and the stage objects of training.stages name the
+    same methods, with the same stage names (metrics.jsonl's ``stage``) and FM use."""
+    from zmdevice.config import METHODS
+
+    assert list(METHOD_STAGES) == list(METHODS)
+    for name, stages in METHOD_STAGES.items():
+        assert tuple(stage.name for stage in stages) == METHODS[name].stages, name
+        assert any(stage.uses_fm for stage in stages) == METHODS[name].uses_fm, name
+
+
+def test_a_handler_that_ends_the_stage_stops_the_handlers_after_it(text_data, tmp_path):
+    """Loop events: a True result ends the stage at once; later handlers of that event and
+    later steps do not run, and the stage-end handlers still do."""
+    from zmdevice.config import resolve_student
+    from zmdevice.training.loop import Loop, NullLog, begin_stage, new_state
+    from zmdevice.training.run import build_setup
+
+    config = resolve_student(text_config(text_data, tmp_path / "run", method="supervised"))
+    setup = build_setup(config, tmp_path / "run")
+    seen = []
+    loop = Loop(setup, NullLog())
+    loop.add_callback("on_step_end", lambda loop, state: seen.append(state["step"]))
+    loop.add_callback("on_step_end", lambda loop, state: state["step"] == 3)
+    loop.add_callback("on_step_end", lambda loop, state: seen.append("after"))
+    loop.add_callback("on_stage_end", lambda loop, state: seen.append("end"))
+    state = new_state(setup)
+    begin_stage(setup, state)
+    loop.run_stage(state)
+    assert seen == [1, "after", 2, "after", 3, "end"]
+    assert state["stage_summaries"][0]["steps"] == 3
+
 
 # --------------------------------------------------------------------------- whole runs
 
@@ -61,10 +99,10 @@ def test_zeromatch_text_writes_the_documented_layout(text_data, tmp_path):
     assert "## Test" in (out / "report.md").read_text()
 
 
-@pytest.mark.parametrize("method", ["kd", "supervised", "fixmatch", "adamatch", "naive-pl"])
+@pytest.mark.parametrize("method", [name for name in METHOD_STAGES if name != "zeromatch"])
 def test_every_baseline_runs_from_the_same_pieces(image_data, tmp_path, method):
     summary = run_train(image_config(image_data, tmp_path / method, method=method))
-    expected = {"kd": ["kd"]}.get(method, ["ssl"])
+    expected = [stage.name for stage in METHOD_STAGES[method]]
     assert [stage["stage"] for stage in summary["stages"]] == expected
     records = [r for r in read_jsonl(tmp_path / method / "metrics.jsonl") if "loss" in r]
     keys = set(records[-1])
@@ -109,9 +147,9 @@ def test_weight_average_ends_stage_two_on_the_ema_and_resumes_exactly(text_data,
     start, steps = {}, []
 
     def record(setup, state, values):
-        if setup.plans[state["stage_index"]].kind == "kd" and state["step"] == 10:
+        if isinstance(stage_plan(setup, state), DistillStage) and state["step"] == 10:
             start.update(state["best"]["state"])
-        elif setup.plans[state["stage_index"]].kind == "ssl":
+        elif isinstance(stage_plan(setup, state), SSLStage):
             steps.append({k: v.detach().clone() for k, v in setup.student.state_dict().items()})
 
     settings = dict(ssl_weight_average=1.0, early_stop_agreement=1.0)

@@ -176,3 +176,37 @@ def make_seq2seq(folder: Path) -> Path:
     )
     T5ForConditionalGeneration(config).save_pretrained(folder)
     return folder
+
+
+def make_imagenet(folder: Path, classes: list[str]) -> str:
+    """The rest of an ``imagenet:`` spec (after the kind) for timm's tiny
+    ``test_efficientnet`` with random weights and a map file sending ImageNet classes
+    0, 1, 2, ... to ``classes`` in order; 32 px inputs."""
+    import timm
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_efficientnet").state_dict(), folder / "w.pth")
+    lines = ["[map]"] + [f"{name} = [{i}]" for i, name in enumerate(classes)]
+    (folder / "map.toml").write_text("\n".join(lines) + "\n")
+    return f"test_efficientnet:{folder / 'w.pth'}:map={folder / 'map.toml'}:size=32"
+
+
+TINY_KINDS = {
+    "clip": lambda folder, classes: f"zm-tiny-clip:{make_clip_checkpoint(folder)}",
+    "text-embed": lambda folder, classes: str(make_text_embed(folder)),
+    "nli": lambda folder, classes: str(make_nli(folder)),
+    "llm": lambda folder, classes: str(make_llm(folder, favourite=classes[0])),
+    "imagenet": lambda folder, classes: make_imagenet(folder, classes),
+}
+"""Teacher kind -> (an empty folder, class names) -> the rest of a spec of that kind on a
+tiny random model saved in the folder, offline (the class names must be words of ``WORDS``). A new
+teacher kind needs an entry: ``tests/test_teachers.py`` walks the registry and builds each."""
+
+
+def tiny_teacher_spec(kind: str, root: Path, classes: list[str]) -> str:
+    """``kind:rest`` of a tiny offline teacher of ``kind`` saved under ``root/kind``."""
+    folder = root / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"{kind}:{TINY_KINDS[kind](folder, classes)}"

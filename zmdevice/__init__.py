@@ -25,13 +25,15 @@ __all__ = [
     "UserError",
     "ZeroMatchClassifier",
     "__version__",
+    "check",
     "export",
     "label",
     "load",
+    "suggest",
     "train",
 ]
 
-_API = ("label", "train", "export", "load", "Classifier", "TrainedStudent")
+_API = ("label", "train", "export", "load", "suggest", "check", "Classifier", "TrainedStudent")
 """Names of ``zmdevice.api``; the stages themselves live in ``labeling/``, ``training/`` and
 ``exporting/``, so no submodule shadows these functions."""
 

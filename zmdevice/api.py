@@ -1,4 +1,4 @@
-"""The Python API: ``zmdevice.label``, ``train``, ``export`` and ``load``.
+"""The Python API: ``zmdevice.label``, ``train``, ``export``, ``load``, ``suggest``, ``check``.
 
 Each function is the CLI command of the same name: it fills the same typed config
 (``zmdevice.config``) and calls the same stage function (``run_label``, ``run_train``,
@@ -36,24 +36,16 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from zmdevice.config import check_device, checked_value, shown
+from zmdevice.config import DataOptions, ExportConfig, LabelConfig, TrainConfig, check_device, shown
 from zmdevice.errors import UserError
-from zmdevice.inputs import (
-    class_spec,
-    data_path,
-    hf_image_column,
-    is_dataframe,
-    is_hf_dataset,
-    is_pil,
-)
+from zmdevice.inputs import class_spec, data_path
+from zmdevice.predictors import Classifier, TrainedStudent, check_options, check_path
+from zmdevice.predictors import as_items as _as_items  # noqa: F401  (tests import it from here)
 from zmdevice.pseudolabels import PseudoLabels
-from zmdevice.runtime import OnnxClassifier, load_image
 
 # --------------------------------------------------------------------------- run helpers
 
@@ -105,15 +97,6 @@ def _hugging_face_bars_off() -> Iterator[None]:
             (hf_logging.enable_progress_bar if hf_logging else hub.enable_progress_bars)()
 
 
-def _split_options(options: dict, accepted: set[str], command: str) -> None:
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise UserError(
-            f"zmdevice.{command}: unknown option(s) {', '.join(unknown)}; "
-            f"use {', '.join(sorted(accepted))}"
-        )
-
-
 def _field_names(config_class) -> set[str]:
     return {item.name for item in dataclasses.fields(config_class)}
 
@@ -121,19 +104,6 @@ def _field_names(config_class) -> set[str]:
 def _check_switch(value: Any, name: str) -> None:
     if not isinstance(value, bool):
         raise UserError(f"{name} must be True or False, got {shown(value)}")
-
-
-def _check_path(value: Any, name: str, expected: str) -> Path:
-    if not isinstance(value, str | os.PathLike):
-        raise UserError(f"{name}: expected {expected} (a path), got {shown(value)}")
-    return Path(value)
-
-
-def _check_batch_size(value: Any) -> int:
-    value = checked_value("batch_size", value, "int")
-    if value < 1:
-        raise UserError(f"batch_size must be >= 1, got {value}")
-    return value
 
 
 def _callbacks(on_step: Any) -> list[Callable[[dict], Any]]:
@@ -189,7 +159,6 @@ def label(
     Returns:
         The pseudo-labels (a ``PseudoLabels``) with ``.path`` and ``.summary``.
     """
-    from zmdevice.config import DataOptions, LabelConfig
     from zmdevice.labeling.run import run_label
     from zmdevice.pseudolabels import read_pseudolabels
 
@@ -197,7 +166,7 @@ def label(
     label_fields = _field_names(LabelConfig) - {"data", "classes", "teacher", "out"}
     label_fields.discard("data_options")
     data_fields = _field_names(DataOptions)
-    _split_options(options, label_fields | data_fields, "label")
+    check_options(options, label_fields | data_fields, "label")
     data_options = DataOptions(**{k: v for k, v in options.items() if k in data_fields})
     settings = {k: v for k, v in options.items() if k in label_fields}
     for key in ("gold", "few_shot"):  # labeled data, in any form the API takes data
@@ -250,8 +219,8 @@ def train(
     unlabeled: Any,
     pseudo_labels: PseudoLabels | str | os.PathLike | None = None,
     student: str | None = None,
-    method: str = "zeromatch",
-    device: str = "cpu",
+    method: str = TrainConfig.method,
+    device: str = TrainConfig.device,
     out: str | os.PathLike | None = None,
     *,
     test: Any = None,
@@ -271,7 +240,8 @@ def train(
             ``DEFAULT_STUDENTS`` (``efficientnet_lite0`` for images, ``distilbert`` for text),
             as on the command line.
         method: zeromatch, kd, supervised, fixmatch, adamatch or naive-pl.
-        device: cpu, cuda, cuda:N, mps or auto.
+        device: auto, cpu, cuda, cuda:N or mps; auto (the CLI's default) takes a GPU when
+            there is one.
         out: the output folder; default ``models/<student>-<method>``.
         test: labeled test data, evaluated periodically and at the end (``gold_unlabeled``
             in ``hyper`` takes data the same ways).
@@ -283,20 +253,13 @@ def train(
             ``resume``, or any hyper-parameter of a ``--config`` file (``lr``,
             ``kd_batch_size``, ``ssl_loss``, ...).
     """
-    from zmdevice.config import TrainConfig
     from zmdevice.training.run import run_train
 
     _check_switch(progress, "progress")
     callbacks = _callbacks(on_step)
-    if isinstance(pseudo_labels, PseudoLabels):
-        if getattr(pseudo_labels, "path", None) is None:
-            raise UserError(
-                "pseudo_labels: give the object zmdevice.label returned, or the path of a "
-                "pseudo-label file"
-            )
-        pseudo_labels = pseudo_labels.path
+    pseudo_labels = _label_file(pseudo_labels)
     named = {"labeled", "unlabeled", "pseudo_labels", "student", "method", "device", "out", "test"}
-    _split_options(hyper, _field_names(TrainConfig) - named, "train")
+    check_options(hyper, _field_names(TrainConfig) - named, "train")
     if hyper.get("gold_unlabeled") is not None:
         hyper["gold_unlabeled"] = data_path(hyper["gold_unlabeled"], "gold_unlabeled")
     # The student, when None, follows the labeled data's modality: run_train settles it.
@@ -316,190 +279,70 @@ def train(
     return TrainedStudent(summary["out"], summary)
 
 
-# --------------------------------------------------------------------------- predicting
-
-
-class _ImageItems:
-    """A list of PIL images or image files, read like an ``ImageDataset`` by
-    ``evaluate.predict_student``."""
-
-    modality = "image"
-
-    def __init__(self, items: list):
-        self.items = items
-        self.source = Path("<images>")
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def load_image(self, index: int):
-        from zmdevice.images import to_rgb
-
-        item = self.items[index]
-        return to_rgb(item if is_pil(item) else load_image(Path(item)))
-
-
-def _as_items(items: Any, modality: str) -> list:
-    """Texts (text model) or PIL images and image paths (image model), as a list.
-
-    A single item is refused, not wrapped: a string could be one text or a list of
-    characters to the caller's mind, a dict its keys; ``[item]`` says which.
-    """
-    wanted = "texts" if modality == "text" else "PIL images or image paths"
-    if is_dataframe(items):
-        column = "text" if modality == "text" else "path"
-        if column not in items.columns:
-            raise UserError(f"items: the DataFrame has no '{column}' column")
-        items = items[column].tolist()
-    elif is_hf_dataset(items):
-        column = "text" if modality == "text" else hf_image_column(items)
-        if column not in items.column_names:
-            wanted = "'text'" if modality == "text" else "an Image"
-            raise UserError(f"items: the datasets.Dataset has no {wanted} column")
-        items = list(items[column])
-    elif isinstance(items, str | bytes | os.PathLike | Mapping) or is_pil(items):
-        raise UserError(
-            f"items: pass a list of {wanted} (one item: [item]), got a single "
-            f"{type(items).__name__}"
-        )
-    elif not isinstance(items, Iterable):
-        raise UserError(f"items: pass a list of {wanted}, got {shown(items)}")
-    items = list(items)
-    for item in items:
-        fits = (
-            isinstance(item, str)
-            if modality == "text"
-            else is_pil(item) or isinstance(item, (str, os.PathLike))
-        )
-        if not fits:
-            raise UserError(
-                f"items: a {modality} model classifies {wanted}, got {type(item).__name__}"
-            )
-    return items
-
-
-class Classifier(OnnxClassifier):
-    """An exported model run by onnxruntime, no torch: what ``zmdevice.load`` returns.
-
-    ``predict_proba(items)`` -> float32 [len(items), len(classes)], rows summing to 1;
-    ``predict(items)`` -> one class name per item. Items are texts for a text model, PIL
-    images or image file paths for an image model.
-    """
-
-    def predict_proba(self, items: Any, batch_size: int = 32) -> np.ndarray:
-        batch_size = _check_batch_size(batch_size)
-        items = _as_items(items, self.modality)
-        if self.modality == "image":
-            items = [item if is_pil(item) else load_image(Path(item)) for item in items]
-        return super().predict_proba(items, batch_size=batch_size)
-
-    def predict(self, items: Any) -> list[str]:
-        return [self.classes[i] for i in self.predict_proba(items).argmax(axis=1)]
-
-    def evaluate(self, data: Any, **options: Any) -> dict:
-        """Accuracy, macro-F1, per-class scores and confusion on labeled ``data``;
-        ``options``: ``text_column``, ``label_column``."""
-        from zmdevice.runtime import run_evaluate_onnx
-
-        _evaluate_options(options, "Classifier.evaluate", {"text_column", "label_column"})
-        return run_evaluate_onnx(self.path, data_path(data, "data"), device="cpu", **options)
-
-
-def _evaluate_options(options: dict, command: str, accepted: set[str]) -> None:
-    """The options of an ``evaluate`` method: known names, column names that are strings,
-    a batch size that is a positive integer."""
-    from zmdevice.config import DataOptions
-
-    _split_options(options, accepted, command)
-    DataOptions(**{k: v for k, v in options.items() if k != "batch_size"})
-    if "batch_size" in options:
-        options["batch_size"] = _check_batch_size(options["batch_size"])
-
-
-class TrainedStudent:
-    """A trained student folder (``models/NAME``), usable from Python through PyTorch.
-
-    Attributes:
-        out: the folder ``train`` wrote (student, config, report, metrics).
-        summary: what ``train`` returned (empty when loaded from a folder).
-    """
-
-    def __init__(self, out: str | os.PathLike, summary: dict | None = None, device: str = "cpu"):
-        self.out = _check_path(out, "out", "a trained student folder")
-        if summary is not None and not isinstance(summary, dict):
-            raise UserError(f"summary must be a dict or None, got {shown(summary)}")
-        self.summary = summary or {}
-        self.device = check_device(device)
-        self._model = None
-
-    def __repr__(self) -> str:
-        return f"TrainedStudent({str(self.out)!r})"
-
-    @property
-    def model(self):
-        """The ``students.Student`` (a torch module), loaded on first use."""
-        if self._model is None:
-            from zmdevice.students import load_student
-
-            self._model = load_student(self.out, device=self.device)
-        return self._model
-
-    @property
-    def classes(self) -> list[str]:
-        from zmdevice.students import read_student_config
-
-        return list(read_student_config(self.out)["classes"])
-
-    @property
-    def classes_(self) -> np.ndarray:
-        """The class names as a numpy array, in the order of ``predict_proba``'s columns
-        (scikit-learn's attribute)."""
-        return np.asarray(self.classes)
-
-    @property
-    def modality(self) -> str:
-        """The student's modality, image or text, read from its folder (no torch)."""
-        from zmdevice.students import read_student_config
-
-        return read_student_config(self.out)["modality"]
-
-    def predict_proba(self, items: Any, batch_size: int = 64) -> np.ndarray:
-        """float32 [len(items), len(classes)] class probabilities, rows summing to 1."""
-        from zmdevice.data import TextDataset
-        from zmdevice.evaluate import predict_student
-
-        batch_size = _check_batch_size(batch_size)
-        items = _as_items(items, self.modality)  # checked before the model is loaded
-        model = self.model
-        if model.modality == "text":
-            ids = [str(i) for i in range(len(items))]
-            dataset = TextDataset(source=Path("<texts>"), ids=ids, texts=items)
-        else:
-            dataset = _ImageItems(items)
-        return predict_student(model, dataset, batch_size=batch_size, device=self.device)
-
-    def predict(self, items: Any) -> list[str]:
-        """One class name per item."""
-        classes = self.classes
-        return [classes[i] for i in self.predict_proba(items).argmax(axis=1)]
-
-    def evaluate(self, data: Any, **options: Any) -> dict:
-        """Accuracy, macro-F1, per-class scores and confusion on labeled ``data``;
-        ``options``: ``text_column``, ``label_column``, ``batch_size``."""
-        from zmdevice.evaluate import run_evaluate_student
-
-        accepted = {"text_column", "label_column", "batch_size"}
-        _evaluate_options(options, "TrainedStudent.evaluate", accepted)
-        return run_evaluate_student(
-            self.out, data_path(data, "data"), device=self.device, **options
-        )
-
-    def export(self, out: str | os.PathLike | None = None, quantize: str | None = None) -> Path:
-        """``zmdevice.export(self, out, quantize)``."""
-        return export(self, out, quantize)
-
-
 # --------------------------------------------------------------------------- export, load
+
+
+def _label_file(pseudo_labels: Any) -> Any:
+    """The path of a pseudo-label file given as what ``label`` returned or as a path."""
+    if not isinstance(pseudo_labels, PseudoLabels):
+        return pseudo_labels
+    if getattr(pseudo_labels, "path", None) is None:
+        raise UserError(
+            "pseudo_labels: give the object zmdevice.label returned, or the path of a "
+            "pseudo-label file"
+        )
+    return pseudo_labels.path
+
+
+def _loop_command(config_class, run, required: dict, options: dict, name: str) -> dict:
+    """``suggest``/``check``: the data arguments as paths, the rest checked as the CLI's."""
+    check_options(options, _field_names(config_class) - set(required) - {"data_options"}, name)
+    data_fields = _field_names(DataOptions)
+    data_options = DataOptions(**{k: options.pop(k) for k in list(options) if k in data_fields})
+    paths = {
+        key: _label_file(value) if key == "pseudo_labels" else data_path(value, key, data_options)
+        for key, value in required.items()
+    }
+    if options.get("labeled") is not None:
+        options["labeled"] = data_path(options["labeled"], "labeled", data_options)
+    return run(config_class(**paths, **options, data_options=data_options))
+
+
+def suggest(data: Any, pseudo_labels: PseudoLabels | str | os.PathLike, **options: Any) -> dict:
+    """Rank unlabeled samples to label next: `zmdevice suggest`.
+
+    Args:
+        data: the unlabeled data the label file labels (a path or in-memory data, as
+            ``label`` takes it).
+        pseudo_labels: what ``label`` returned, or the path of its file.
+        **options: the command's settings (``n``, ``labeled``, ``student``, ``exclude`` (a
+            list), ``out``, ``format``, ``seed``, ...; ``zmdevice suggest --help``).
+
+    Returns:
+        The summary: ``out`` (the CSV or Label Studio tasks written), ``mode`` (cold start
+        or uncertainty) and ``rows`` (the suggestions, best first, as dicts).
+    """
+    from zmdevice.curation.settings import SuggestConfig
+    from zmdevice.curation.suggest import run_suggest
+
+    required = {"data": data, "pseudo_labels": pseudo_labels}
+    return _loop_command(SuggestConfig, run_suggest, required, options, "suggest")
+
+
+def check(
+    labeled: Any, data: Any, pseudo_labels: PseudoLabels | str | os.PathLike, **options: Any
+) -> dict:
+    """Rank labeled examples by how likely their label is wrong: `zmdevice check`.
+
+    Returns:
+        The summary: ``out`` (the ranked CSV), ``rows`` (most suspicious first, with the
+        suggested label), ``flagged`` and ``pseudo_label_suspects`` (per class).
+    """
+    from zmdevice.curation.check import run_check
+    from zmdevice.curation.settings import CheckConfig
+
+    required = {"labeled": labeled, "data": data, "pseudo_labels": pseudo_labels}
+    return _loop_command(CheckConfig, run_check, required, options, "check")
 
 
 def export(
@@ -524,15 +367,14 @@ def export(
         The fp32 .onnx path (its model card ``NAME.README.md`` and, for text,
         ``NAME.tokenizer.json`` lie beside it).
     """
-    from zmdevice.config import ExportConfig
     from zmdevice.exporting.run import run_export
 
     accepted = _field_names(ExportConfig) - {"model_dir", "out", "quantize"}
-    _split_options(options, accepted, "export")
+    check_options(options, accepted, "export")
     if isinstance(model_or_dir, TrainedStudent):
         model_dir = model_or_dir.out
     else:
-        model_dir = _check_path(
+        model_dir = check_path(
             model_or_dir, "model_or_dir", "what zmdevice.train returned or a student folder"
         )
     for key in ("test", "calibration"):
@@ -545,7 +387,7 @@ def export(
 def load(path: str | os.PathLike, *, device: str = "cpu") -> Classifier | TrainedStudent:
     """An exported ``.onnx`` file as a torch-free ``Classifier``; a student folder
     (``models/NAME``) as a ``TrainedStudent``."""
-    path = _check_path(path, "path", "an exported .onnx file or a trained student folder")
+    path = check_path(path, "path", "an exported .onnx file or a trained student folder")
     check_device(device)
     if path.is_dir():
         from zmdevice.students import read_student_config

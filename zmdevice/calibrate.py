@@ -10,11 +10,8 @@ torch fp32's on at least ``MIN_AGREEMENT`` of those samples; the fastest that pa
 kept. ``--precision`` or ``--runtime`` given explicitly fix their axis: only the other one
 is measured (nothing, when both are given).
 
-Training (``calibrated_setup``): a few training steps of fp32 and of bf16 (where the
-hardware has bf16) from the same weights on the same batches, the first untimed; bf16 is kept
-only when its steps are faster and the loss of its last step is within
-``TRAIN_LOSS_TOLERANCE`` of fp32's. The student's weights and every random stream are
-restored afterwards, so the run trains as if nothing had been measured.
+Training (``zmdevice.training.calibration``) measures a few training steps the same way and
+shares this module's cache and clock (``measure_call``).
 
 The decision is cached as JSON in ``<cache folder>/calibration/<key>.json`` (the cache
 folder of ``zmdevice.onnx_teacher.cache_root``): the key is a hash of the model (spec and
@@ -24,8 +21,8 @@ that does not parse or does not match is ignored with a note and measured again.
 read it and start at once.
 
 Where measuring is impossible or not worth it, the table of ``zmdevice.precision`` decides:
-fewer than ``MIN_LABEL_BATCHES`` batches to label or ``MIN_TRAIN_STEPS`` steps to train and
-no cached decision, the ray engine (its workers build their own teacher), ``--shard`` runs
+fewer than ``MIN_LABEL_BATCHES`` batches to label (or too few steps to train) and no cached
+decision, the ray engine (its workers build their own teacher), ``--shard`` runs
 (their files must join under one teacher record: they read a cached decision but never
 measure), several training processes (each would measure its own), a resumed training run.
 A resumed labeling run keeps the numerics its finished parts recorded.
@@ -33,10 +30,8 @@ A resumed labeling run keeps the numerics its finished parts recorded.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -59,14 +54,6 @@ MIN_AGREEMENT = 0.995
 MIN_LABEL_BATCHES = 100
 """Batches a run must label to measure: calibration runs up to 5 candidates x 4 batches, and
 a shorter run would spend more on measuring than it can gain."""
-TRAIN_STEPS = 3
-"""Timed training steps per precision (after one untimed warm-up step)."""
-TRAIN_TIME_CAP_S = 10.0
-"""Timed seconds of a training calibration in all (one timed step at least)."""
-TRAIN_LOSS_TOLERANCE = 0.05
-"""bf16's last measured loss must be within 5% of fp32's (0.01 absolute for losses below 0.2)."""
-MIN_TRAIN_STEPS = 100
-"""Steps a run must train to measure (calibration takes 2 x 4 steps)."""
 CACHE_VERSION = 1
 
 Timer = Callable[[str, Callable[[], Any]], tuple[float, Any]]
@@ -109,18 +96,19 @@ def teacher_candidates(
     precision: str, runtime: str, hardware: numerics.Hardware, kind: str
 ) -> list[Candidate]:
     """The candidates this hardware supports for a teacher of ``kind``, torch fp32 first,
-    restricted to the explicit ``--precision`` / ``--runtime`` (``auto``: any)."""
+    restricted to the explicit ``--precision`` / ``--runtime`` (``auto``: any). The ONNX
+    ones are those the kind's class declares (``runtimes()``)."""
     import importlib.util
+
+    from zmdevice.teachers import teacher_class
 
     precisions = ["fp32"] + ["bf16"] * has_bf16(hardware)
     if hardware.device_type == "cuda":
         precisions.append("fp16")
     found = [Candidate("torch", p) for p in precisions]
     onnx_there = importlib.util.find_spec("onnxruntime") is not None
-    if hardware.device_type == "cpu" and onnx_there and kind in numerics.ONNX_TEACHER_KINDS:
-        found.append(Candidate("onnx", "fp32"))
-        if kind in numerics.INT8_TEACHER_KINDS:
-            found.append(Candidate("onnx-int8", "fp32"))
+    if hardware.device_type == "cpu" and onnx_there:
+        found += [Candidate(r, "fp32") for r in teacher_class(kind).runtimes() if r != "torch"]
     return [
         c for c in found if precision in ("auto", c.precision) and runtime in ("auto", c.runtime)
     ]
@@ -225,7 +213,7 @@ def _is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _normalised(identity: dict) -> dict:
+def normalised(identity: dict) -> dict:
     """``identity`` as it reads back from JSON (tuples become lists), for comparison."""
     return json.loads(json.dumps(identity, default=str))
 
@@ -270,7 +258,7 @@ def calibrated_teacher(
     candidates = teacher_candidates(config.precision, config.runtime, hardware, kind)
     if len(candidates) < 2:
         return build(**flags)
-    identity = _normalised(
+    identity = normalised(
         {
             "what": "teacher",
             "version": CACHE_VERSION,
@@ -319,6 +307,7 @@ def _resumed_teacher(build, flags: dict, kind: str, parts_dir: Path, done: set, 
     """
     from zmdevice.labeling.parts import finished_parts
     from zmdevice.pseudolabels import read_pseudolabel_metadata
+    from zmdevice.teachers import teacher_class
 
     before = read_pseudolabel_metadata(finished_parts(parts_dir)[min(done)])["teacher"]
     recorded = {"precision": before.get("precision", "fp32"),
@@ -326,7 +315,8 @@ def _resumed_teacher(build, flags: dict, kind: str, parts_dir: Path, done: set, 
     if any(flags[k] not in ("auto", recorded[k]) for k in recorded):
         return build(**flags)
     # The same checks as these values given as flags (both raise the flag's error).
-    numerics.choose_runtime(recorded["runtime"], device.type, kind, recorded["precision"])
+    cls = teacher_class(kind)
+    numerics.choose_runtime(recorded["runtime"], device.type, cls, recorded["precision"])
     if recorded["runtime"] == "torch":
         numerics.choose_precision(recorded["precision"], numerics.Hardware(device.type), "")
     reason = before.get("precision_reason", "the interrupted run's")
@@ -444,167 +434,3 @@ def calibration_line(record: dict | None) -> str | None:
         f"  teacher numerics measured{cached}: {record['chosen']} chosen, "
         f"{chosen['speedup']:.2f}x torch-fp32; " + (", ".join(others) or "no other candidate")
     )
-
-
-# ----------------------------------------------------------------------------- training
-
-
-def student_candidates(hardware: numerics.Hardware) -> list[str]:
-    """Precisions a training step is measured in: fp32, and bf16 where the device has it
-    (fp16 needs loss scaling and stays with the table)."""
-    return ["fp32"] + ["bf16"] * has_bf16(hardware)
-
-
-def calibrated_setup(setup, requested: str, timer=None):
-    """``setup`` (``zmdevice.training.loop.Setup``, built at the table's precision) with the
-    precision of its training steps measured when ``requested`` is ``auto`` (see the module
-    doc); unchanged where the table decides.
-
-    Returns:
-        The same setup, or a copy at the measured precision (config, step model and reason).
-    """
-    from zmdevice.training.stages import StepModel
-
-    if requested != "auto" or setup.ranks.active:
-        return setup
-    hardware = numerics.Hardware.probe(setup.device)
-    names = student_candidates(hardware)
-    plan, config = setup.plans[0], setup.config
-    if len(names) < 2 or plan.kd_head:
-        return setup
-    identity = _normalised(
-        {
-            "what": "student",
-            "version": CACHE_VERSION,
-            "student": config.student,
-            "modality": setup.data.modality,
-            "stage": plan.name,
-            "rows": plan.rows_per_step(config),
-            "image_size": config.image_size,
-            "max_length": config.max_length,
-            "freeze_embeddings": setup.freeze_embeddings,
-            **machine_identity(setup.device),
-            "candidates": names,
-        }
-    )
-    path = cache_path(identity)
-    decision = read_decision(path, identity, names, ("speedup", "loss_difference"))
-    cached = decision is not None
-    if not cached:
-        if config.resume or sum(p.steps for p in setup.plans) < MIN_TRAIN_STEPS:
-            return setup
-        print(
-            f"calibrating the training precision on {1 + TRAIN_STEPS} steps each: "
-            f"{', '.join(names)} (once for this student and machine; cached in {path.parent})",
-            file=sys.stderr,
-        )
-        decision = measure_student(setup, names, timer or measure_call)
-        write_decision(path, identity, decision)
-    name = decision["chosen"]
-    result = decision["candidates"][name]
-    how = "cached measurement" if cached else "measured"
-    reason = f"auto, {how}: {name} steps {result['speedup']:.2f}x fp32's"
-    if name != "fp32":
-        reason += f", last loss {100 * result['loss_difference']:.2f}% off fp32's"
-    precision = numerics.Precision(name, setup.device.type, reason)
-    return dataclasses.replace(
-        setup,
-        config=dataclasses.replace(config, precision=name),
-        precision=precision,
-        model=StepModel(setup.student, precision),
-    )
-
-
-def measure_student(setup, names: list[str], timer: Timer) -> dict:
-    """Train a few steps of the first stage in each precision of ``names`` (fp32 first) from
-    the same weights, batches and random state; restore the weights and random streams.
-
-    Returns:
-        {"chosen": the fastest that passes, "candidates": {name: {"seconds_per_step",
-        "speedup" (vs fp32), "loss" (of the last step), "loss_difference" (relative to
-        fp32's), "steps", "passed"}}}.
-    """
-    import copy
-    import random
-
-    import torch
-
-    from zmdevice.pipeline import Sampler
-    from zmdevice.training.loop import draw_batches
-
-    student, config, plan = setup.student, setup.config, setup.plans[0]
-    saved = copy.deepcopy(student.state_dict())
-    training = student.training
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    devices = [setup.device] if setup.device.type == "cuda" else []
-    results: dict[str, dict] = {}
-    try:
-        with torch.random.fork_rng(devices=devices):
-            sizes = plan.samplers(setup.data, config).items()
-            samplers = {
-                name: Sampler(population, batch_size, config.seed * 1000 + offset)
-                for offset, (name, (population, batch_size)) in enumerate(sizes)
-            }
-            # One at a time: only image batches can be drawn several at once.
-            batches = [draw_batches(setup, samplers, plan, 1)[0] for _ in range(1 + TRAIN_STEPS)]
-            share, steps = TRAIN_TIME_CAP_S / len(names), TRAIN_STEPS
-            for name in names:
-                torch.manual_seed(config.seed)  # the same dropout for every candidate
-                precision = numerics.Precision(name, setup.device.type, "")
-                results[name] = _train_steps(setup, batches[: 1 + steps], precision, share, timer)
-                steps = results[name]["steps"]  # the others: as many as fp32 managed
-                student.load_state_dict(saved)
-    finally:
-        student.load_state_dict(saved)
-        student.train(training)
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-    base = results["fp32"]
-    for result in results.values():
-        result["speedup"] = base["seconds_per_step"] / max(result["seconds_per_step"], 1e-12)
-        difference = abs(result["loss"] - base["loss"])
-        result["loss_difference"] = difference / max(abs(base["loss"]), 1e-12)
-        result["passed"] = math.isfinite(result["loss"]) and difference <= max(
-            TRAIN_LOSS_TOLERANCE * abs(base["loss"]), TRAIN_LOSS_TOLERANCE * 0.2
-        )
-    passed = [n for n, r in results.items() if r["passed"]]
-    chosen = min(passed, key=lambda n: results[n]["seconds_per_step"])
-    return {"chosen": chosen, "candidates": results}
-
-
-def _train_steps(setup, batches: list, precision, share: float, timer: Timer) -> dict:
-    """The first batch as an untimed warm-up step, then timed steps until the batches or
-    ``share`` seconds are used up: forward -> loss -> backward -> (clip) -> AdamW step, as
-    ``training.loop.run_stage`` trains (a scaler only fp16 needs is left out)."""
-    import torch
-
-    from zmdevice.training.loop import make_optimizer
-    from zmdevice.training.stages import StepContext, StepModel
-
-    config, plan = setup.config, setup.plans[0]
-    model = StepModel(setup.student, precision).train()
-    optimizer, scheduler = make_optimizer(
-        setup.student, config, plan.steps, setup.freeze_embeddings
-    )
-    alignment = setup.ranks.alignment(len(setup.data.classes), config.da_momentum)
-    seconds, loss, steps = 0.0, math.nan, 0
-    for step, batch in enumerate(batches):
-        context = StepContext(setup.data, config, setup.soft, setup.device, alignment, step,
-                              plan.steps, setup.ranks)  # fmt: skip
-
-        def train_step(batch=batch, context=context) -> float:
-            named = plan.losses(model, batch, context)
-            optimizer.zero_grad(set_to_none=True)
-            named["loss"].backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            return float(named["loss"].detach())
-
-        elapsed, loss = timer(precision.name, train_step)
-        if step:
-            seconds, steps = seconds + elapsed, steps + 1
-            if seconds >= share:
-                break
-    return {"seconds_per_step": seconds / max(steps, 1), "loss": loss, "steps": steps}

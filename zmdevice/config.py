@@ -9,139 +9,44 @@ any range, so a config built from Python (``zmdevice.api``) is held to the same 
 the command line. A bad value is a ``UserError`` naming the key, where it came from and
 what is expected.
 
-Over 500 lines on purpose: the fields of all three commands with their one-line
-docstrings (TrainConfig alone is ~190 lines) sit beside the checks and the loader that
-read them; a split would part each field from its check.
+The field docstrings are also the CLI's help text (``zmdevice.cli_options``). The generic
+checks live in ``config_checks``, the ``--config`` loader in ``config_files`` and what follows
+the data's modality (``MODALITY_DEFAULTS``, ``DEFAULT_STUDENTS``, ``resolve_student``) in
+``modality``; their names are re-exported here. What stays is the dataclasses, each beside
+its own range checks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
-import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from zmdevice.config_checks import FIELD_TYPES as FIELD_TYPES
+from zmdevice.config_checks import (
+    ConfigError,
+    at_least,
+    check_choice,
+    check_device,
+    check_fields,
+    require,
+    shown,
+)
+from zmdevice.config_checks import checked_value as checked_value
+from zmdevice.config_files import config_fields as config_fields
+from zmdevice.config_files import load_config as load_config
+from zmdevice.config_files import read_config_file as read_config_file
 from zmdevice.errors import UserError
+from zmdevice.modality import DEFAULT_STUDENTS as DEFAULT_STUDENTS
+from zmdevice.modality import DEFAULT_TEACHERS as DEFAULT_TEACHERS
+from zmdevice.modality import MODALITY_DEFAULTS
+from zmdevice.modality import resolve_student as resolve_student
 from zmdevice.precision import PRECISIONS, RUNTIMES
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
 GUARD_ACTIONS = ("rollback", "distill", "stop", "off")
-
-
-class ConfigError(UserError):
-    """A bad value of one field; ``load_config`` adds which flag or file gave it."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(message)
-        self.key = key
-
-
-def check_device(device: str) -> str:
-    """Accept auto, cpu, cuda, cuda:N or mps; anything else is a user error."""
-    if not isinstance(device, str):
-        raise ConfigError(
-            "device", f"device must be a string (auto, cpu, cuda, cuda:N, mps), got {shown(device)}"
-        )
-    base = device.split(":", 1)[0]
-    if base not in DEVICES or (":" in device and not (base == "cuda" and device[5:].isdigit())):
-        raise ConfigError(
-            "device", f"unknown device '{device}': use one of auto, cpu, cuda, cuda:N, mps"
-        )
-    return device
-
-
-def shown(value: Any) -> str:
-    """``value`` for a one-line message: its repr when short, else its type."""
-    text = repr(value)
-    return f"a {type(value).__name__}" if len(text) > 60 or "\n" in text else text
-
-
-def _is_int(value: Any) -> bool:
-    # numbers.Integral takes numpy's integers too; bool is an int to Python, not to us.
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _as_path(value: Any) -> Path:
-    return Path(value)
-
-
-FIELD_TYPES = {
-    "int": ("an integer", _is_int, int),
-    "float": ("a number", _is_number, float),
-    "str": ("a string", lambda v: isinstance(v, str), str),
-    "Path": ("a path", lambda v: isinstance(v, str | os.PathLike), _as_path),
-    "bool": ("true or false", lambda v: isinstance(v, bool), bool),
-    "list[str]": (
-        "a list of strings",
-        lambda v: isinstance(v, list | tuple) and all(isinstance(item, str) for item in v),
-        list,
-    ),
-    "DataOptions": ("a DataOptions", lambda v: isinstance(v, DataOptions), lambda v: v),
-}
-"""Each annotation a config field may have: what it is called in a message, the test a value
-must pass, and the conversion to the one type the stages see (Path, int, float, list)."""
-
-INT64 = 2**63
-
-
-def checked_value(key: str, value: Any, annotation: str) -> Any:
-    """``value`` converted to the field's type; a ``ConfigError`` naming ``key`` when it has
-    the wrong type (None where it is not allowed included), is not finite, or does not fit
-    in 64 bits (what torch, numpy and the checkpoint files hold)."""
-    options = [part.strip() for part in annotation.split("|")]
-    if value is None and "None" in options:
-        return None
-    kinds = [option for option in options if option != "None"]
-    for kind in kinds:
-        _, fits, convert = FIELD_TYPES[kind]
-        if not fits(value):
-            continue
-        value = convert(value)
-        if kind == "int" and not -INT64 <= value < INT64:
-            raise ConfigError(key, f"{key} must fit in 64 bits (-2**63 to 2**63 - 1), got {value}")
-        if kind == "float" and not math.isfinite(value):
-            raise ConfigError(key, f"{key} must be a finite number, got {value}")
-        return value
-    expected = " or ".join(FIELD_TYPES[kind][0] for kind in kinds)
-    # A string is never read as a number (as in a --config file): say so, it looks alike.
-    string = " (a string)" if isinstance(value, str) else ""
-    raise ConfigError(key, f"{key} must be {expected}, got {shown(value)}{string}")
-
-
-def check_fields(config) -> None:
-    """Check the type of every field of a config dataclass and convert it in place (see
-    ``checked_value``). Runs first in ``__post_init__``, so that range checks compare
-    numbers with numbers."""
-    for item in dataclasses.fields(config):
-        value = checked_value(item.name, getattr(config, item.name), str(item.type))
-        object.__setattr__(config, item.name, value)
-
-
-def require(config, key: str, ok: bool, expected: str) -> None:
-    """Raise a ``ConfigError`` for ``key`` unless ``ok``: '<key> must be <expected>, got <v>'."""
-    if not ok:
-        raise ConfigError(key, f"{key} must be {expected}, got {getattr(config, key)!r}")
-
-
-def check_choice(config, key: str, choices) -> None:
-    """``key`` is one of ``choices``."""
-    require(config, key, getattr(config, key) in choices, f"one of {', '.join(choices)}")
-
-
-def at_least(config, minimum, *keys: str) -> None:
-    """Each of ``keys`` is None or >= ``minimum``."""
-    for key in keys:
-        value = getattr(config, key)
-        require(config, key, value is None or value >= minimum, f">= {minimum}")
+LOG_TRACKERS = ("none", "tensorboard", "mlflow")
+"""``--log`` values: none and ``trackers.TRACKERS`` (a test keeps the two equal)."""
 
 
 # --------------------------------------------------------------------------- methods
@@ -149,14 +54,15 @@ def at_least(config, minimum, *keys: str) -> None:
 
 @dataclass(frozen=True)
 class Method:
-    """A training method: its stages, as data. Behaviour of each kind: ``training.stages``."""
+    """A training method as validation and help see it; its stages' behaviour (views,
+    losses, samplers) lives with the stage objects of ``training.stages.METHOD_STAGES``,
+    whose names this table matches (tests/test_train.py)."""
 
     summary: str
     """One line for the CLI help."""
     stages: tuple[str, ...]
-    """Stage kinds in order: 'kd' (distil the FM) or 'ssl:<L_u>' with L_u one of none,
-    fixmatch, adamatch, fm-labels, ssl_loss (the ``ssl_loss`` setting); '+kd-head' adds the
-    auxiliary KD head and alpha_t * lambda_p * L_KD2."""
+    """Its stages' names in order, as metrics.jsonl writes them: 'kd' (distil the FM) or
+    'ssl' (a labeled batch, with or without L_u and the KD head)."""
     uses_fm: bool
     """Needs --pseudo-labels."""
 
@@ -164,20 +70,21 @@ class Method:
 METHODS = {
     "zeromatch": Method(
         "stage 1 distils the FM, stage 2 L_s + L_u + alpha_t * lambda_p * L_KD2 (the paper)",
-        ("kd", "ssl:ssl_loss+kd-head"),
+        ("kd", "ssl"),
         uses_fm=True,
     ),
     "kd": Method("stage 1 only: the student distils the FM's labels", ("kd",), uses_fm=True),
-    "supervised": Method("L_s on the labeled set only", ("ssl:none",), uses_fm=False),
-    "fixmatch": Method("L_s + FixMatch L_u (no FM)", ("ssl:fixmatch",), uses_fm=False),
-    "adamatch": Method("L_s + AdaMatch L_u (no FM)", ("ssl:adamatch",), uses_fm=False),
+    "supervised": Method("L_s on the labeled set only", ("ssl",), uses_fm=False),
+    "fixmatch": Method("L_s + FixMatch L_u (no FM)", ("ssl",), uses_fm=False),
+    "adamatch": Method("L_s + AdaMatch L_u (no FM)", ("ssl",), uses_fm=False),
     "naive-pl": Method(
         "L_s + CE vs the FM's labels on unlabeled data, taken as true labels",
-        ("ssl:fm-labels",),
+        ("ssl",),
         uses_fm=True,
     ),
 }
-"""Every --method. A new method that combines existing losses is one entry here."""
+"""Every --method. A new method is one entry here and its stages in
+``training.stages.METHOD_STAGES``."""
 
 
 def methods_help() -> str:
@@ -387,7 +294,7 @@ class TrainConfig:
     threshold: float = 0.95
     """FixMatch confidence threshold / AdaMatch relative threshold."""
     da_momentum: float = 0.99
-    """EMA momentum of AdaMatch's class distributions (paper: 0.999; see MODALITY_DEFAULTS)."""
+    """EMA momentum of AdaMatch's class distributions (paper: 0.999; why: ``zmdevice.modality``)."""
     lambda_u: float = 1.0
     """Weight of L_u."""
     lambda_p: float = 1.0
@@ -445,6 +352,8 @@ class TrainConfig:
     precision: str = "auto"
     """auto, fp32, bf16 or fp16: the student's compute dtype in training steps (weights,
     optimizer and losses stay fp32; ``zmdevice.precision``). The run records the resolved one."""
+    log: str = "none"
+    """Tracker that also gets the metrics, settings and report: none, tensorboard or mlflow."""
 
     def __post_init__(self):
         check_fields(self)
@@ -456,6 +365,7 @@ class TrainConfig:
         require(self, "ssl_loss", self.ssl_loss in ("adamatch", "fixmatch"), "adamatch/fixmatch")
         require(self, "alpha", self.alpha in ("ramp", "constant"), "ramp or constant")
         check_choice(self, "precision", PRECISIONS)
+        check_choice(self, "log", LOG_TRACKERS)
         at_least(self, 0, "kd_steps", "ssl_steps", "eval_every", "checkpoint_every")
         at_least(self, 0, "weight_decay", "lambda_u", "lambda_p", "grad_clip", "image_cache_gb")
         at_least(self, 0, "bn_recalibration_batches", "ssl_weight_average")
@@ -497,80 +407,6 @@ class TrainConfig:
         return dataclasses.replace(
             self, **{key: value for key, value in table.items() if getattr(self, key) is None}
         )
-
-
-# Why da_momentum 0.99 and not USB's 0.999: 0.999 averages over ~1,000 steps, longer than a
-# whole CPU stage 2 (150-500 steps). After stage 1, p_model starts at the student's first
-# batch, i.e. the FM's skewed class distribution, and then lags behind the student, so
-# alignment keeps boosting classes the FM under-predicted. Chosen on the dev split
-# (Fashion-MNIST, 40 labels, refined labels, 500 + 500 steps, seeds 0 / 1 / 2): 0.99 gave
-# 65.0 / 74.7 / 67.4, 0.999 gave 65.0 / 73.8 / 66.5 (benchmarks/results/dev-images-*).
-MODALITY_DEFAULTS = {
-    "image": dict(
-        kd_steps=500,
-        ssl_steps=500,
-        kd_batch_size=64,
-        unlabeled_batch_size=64,
-        lr=2e-3,
-        head_lr=2e-3,
-        weight_decay=5e-4,
-        warmup=0.05,
-        grad_clip=0.0,
-    ),
-    "text": dict(
-        kd_steps=150,
-        ssl_steps=150,
-        kd_batch_size=32,
-        unlabeled_batch_size=16,
-        lr=1e-4,
-        head_lr=1e-3,
-        weight_decay=0.01,
-        warmup=0.1,
-        grad_clip=1.0,
-    ),
-}
-"""CPU defaults of the TrainConfig fields that depend on the student's modality."""
-
-
-DEFAULT_STUDENTS = {"image": "efficientnet_lite0", "text": "distilbert"}
-"""The student trained when none is named, by the labeled data's modality: the offline
-default of each."""
-DEFAULT_TEACHERS = {"image": "efficientnet-lite0", "text": "minilm"}
-"""The FM ``train`` labels with when given no pseudo-labels: the offline default of each
-modality (the catalog's ``models/*.toml``)."""
-
-
-def resolve_student(config: TrainConfig) -> TrainConfig:
-    """``config`` with its student settled: the one named, checked to fit the labeled data's
-    modality, else that modality's ``DEFAULT_STUDENTS`` entry. The one rule of the CLI and
-    the API: ``run_train`` applies it before anything else.
-
-    Raises:
-        UserError: the labeled data cannot be opened, the student is not in the catalog, or
-            it is a model of the other modality.
-    """
-    from zmdevice.catalog import list_entries, require_entry
-    from zmdevice.data import open_dataset
-
-    modality = open_dataset(config.labeled).modality
-    if config.student is None:
-        return dataclasses.replace(config, student=DEFAULT_STUDENTS[modality])
-    preset = config.student.partition(":")[0].strip()
-    kind = require_entry(preset, "student", "--student").get("modality", "image")
-    if kind != modality:
-        fitting = sorted(
-            name
-            for name, entry in list_entries("student").items()
-            if entry.get("modality", "image") == modality
-        )
-        article = "an" if kind == "image" else "a"
-        raise ConfigError(
-            "student",
-            f"--student {config.student} is {article} {kind} model but --labeled "
-            f"{config.labeled} holds {modality} data: use a {modality} student "
-            f"({', '.join(fitting)}) or leave --student out for {DEFAULT_STUDENTS[modality]}",
-        )
-    return config
 
 
 # --------------------------------------------------------------------------- export
@@ -652,89 +488,3 @@ class ExportConfig:
                 )
         if self.card_intended_use is not None and not self.card_intended_use.strip():
             raise ConfigError("card_intended_use", "card_intended_use must not be empty")
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def config_fields(cls) -> dict[str, dataclasses.Field]:
-    """The settable keys of a config class: its fields, with ``data_options`` flattened."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if "data_options" in fields:
-        del fields["data_options"]
-        fields.update({f.name: f for f in dataclasses.fields(DataOptions)})
-    return fields
-
-
-def check_type(key: str, value: Any, annotation: str, source: str) -> None:
-    """UserError naming ``key`` and ``source`` unless ``value`` fits ``annotation``."""
-    # Ranges (finite, 64-bit) are the dataclass's to check; load_config names the file then.
-    kinds = [part.strip() for part in annotation.split("|") if part.strip() != "None"]
-    if any(FIELD_TYPES[kind][1](value) for kind in kinds):
-        return
-    expected = " or ".join(FIELD_TYPES[kind][0] for kind in kinds)
-    raise UserError(f"{source}: {key} = {shown(value)} must be {expected}")
-
-
-def read_config_file(cls, config_file: Path) -> dict:
-    """The file's keys for ``cls``, type-checked; unknown keys are a UserError."""
-    path = Path(config_file)
-    if not path.is_file():
-        raise UserError(f"--config {path}: file not found")
-    try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"--config {path} is not valid TOML: {error}") from None
-    # Files written before the hyper-parameters became fields kept them in an [extra] table.
-    if isinstance(values.get("extra"), dict) and "extra" not in config_fields(cls):
-        values.update(values.pop("extra"))
-    # `zmdevice export`'s [card] table: license, language, dataset, intended_use.
-    if isinstance(values.get("card"), dict) and "card_license" in config_fields(cls):
-        for key, value in values.pop("card").items():
-            many = key in ("language", "dataset")
-            values[f"card_{key}"] = [value] if many and isinstance(value, str) else value
-    known = config_fields(cls)
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise UserError(
-            f"config file {path}: unknown key(s) {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(known))}"
-        )
-    for key, value in values.items():
-        check_type(key, value, str(known[key].type), f"config file {path}")
-    return values
-
-
-def load_config(cls, config_file: Path | None, flags: dict):
-    """Build ``cls`` from an optional TOML file and the flags the user typed.
-
-    Args:
-        cls: LabelConfig, TrainConfig or ExportConfig.
-        config_file: the ``--config`` file, or None.
-        flags: field -> value of every flag; None means "not typed" and never overrides.
-    """
-    from_file = read_config_file(cls, config_file) if config_file is not None else {}
-    typed = {key: value for key, value in flags.items() if value is not None}
-    values = {**from_file, **typed}
-    fields = config_fields(cls)
-    missing = [
-        key
-        for key, item in fields.items()
-        if item.default is dataclasses.MISSING
-        and item.default_factory is dataclasses.MISSING
-        and key not in values
-    ]
-    if missing:
-        key = missing[0]
-        raise UserError(f"--{key.replace('_', '-')} is required (a flag or `{key} =` in --config)")
-    if any(f.name == "data_options" for f in dataclasses.fields(cls)):
-        names = [f.name for f in dataclasses.fields(DataOptions)]
-        values["data_options"] = DataOptions(**{k: values.pop(k) for k in names if k in values})
-    try:
-        return cls(**values)
-    except ConfigError as error:
-        if error.key in typed:
-            raise UserError(f"--{error.key.replace('_', '-')}: {error}") from None
-        if error.key in from_file:
-            raise UserError(f"config file {config_file}: {error}") from None
-        raise

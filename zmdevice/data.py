@@ -32,16 +32,13 @@ instead, which loaders catch and count; :func:`iter_images` shows the pattern::
         ...
     print(f"skipped {len(skipped)} unreadable images")
 
-Decoding one image file is ``zmdevice.images``, class lists ``zmdevice.classes``. The rest
-stays one module (over 500 lines): the three formats share column handling, ids,
-fingerprints and the wording of their errors.
+Decoding one image file is ``zmdevice.images``, reading a table file into columns and
+checking its cells ``zmdevice.tables``, class lists ``zmdevice.classes``.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -59,19 +56,18 @@ from zmdevice.images import (
     scan_images,
     to_rgb,
 )
+from zmdevice.tables import (
+    TABLE_SUFFIXES,
+    column,
+    filled,
+    label_cells,
+    read_table,
+    required_column,
+)
 
 if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
-
-TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
-FLAGS = {
-    "text_column": "--text-column",
-    "id_column": "--id-column",
-    "label_column": "--label-column",
-    "path_column": "--path-column",
-}
-
 
 # --------------------------------------------------------------------------- datasets
 
@@ -262,7 +258,7 @@ def open_dataset(
             f"unsupported file type '{path.suffix}' for {path}{hint}: use a .csv, .jsonl or "
             ".parquet table, or a folder of images"
         )
-    columns = _read_table(path)
+    columns = read_table(path)
     is_image_table = modality == "image" or (
         modality is None and options.path_column in columns and options.text_column not in columns
     )
@@ -273,130 +269,6 @@ def open_dataset(
 
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
-
-
-def _read_table(path: Path) -> dict[str, list]:
-    """Read a table into column name -> list of values (str, numbers or None)."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            try:
-                table = pq.read_table(path)
-            except (pa.ArrowInvalid, OSError) as error:
-                raise UserError(f"cannot read Parquet file {path}: {error}") from None
-            return {name: table.column(name).to_pylist() for name in table.column_names}
-        with open(path, encoding="utf-8-sig", newline="") as handle:
-            return _read_csv(path, handle) if suffix == ".csv" else _read_jsonl(path, handle)
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path} is not UTF-8 text ({error.reason}); save it as UTF-8") from None
-
-
-def _read_csv(path: Path, handle) -> dict[str, list]:
-    # The csv module's default 128 KiB field limit is too small for long documents.
-    csv.field_size_limit(2**31 - 1)
-    # strict: an unbalanced quote would otherwise swallow the rest of the file silently.
-    reader = csv.reader(handle, strict=True)
-    try:
-        return _read_csv_rows(path, reader)
-    except csv.Error as error:
-        raise UserError(f"line {reader.line_num} of {path} is not valid CSV: {error}") from None
-
-
-def _read_csv_rows(path: Path, reader) -> dict[str, list]:
-    header = next(reader, None)
-    if header is None:
-        raise UserError(f"empty data set: {path} has no header row and no rows")
-    header = [name.strip() for name in header]
-    columns: dict[str, list] = {name: [] for name in header}
-    if len(columns) != len(header):
-        raise UserError(f"{path} has a repeated column name in its header: {', '.join(header)}")
-    for row in reader:
-        if not row:
-            continue  # blank line
-        if len(row) > len(header):
-            raise UserError(
-                f"line {reader.line_num} of {path} has {len(row)} fields but the header has "
-                f"{len(header)}; quote texts that contain commas"
-            )
-        for i, name in enumerate(header):
-            columns[name].append(row[i] if i < len(row) else None)
-    return columns
-
-
-def _read_jsonl(path: Path, handle) -> dict[str, list]:
-    records = []
-    for line_number, line in enumerate(handle, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"line {line_number} of {path} is not valid JSON: {error}") from None
-        if not isinstance(record, dict):
-            raise UserError(f"line {line_number} of {path} is not a JSON object")
-        records.append(record)
-    names: dict[str, None] = {}
-    for record in records:
-        names.update(dict.fromkeys(record))
-    return {name: [record.get(name) for record in records] for name in names}
-
-
-def _column(path: Path, columns: dict[str, list], option: str, options: DataOptions) -> list:
-    """The cells of the column ``options.<option>`` names; UserError if absent or nested."""
-    name = getattr(options, option)
-    if name not in columns:
-        present = listing(columns) or "(none)"
-        raise UserError(
-            f"{path} has no column '{name}' (columns: {present})",
-            hint=FlagHint(
-                FLAGS[option],
-                f"name the right one with {FLAGS[option]}",
-                f"rename the right one to '{name}'",
-            ),
-        )
-    cells = columns[name]
-    for row, value in enumerate(cells):
-        kind = _NESTED_TYPES.get(type(value))
-        if kind:
-            raise UserError(
-                f"column '{name}' of {path} holds {kind} values (row {row + 1}), not plain "
-                "values: store one string (or number) per cell"
-            )
-    return cells
-
-
-# Cell types read from JSON or Parquet that would only turn into their repr() as text.
-_NESTED_TYPES = {list: "list", tuple: "list", dict: "struct/object", bytes: "binary"}
-
-
-def _as_text(value) -> str | None:
-    """A cell as a string; None for missing cells (None, NaN, empty string)."""
-    if value is None or (isinstance(value, float) and value != value):
-        return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)  # label 3.0 from a float column means class "3"
-    text = str(value)
-    return text if text.strip() else None
-
-
-def _labels(
-    path: Path, columns: dict[str, list], options: DataOptions, require: bool
-) -> list[str] | None:
-    if options.label_column not in columns:
-        if require:
-            _column(path, columns, "label_column", options)  # raises the missing-column error
-        return None
-    labels = [_as_text(value) for value in _column(path, columns, "label_column", options)]
-    for row, label in enumerate(labels):
-        if label is None:
-            raise UserError(
-                f"row {row + 1} of {path} has no label in column '{options.label_column}'; "
-                "fill it in or remove the row"
-            )
-    return [label.strip() for label in labels]
 
 
 def _check_unique(ids: list[str], source: Path, what: str = "row") -> None:
@@ -418,28 +290,16 @@ def content_id(text: str) -> str:
 def _text_table(
     path: Path, columns: dict[str, list], options: DataOptions, require_labels: bool
 ) -> TextDataset:
-    raw_texts = _column(path, columns, "text_column", options)
-    if not raw_texts:
-        raise UserError(f"empty data set: {path} has no rows")
-    texts = []
-    for row, value in enumerate(raw_texts):
-        text = _as_text(value)
-        if text is None:
-            raise UserError(
-                f"row {row + 1} of {path} has no text in column '{options.text_column}'; "
-                "fill it in or remove the row"
-            )
-        texts.append(text)
+    raw_texts = required_column(path, columns, "text_column", options)
+    problem = f"has no text in column '{options.text_column}'; fill it in or remove the row"
+    texts = [text for _, text in filled(path, raw_texts, problem)]
     if options.id_column in columns:
-        ids = []
-        for row, value in enumerate(_column(path, columns, "id_column", options)):
-            sample_id = _as_text(value)
-            if sample_id is None:
-                raise UserError(
-                    f"row {row + 1} of {path} has no id in column '{options.id_column}'; "
-                    "fill it in, or drop the column to derive ids from the texts"
-                )
-            ids.append(sample_id.strip())
+        problem = (
+            f"has no id in column '{options.id_column}'; "
+            "fill it in, or drop the column to derive ids from the texts"
+        )
+        cells = column(path, columns, "id_column", options)
+        ids = [sample_id.strip() for _, sample_id in filled(path, cells, problem)]
     else:
         # Repeats of the same text get ~2, ~3... in order: identical texts are
         # interchangeable, so this is still independent of where the rows sit.
@@ -451,22 +311,20 @@ def _text_table(
             ids.append(base if seen[base] == 1 else f"{base}~{seen[base]}")
     _check_unique(ids, path)
     return TextDataset(
-        source=path, ids=ids, texts=texts, labels=_labels(path, columns, options, require_labels)
+        source=path,
+        ids=ids,
+        texts=texts,
+        labels=label_cells(path, columns, options, require_labels),
     )
 
 
 def _image_table(
     path: Path, columns: dict[str, list], options: DataOptions, require_labels: bool
 ) -> ImageDataset:
-    raw_paths = _column(path, columns, "path_column", options)
-    if not raw_paths:
-        raise UserError(f"empty data set: {path} has no rows")
+    raw_paths = required_column(path, columns, "path_column", options)
     root = path.parent
     relative = []
-    for row, value in enumerate(raw_paths):
-        rel = _as_text(value)
-        if rel is None:
-            raise UserError(f"row {row + 1} of {path} has an empty '{options.path_column}'")
+    for row, rel in filled(path, raw_paths, f"has an empty '{options.path_column}'"):
         rel = rel.strip()
         if not (root / rel).is_file():
             raise UserError(
@@ -475,11 +333,9 @@ def _image_table(
             )
         relative.append(rel)
     if options.id_column in columns:
-        ids = [_as_text(value) for value in _column(path, columns, "id_column", options)]
-        for row, sample_id in enumerate(ids):
-            if sample_id is None:
-                raise UserError(f"row {row + 1} of {path} has no id in '{options.id_column}'")
-        ids = [sample_id.strip() for sample_id in ids]
+        cells = column(path, columns, "id_column", options)
+        problem = f"has no id in '{options.id_column}'"
+        ids = [sample_id.strip() for _, sample_id in filled(path, cells, problem)]
     else:
         ids = list(relative)
     _check_unique(ids, path)
@@ -488,7 +344,7 @@ def _image_table(
         ids=ids,
         root=root,
         relative_paths=relative,
-        labels=_labels(path, columns, options, require_labels),
+        labels=label_cells(path, columns, options, require_labels),
         options=options,
     )
 

@@ -2,22 +2,23 @@
 
 The student sees exactly the inputs it is trained and exported with: the ``clean`` image
 view of ``zmdevice.augment`` (the twin of the numpy runtime's preprocessing) or its own
-tokenizer. The exported-ONNX twin of this command is ``runtime.run_evaluate_onnx``; both
-return the same summary fields.
+tokenizer. The exported-ONNX twin of this command is ``runtime.run_evaluate_onnx``: both go
+through ``scoring.evaluate_labeled`` and its prediction loop ``scoring.predict_in_batches``
+(torch-free; the torch part, the student's forward pass, is the ``predict`` given to it).
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from zmdevice.config import DataOptions
-from zmdevice.data import label_indices, open_dataset
 from zmdevice.device import resolve_device
 from zmdevice.errors import UserError
-from zmdevice.metrics import classification_report, format_report
+from zmdevice.scoring import evaluate_labeled, predict_in_batches
 from zmdevice.students import load_student
 
 
@@ -43,17 +44,15 @@ def predict_student(
         )
     device = torch.device(device)
     student.eval().to(device).use_channels_last()
-    probs = np.zeros((len(dataset), len(student.classes)), dtype=np.float32)
+    predict, order = _batch_predictor(student, dataset, device)
     with torch.inference_mode():
-        for indices, inputs in _batches(student, dataset, batch_size):
-            inputs = {name: value.to(device) for name, value in inputs.items()}
-            logits = student(**inputs).float()
-            probs[indices] = torch.softmax(logits, dim=1).cpu().numpy()
-    return probs
+        return predict_in_batches(predict, len(dataset), len(student.classes), batch_size, order)
 
 
-def _batches(student, dataset, batch_size: int):
-    """Yield (sample indices, model inputs) of ``batch_size`` samples."""
+def _batch_predictor(student, dataset, device):
+    """(indices -> probabilities [b, C], the order to visit the samples in) for
+    ``scoring.predict_in_batches``: the student's clean inputs of those samples, one
+    forward pass, softmax."""
     if student.modality == "image":
         from zmdevice.augment import image_transforms
 
@@ -61,18 +60,28 @@ def _batches(student, dataset, batch_size: int):
         clean = image_transforms(preprocess["image_size"], preprocess["mean"], preprocess["std"])[
             "clean"
         ]
-        for start in range(0, len(dataset), batch_size):
-            indices = np.arange(start, min(start + batch_size, len(dataset)))
+
+        def inputs(indices):
             pixels = torch.stack([clean(dataset.load_image(int(i))) for i in indices])
-            yield indices, {"pixel_values": pixels}
+            return {"pixel_values": pixels}
+
+        order = None
     else:
+
+        def inputs(indices):
+            input_ids, attention_mask = student.encode_texts([dataset.texts[i] for i in indices])
+            return {"input_ids": input_ids, "attention_mask": attention_mask}
+
         # Texts of similar length share a batch, so little compute goes to padding; the
         # mask-aware pooling makes the result independent of the batch's padding.
         order = np.argsort([len(text) for text in dataset.texts], kind="stable")
-        for start in range(0, len(order), batch_size):
-            indices = order[start : start + batch_size]
-            input_ids, attention_mask = student.encode_texts([dataset.texts[i] for i in indices])
-            yield indices, {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def predict(indices):
+        batch = {name: value.to(device) for name, value in inputs(indices).items()}
+        logits = student(**batch).float()
+        return torch.softmax(logits, dim=1).cpu().numpy()
+
+    return predict, order
 
 
 def format_confusion(confusion: list[list[int]], class_names: list[str]) -> list[str]:
@@ -116,11 +125,11 @@ def run_evaluate_student(
     student = load_student(model_dir, device=torch_device)
     classes = student.classes
     options = DataOptions(text_column=text_column, label_column=label_column)
-    dataset = open_dataset(Path(data), options, modality=student.modality, require_labels=True)
-    truth = label_indices(dataset, classes, owner=f"the student {model_dir}")
-    probs = predict_student(student, dataset, batch_size=batch_size, device=torch_device)
-    report = classification_report(truth, probs.argmax(axis=1), classes)
-    lines = format_report(report, classes, f"{Path(model_dir).name} on {data}")
+    owner = f"the student {model_dir}"
+    predict = functools.partial(
+        predict_student, student, batch_size=batch_size, device=torch_device
+    )
+    report, lines = evaluate_labeled(student, model_dir, data, options, owner, predict)
     lines += format_confusion(report["confusion"], classes)
     return {
         **report,

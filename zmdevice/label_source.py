@@ -79,11 +79,16 @@ class Evidence:
 
 
 def stratified_folds(classes: np.ndarray, seed: int = 0) -> np.ndarray:
-    """A fold id per labeled example: each class's examples, shuffled, dealt round-robin
-    over ``min(MAX_FOLDS, largest class)`` folds (at least 2)."""
+    """A fold id per labeled example (``deal_folds``) over ``min(MAX_FOLDS, largest
+    class)`` folds (at least 2)."""
     classes = np.asarray(classes)
-    counts = np.bincount(classes)
-    folds = min(MAX_FOLDS, max(2, int(counts.max())))
+    return deal_folds(classes, min(MAX_FOLDS, max(2, int(np.bincount(classes).max()))), seed)
+
+
+def deal_folds(classes: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
+    """int64 [L] fold of each example: each class's examples, shuffled, dealt round-robin
+    over ``folds`` folds."""
+    classes = np.asarray(classes)
     fold = np.zeros(len(classes), dtype=np.int64)
     rng = np.random.default_rng(seed)
     # Each class starts dealing where the last one stopped, so small classes fill all folds.

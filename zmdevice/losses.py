@@ -85,6 +85,30 @@ def masked_strong_ce(logits_strong, pseudo_label, mask):
     return (per_sample * mask.to(per_sample.dtype)).sum() / max(len(per_sample), 1)
 
 
+def confident_pseudo_label_ce(logits_strong, confidence, pseudo_label, threshold):
+    """The step FixMatch and AdaMatch share once they have their pseudo-labels: CE of the
+    strong view against the pseudo-labels whose confidence reaches ``threshold``, over the
+    whole batch (``masked_strong_ce``).
+
+    Args:
+        logits_strong: [B, C] logits of the strong views.
+        confidence: [B] confidence of each pseudo-label (no gradient).
+        pseudo_label: [B] int64 class of each.
+        threshold: a float, or a 0-d tensor (AdaMatch's relative threshold).
+
+    Returns:
+        (loss, {"mask_rate", "mask" [B] bool, "pseudo_label", "confidence"}).
+    """
+    mask = confidence >= threshold
+    loss = masked_strong_ce(logits_strong, pseudo_label, mask)
+    return loss, {
+        "mask_rate": mask.float().mean() if len(mask) else mask.float().sum(),
+        "mask": mask,
+        "pseudo_label": pseudo_label,
+        "confidence": confidence,
+    }
+
+
 def fixmatch_loss(logits_weak, logits_strong, threshold: float = 0.95):
     """FixMatch's unlabeled loss: confident weak-view argmax supervises the strong view.
 
@@ -102,14 +126,7 @@ def fixmatch_loss(logits_weak, logits_strong, threshold: float = 0.95):
     with torch.no_grad():
         probs = torch.softmax(logits_weak.detach().float(), dim=1)
         confidence, pseudo_label = probs.max(dim=1)
-        mask = confidence >= threshold
-    loss = masked_strong_ce(logits_strong, pseudo_label, mask)
-    return loss, {
-        "mask_rate": mask.float().mean() if len(mask) else mask.float().sum(),
-        "mask": mask,
-        "pseudo_label": pseudo_label,
-        "confidence": confidence,
-    }
+    return confident_pseudo_label_ce(logits_strong, confidence, pseudo_label, threshold)
 
 
 @dataclass
@@ -219,15 +236,10 @@ def adamatch_loss(
         aligned = alignment.align(probs_unlabeled)
         threshold = relative_threshold * alignment.batch_mean(probs_labeled.max(dim=1).values)
         confidence, pseudo_label = aligned.max(dim=1)
-        mask = confidence >= threshold
-    loss = masked_strong_ce(logits_strong, pseudo_label, mask)
-    return loss, {
-        "mask_rate": mask.float().mean() if len(mask) else mask.float().sum(),
-        "mask": mask,
-        "pseudo_label": pseudo_label,
-        "confidence": confidence,
-        "threshold": threshold,
-    }
+    loss, diagnostics = confident_pseudo_label_ce(
+        logits_strong, confidence, pseudo_label, threshold
+    )
+    return loss, {**diagnostics, "threshold": threshold}
 
 
 def alpha_ramp(step: int, num_steps: int) -> float:

@@ -51,11 +51,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 """/proc/cpuinfo flags of CPUs that compute bf16 natively (else torch emulates it, slowly)."""
-ONNX_TEACHER_KINDS = ("text-embed", "imagenet")
-"""Teacher kinds whose model exports to one ONNX file (see ``zmdevice.teachers``)."""
-INT8_TEACHER_KINDS = ("text-embed",)
-"""Teacher kinds with a dynamic-int8 ONNX runtime: transformers, whose matrix products
-onnxruntime quantises on the fly. Convolutional teachers would need calibration images."""
 
 
 def check_precision(precision: str) -> str:
@@ -209,17 +204,22 @@ def choose_precision(requested: str, hardware: Hardware, family: str) -> Precisi
     return Precision("fp32", kind, f"auto: nothing measured faster than fp32 on {kind}")
 
 
-def choose_runtime(requested: str, device_type: str, teacher_kind: str, precision: str) -> str:
+def choose_runtime(requested: str, device_type: str, teacher, precision: str) -> str:
     """Resolve ``--runtime`` for a teacher: "torch", "onnx" or "onnx-int8", from the table of
-    the module doc (the fallback of ``auto`` where ``zmdevice.calibrate`` cannot measure)."""
+    the module doc (the fallback of ``auto`` where ``zmdevice.calibrate`` cannot measure).
+
+    Args:
+        teacher: the teacher's class (``zmdevice.teachers.teacher_class(kind)``) or the
+            teacher: what it can run in is its ``runtimes()`` (declared where the kind is
+            registered, ``zmdevice.teachers.register_teacher``; precision keeps no list).
+    """
     check_runtime(requested)
-    exportable = teacher_kind in ONNX_TEACHER_KINDS
+    runtimes = teacher.runtimes()
     if requested in ("onnx", "onnx-int8"):
-        kinds = INT8_TEACHER_KINDS if requested == "onnx-int8" else ONNX_TEACHER_KINDS
-        if teacher_kind not in kinds:
+        if requested not in runtimes:
             raise UserError(
-                f"--runtime {requested}: not for {teacher_kind} teachers "
-                f"({requested}: {', '.join(kinds)}); use --runtime torch"
+                f"--runtime {requested}: not for {teacher.kind} teachers (they run in "
+                f"{', '.join(runtimes)}); use --runtime torch"
             )
         if device_type != "cpu":
             raise UserError(f"--runtime {requested} runs teachers on the CPU: add --device cpu")
@@ -228,7 +228,7 @@ def choose_runtime(requested: str, device_type: str, teacher_kind: str, precisio
         return requested
     if requested == "torch":
         return "torch"
-    auto_onnx = exportable and device_type == "cpu" and precision in ("auto", "fp32")
+    auto_onnx = "onnx" in runtimes and device_type == "cpu" and precision in ("auto", "fp32")
     return "onnx" if auto_onnx else "torch"
 
 

@@ -8,20 +8,17 @@ One Parquet file (zstd), one row per sample:
 - ``topk_prob`` (list of float16): their probabilities.
 
 Rows are ragged: each keeps the fewest top classes whose even-tail reconstruction stays
-within ``max_kl`` nats of KL, in float16 (``zmdevice.topk`` says how and what it costs).
-Reading spreads the residual mass ``1 - sum(topk_prob)`` evenly over the classes a row does
-not list (:meth:`PseudoLabels.dense_probs`). Rows are buffered into row groups of
-``ROW_GROUP_ROWS``.
+within ``max_kl`` nats of KL, in float16 (``zmdevice.topk`` says how and what it costs);
+reading spreads the residual mass ``1 - sum(topk_prob)`` evenly over the classes a row does
+not list (:meth:`PseudoLabels.dense_probs`). Writing buffers ``ROW_GROUP_ROWS`` per group.
 
 File-level metadata is one JSON document under the Parquet key-value key
-``zmdevice.pseudolabels``:
-format and zmdevice versions, class names and prompts, teacher spec and preprocessing,
-templates, creation time, the data fingerprint, ``top_k``/``max_kl`` and, when the labeling
-run had gold labels, the quality report.
+``zmdevice.pseudolabels``: format and zmdevice versions, class names and prompts, teacher
+spec and preprocessing, templates, creation time, the data fingerprint, ``top_k``/``max_kl``
+and, when the labeling run had gold labels, the quality report.
 
-Ground floor: numpy and pyarrow only. Over 500 lines on purpose: writing, reading,
-validating and combining the one file format share its schema and metadata checks; the row
-encoding is ``zmdevice.topk``.
+Ground floor: numpy and pyarrow only. The row encoding is ``zmdevice.topk``; joining the
+part and shard files of one labeling run is ``zmdevice.labeling.join``.
 """
 
 from __future__ import annotations
@@ -42,6 +39,7 @@ from zmdevice.topk import (
     CompressedRows,
     compress_probs,
     dense_from_topk,
+    rows_problem,
 )
 
 FORMAT = "zmdevice-pseudolabels"
@@ -275,9 +273,8 @@ class PseudoLabelWriter:
             return self.path
         self._flush()
         self.metadata.update(metadata_update or {})
-        self._writer.add_key_value_metadata(
-            {METADATA_KEY: json.dumps(self.metadata, sort_keys=True)}
-        )
+        document = json.dumps(self.metadata, sort_keys=True)
+        self._writer.add_key_value_metadata({METADATA_KEY: document})
         self._writer.close()
         self._closed = True
         self._atomic.__exit__(None, None, None)
@@ -460,6 +457,20 @@ def read_pseudolabels(path: str | Path, *, classes: list[str] | None = None) -> 
     return PseudoLabels(ids, label, topk_idx, topk_prob, metadata)
 
 
+def read_row_groups(path: str | Path, num_classes: int) -> Iterator:
+    """A pseudo-label file's row groups as Arrow tables, streamed, each checked as
+    ``read_pseudolabels`` checks rows (UserError naming ``path``)."""
+    import pyarrow.parquet as pq
+
+    with _reading(path):
+        source = pq.ParquetFile(path)
+    for group in range(source.num_row_groups):
+        with _reading(path):
+            table = source.read_row_group(group)
+        _validated_rows(path, table, num_classes)
+        yield table
+
+
 def _validated_rows(path, table, num_classes: int):
     """The rows of a pseudo-label table as flat arrays, checked for what no writer produces.
 
@@ -468,8 +479,7 @@ def _validated_rows(path, table, num_classes: int):
         probabilities [M]), row i's entries at ``offsets[i]:offsets[i + 1]``.
 
     Raises:
-        UserError: empty cells, lists of different lengths, class indices out of range,
-            probabilities that are not probabilities (see ``_check_probabilities``).
+        UserError: empty cells, lists of different lengths, what ``topk.rows_problem`` refuses.
     """
     if any(table.column(name).null_count for name in ("id", "label", "topk_idx", "topk_prob")):
         raise UserError(f"{path}: empty cells; the file is corrupt, relabel with `zmdevice label`")
@@ -483,119 +493,7 @@ def _validated_rows(path, table, num_classes: int):
     flat_prob = prob_col.values.to_numpy(zero_copy_only=False).astype(np.float16)
     if len(flat_idx) != len(flat_prob) or np.any(np.diff(prob_col.offsets.to_numpy()) != counts):
         raise UserError(f"{path}: topk_idx and topk_prob lists differ in length; relabel")
-    if len(flat_idx) and (flat_idx.min() < 0 or flat_idx.max() >= num_classes):
-        raise UserError(f"{path}: class index outside 0..{num_classes - 1}; the file is corrupt")
-    if len(label) and (label.min() < 0 or label.max() >= num_classes):
-        raise UserError(f"{path}: label outside 0..{num_classes - 1}; the file is corrupt")
-    _check_probabilities(path, flat_prob, counts, offsets)
+    problem = rows_problem(label, offsets, flat_idx, flat_prob, num_classes)
+    if problem:
+        raise UserError(f"{path}: {problem}")
     return ids, label, offsets, flat_idx, flat_prob
-
-
-def _check_probabilities(path, flat_prob: np.ndarray, counts: np.ndarray, offsets) -> None:
-    """UserError for probabilities no teacher writes: NaN, infinite, negative, above 1,
-    rows that list no class or sum above 1 (beyond float16 rounding).
-
-    Such values would train a NaN model without any error, so they are refused on reading.
-    """
-    values = flat_prob.astype(np.float64)
-    bad = ~np.isfinite(values) | (values < 0) | (values > 1)
-    if bad.any():
-        position = int(np.argmax(bad))
-        row = int(np.searchsorted(offsets, position, side="right") - 1)
-        raise UserError(
-            f"{path}: row {row + 1} holds the probability {values[position]!r} (NaN, infinite, "
-            "negative or above 1); the file is corrupt, relabel with `zmdevice label`"
-        )
-    if len(counts) and counts.min() < 1:
-        row = int(np.argmin(counts))
-        raise UserError(f"{path}: row {row + 1} lists no class; the file is corrupt, relabel")
-    sums = np.add.reduceat(values, offsets[:-1]) if len(values) else np.zeros(0)
-    if len(sums) and sums.max() > 1.01:
-        row = int(np.argmax(sums))
-        raise UserError(
-            f"{path}: the probabilities of row {row + 1} sum to {sums[row]:.3f}, more than 1; "
-            "the file is corrupt, relabel with `zmdevice label`"
-        )
-
-
-# Metadata entries that may legitimately differ between shards of one labeling job.
-_PER_SHARD_KEYS = {"created", "quality", "path", "shard", "skipped", "count", "answers"}
-
-
-def combine_pseudolabels(
-    paths: list[str | Path], out: str | Path, *, metadata_update: dict | None = None
-) -> dict:
-    """Concatenate shard (or part) files of one labeling job into one file, streaming.
-
-    All inputs must agree on classes, teacher, data fingerprint and top-k settings; ids
-    must not repeat. The first quality report found is kept; skipped-sample counts add up.
-
-    Returns:
-        The combined file's metadata.
-
-    Raises:
-        UserError: no inputs, a mismatch (naming both files and the key), or repeated ids.
-    """
-    import pyarrow.parquet as pq
-
-    if not paths:
-        raise UserError(f"nothing to combine into {out}: no shard files given or found")
-    metas = [read_pseudolabel_metadata(p) for p in paths]
-    first = metas[0]
-    for path, meta in zip(paths[1:], metas[1:], strict=True):
-        for key in sorted(set(first) | set(meta)):
-            if key in _PER_SHARD_KEYS:
-                continue
-            if first.get(key) != meta.get(key) and not (
-                key == "data" and _same_data(first[key], meta.get(key))
-            ):
-                raise UserError(
-                    f"cannot combine {paths[0]} and {path}: their '{key}' differ; "
-                    "shards must come from one job (same data, classes, teacher, top-k)"
-                )
-    combined = {k: v for k, v in first.items() if k != "path"}
-    combined["data"] = {k: v for k, v in first["data"].items() if k != "shard"}
-    shards = {(m.get("data") or {}).get("shard") for m in metas}
-    # Parts of one shard stay that shard; different shards together are the whole data.
-    combined["data"]["shard"] = shards.pop() if len(shards) == 1 else None
-    combined["quality"] = next((m["quality"] for m in metas if m.get("quality")), None)
-    skipped = [m.get("skipped") or {} for m in metas]
-    combined["skipped"] = {
-        "count": sum(int(s.get("count", 0)) for s in skipped),
-        "examples": [e for s in skipped for e in s.get("examples", [])][:10],
-    }
-    answers = [m.get("answers") for m in metas if m.get("answers")]
-    if answers:
-        combined["answers"] = {
-            key: sum(a.get(key, 0) for a in answers)
-            for key in sorted({k for a in answers for k in a})
-        }
-    combined.update(metadata_update or {})
-    seen: set[str] = set()
-    with PseudoLabelWriter(out, combined) as writer:
-        for path in paths:
-            with _reading(path):
-                source = pq.ParquetFile(path)
-            for group in range(source.num_row_groups):
-                with _reading(path):
-                    table = source.read_row_group(group)
-                _validated_rows(path, table, len(combined["classes"]))
-                ids = table.column("id").to_pylist()
-                repeated = seen.intersection(ids)
-                if repeated:
-                    raise UserError(
-                        f"cannot combine: id {sorted(repeated)[0]!r} appears in more than one "
-                        f"file (again in {path}); give each shard once"
-                    )
-                seen.update(ids)
-                writer.write_table(table)
-    return combined
-
-
-def _same_data(a: dict, b: dict | None) -> bool:
-    """Shards of one data set share everything in ``data`` except the shard name."""
-    if b is None:
-        return False
-    return {k: v for k, v in a.items() if k != "shard"} == {
-        k: v for k, v in b.items() if k != "shard"
-    }

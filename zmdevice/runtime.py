@@ -10,6 +10,7 @@ std) or tokenizer settings; the tokenizer file of a text model lies next to the 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -17,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from zmdevice.data import TABLE_SUFFIXES
 from zmdevice.errors import UserError
 from zmdevice.images import IMAGE_EXTENSIONS, scan_images
+from zmdevice.scoring import evaluate_labeled, predict_in_batches
+from zmdevice.tables import TABLE_SUFFIXES
 
 METADATA_PREFIX = "zmdevice."
 BATCH_SIZE = 32
@@ -459,17 +461,15 @@ def predict_dataset(
     classifier: OnnxClassifier, dataset, batch_size: int = BATCH_SIZE
 ) -> np.ndarray:
     """Probabilities float32 [N, C] for every sample of a ``zmdevice.data`` dataset."""
-    parts = []
-    for start in range(0, len(dataset), batch_size):
-        stop = min(start + batch_size, len(dataset))
+
+    def predict(indices):
         if classifier.modality == "image":
-            batch = [dataset.load_image(i) for i in range(start, stop)]
+            batch = [dataset.load_image(int(i)) for i in indices]
         else:
-            batch = dataset.texts[start:stop]
-        parts.append(classifier.predict_proba(batch, batch_size))
-    if not parts:
-        return np.zeros((0, len(classifier.classes)), dtype=np.float32)
-    return np.concatenate(parts)
+            batch = [dataset.texts[i] for i in indices]
+        return classifier.predict_proba(batch, batch_size)
+
+    return predict_in_batches(predict, len(dataset), len(classifier.classes), batch_size)
 
 
 def run_evaluate_onnx(
@@ -486,14 +486,9 @@ def run_evaluate_onnx(
         ``metrics.classification_report`` fields plus ``model``, ``data`` and ``lines``.
     """
     from zmdevice.config import DataOptions
-    from zmdevice.data import label_indices, open_dataset
-    from zmdevice.metrics import classification_report, format_report
 
     classifier = OnnxClassifier(model, device=device)
     options = DataOptions(text_column=text_column, label_column=label_column)
-    dataset = open_dataset(Path(data), options, modality=classifier.modality, require_labels=True)
-    truth = label_indices(dataset, classifier.classes, owner="the model")
-    probs = predict_dataset(classifier, dataset)
-    report = classification_report(truth, probs.argmax(axis=1), classifier.classes)
-    lines = format_report(report, classifier.classes, f"{Path(model).name} on {data}")
+    predict = functools.partial(predict_dataset, classifier)
+    report, lines = evaluate_labeled(classifier, model, data, options, "the model", predict)
     return {**report, "model": str(model), "data": str(data), "lines": lines}

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from zmdevice.config import TrainConfig
 from zmdevice.errors import UserError
 from zmdevice.inputs import is_dataframe, is_pil
 
@@ -60,7 +61,8 @@ class ZeroMatchClassifier(ClassifierMixin, BaseEstimator):
         kd_steps: stage-1 steps; None: the modality's default.
         ssl_steps: stage-2 steps; None: the modality's default.
         seed: seed of weights, sampling and augmentation.
-        device: cpu, cuda, cuda:N, mps or auto.
+        device: auto, cpu, cuda, cuda:N or mps (defaults are ``TrainConfig``'s, as in
+            ``zmdevice.train`` and on the command line).
         out: the folder each fit trains into (replacing the previous fit's files); None: a
             fresh temporary folder per fit, removed with the estimator. Leave it None when
             scikit-learn fits clones (cross-validation, searches): they would share it.
@@ -78,11 +80,11 @@ class ZeroMatchClassifier(ClassifierMixin, BaseEstimator):
         self,
         teacher: str | None = None,
         student: str | None = None,
-        method: str = "zeromatch",
-        kd_steps: int | None = None,
-        ssl_steps: int | None = None,
-        seed: int = 0,
-        device: str = "cpu",
+        method: str = TrainConfig.method,
+        kd_steps: int | None = TrainConfig.kd_steps,
+        ssl_steps: int | None = TrainConfig.ssl_steps,
+        seed: int = TrainConfig.seed,
+        device: str = TrainConfig.device,
         out: str | os.PathLike | None = None,
         train_options: Mapping[str, Any] | None = None,
         progress: bool = False,

@@ -191,3 +191,41 @@ def dense_from_topk(topk_idx: np.ndarray, topk_prob: np.ndarray, num_classes: in
     dense += is_unlisted * share[:, None]
     dense /= np.maximum(dense.sum(axis=1, keepdims=True), 1e-12)
     return dense.astype(np.float32)
+
+
+def rows_problem(label, offsets, flat_idx, flat_prob, num_classes: int) -> str | None:
+    """What no writer of this encoding produces in these rows, as a message, or None.
+
+    Args:
+        label: int [N] argmax class per row.
+        offsets: int [N + 1]; row i's entries are ``offsets[i]:offsets[i + 1]``.
+        flat_idx, flat_prob: int [M] class indices and float16 [M] probabilities.
+
+    Refused: class indices or labels outside the classes; probabilities that are NaN,
+    infinite, negative or above 1; rows that list no class or sum above 1 (beyond float16
+    rounding). Such values would train a NaN model without any error.
+    """
+    if len(flat_idx) and (flat_idx.min() < 0 or flat_idx.max() >= num_classes):
+        return f"class index outside 0..{num_classes - 1}; the file is corrupt"
+    if len(label) and (label.min() < 0 or label.max() >= num_classes):
+        return f"label outside 0..{num_classes - 1}; the file is corrupt"
+    counts = np.diff(offsets)
+    values = flat_prob.astype(np.float64)
+    bad = ~np.isfinite(values) | (values < 0) | (values > 1)
+    if bad.any():
+        position = int(np.argmax(bad))
+        row = int(np.searchsorted(offsets, position, side="right") - 1)
+        return (
+            f"row {row + 1} holds the probability {values[position]!r} (NaN, infinite, "
+            "negative or above 1); the file is corrupt, relabel with `zmdevice label`"
+        )
+    if len(counts) and counts.min() < 1:
+        return f"row {int(np.argmin(counts)) + 1} lists no class; the file is corrupt, relabel"
+    sums = np.add.reduceat(values, offsets[:-1]) if len(values) else np.zeros(0)
+    if len(sums) and sums.max() > 1.01:
+        row = int(np.argmax(sums))
+        return (
+            f"the probabilities of row {row + 1} sum to {sums[row]:.3f}, more than 1; "
+            "the file is corrupt, relabel with `zmdevice label`"
+        )
+    return None

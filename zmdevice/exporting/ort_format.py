@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from zmdevice.errors import atomic_path
-from zmdevice.exporting.run import PARITY_TOLERANCE, SYNTHETIC_TEXTS, ExportError
+from zmdevice.exporting.onnx_file import ExportError
+from zmdevice.exporting.parity import PARITY_TOLERANCE, SYNTHETIC_TEXTS
 
 OPERATORS_SUFFIX = ".required_operators.config"
 
@@ -33,50 +34,25 @@ def write_ort(onnx_paths: list[Path], examples: list | None = None) -> dict:
     Returns:
         ``{"files": [.ort paths], "operators_config", "relative_errors": {name: error}}``.
     """
-    import subprocess
-    import sys
-
     onnx_paths = [Path(p) for p in onnx_paths]
     first = onnx_paths[0]
     work = first.parent / f".{first.stem}.ort.work"
     shutil.rmtree(work, ignore_errors=True)
     (work / "models").mkdir(parents=True)
     try:
-        for path in onnx_paths:
-            shutil.copyfile(path, work / "models" / path.name)
-        command = [
-            sys.executable,
-            "-m",
-            "onnxruntime.tools.convert_onnx_models_to_ort",
-            str(work / "models"),
-            "--output_dir",
-            str(work / "out"),
-            "--optimization_style",
-            "Fixed",
-            "--target_platform",
-            "arm",
-        ]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
-            raise ExportError(f"ORT format conversion failed: {lines[-1][:300]}")
+        converted = _convert(onnx_paths, work)
         errors = {}
         for path in onnx_paths:
-            converted = work / "out" / path.with_suffix(".ort").name
-            errors[path.with_suffix(".ort").name] = _ort_relative_error(path, converted, examples)
+            name = path.with_suffix(".ort").name
+            errors[name] = _ort_relative_error(path, converted / name, examples)
         targets = []
         for path in onnx_paths:
             target = path.with_suffix(".ort")
             with atomic_path(target) as tmp:
-                shutil.copyfile(work / "out" / target.name, tmp)
+                shutil.copyfile(converted / target.name, tmp)
             targets.append(target)
-        # The generated comment names the work folder; name the shipped files instead.
-        operators = (work / "out" / "required_operators.config").read_text(encoding="utf-8")
-        header = "# Generated from model/s:\n" + "".join(f"# - {t.name}\n" for t in targets)
-        body = "".join(line + "\n" for line in operators.splitlines() if not line.startswith("#"))
         config_path = operators_config_path(first)
-        with atomic_path(config_path) as tmp:
-            tmp.write_text(header + body, encoding="utf-8")
+        _write_operators_config(converted / "required_operators.config", targets, config_path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {
@@ -86,26 +62,51 @@ def write_ort(onnx_paths: list[Path], examples: list | None = None) -> dict:
     }
 
 
+def _convert(onnx_paths: list[Path], work: Path) -> Path:
+    """Copies of ``onnx_paths`` in ``work/models`` converted into ``work/out``, returned."""
+    import subprocess
+    import sys
+
+    for path in onnx_paths:
+        shutil.copyfile(path, work / "models" / path.name)
+    command = [
+        sys.executable,
+        "-m",
+        "onnxruntime.tools.convert_onnx_models_to_ort",
+        str(work / "models"),
+        "--output_dir",
+        str(work / "out"),
+        "--optimization_style",
+        "Fixed",
+        "--target_platform",
+        "arm",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+        raise ExportError(f"ORT format conversion failed: {lines[-1][:300]}")
+    return work / "out"
+
+
+def _write_operators_config(generated: Path, targets: list[Path], config_path: Path) -> None:
+    """The converter's operator list, its header naming the shipped ``targets``."""
+    # The generated comment names the work folder; name the shipped files instead.
+    operators = generated.read_text(encoding="utf-8")
+    header = "# Generated from model/s:\n" + "".join(f"# - {t.name}\n" for t in targets)
+    body = "".join(line + "\n" for line in operators.splitlines() if not line.startswith("#"))
+    with atomic_path(config_path) as tmp:
+        tmp.write_text(header + body, encoding="utf-8")
+
+
 def _ort_relative_error(onnx_path: Path, ort_path: Path, examples: list | None) -> float:
     """Max |ort - onnx| logit over max |onnx logit|; ExportError above PARITY_TOLERANCE."""
+    import onnxruntime as ort
+
     from zmdevice.runtime import OnnxClassifier
 
     reference = OnnxClassifier(onnx_path)
-    if examples:
-        feed = (
-            reference.encode_texts(examples)
-            if reference.modality == "text"
-            else reference.encode_images(examples)
-        )
-    elif reference.modality == "text":
-        feed = reference.encode_texts(list(SYNTHETIC_TEXTS))
-    else:
-        size = int(reference.preprocess["image_size"])
-        rng = np.random.default_rng(0)
-        feed = {"pixel_values": rng.normal(size=(4, 3, size, size)).astype(np.float32)}
+    feed = _reference_feed(reference, examples)
     expected = reference.logits(feed)
-    import onnxruntime as ort
-
     converted = ort.InferenceSession(str(ort_path), providers=["CPUExecutionProvider"])
     if (
         dict(converted.get_modelmeta().custom_metadata_map)
@@ -121,3 +122,17 @@ def _ort_relative_error(onnx_path: Path, ort_path: Path, examples: list | None) 
             f"{error:.1e} of the logit scale (limit {PARITY_TOLERANCE:.0e})"
         )
     return error
+
+
+def _reference_feed(reference, examples: list | None) -> dict[str, np.ndarray]:
+    """The inputs both files are run on: ``examples`` encoded by the .onnx file's own
+    preprocessing, else ``SYNTHETIC_TEXTS`` or 4 random-normal image tensors."""
+    if examples:
+        if reference.modality == "text":
+            return reference.encode_texts(examples)
+        return reference.encode_images(examples)
+    if reference.modality == "text":
+        return reference.encode_texts(list(SYNTHETIC_TEXTS))
+    size = int(reference.preprocess["image_size"])
+    rng = np.random.default_rng(0)
+    return {"pixel_values": rng.normal(size=(4, 3, size, size)).astype(np.float32)}

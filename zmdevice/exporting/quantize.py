@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from zmdevice.errors import UserError
-from zmdevice.exporting.run import save_model, write_metadata
+from zmdevice.exporting.onnx_file import save_model, write_metadata
 from zmdevice.onnx_teacher import dynamic_int8
 
 INT8_SUFFIX = ".int8.onnx"
@@ -37,7 +37,6 @@ def quantize_int8(
         ``{"path", "method", "size_bytes", "calibration_images"}``.
     """
     import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     from zmdevice.runtime import OnnxClassifier
 
@@ -60,25 +59,7 @@ def quantize_int8(
             method = "dynamic int8 (per-channel MatMul/Gemm/Gather weights)"
             dynamic_int8(fp32_path, quantized, work)
         else:
-            from onnxruntime.quantization.shape_inference import quant_pre_process
-
-            # onnxruntime's recommended first step: shape inference + graph optimisation, so
-            # the quantiser sees fused Conv nodes with known shapes.
-            prepared = work / "model.pre.onnx"
-            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                quant_pre_process(str(fp32_path), str(prepared))
-            reader = _calibration_reader(classifier, calibration_images)
-            method = f"static QDQ int8 (per-channel, {len(calibration_images)} calibration images)"
-            quantize_static(
-                str(prepared),
-                str(quantized),
-                reader,
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-            )
+            method = _static_qdq(classifier, fp32_path, quantized, calibration_images)
         model = onnx.load(str(quantized))
         metadata["zmdevice.quantization"] = method
         write_metadata(model, metadata)
@@ -91,6 +72,30 @@ def quantize_int8(
         "size_bytes": size,
         "calibration_images": len(calibration_images or []),
     }
+
+
+def _static_qdq(classifier, fp32_path: Path, quantized: Path, images: list) -> str:
+    """Static QDQ int8 of an image model into ``quantized`` (beside it, a prepared copy);
+    returns the method's description."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    # onnxruntime's recommended first step: shape inference + graph optimisation, so the
+    # quantiser sees fused Conv nodes with known shapes.
+    prepared = quantized.parent / "model.pre.onnx"
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quant_pre_process(str(fp32_path), str(prepared))
+    quantize_static(
+        str(prepared),
+        str(quantized),
+        _calibration_reader(classifier, images),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    return f"static QDQ int8 (per-channel, {len(images)} calibration images)"
 
 
 def _calibration_reader(classifier, images: list, batch_size: int = 16):

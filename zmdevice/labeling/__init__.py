@@ -1,2 +1,3 @@
-"""`zmdevice label`: ``run`` (run_label, the local engine), ``ray_engine`` (the same chunks on
-a Ray cluster) and ``parts`` (the resumable parts folder both engines write)."""
+"""`zmdevice label`: ``run`` (run_label, a row of steps), ``engines`` (the engine chosen
+once: ``local_engine`` or ``ray_engine``, sharing ``batches``), ``parts`` (the resumable
+parts folder), ``join``, ``shards``, ``sources``, ``gold`` and ``summary``."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from zmdevice.errors import UserError, claim, write_text_atomic
+from zmdevice.labeling.join import ANSWERS
 from zmdevice.pseudolabels import PseudoLabelWriter, read_pseudolabel_metadata
 
 _PART_NAME = re.compile(r"part-(\d+)\.parquet")
@@ -131,15 +132,15 @@ def check_same_numerics(parts_dir: Path, done: set[int], info: dict) -> None:
 
 
 def write_part(parts_dir, number, metadata, ids, probs, skipped, stats) -> None:
-    """Write chunk ``number`` atomically: ``ids``, their probabilities (a list of float32
-    [b, C] arrays, in id order), the skipped ids and the teacher's counters for this chunk."""
+    """Write chunk ``number`` atomically: ``ids``, their probabilities (float32 [n, C] in id
+    order; None without ids), the skipped ids and the teacher's counters for this chunk."""
     part_meta = dict(metadata)
     part_meta["skipped"] = {"count": len(skipped), "examples": skipped[:10]}
     if stats:
-        part_meta["answers"] = stats
+        part_meta[ANSWERS] = stats
     with PseudoLabelWriter(parts_dir / f"part-{number:06d}.parquet", part_meta) as writer:
         if ids:
-            writer.write_probs(ids, np.concatenate(probs))
+            writer.write_probs(ids, probs)
 
 
 def labels_by_id(parts: list[Path]) -> dict[str, int]:
@@ -159,13 +160,14 @@ def features_path(part: Path) -> Path:
     return part.with_name(part.stem + ".features.npy")
 
 
-def write_part_features(parts_dir: Path, number: int, features: list[np.ndarray]) -> None:
-    """float16 [n, D] features of part ``number`` (``.npy``: read back without pickle)."""
+def write_part_features(parts_dir: Path, number: int, features: np.ndarray) -> None:
+    """The [n, D] features of part ``number``, as float16 (``.npy``: read back without
+    pickle)."""
     from zmdevice.errors import atomic_path
 
     target = features_path(parts_dir / f"part-{number:06d}.parquet")
     with atomic_path(target) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, np.concatenate(features).astype(np.float16), allow_pickle=False)
+        np.save(handle, features.astype(np.float16), allow_pickle=False)
 
 
 def read_parts_outputs(unrefined: Path, parts: list[Path]):

@@ -1,8 +1,8 @@
 """`zmdevice label --engine ray`: the local engine's chunks, labeled by a Ray Data actor pool.
 
-The driver (``zmdevice.labeling.run.run_label``) opens the data, assigns ids and splits the work
-into the same chunks as the local engine; this module sends the unfinished chunks, one row
-per teacher batch, through two Ray Data stages:
+The driver (``zmdevice.labeling.run``) opens the data, assigns ids and splits the work into
+the same chunks as the local engine (a ``ChunkJob``); ``RayEngine.label_chunks`` sends the
+unfinished chunks, one row per teacher batch, through two Ray Data stages:
 
 1. *prepare* (CPU actors, an autoscaling pool): read and decode each sample of the batch with
    the teacher's own ``prepare`` and ``collate``;
@@ -11,11 +11,11 @@ per teacher batch, through two Ray Data stages:
 
 Rows carry only positions into the driver's data set, never ids: the ids stay the ones
 zmdevice's reader gave (a CSV reader of Ray's own would turn the id ``007`` into ``7``).
-The driver gathers the predicted batches of each chunk and, once a chunk is whole, writes
-its part file with the local engine's ``write_part``. Batches are the local engine's batches
-(whole batches inside a chunk, in its ``labeling_order``: texts shortest first) and each part
-goes back to the chunk's order, so the combined file is the same file, and
-``--resume`` may even continue a run the other engine began.
+The engine gathers the predicted batches of each chunk and, once a chunk is whole, hands it
+to the driver, which writes its part file as for the local engine. Batches are the local
+engine's batches (whole batches inside a chunk, in its ``labeling_order``: texts shortest
+first) and each part goes back to the chunk's order, so the combined file is the same file,
+and ``--resume`` may even continue a run the other engine began.
 
 Two ways a Ray Data pipeline stalls are avoided on purpose: teacher actors never take every
 CPU (a pool that does leaves none for the prepare stage, which then waits forever), and
@@ -25,11 +25,21 @@ every batch is its own block (with few blocks one actor would get all of them).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from zmdevice.errors import UserError
+from zmdevice.labeling.batches import (
+    ChunkJob,
+    Collate,
+    LabeledChunk,
+    Prepared,
+    chunk_progress,
+    finish_chunk,
+    labeling_order,
+)
 
 PREPARE_CPUS = 1.0
 """CPUs kept free for the prepare stage (less on a one-CPU machine)."""
@@ -89,14 +99,10 @@ class PrepareBatch:
     """Ray Data stage 1: positions of one batch -> the teacher's collated input."""
 
     def __init__(self, dataset, prepare, collate):
-        from zmdevice.labeling.run import _Collate
-
-        self.dataset, self.prepare, self.collate = dataset, prepare, _Collate(collate)
+        self.dataset, self.prepare, self.collate = dataset, prepare, Collate(collate)
 
     def __call__(self, row: dict) -> dict:
-        from zmdevice.labeling.run import _Prepared
-
-        view = _Prepared(self.dataset, self.prepare, row["indices"])
+        view = Prepared(self.dataset, self.prepare, row["indices"])
         try:
             work = self.collate([view[p] for p in range(len(view))])
         except UserError as error:
@@ -104,15 +110,6 @@ class PrepareBatch:
         if isinstance(work, UserError):  # an unreadable image: the driver says it in one line
             return {"chunk": row["chunk"], "batch": row["batch"], "work": None, "error": str(work)}
         return {"chunk": row["chunk"], "batch": row["batch"], "work": work, "error": ""}
-
-
-def worker_numerics(config, info: dict) -> tuple[str, str]:
-    """(precision, runtime) for the teacher actors. CPU actors get what the driver's copy
-    resolved, so every chunk is labeled as the metadata says even on other machines; GPU
-    actors resolve the flags themselves (onnx runs on CPUs only)."""
-    if config.gpus_per_worker:
-        return config.precision, config.runtime
-    return info["precision"], info["runtime"]
 
 
 class TeacherBatch:
@@ -154,34 +151,12 @@ class TeacherBatch:
 def batch_rows(dataset, chunks, todo: list[int], batch_size: int) -> list[dict]:
     """One row per teacher batch of the chunks in ``todo``: chunk, batch number, positions,
     each chunk in the local engine's ``labeling_order`` (texts shortest first)."""
-    from zmdevice.labeling.run import labeling_order
-
     ordered = {j: labeling_order(dataset, chunks[j]) for j in todo}
     return [
         {"chunk": j, "batch": b, "indices": ordered[j][s : s + batch_size]}
         for j in todo
         for b, s in enumerate(range(0, len(chunks[j]), batch_size))
     ]
-
-
-def label_chunks_ray(config, dataset, teacher, classes, chunks, done, parts_dir, metadata) -> int:
-    """Label the chunks not in ``done`` on Ray; write a part file per chunk (see module doc).
-
-    Joins the cluster at ``config.ray_address``, or starts a local one (and stops it again)
-    when none is running in this process.
-
-    Returns:
-        How many samples were labeled now.
-    """
-    ray = import_ray()
-    started_here = not ray.is_initialized()
-    if started_here:
-        _start(ray, config.ray_address)
-    try:
-        return _run(ray, config, dataset, teacher, classes, chunks, done, parts_dir, metadata)
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 RAY_CONNECT_SECONDS = 3.0
@@ -244,75 +219,123 @@ def _start(ray, address: str | None) -> None:
             os.environ.pop(wait, None)
 
 
-def _run(ray, config, dataset, teacher, classes, chunks, done, parts_dir, metadata) -> int:
-    from zmdevice.labeling.run import chunk_order, chunk_progress, write_part
+@dataclass(frozen=True)
+class RayEngine:
+    """Label on a Ray cluster (``--ray-address``, ``--ray-workers``, ``--gpus-per-worker``);
+    the actors build the teacher from the spec and the numerics flags."""
 
-    todo = [j for j in range(len(chunks)) if j not in done]
-    rows = batch_rows(dataset, chunks, todo, config.batch_size)
-    if not rows:
-        return 0
-    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-    plan = plan_pool(
-        ray.cluster_resources().get("CPU", 0), max(nodes, default=0), config.ray_workers,
-        config.gpus_per_worker,
-    )  # fmt: skip
-    if plan.teacher_cpus <= 0:
-        raise UserError(
-            f"--ray-workers {config.ray_workers}: the Ray cluster has too few CPUs "
-            "for the teacher workers and the prepare stage; add nodes or lower --ray-workers"
-        )
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # the driver's own bar counts samples, not blocks
-    context.enable_operator_progress_bars = False
-    device = "cuda" if config.gpus_per_worker > 0 else "cpu"
-    labeled = (
-        ray.data.from_items(rows, override_num_blocks=len(rows))
-        .map(
-            PrepareBatch,
-            fn_constructor_args=(dataset, teacher.prepare, teacher.collate),
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.prepare_actors),
-            num_cpus=plan.prepare_cpus,
-        )
-        .map(
-            TeacherBatch,
-            fn_constructor_args=(
-                config.teacher, classes, config.templates, device,
-                max(1, int(plan.teacher_cpus)), worker_numerics(config, teacher.info),
-            ),
-            compute=ray.data.ActorPoolStrategy(
-                size=config.ray_workers, max_tasks_in_flight_per_actor=IN_FLIGHT_PER_ACTOR
-            ),
-            num_cpus=plan.teacher_cpus,
-            num_gpus=config.gpus_per_worker,
-        )
-    )  # fmt: skip
+    address: str | None
+    workers: int
+    gpus_per_worker: float
+    teacher: str
+    """The teacher spec (``--teacher``) each actor builds."""
+    templates: str | None
+    precision: str
+    runtime: str
 
-    batches_of = {j: math.ceil(len(chunks[j]) / config.batch_size) for j in todo}
-    pending: dict[int, dict[int, tuple]] = {j: {} for j in todo}
-    progress, count = chunk_progress(dataset, chunks, done, parts_dir), 0
-    try:
-        for row in labeled.iter_rows():
-            if row["error"]:
-                raise UserError(row["error"])
-            chunk, kept, skipped = row["chunk"], row["result"][0], row["result"][2]
-            pending[chunk][row["batch"]] = row["result"]
-            count += len(kept)
-            progress.update(len(kept) + len(skipped))
-            if len(pending[chunk]) == batches_of[chunk]:
-                by_number = pending.pop(chunk)
-                results = [by_number[b] for b in range(batches_of[chunk])]
-                kept = [i for r in results for i in r[0]]
-                order, skipped = chunk_order(
-                    chunks[chunk], kept, [i for r in results for i in r[2]]
-                )
-                probs = [np.concatenate([r[1] for r in results if r[0]])[order]] if kept else []
-                write_part(
-                    parts_dir, chunk, metadata, [dataset.ids[kept[o]] for o in order], probs,
-                    [dataset.ids[i] for i in skipped], _sum_counts(r[3] for r in results),
-                )  # fmt: skip
-    finally:
-        progress.close()
-    return count
+    # The actors load their own teacher; the driver's copy, on the CPU, only lends them its
+    # preprocessing, fills the metadata and answers --gold.
+    driver_device = "cpu"
+
+    def check(self) -> None:
+        """A missing extra or a dead cluster fails before anything is written."""
+        import_ray()
+        check_ray_address(self.address)
+
+    def where(self, device) -> str:
+        """What the summary says the samples were labeled on."""
+        return f"Ray ({self.workers} teacher workers)"
+
+    def numerics(self, info: dict) -> tuple[str, str]:
+        """(precision, runtime) for the teacher actors. CPU actors get what the driver's copy
+        resolved (``info``), so every chunk is labeled as the metadata says even on other
+        machines; GPU actors resolve the flags themselves (onnx runs on CPUs only)."""
+        if self.gpus_per_worker:
+            return self.precision, self.runtime
+        return info["precision"], info["runtime"]
+
+    def label_chunks(self, job: ChunkJob) -> Iterator[LabeledChunk]:
+        """Label the chunks of ``job.todo`` on Ray; yield each as soon as it is whole.
+
+        Joins the cluster at ``address``, or starts a local one (and stops it again when
+        the chunks are done or the driver stops) when none is running in this process.
+        """
+        if job.with_features:  # LabelConfig refuses --refine and --few-shot with Ray
+            raise ValueError("the Ray engine labels without features")
+        ray = import_ray()
+        started_here = not ray.is_initialized()
+        if started_here:
+            _start(ray, self.address)
+        try:
+            yield from self._label(ray, job)
+        finally:
+            if started_here:
+                ray.shutdown()
+
+    def _label(self, ray, job: ChunkJob) -> Iterator[LabeledChunk]:
+        rows = batch_rows(job.dataset, job.chunks, job.todo, job.batch_size)
+        if not rows:
+            return
+        batches_of = {j: math.ceil(len(job.chunks[j]) / job.batch_size) for j in job.todo}
+        pending: dict[int, dict[int, tuple]] = {j: {} for j in job.todo}
+        labeled = self._pipeline(ray, job, rows)
+        progress = chunk_progress(job)
+        try:
+            for row in labeled.iter_rows():
+                if row["error"]:
+                    raise UserError(row["error"])
+                number, (kept, _, skipped, _) = row["chunk"], row["result"]
+                pending[number][row["batch"]] = row["result"]
+                progress.update(len(kept) + len(skipped))
+                if len(pending[number]) == batches_of[number]:
+                    by_batch = pending.pop(number)
+                    results = [by_batch[b] for b in range(batches_of[number])]
+                    yield finish_chunk(
+                        job, number, [i for r in results for i in r[0]],
+                        [r[1] for r in results if r[0]], [i for r in results for i in r[2]],
+                        _sum_counts(r[3] for r in results),
+                    )  # fmt: skip
+        finally:
+            progress.close()
+
+    def _pipeline(self, ray, job: ChunkJob, rows: list[dict]):
+        """The two Ray Data stages over ``rows`` (see the module doc)."""
+        nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+        plan = plan_pool(
+            ray.cluster_resources().get("CPU", 0), max(nodes, default=0), self.workers,
+            self.gpus_per_worker,
+        )  # fmt: skip
+        if plan.teacher_cpus <= 0:
+            raise UserError(
+                f"--ray-workers {self.workers}: the Ray cluster has too few CPUs "
+                "for the teacher workers and the prepare stage; add nodes or lower --ray-workers"
+            )
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the driver's own bar counts samples, not blocks
+        context.enable_operator_progress_bars = False
+        device = "cuda" if self.gpus_per_worker > 0 else "cpu"
+        teacher = job.teacher
+        return (
+            ray.data.from_items(rows, override_num_blocks=len(rows))
+            .map(
+                PrepareBatch,
+                fn_constructor_args=(job.dataset, teacher.prepare, teacher.collate),
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.prepare_actors),
+                num_cpus=plan.prepare_cpus,
+            )
+            .map(
+                TeacherBatch,
+                fn_constructor_args=(
+                    self.teacher, job.classes, self.templates, device,
+                    max(1, int(plan.teacher_cpus)), self.numerics(teacher.info),
+                ),
+                compute=ray.data.ActorPoolStrategy(
+                    size=self.workers, max_tasks_in_flight_per_actor=IN_FLIGHT_PER_ACTOR
+                ),
+                num_cpus=plan.teacher_cpus,
+                num_gpus=self.gpus_per_worker,
+            )
+        )  # fmt: skip
 
 
 def _sum_counts(counters) -> dict:

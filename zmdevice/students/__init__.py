@@ -19,12 +19,18 @@ Presets come from the catalog (``models/*.toml`` with ``kind = "student"``); a n
 carry a weight source after a colon: ``mobilenet_v3_small:/path/imagenet.pth``,
 ``distilbert:/path/to/model_dir`` or ``distilbert:<hub id>``.
 
-Modules: ``base`` (the Student interface, file names), ``image`` (MobileNetV3,
-EfficientNet-Lite, BatchNorm recalibration), ``text`` (DistilBERT, tokenisation),
-``weights`` (ImageNet / offline / hub weights, BERT -> DistilBERT remap), ``io`` (save,
-load). torch is imported at module level (students sit above the ground floor; the CLI
-imports them inside commands); torchvision, transformers and safetensors inside the
-functions.
+Modules: ``base`` (the Student interface, file names), ``registry`` (the families), ``image``
+(MobileNetV3, EfficientNet-Lite, BatchNorm recalibration), ``text`` (DistilBERT,
+tokenisation), ``weights`` (ImageNet / offline / hub weights, BERT -> DistilBERT remap),
+``io`` (save, load). Each family is a Student subclass registered at its definition
+(``@register_student("mobilenet_v3")``) into ``FAMILIES``, which ``build_student`` and
+``load_student`` read.
+
+Unlike the teachers, the families register eagerly, as timm's models do: importing this
+package imports ``image`` and ``text``, which cost torch and nothing more (torchvision,
+timm, transformers and safetensors are imported inside the functions), and torch is
+imported here anyway: students sit above the ground floor and the CLI imports them only
+inside the commands that build or load one.
 """
 
 from __future__ import annotations
@@ -44,27 +50,20 @@ from zmdevice.students.base import (
 )
 from zmdevice.students.image import (
     BATCHNORM_MOMENTUM,
+    EfficientNetLiteStudent,
     ImageStudent,
-    build_efficientnet_lite,
-    build_mobilenet,
+    MobileNetStudent,
     recalibrate_batchnorm,
 )
 from zmdevice.students.io import load_student, read_student_config, save_student
+from zmdevice.students.registry import FAMILIES, register_student
 from zmdevice.students.text import (
     TextStudent,
-    build_distilbert,
     encode_token_ids,
     pad_token_ids,
     tiny_tokenizer,
 )
 from zmdevice.students.weights import distilbert_from_bert
-
-FAMILIES = {
-    "mobilenet_v3": build_mobilenet,
-    "efficientnet_lite": build_efficientnet_lite,
-    "distilbert": build_distilbert,
-}
-"""Catalog ``family`` -> builder(preset, entry, weights, classes, preprocess settings)."""
 
 
 def _split_name(name: str) -> tuple[str, str | None]:
@@ -114,7 +113,7 @@ def build_student(
         raise UserError(f"catalog entry '{preset}' has unknown family '{family}'")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        student = FAMILIES[family](preset, entry, weights, list(classes), settings)
+        student = FAMILIES[family].from_preset(preset, entry, weights, list(classes), settings)
     student.config["weights"] = weights or "random"
     return student.train()
 
@@ -127,7 +126,9 @@ __all__ = [
     "FORMAT_VERSION",
     "TOKENIZER_FILE",
     "WEIGHTS_FILE",
+    "EfficientNetLiteStudent",
     "ImageStudent",
+    "MobileNetStudent",
     "Student",
     "TextStudent",
     "build_student",
@@ -138,6 +139,7 @@ __all__ = [
     "pad_token_ids",
     "read_student_config",
     "recalibrate_batchnorm",
+    "register_student",
     "save_student",
     "student_names",
     "tiny_tokenizer",

@@ -3,6 +3,8 @@ optional KD head, optimizer groups) and the names of a trained student's files."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -24,7 +26,12 @@ TOKENIZER_FILE = "tokenizer.json"
 class Student(nn.Module):
     """A backbone producing pooled features, a main head, and an optional KD head.
 
+    Each family (a catalog entry's ``family``) is a subclass registered at its definition by
+    ``registry.register_student``; it is built by ``from_preset`` (a catalog preset, with its
+    initial weights) or ``from_config`` (a saved ``config.json``, random weights to load into).
+
     Attributes:
+        family: the catalog family it is registered as ("mobilenet_v3", ...).
         modality: "image" or "text".
         config: what ``config.json`` holds (preset name, classes, architecture,
             preprocessing), enough to rebuild the module without the initial weights.
@@ -32,7 +39,27 @@ class Student(nn.Module):
         kd_head: auxiliary head of stage 2 (None until ``attach_kd_head``).
     """
 
+    family: str = ""
     modality: str = ""
+
+    @classmethod
+    def from_preset(
+        cls, preset: str, entry: dict, weights: str, classes: list[str], settings: dict
+    ) -> Student:
+        """A new student of catalog ``preset`` (its ``entry``) for ``classes``.
+
+        Args:
+            weights: the initial weights ("" for random; a file, folder, hub id or
+                "imagenet", as the family takes them).
+            settings: the preset's preprocessing with the caller's overrides.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config: dict, model_dir: Path) -> Student:
+        """The randomly initialised module that ``config`` (a saved ``config.json`` without
+        its format fields) describes; ``model_dir`` holds its other files."""
+        raise NotImplementedError
 
     def __init__(self, config: dict):
         super().__init__()

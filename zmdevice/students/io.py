@@ -18,8 +18,7 @@ from zmdevice.students.base import (
     TOKENIZER_FILE,
     WEIGHTS_FILE,
 )
-from zmdevice.students.image import efficientnet_lite_module, mobilenet_module
-from zmdevice.students.text import TextStudent, distilbert_from_architecture
+from zmdevice.students.registry import FAMILIES
 
 
 def save_student(student, out_dir: str | Path) -> Path:
@@ -102,22 +101,14 @@ def load_student(model_dir: str | Path, device: str | torch.device = "cpu"):
     config = json.loads(json.dumps(config))  # private copy
     for key in ("format", "format_version", "zmdevice_version"):
         config.pop(key, None)
+    family = FAMILIES.get(config["architecture"].get("family"))
+    if family is None or family.modality != config["modality"]:
+        raise UserError(
+            f"{model_dir}/{CONFIG_FILE}: unknown student family "
+            f"{config['architecture'].get('family')!r} for modality {config['modality']!r}"
+        )
     with torch.random.fork_rng(devices=[]):
-        if config["architecture"]["family"] == "efficientnet_lite":
-            student = efficientnet_lite_module(config)
-        elif config["modality"] == "image":
-            student = mobilenet_module(config)
-        elif config["modality"] == "text":
-            tokenizer_path = model_dir / config["preprocess"].get("tokenizer", TOKENIZER_FILE)
-            if not tokenizer_path.is_file():
-                raise UserError(f"{model_dir} is a text student without its {tokenizer_path.name}")
-            from tokenizers import Tokenizer
-
-            tokenizer = Tokenizer.from_file(str(tokenizer_path))
-            encoder = distilbert_from_architecture(config["architecture"])
-            student = TextStudent(config, encoder, tokenizer)
-        else:
-            raise UserError(f"{model_dir}/{CONFIG_FILE}: unknown modality {config['modality']}")
+        student = family.from_config(config, model_dir)
     try:
         state = load_file(str(weights_path))
     except Exception as error:

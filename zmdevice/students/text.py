@@ -17,6 +17,7 @@ from torch import nn
 
 from zmdevice.errors import UserError
 from zmdevice.students.base import TOKENIZER_FILE, Student
+from zmdevice.students.registry import register_student
 from zmdevice.students.weights import distilbert_from_bert, resolve_model_source
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 TEXT_DROPOUT = 0.1
 
 
+@register_student("distilbert")
 class TextStudent(Student):
     """DistilBERT student. Inputs: ``input_ids``, ``attention_mask`` int64 [B, L]."""
 
@@ -56,6 +58,72 @@ class TextStudent(Student):
     ) -> torch.Tensor:
         """Main-head logits [B, C] of tokens [B, L]."""
         return self.head(self.features(input_ids, attention_mask))
+
+    @classmethod
+    def from_config(cls, config: dict, model_dir: Path) -> TextStudent:
+        """The student ``config`` describes (random init) with the tokenizer file of
+        ``model_dir``."""
+        tokenizer_path = model_dir / config["preprocess"].get("tokenizer", TOKENIZER_FILE)
+        if not tokenizer_path.is_file():
+            raise UserError(f"{model_dir} is a text student without its {tokenizer_path.name}")
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        encoder = distilbert_from_architecture(config["architecture"])
+        return cls(config, encoder, tokenizer)
+
+    @classmethod
+    def from_preset(
+        cls, preset: str, entry: dict, weights: str, classes: list[str], settings: dict
+    ) -> TextStudent:
+        """``weights``: "" (random, for the presets with the built-in tiny tokenizer), a
+        DistilBERT or BERT-layout model folder, or a hub id."""
+        from transformers import DistilBertConfig, DistilBertModel
+
+        if not weights:
+            # Random init from the catalog's architecture (tiny presets).
+            spec = dict(entry.get("architecture", {}))
+            if entry.get("tokenizer") != "builtin-tiny":
+                raise UserError(
+                    f"catalog entry '{preset}' needs weights or tokenizer='builtin-tiny'"
+                )
+            tokenizer = tiny_tokenizer()
+            spec.setdefault("vocab_size", tokenizer.get_vocab_size())
+            spec.setdefault("pad_token_id", tokenizer.token_to_id("[PAD]"))
+            encoder = DistilBertModel(DistilBertConfig(**spec))
+        else:
+            source = resolve_model_source(weights)
+            model_type = json.loads((source / "config.json").read_text(encoding="utf-8")).get(
+                "model_type"
+            )
+            if model_type not in ("bert", "distilbert"):
+                raise UserError(
+                    f"{weights}: model_type '{model_type}' is neither DistilBERT nor BERT; "
+                    "the distilbert student needs one of those"
+                )
+            try:
+                if model_type == "bert":
+                    encoder = distilbert_from_bert(source)
+                else:
+                    encoder = DistilBertModel.from_pretrained(str(source))
+                tokenizer = _load_tokenizer_from_dir(source)
+            except (OSError, ValueError, KeyError) as error:
+                raise UserError(
+                    f"cannot load DistilBERT from '{weights}' ({str(error).splitlines()[0]}); "
+                    "check that the folder holds a complete model"
+                ) from None
+        max_length = int(settings.get("max_length", 40))
+        limit = encoder.config.max_position_embeddings
+        if not 2 < max_length <= limit:
+            raise UserError(f"student max_length must be between 3 and {limit}, got {max_length}")
+        config = {
+            "student": preset,
+            "modality": "text",
+            "classes": classes,
+            "architecture": _distilbert_architecture(encoder.config),
+            "preprocess": _tokenizer_settings(tokenizer, max_length),
+        }
+        return cls(config, encoder, tokenizer)
 
     def _new_kd_head(self) -> nn.Module:
         return mlp_head(self.feature_dim, len(self.classes))
@@ -238,50 +306,3 @@ def distilbert_from_architecture(architecture: dict):
     keys = _DISTILBERT_KEYS
     hf_config = DistilBertConfig(**{k: architecture[k] for k in keys if k in architecture})
     return DistilBertModel(hf_config)
-
-
-def build_distilbert(preset: str, entry: dict, weights: str, classes: list[str], settings: dict):
-    from transformers import DistilBertConfig, DistilBertModel
-
-    if not weights:
-        # Random init from the catalog's architecture (tiny presets).
-        spec = dict(entry.get("architecture", {}))
-        if entry.get("tokenizer") != "builtin-tiny":
-            raise UserError(f"catalog entry '{preset}' needs weights or tokenizer='builtin-tiny'")
-        tokenizer = tiny_tokenizer()
-        spec.setdefault("vocab_size", tokenizer.get_vocab_size())
-        spec.setdefault("pad_token_id", tokenizer.token_to_id("[PAD]"))
-        encoder = DistilBertModel(DistilBertConfig(**spec))
-    else:
-        source = resolve_model_source(weights)
-        model_type = json.loads((source / "config.json").read_text(encoding="utf-8")).get(
-            "model_type"
-        )
-        if model_type not in ("bert", "distilbert"):
-            raise UserError(
-                f"{weights}: model_type '{model_type}' is neither DistilBERT nor BERT; "
-                "the distilbert student needs one of those"
-            )
-        try:
-            if model_type == "bert":
-                encoder = distilbert_from_bert(source)
-            else:
-                encoder = DistilBertModel.from_pretrained(str(source))
-            tokenizer = _load_tokenizer_from_dir(source)
-        except (OSError, ValueError, KeyError) as error:
-            raise UserError(
-                f"cannot load DistilBERT from '{weights}' ({str(error).splitlines()[0]}); "
-                "check that the folder holds a complete model"
-            ) from None
-    max_length = int(settings.get("max_length", 40))
-    limit = encoder.config.max_position_embeddings
-    if not 2 < max_length <= limit:
-        raise UserError(f"student max_length must be between 3 and {limit}, got {max_length}")
-    config = {
-        "student": preset,
-        "modality": "text",
-        "classes": classes,
-        "architecture": _distilbert_architecture(encoder.config),
-        "preprocess": _tokenizer_settings(tokenizer, max_length),
-    }
-    return TextStudent(config, encoder, tokenizer)

@@ -2,9 +2,10 @@
 
 ``build_teacher(spec, classes)`` resolves a catalog name (``models/*.toml``) or a
 ``kind:spec`` string to one of the kinds below and builds it; each kind is a
-:class:`~zmdevice.teachers.base.Teacher` subclass in its own module, imported only when a
-teacher of that kind is built (so ``teacher_modality`` and the error messages need none of
-open_clip, transformers or timm). ``base`` holds the interface and what the kinds share.
+:class:`~zmdevice.teachers.base.Teacher` subclass in its own module, registered at its
+definition by ``@register_teacher(kind, modality=..., exports_onnx=..., int8=...,
+has_features=...)``, so what a kind is and can do is written once, on its class.
+``base`` holds the interface and what the kinds share.
 
 - ``clip:<arch>:<pretrained tag or checkpoint file>`` (``clip.py``): open_clip, prompts from
   templates; softmax(logit_scale * cosine).
@@ -20,35 +21,44 @@ open_clip, transformers or timm). ``base`` holds the interface and what the kind
 from __future__ import annotations
 
 import importlib
-from typing import Any, NamedTuple
+from typing import Any
 
 from zmdevice import catalog
 from zmdevice.errors import UserError
 from zmdevice.teachers.base import Numerics, Request, Teacher
+from zmdevice.teachers.registry import REGISTRY, register_teacher
 
-
-class Kind(NamedTuple):
-    """Where a teacher kind lives: ``zmdevice.teachers.<module>.<cls>``."""
-
-    module: str
-    cls: str
-    modality: str
-
-
-KINDS = {
-    "clip": Kind("clip", "ClipTeacher", "image"),
-    "text-embed": Kind("text_embed", "TextEmbedTeacher", "text"),
-    "nli": Kind("nli", "NliTeacher", "text"),
-    "llm": Kind("llm", "LlmTeacher", "text"),
-    "imagenet": Kind("imagenet", "ImagenetTeacher", "image"),
+# Where each kind is defined, and nothing else about it. timm's @register_model registry is
+# complete once `import timm` has imported every model module; here that would import torch
+# (each kind's module imports it) on `zmdevice --help` and on every spec check. So the
+# names live here, the module of a kind is imported only when that kind is asked for
+# (`teacher_class`), and its decorator then fills REGISTRY with the class, which carries the
+# modality and capabilities. A new kind: a module with a registered class, and one line here
+# (tests/test_teachers_registry.py checks both ways).
+KIND_MODULES = {
+    "clip": "clip",
+    "text-embed": "text_embed",
+    "nli": "nli",
+    "llm": "llm",
+    "imagenet": "imagenet",
 }
-"""The teacher kinds, by the name a spec starts with."""
+"""Teacher kind (what a spec starts with) -> its module in this package."""
+
+
+def list_teachers() -> list[str]:
+    """The teacher kinds, in the order the help and the errors list them."""
+    return list(KIND_MODULES)
 
 
 def teacher_class(kind: str) -> type[Teacher]:
-    """The Teacher subclass of ``kind``, its module imported now (heavy imports deferred)."""
-    entry = KINDS[kind]
-    return getattr(importlib.import_module(f"zmdevice.teachers.{entry.module}"), entry.cls)
+    """The registered Teacher subclass of ``kind``, its module imported now (the heavy
+    libraries it uses are imported when a teacher is built).
+
+    Raises:
+        KeyError: ``kind`` is not a teacher kind.
+    """
+    importlib.import_module(f"zmdevice.teachers.{KIND_MODULES[kind]}")
+    return REGISTRY[kind]
 
 
 def resolve_spec(spec: str) -> tuple[str, str, dict]:
@@ -58,7 +68,7 @@ def resolve_spec(spec: str) -> tuple[str, str, dict]:
         UserError: neither a known kind nor a catalog teacher (lists the choices).
     """
     kind, _, rest = spec.partition(":")
-    if kind in KINDS and rest:
+    if kind in KIND_MODULES and rest:
         return kind, rest, {}
     # A catalog name may carry imagenet options: efficientnet-lite0:size=224.
     name, *options = spec.split(":")
@@ -67,7 +77,7 @@ def resolve_spec(spec: str) -> tuple[str, str, dict]:
         names = ", ".join(sorted(catalog.list_entries("teacher"))) or "(none)"
         raise UserError(
             f"unknown --teacher '{spec}': use a catalog name ({names}) or kind:spec with kind "
-            f"one of {', '.join(KINDS)} (e.g. clip:ViT-B-32:openai)"
+            f"one of {', '.join(list_teachers())} (e.g. clip:ViT-B-32:openai)"
         )
     kind, _, rest = entry["spec"].partition(":")
     source = entry.get("weights_from")
@@ -84,8 +94,9 @@ def resolve_spec(spec: str) -> tuple[str, str, dict]:
 
 
 def teacher_modality(spec: str) -> str:
-    """The modality a teacher labels ("image" or "text"), from its spec alone."""
-    return KINDS[resolve_spec(spec)[0]].modality
+    """The modality a teacher labels ("image" or "text"), from its spec alone (imports the
+    kind's module, not the libraries its constructor loads)."""
+    return teacher_class(resolve_spec(spec)[0]).modality
 
 
 def build_teacher(
@@ -117,19 +128,23 @@ def build_teacher(
     from zmdevice.precision import check_precision, choose_runtime
 
     kind, rest, entry = resolve_spec(spec)
+    cls = teacher_class(kind)
     device = torch.device(device)
     numerics = Numerics(
-        check_precision(precision), choose_runtime(runtime, device.type, kind, precision), device
+        check_precision(precision), choose_runtime(runtime, device.type, cls, precision), device
     )
     request = Request(rest, name=spec, entry=entry, templates=templates)
-    return teacher_class(kind)(request, classes, numerics)
+    return cls(request, classes, numerics)
 
 
 __all__ = [
-    "KINDS",
+    "KIND_MODULES",
+    "REGISTRY",
     "Request",
     "Teacher",
     "build_teacher",
+    "list_teachers",
+    "register_teacher",
     "resolve_spec",
     "teacher_class",
     "teacher_modality",

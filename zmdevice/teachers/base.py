@@ -21,9 +21,18 @@ class Teacher:
     [B, C] class probabilities on the CPU. ``prepare`` and ``collate`` are small picklable
     objects of their own, so a worker receives them without the model.
 
+    A kind declares itself with ``registry.register_teacher`` at its class definition, which
+    sets the class attributes ``kind``, ``modality``, ``exports_onnx``, ``int8`` and
+    ``has_features``: what a kind can do is read from its class, nowhere else.
+
     Attributes:
-        kind: the registry name ("clip", "text-embed", ...); set by each subclass.
-        modality: "text" or "image"; set by each subclass.
+        kind: the registry name ("clip", "text-embed", ...).
+        modality: "text" or "image".
+        exports_onnx: its network is one module call that can run as an ONNX file in
+            onnxruntime (``--runtime onnx``).
+        int8: that ONNX file also runs with dynamic int8 matrix products
+            (``--runtime onnx-int8``).
+        has_features: it has a feature space: ``features_and_probs`` is a method.
         spec: resolved ``kind:spec`` string.
         classes: target class names, index = class id.
         prepare: picklable callable, one raw sample -> a prepared item (runs in workers).
@@ -34,18 +43,26 @@ class Teacher:
         device: the torch device it runs on.
         model: the frozen ``torch.nn.Module`` (eval mode, no gradients).
         precision: the resolved ``zmdevice.precision.Precision`` its network runs at.
-        network: the :class:`Network` of the kinds whose network is one module call
-            (text-embed, imagenet: these can also run in onnxruntime); None on the others,
-            which run their model under ``precision.autocast()``.
+        network: the :class:`Network` of the kinds with ``exports_onnx`` (their network is
+            one module call, which can also run in onnxruntime); None on the others, which
+            run their model under ``precision.autocast()``.
         features_and_probs: batch -> (features [B, D], probabilities [B, C]) from one pass,
-            a method of the kinds with a feature space (text-embed, imagenet); None on the
-            others. ``zmdevice.fewshot`` adapts such a teacher with a few labeled examples.
+            a method of the kinds with ``has_features``; None on the others (callers test
+            it). ``zmdevice.fewshot`` adapts such a teacher with a few labeled examples.
     """
 
     kind: str = ""
     modality: str = ""
+    exports_onnx: bool = False
+    int8: bool = False
+    has_features: bool = False
     features_and_probs = None
     network = None
+
+    @classmethod
+    def runtimes(cls) -> tuple[str, ...]:
+        """The ``--runtime`` values this kind runs in: torch, then its ONNX ones."""
+        return ("torch",) + ("onnx",) * cls.exports_onnx + ("onnx-int8",) * cls.int8
 
     def __init__(
         self,
@@ -97,12 +114,12 @@ class Teacher:
         beside the new precision and runtime (how they were chosen).
 
         Raises:
-            UserError: an onnx runtime for a kind without a single-module network, or an
+            UserError: a runtime this kind does not declare (:meth:`runtimes`), or an
                 export that fails or disagrees with PyTorch.
         """
         import copy
 
-        if runtime != "torch" and self.network is None:
+        if runtime not in self.runtimes():
             raise UserError(f"--runtime {runtime}: not for {self.kind} teachers")
         variant = copy.copy(self)
         variant.precision = precision
@@ -265,6 +282,21 @@ def load_hf(kind: str, name: str, loader, **kwargs):
             f"cannot load the {kind} teacher '{name}': {first[:200]} (give a local model "
             "folder, or a hub id with network access)"
         ) from None
+
+
+def tokenize(
+    tokenizer, texts: list, max_length: int, *, pairs: list | None = None, truncation=True
+):
+    """A batch of texts (and their second segments, ``pairs``) as padded int64 tensors of at
+    most ``max_length`` tokens: what every text teacher's ``collate`` feeds its model."""
+    segments = [texts] if pairs is None else [texts, pairs]
+    return tokenizer(
+        *segments,
+        padding=True,
+        truncation=truncation,
+        max_length=max_length,
+        return_tensors="pt",
+    )
 
 
 def identity(item):

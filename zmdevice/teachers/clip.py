@@ -23,6 +23,7 @@ from zmdevice.teachers.base import (
     stack,
     zero_shot_probs,
 )
+from zmdevice.teachers.registry import register_teacher
 
 PAPER_TEMPLATE = "This is a photo of {label}."
 """The single CLIP template of the ZeroMatch reference code."""
@@ -60,11 +61,10 @@ def fill_template(template, label: str) -> str:
     return template.replace("{label}", label).replace("{}", label)
 
 
+@register_teacher("clip", modality="image")
 class ClipTeacher(Teacher):
-    """Zero-shot image classification by CLIP image-text similarity."""
-
-    kind = "clip"
-    modality = "image"
+    """Zero-shot image classification by CLIP image-text similarity. Runs in PyTorch only:
+    its forward is two encoders and a head, not one exportable module call."""
 
     def __init__(self, request: Request, classes, numerics: Numerics):
         import open_clip

@@ -20,6 +20,7 @@ from zmdevice import catalog
 from zmdevice.augment import ResizeNormalize
 from zmdevice.errors import UserError
 from zmdevice.teachers.base import Numerics, Request, Teacher, freeze, stack, words
+from zmdevice.teachers.registry import register_teacher
 
 
 def imagenet_class_names() -> list[list[str]]:
@@ -172,11 +173,10 @@ def load_weights_in_order(model, path: Path) -> None:
     model.load_state_dict(dict(zip(dst, src, strict=True)), strict=False)
 
 
+# No int8: dynamic int8 suits transformers; a convolutional net would need calibration images.
+@register_teacher("imagenet", modality="image", exports_onnx=True, has_features=True)
 class ImagenetTeacher(Teacher):
     """Zero-shot image classification through an ImageNet classifier's mapped classes."""
-
-    kind = "imagenet"
-    modality = "image"
 
     def __init__(self, request: Request, classes, numerics: Numerics):
         import timm

@@ -13,7 +13,17 @@ from typing import Any
 
 import torch
 
-from zmdevice.teachers.base import Numerics, Request, Teacher, freeze, identity, load_hf, words
+from zmdevice.teachers.base import (
+    Numerics,
+    Request,
+    Teacher,
+    freeze,
+    identity,
+    load_hf,
+    tokenize,
+    words,
+)
+from zmdevice.teachers.registry import register_teacher
 
 LLM_PROMPT = (
     "Select the topic that the given article is about. The topics are: {classes}.\n"
@@ -53,23 +63,13 @@ class PromptCollate:
 
     def __call__(self, texts: list):
         prompts = [LLM_PROMPT.format(classes=self.listing, text=text) for text in texts]
-        return {
-            "prompts": prompts,
-            "tokens": self.tokenizer(
-                prompts,
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            ),
-        }
+        return {"prompts": prompts, "tokens": tokenize(self.tokenizer, prompts, self.max_length)}
 
 
+@register_teacher("llm", modality="text")
 class LlmTeacher(Teacher):
-    """Zero-shot text classification by a generated answer (or class-name likelihoods)."""
-
-    kind = "llm"
-    modality = "text"
+    """Zero-shot text classification by a generated answer (or class-name likelihoods);
+    PyTorch only (generation is a loop, not one module call)."""
 
     def __init__(self, request: Request, classes, numerics: Numerics):
         from transformers import (

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from zmdevice.errors import UserError
-from zmdevice.teachers.base import Numerics, Request, Teacher, freeze, identity, load_hf
+from zmdevice.teachers.base import Numerics, Request, Teacher, freeze, identity, load_hf, tokenize
+from zmdevice.teachers.registry import register_teacher
 
 NLI_HYPOTHESIS = "This example is {label}."
 
@@ -27,21 +28,19 @@ class HypothesisCollate:
 
     def __call__(self, texts: list):
         pairs = [(text, hypothesis) for text in texts for hypothesis in self.hypotheses]
-        return self.tokenizer(
+        return tokenize(
+            self.tokenizer,
             [p for p, _ in pairs],
-            [h for _, h in pairs],
-            padding=True,
+            self.max_length,
+            pairs=[h for _, h in pairs],
             truncation="only_first",
-            max_length=self.max_length,
-            return_tensors="pt",
         )
 
 
+@register_teacher("nli", modality="text")
 class NliTeacher(Teacher):
-    """Zero-shot text classification by entailment of one hypothesis per class."""
-
-    kind = "nli"
-    modality = "text"
+    """Zero-shot text classification by entailment of one hypothesis per class (PyTorch only:
+    C (text, hypothesis) pairs per sample through a sequence classifier)."""
 
     def __init__(self, request: Request, classes, numerics: Numerics):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -21,8 +21,10 @@ from zmdevice.teachers.base import (
     freeze,
     identity,
     load_hf,
+    tokenize,
     zero_shot_probs,
 )
+from zmdevice.teachers.registry import register_teacher
 
 TEXT_EMBED_TEMPLATE = "{label}"
 """Class text for sentence encoders when the classes file gives no description."""
@@ -58,13 +60,7 @@ class TokenizeCollate:
     max_length: int
 
     def __call__(self, texts: list):
-        return self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
+        return tokenize(self.tokenizer, list(texts), self.max_length)
 
 
 def class_texts(classes, template: str) -> dict[str, list[str]]:
@@ -75,11 +71,11 @@ def class_texts(classes, template: str) -> dict[str, list[str]]:
     }
 
 
+# int8: a transformer, whose matrix products onnxruntime quantises on the fly (no
+# calibration data needed, unlike the convolutional imagenet kind).
+@register_teacher("text-embed", modality="text", exports_onnx=True, int8=True, has_features=True)
 class TextEmbedTeacher(Teacher):
     """Zero-shot text classification by cosine similarity of sentence embeddings."""
-
-    kind = "text-embed"
-    modality = "text"
 
     def __init__(self, request: Request, classes, numerics: Numerics):
         from transformers import AutoModel, AutoTokenizer

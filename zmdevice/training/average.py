@@ -14,6 +14,10 @@ part of ``state`` and so of checkpoints, and the evaluations of a run with ``--t
 its accuracy as ``average_test_accuracy`` next to the live weights' ``test_accuracy``.
 Floating tensors are averaged; integer buffers (BatchNorm's batch counter) are copied. An
 image run re-estimates BatchNorm statistics after the average is loaded, as for any model.
+
+It reaches the loop as three handlers (``training.loop.Loop``): ``step_average``
+(``on_batch_end``), ``evaluate_average`` (``on_evaluate``) and ``end_average``
+(``on_stage_end``); each does nothing while ``state["average"]`` is None.
 """
 
 from __future__ import annotations
@@ -82,3 +86,29 @@ def end_with_average(state: dict, student) -> None:
     fired = (state.get("guard") or {}).get("fired")
     if average is not None and not fired:
         student.load_state_dict(average["weights"])
+
+
+# --------------------------------------------------------------------------- loop handlers
+
+
+def step_average(loop, state: dict) -> None:
+    """``on_batch_end``: fold the step's weights into the average."""
+    if state["average"] is not None:
+        update_average(state["average"], loop.setup.student)
+
+
+def evaluate_average(loop, state: dict) -> None:
+    """``on_evaluate``: log the averaged weights' test accuracy (with --test; rank 0)."""
+    from zmdevice.training.evaluation import evaluate_now
+
+    setup = loop.setup
+    if state["average"] is None or not setup.ranks.is_main or setup.data.test_index is None:
+        return
+    with averaged_weights(setup.student, state["average"]):
+        results = evaluate_now(setup, loop.plan)
+    loop.log.write(state, loop.plan, {f"average_{key}": value for key, value in results.items()})
+
+
+def end_average(loop, state: dict) -> None:
+    """``on_stage_end``: the stage ends on the average (``end_with_average``)."""
+    end_with_average(state, loop.setup.student)

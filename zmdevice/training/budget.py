@@ -9,6 +9,9 @@ saving (image students), which over the whole unlabeled pool can outlast a short
 training. Every random generator is restored afterwards, so a budget
 run trains exactly like a run given the planned steps.
 
+``build_setup`` plans before it freezes the run's settings (``start_budget``); the ``Budget``
+then reaches the loop as one ``on_step_end`` handler, ``Budget.stop_on_time``.
+
 The plan splits the time left, minus ``RESERVE_SHARE`` of the budget, the recalibration and
 two evaluations' time (final test, saving), between the stages in the ratio of
 ``kd_steps : ssl_steps`` (the modality defaults unless set), counting the periodic
@@ -27,15 +30,10 @@ import math
 from collections.abc import Callable
 
 from zmdevice.errors import UserError
-from zmdevice.training.loop import (
-    Setup,
-    begin_stage,
-    evaluate_now,
-    new_state,
-    recalibrate,
-    recalibration_batches,
-)
-from zmdevice.training.stages import StagePlan, StepModel, plan_stages
+from zmdevice.training.average import step_average
+from zmdevice.training.evaluation import evaluate_now, recalibrate, recalibration_batches
+from zmdevice.training.loop import Loop, NullLog, Setup, begin_stage, new_state
+from zmdevice.training.stages import DistillStage, Stage
 
 PROBE_WARM_STEPS = 2
 """Probe steps not timed (first calls, caches, allocator)."""
@@ -66,7 +64,7 @@ def check_time_budget(minutes: float | None) -> None:
         )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Budget:
     """A planned run's clock: the budget, when it began and what the probe measured."""
 
@@ -75,7 +73,7 @@ class Budget:
     started: float
     """``clock()`` when the budget began (moved back by the time used before a resume)."""
     plan: dict
-    """Planned steps per stage kind, measured seconds per step and per evaluation."""
+    """Planned steps per stage name, measured seconds per step and per evaluation."""
 
     def used(self) -> float:
         return self.clock() - self.started
@@ -85,21 +83,27 @@ class Budget:
         finishing = 2 * self.plan["eval_seconds"] + self.plan.get("recalibration_seconds", 0.0)
         return finishing + FINISH_SHARE * self.seconds
 
-    def out_of_time(self, setup: Setup, state: dict, plan: StagePlan) -> bool:
-        """True (logged, and the run marked stopped) once only the reserve is left."""
+    def stop_on_time(self, loop: Loop, state: dict) -> bool:
+        """``on_step_end``: True (logged, and the run marked stopped) once only the reserve
+        is left."""
         if self.seconds - self.used() > self.reserve():
             return False
-        setup.log.write(state, plan, {"time_budget_stop": True})
+        loop.log.write(state, loop.plan, {"time_budget_stop": True})
         state["stopped"] = "time budget"
         return True
+
+    def step_settings(self, plans: tuple[Stage, ...]) -> dict:
+        """The planned steps as the settings they replace (``kd_steps``, ``ssl_steps``)."""
+        steps = self.plan["steps"]
+        return {plan.steps_field: steps[plan.name] for plan in plans if plan.name in steps}
 
     def record(self) -> dict:
         """What checkpoints keep: the plan and the time used so far."""
         return {**self.plan, "used_seconds": round(self.used(), 3)}
 
 
-def plan_budget(setup: Setup, clock: Callable[[], float], started: float) -> None:
-    """Measure, plan, and fix the planned steps in ``setup`` (a fresh run)."""
+def plan_budget(setup: Setup, clock: Callable[[], float], started: float) -> Budget:
+    """Measure and plan a fresh run (``setup``: the run's settings before the plan)."""
     config = setup.config
     seconds = 60.0 * config.time_budget
     measured = measure(setup, clock)
@@ -109,14 +113,14 @@ def plan_budget(setup: Setup, clock: Callable[[], float], started: float) -> Non
     # Steps scale with x: stage i runs x * ratio_i steps and one evaluation per eval_every
     # steps plus one at its end; two more evaluations' time is the finishing reserve.
     per_x = sum(
-        plan.steps * (measured["step_seconds"][plan.kind] + eval_seconds * evals_per_step)
+        plan.steps * (measured["step_seconds"][plan.name] + eval_seconds * evals_per_step)
         for plan in setup.plans
         if plan.steps
     )
     fixed = eval_seconds * (len(setup.plans) + 2) + measured["recalibration_seconds"]
     x = (left - fixed) / per_x if per_x > 0 else 0.0
-    steps = {plan.kind: int(x * plan.steps) for plan in setup.plans}
-    if any(count < 1 for plan in setup.plans if plan.steps for count in [steps[plan.kind]]):
+    steps = {plan.name: int(x * plan.steps) for plan in setup.plans}
+    if any(count < 1 for plan in setup.plans if plan.steps for count in [steps[plan.name]]):
         raise UserError(
             f"--time-budget {config.time_budget:g} minutes leaves no time to train: setup and "
             f"the step probe took {clock() - started:.1f} s, a step takes "
@@ -124,22 +128,10 @@ def plan_budget(setup: Setup, clock: Callable[[], float], started: float) -> Non
             + f", an evaluation {eval_seconds:.2f} s and the BatchNorm recalibration before "
             f"saving {measured['recalibration_seconds']:.1f} s; give more minutes"
         )
-    plan = {"steps": steps, **measured}
-    fix_plan(setup, plan, seconds, clock, started)
+    return Budget(seconds=seconds, clock=clock, started=started, plan={"steps": steps, **measured})
 
 
-def fix_plan(setup: Setup, plan: dict, seconds: float, clock, started: float) -> None:
-    """Put the planned steps into the settings and stage plans; attach the budget."""
-    steps = plan["steps"]
-    changes = {"kd_steps": steps["kd"]} if "kd" in steps else {}
-    if "ssl" in steps:
-        changes["ssl_steps"] = steps["ssl"]
-    setup.config = dataclasses.replace(setup.config, **changes)
-    setup.plans = plan_stages(setup.config)
-    setup.budget = Budget(seconds=seconds, clock=clock, started=started, plan=plan)
-
-
-def resume_budget(setup: Setup, manifest: dict, clock: Callable[[], float]) -> None:
+def resume_budget(setup: Setup, manifest: dict, clock: Callable[[], float]) -> Budget:
     """Continue the checkpoint's plan with the time it had left (no new plan)."""
     recorded = (manifest.get("state") or {}).get("budget")
     if not isinstance(recorded, dict):
@@ -149,14 +141,14 @@ def resume_budget(setup: Setup, manifest: dict, clock: Callable[[], float]) -> N
         )
     plan = {key: value for key, value in recorded.items() if key != "used_seconds"}
     started = clock() - float(recorded["used_seconds"])
-    fix_plan(setup, plan, 60.0 * setup.config.time_budget, clock, started)
+    return Budget(seconds=60.0 * setup.config.time_budget, clock=clock, started=started, plan=plan)
 
 
 # --------------------------------------------------------------------------- the probe
 
 
 def measure(setup: Setup, clock: Callable[[], float]) -> dict:
-    """Seconds per step of each stage kind, per evaluation and for the recalibration.
+    """Seconds per step of each stage name, per evaluation and for the recalibration.
 
     The copy, its optimizer and samplers are thrown away and every random generator is
     restored, so the run itself is untouched.
@@ -166,17 +158,17 @@ def measure(setup: Setup, clock: Callable[[], float]) -> dict:
     saved = rng_state(setup)
     step_seconds, probe = {}, None
     for index, plan in enumerate(setup.plans):
-        if plan.steps and plan.kind not in step_seconds:  # a 0-step stage stays at 0
+        if plan.steps and plan.name not in step_seconds:  # a 0-step stage stays at 0
             probe = probe_setup(setup)
-            step_seconds[plan.kind] = time_steps(probe, index, clock)
+            step_seconds[plan.name] = time_steps(probe, index, clock)
     began = clock()
-    evaluate_now(probe, StagePlan("kd", 1))
+    evaluate_now(probe, DistillStage(1))
     eval_seconds = clock() - began
     recalibration_seconds = 0.0
     batches = recalibration_batches(setup)
     if batches:
         began = clock()
-        recalibrate(replace_config(probe, bn_recalibration_batches=1))
+        recalibrate(probe, max_batches=1)
         recalibration_seconds = (clock() - began) * batches
     set_rng_state(setup, saved)
     return {
@@ -186,59 +178,28 @@ def measure(setup: Setup, clock: Callable[[], float]) -> dict:
     }
 
 
-def replace_config(setup: Setup, **changes) -> Setup:
-    """A copy of ``setup`` with settings changed (the original is left as it was)."""
-    return dataclasses.replace(setup, config=dataclasses.replace(setup.config, **changes))
-
-
 def probe_setup(setup: Setup) -> Setup:
-    """A setup training a copy of the student, with no evaluations, logs or checkpoints."""
+    """A setup training a copy of the student for the probe's steps of each stage (its loop
+    has no evaluations, logs or checkpoints: ``time_steps``)."""
     student = copy.deepcopy(setup.student)
-    config = dataclasses.replace(
-        setup.config,
-        eval_every=0,
-        checkpoint_every=0,
-        log_every=10**9,
-        stop_after=None,
-        early_stop_agreement=1.0,
-    )
     steps = PROBE_WARM_STEPS + PROBE_TIMED_STEPS + 1
-    return dataclasses.replace(
-        setup,
-        config=config,
-        plans=[dataclasses.replace(plan, steps=steps) for plan in setup.plans],
-        student=student,
-        model=StepModel(student),
-        log=NullLog(),
-        on_step=None,
-        budget=None,
-        guard=None,
-    )
+    plans = tuple(plan.with_steps(steps) for plan in setup.plans)
+    return dataclasses.replace(setup, plans=plans, student=student)
 
 
 def time_steps(probe: Setup, stage_index: int, clock: Callable[[], float]) -> float:
     """Mean seconds of the timed steps of stage ``stage_index`` in ``probe``."""
-    from zmdevice.training.loop import run_stage
-
     stamps = []
-    probe.on_step = lambda setup, state, values: stamps.append(clock())
+    loop = Loop(probe, NullLog())
+    loop.add_callback("on_batch_end", step_average)  # its cost is part of a step's
+    loop.add_callback("on_step_end", lambda loop, state: stamps.append(clock()))
     state = new_state(probe)
     state["stage_index"] = stage_index
     begin_stage(probe, state)
-    run_stage(probe, state, save_checkpoint=lambda setup, state: None)
-    # stamps[k] is taken after step k + 1; the last step also evaluates (not timed here).
+    loop.run_stage(state)
+    # stamps[k] is taken after step k + 1.
     timed = stamps[PROBE_WARM_STEPS - 1 : PROBE_WARM_STEPS + PROBE_TIMED_STEPS]
     return (timed[-1] - timed[0]) / (len(timed) - 1)
-
-
-class NullLog:
-    """A metrics log that keeps nothing (the probe's)."""
-
-    def write(self, state: dict, plan: StagePlan, values: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def summary_line(budget: Budget | None, state: dict) -> str | None:
@@ -256,11 +217,10 @@ def summary_line(budget: Budget | None, state: dict) -> str | None:
     )
 
 
-def start_budget(setup: Setup, clock: Callable[[], float], started: float) -> None:
+def start_budget(setup: Setup, clock: Callable[[], float], started: float) -> Budget:
     """Plan a fresh run; a resumed one continues its checkpoint's plan."""
     from zmdevice.training.checkpoint import read_manifest
 
     if setup.config.resume:
-        resume_budget(setup, read_manifest(setup.out), clock)
-    else:
-        plan_budget(setup, clock, started)
+        return resume_budget(setup, read_manifest(setup.out), clock)
+    return plan_budget(setup, clock, started)

@@ -23,7 +23,6 @@ import torch
 
 from zmdevice.errors import UserError, atomic_path, disk_trouble, write_text_atomic
 from zmdevice.training.average import restore_average
-from zmdevice.training.guard import plans_after_collapse
 from zmdevice.training.loop import Setup, begin_stage, cpu_state
 
 FOLDER = "checkpoints"
@@ -252,8 +251,7 @@ def restore(setup: Setup, state: dict, tree: dict) -> None:
         student.attach_kd_head(seed=0)
     student.load_state_dict(tree["model"])
     student.to(setup.device)
-    state["guard"] = tree.get("guard")
-    setup.plans.extend(plans_after_collapse(state["guard"]))
+    state["guard"] = tree.get("guard")  # before begin_stage: a ``distill`` stage is in it
     begin_stage(setup, state)
     if tree["optimizer"] is not None:
         state["optimizer"].load_state_dict(tree["optimizer"])

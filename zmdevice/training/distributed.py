@@ -217,16 +217,6 @@ def _seeded_fork(seed: int, device):
     return fork()
 
 
-class NoLog:
-    """``metrics.jsonl`` on ranks other than 0: rank 0 writes the file."""
-
-    def write(self, state: dict, plan, values: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 class SharedAlignment(DistributionAlignment):
     """AdaMatch's running distributions and threshold from the global batch: each rank's
     batch means (equal slices) are averaged over the ranks."""

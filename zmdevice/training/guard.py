@@ -42,8 +42,11 @@ collapse it warns on stderr, logs a ``collapse`` record (``report.md`` and ``cur
 show it), and ends stage 2: ``rollback`` restores those weights and finishes, ``distill``
 restores them and spends the steps stage 2 had left on a stage-1 distillation stage (with
 its own fresh schedule and held-out model selection), ``stop`` finishes with the weights as
-they are. ``distill`` adds that stage to ``setup.plans``; it is recorded in the guard's
-memory, so a resumed run rebuilds it (``plans_after_collapse``).
+they are. ``distill``'s stage is recorded in the guard's memory, from which the loop's
+``stage_plans`` adds it (``plans_after_collapse``), in this run and a resumed one.
+
+The guard is a pair of loop handlers (``training.loop.Loop``): ``on_stage_start`` takes
+stage 2's baseline, ``on_evaluate`` judges each evaluation and ends the stage on a collapse.
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ import sys
 
 import torch
 
-from zmdevice.training.loop import Setup, cpu_state, predict
-from zmdevice.training.stages import StagePlan
+from zmdevice.training.evaluation import predict
+from zmdevice.training.loop import Loop, Setup, cpu_state
+from zmdevice.training.stages import DistillStage, Stage
 
 MIN_HELDOUT = 20
 """Held-out samples below which the guard only logs: on a handful of samples one changed
@@ -63,10 +67,6 @@ prediction moves agreement by many points and the class histogram is noise."""
 
 CONFIDENCE_Z = 1.645
 """z of the one-sided 95% bound on the labels' measured accuracy (``lower_bound``)."""
-
-
-def make_guard(config) -> CollapseGuard | None:
-    return None if config.collapse_guard == "off" else CollapseGuard()
 
 
 def class_entropy(predicted: torch.Tensor, num_classes: int) -> float:
@@ -201,16 +201,26 @@ def judge(
     return reason, memory["breaches"] >= config.collapse_patience or last
 
 
+def add_guard(loop: Loop) -> None:
+    """Watch the run of ``loop`` unless ``collapse_guard`` is off."""
+    if loop.setup.config.collapse_guard != "off":
+        guard = CollapseGuard()
+        loop.add_callback("on_stage_start", guard.on_stage_start)
+        loop.add_callback("on_evaluate", guard.on_evaluate)
+
+
 class CollapseGuard:
-    """Observes stage-2 evaluations; ``check`` says when training must end."""
+    """Observes stage-2 evaluations; ``on_evaluate`` ends training on a collapse."""
 
-    def begin(self, setup: Setup, state: dict, plan: StagePlan) -> None:
+    def on_stage_start(self, loop: Loop, state: dict) -> None:
         """The stage-2 baseline, before its first step (kept on resume)."""
-        if plan.uses_labeled and state.get("guard") is None:
-            self.check(setup, state, plan)
+        if loop.plan.uses_labeled and state.get("guard") is None:
+            self.on_evaluate(loop, state)
 
-    def check(self, setup: Setup, state: dict, plan: StagePlan) -> bool:
-        """Observe and log; on a collapse act as configured and return True."""
+    def on_evaluate(self, loop: Loop, state: dict) -> bool:
+        """Observe and log; on a collapse act as configured and return True (the stage
+        ends)."""
+        setup, plan, log = loop.setup, loop.plan, loop.log
         if not plan.uses_labeled:
             return False
         config = setup.config
@@ -222,7 +232,7 @@ class CollapseGuard:
             judged_floor = floor if config.collapse_agreement else None
             memory = new_memory(signals, judged_floor, data.classes, floor is not None)
             state["guard"] = memory
-        setup.log.write(
+        log.write(
             state,
             plan,
             {
@@ -238,7 +248,7 @@ class CollapseGuard:
                 memory["best_state"] = cpu_state(setup.student)
             return False
         if not act:
-            setup.log.write(state, plan, {"collapse_suspected": reason})
+            log.write(state, plan, {"collapse_suspected": reason})
             return False
         action = config.collapse_guard
         rolled_back_to = memory.get("best_step") if action in ("rollback", "distill") else None
@@ -252,8 +262,7 @@ class CollapseGuard:
             "rolled_back_to": rolled_back_to,
             "distill_steps": distill_steps,
         }
-        setup.plans.extend(plans_after_collapse(memory))
-        setup.log.write(
+        log.write(
             state,
             plan,
             {"collapse": reason, "collapse_action": action, "rolled_back_to": rolled_back_to},
@@ -268,11 +277,11 @@ class CollapseGuard:
         return True
 
 
-def plans_after_collapse(memory: dict | None) -> list[StagePlan]:
+def plans_after_collapse(memory: dict | None) -> tuple[Stage, ...]:
     """The distillation stage a ``distill`` collapse added (none for other outcomes)."""
     fired = (memory or {}).get("fired") or {}
     steps = fired.get("distill_steps", 0)
-    return [StagePlan("kd", steps)] if steps else []
+    return (DistillStage(steps),) if steps else ()
 
 
 def outcome(fired: dict) -> str:

@@ -1,18 +1,33 @@
-"""The training loop: ``Setup`` is built once, ``state`` is one plain dict (the checkpoint).
+"""The training loop: ``Setup`` is resolved once and frozen, ``state`` is one plain dict (the
+checkpoint), and ``Loop.run_stage`` reads top to bottom: batch -> forward -> loss ->
+backward -> step -> log, then evaluation.
 
-``run_stage`` reads top to bottom: batch -> forward -> loss -> backward -> step -> log, then
-periodic evaluation and checkpoints. Extension is the plain ``on_step(setup, state,
-values)`` callback. ``state`` holds exactly what ``checkpoint.save`` writes: counters,
-model, optimizer, schedule, AdaMatch alignment, samplers, batches drawn ahead, stage-1
-model selection and per-stage summaries.
+Everything else a run does around the steps is an event handler (``Loop.add_callback``):
+the weight average (``training.average``), model selection and stage 1's early stop, the
+collapse guard, periodic checkpoints, ``stop_after``, the time budget and the user's
+``on_step``. A handler is ``callback(loop, state)``; one that returns True ends the stage
+(the handlers after it on that event do not run). Events, in the order of a step:
+
+- ``on_stage_start``: before the first step of a stage (also a resumed one);
+- ``on_batch_end``: after the optimizer step;
+- ``on_evaluate``: after logging, on evaluation steps (every ``eval_every`` and the last);
+- ``on_step_end``: last thing of a step;
+- ``on_stage_end``: after the stage's last step, whatever ended it.
+
+``state`` holds exactly what ``checkpoint.save`` writes: counters, the step module, optimizer,
+schedule, AdaMatch alignment, samplers, batches drawn ahead, stage-1 model selection,
+per-stage summaries, the collapse guard's memory and the weight average.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +37,7 @@ import torch
 from zmdevice.config import TrainConfig
 from zmdevice.errors import UserError, atomic_path
 from zmdevice.training.distributed import Ranks
-from zmdevice.training.stages import StagePlan, StepContext, StepModel, to_device
+from zmdevice.training.stages import Stage, StepContext, StepModel
 
 LOOKAHEAD_STEPS = 4
 """Steps whose image views are built together (see ``draw_batch``)."""
@@ -30,18 +45,18 @@ LOOKAHEAD_BYTES = 32 * 2**20
 """...as long as their float32 inputs fit in this much memory."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Setup:
-    """Everything built once per run and never changed by training."""
+    """Everything a run resolves once (``run.build_setup``); read-only afterwards."""
 
     config: TrainConfig
-    """Settings with the modality's defaults filled in."""
-    plans: list[StagePlan]
+    """Settings as the run trains: the modality's defaults filled in, the precision resolved
+    and, with --time-budget, the planned steps."""
+    plans: tuple[Stage, ...]
+    """The method's stages (``stages.plan_stages(config)``); see ``stage_plans``."""
     data: Any
     """training.data.TrainData."""
     student: Any
-    model: StepModel
-    """The student as one training-step module."""
     device: Any
     precision: Any
     """The resolved ``zmdevice.precision.Precision`` of the training steps."""
@@ -51,14 +66,10 @@ class Setup:
     freeze_embeddings: bool
     fingerprints: dict
     """Data fingerprints (``data.data_fingerprints``), checked on resume."""
-    log: MetricsLog | None = None
-    on_step: Any = None
     ranks: Ranks = Ranks()
     """This process's rank and the world size (``training.distributed``)."""
     budget: Any = None
     """training.budget.Budget of a --time-budget run, else None."""
-    guard: Any = None
-    """training.guard.CollapseGuard unless collapse_guard is off."""
 
 
 class StopTraining(Exception):
@@ -71,7 +82,7 @@ def new_state(setup: Setup) -> dict:
         "stage_index": 0,
         "step": 0,
         "global_step": 0,
-        "model": setup.student,
+        "model": None,
         "optimizer": None,
         "scheduler": None,
         "alignment": None,
@@ -88,12 +99,25 @@ def new_state(setup: Setup) -> dict:
     }
 
 
+def stage_plans(setup: Setup, state: dict) -> tuple[Stage, ...]:
+    """The run's stages: the method's, then the distillation stage a ``distill`` collapse
+    added (recorded in the guard's memory, so a resumed run has it too)."""
+    from zmdevice.training.guard import plans_after_collapse
+
+    return setup.plans + plans_after_collapse(state["guard"])
+
+
+def stage_plan(setup: Setup, state: dict) -> Stage:
+    """The stage in progress (the last one once the run is past its end)."""
+    plans = stage_plans(setup, state)
+    return plans[min(state["stage_index"], len(plans) - 1)]
+
+
 def begin_stage(setup: Setup, state: dict) -> None:
     """Fresh optimizer, schedule, alignment state and samplers; KD head for stage 2."""
-    from zmdevice.pipeline import Sampler
     from zmdevice.training.average import start_average
 
-    plan = setup.plans[state["stage_index"]]
+    plan = stage_plan(setup, state)
     config, student = setup.config, setup.student
     seed = config.seed * 1000 + state["stage_index"]
     if plan.kd_head and student.kd_head is None:
@@ -109,16 +133,23 @@ def begin_stage(setup: Setup, state: dict) -> None:
     )
     state["average"] = start_average(config, plan, state["stage_index"], student)
     state["alignment"] = setup.ranks.alignment(len(setup.data.classes), config.da_momentum)
-    state["samplers"] = {
-        name: Sampler(population, batch_size, seed + offset)
-        for offset, (name, (population, batch_size)) in enumerate(
-            plan.samplers(setup.data, config).items()
-        )
-    }
+    state["samplers"] = make_samplers(setup, plan, seed)
     state["best"] = {}
     state["ahead"] = []
-    if setup.ranks.active:  # (re)wrap in DDP: stage 2's KD head must be synced too
-        setup.model = setup.ranks.wrap(StepModel(student), setup.device)
+    # Rebuilt every stage: under DDP the wrapper must see stage 2's KD head to sync it.
+    state["model"] = setup.ranks.wrap(StepModel(student, setup.precision), setup.device)
+
+
+def make_samplers(setup: Setup, plan: Stage, seed: int) -> dict:
+    """The stage's samplers (``Stage.samplers``), seeded ``seed`` + their position."""
+    from zmdevice.pipeline import Sampler
+
+    return {
+        name: Sampler(population, batch_size, seed + offset)
+        for offset, (name, (population, batch_size)) in enumerate(
+            plan.samplers(setup.data, setup.config).items()
+        )
+    }
 
 
 def make_optimizer(
@@ -152,7 +183,7 @@ def make_optimizer(
 # --------------------------------------------------------------------------- batches
 
 
-def draw_batch(setup: Setup, state: dict, plan: StagePlan) -> dict:
+def draw_batch(setup: Setup, state: dict, plan: Stage) -> dict:
     """The next batch: ``pool`` (into the index space), ``labeled`` (rows) and ``inputs``.
 
     Image views are built for several steps in one call: at 32 px the per-call cost of
@@ -168,7 +199,7 @@ def draw_batch(setup: Setup, state: dict, plan: StagePlan) -> dict:
     return state["ahead"].pop(0)
 
 
-def steps_ahead(setup: Setup, plan: StagePlan) -> int:
+def steps_ahead(setup: Setup, plan: Stage) -> int:
     if setup.data.modality != "image":
         return 1
     size = setup.data.views.pixels.shape[-1]
@@ -176,7 +207,7 @@ def steps_ahead(setup: Setup, plan: StagePlan) -> int:
     return max(1, min(LOOKAHEAD_STEPS, LOOKAHEAD_BYTES // (rows * 3 * size * size * 4)))
 
 
-def draw_batches(setup: Setup, samplers: dict, plan: StagePlan, count: int) -> list[dict]:
+def draw_batches(setup: Setup, samplers: dict, plan: Stage, count: int) -> list[dict]:
     """``count`` consecutive batches; their views come from one ``views.batch`` call."""
     data = setup.data
     batches = [plan.draw(data, samplers) for _ in range(count)]
@@ -191,105 +222,173 @@ def draw_batches(setup: Setup, samplers: dict, plan: StagePlan, count: int) -> l
     return batches
 
 
+# --------------------------------------------------------------------------- one step
+
+
+def step_context(setup: Setup, state: dict, plan: Stage) -> StepContext:
+    """What the losses of the step at ``state["step"]`` read besides the batch."""
+    return StepContext(setup.data, setup.config, setup.soft, setup.device,
+                       state["alignment"], state["step"], plan.steps, setup.ranks)  # fmt: skip
+
+
+def train_step(state: dict, plan: Stage, batch: dict, context: StepContext, grad_clip: float,
+               rng=None) -> dict:  # fmt: skip
+    """Forward -> named losses -> backward -> (clip) -> optimizer and schedule step.
+
+    ``state`` gives ``model`` (the step module), ``optimizer``, ``scheduler`` and ``scaler``;
+    ``rng`` is a context for the forward pass's random numbers (``Ranks.own_rng``). Returns
+    the named losses (``Stage.losses``).
+    """
+    with rng or contextlib.nullcontext():
+        named = plan.losses(state["model"], batch, context)
+    optimizer, scaler = state["optimizer"], state["scaler"]
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(named["loss"]).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(state["model"].parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    state["scheduler"].step()
+    return named
+
+
 # --------------------------------------------------------------------------- the loop
 
+Callback = Callable[["Loop", dict], Any]
+"""``callback(loop, state)``; a True result ends the stage."""
 
-def run_stage(setup: Setup, state: dict, save_checkpoint) -> None:
-    """Train the current stage from ``state["step"]`` to its end (or stage 1's early stop).
 
-    ``save_checkpoint(setup, state)`` writes the checkpoint (``checkpoint.save``).
+class Loop:
+    """Runs stages of one ``Setup``; what happens around the steps is callbacks.
+
+    ``log`` is the metrics log (``MetricsLog``, ``NullLog``); ``save_checkpoint(setup,
+    state)`` writes the checkpoint. During a stage ``plan`` is its ``Stage``, ``values`` the
+    last step's logged values and ``progress`` its progress bar.
     """
+
+    def __init__(self, setup: Setup, log, save_checkpoint=lambda setup, state: None):
+        self.setup, self.log, self.save_checkpoint = setup, log, save_checkpoint
+        self.callbacks: dict[str, list[Callback]] = defaultdict(list)
+        self.plan: Stage | None = None
+        self.values: dict = {}
+        self.progress = None
+
+    def add_callback(self, event: str, callback: Callback) -> None:
+        self.callbacks[event].append(callback)
+
+    def trigger(self, event: str, state: dict) -> bool:
+        """Run the callbacks of ``event`` in order; True (the stage ends) at the first that
+        returns True."""
+        return any(callback(self, state) for callback in self.callbacks[event])
+
+    def run_stage(self, state: dict) -> None:
+        """Train the current stage from ``state["step"]`` to its end or a callback's stop."""
+        setup, plan = self.setup, stage_plan(self.setup, state)
+        self.plan, started = plan, time.perf_counter()
+        self.progress = progress_bar(setup, state, plan)
+        self.trigger("on_stage_start", state)
+        state["model"].train()
+        while state["step"] < plan.steps:
+            batch = setup.ranks.shard(plan, setup.data, draw_batch(setup, state, plan))
+            context = step_context(setup, state, plan)
+            rng = setup.ranks.own_rng(setup.config.seed, state["global_step"], setup.device)
+            named = train_step(state, plan, batch, context, setup.config.grad_clip, rng)
+            state["step"] += 1
+            state["global_step"] += 1
+            self.trigger("on_batch_end", state)
+            self.values = self.log_step(state, named)
+            if self.evaluation_due(state) and self.trigger("on_evaluate", state):
+                break
+            if self.trigger("on_step_end", state):
+                break
+        self.progress.close()
+        seconds = round(time.perf_counter() - started, 1)
+        state["stage_summaries"].append(
+            {"stage": plan.name, "steps": state["step"], "seconds": seconds}
+        )
+        self.trigger("on_stage_end", state)
+
+    def log_step(self, state: dict, named: dict) -> dict:
+        """The step's named values (averaged over ranks) on the progress bar and, every
+        ``log_every`` steps and at the stage's last, in metrics.jsonl."""
+        values = {key: float(value.detach()) for key, value in named.items()}
+        values = self.setup.ranks.mean_values(values, self.setup.device)
+        self.progress.update(1)
+        self.progress.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k != "alpha"})
+        if state["step"] % self.setup.config.log_every == 0 or self.last_step(state):
+            lr = state["optimizer"].param_groups[0]["lr"]
+            self.log.write(state, self.plan, {**values, "lr": lr})
+        return values
+
+    def last_step(self, state: dict) -> bool:
+        return state["step"] == self.plan.steps
+
+    def evaluation_due(self, state: dict) -> bool:
+        every = self.setup.config.eval_every
+        return bool(every and state["step"] % every == 0) or self.last_step(state)
+
+
+def progress_bar(setup: Setup, state: dict, plan: Stage):
     from tqdm import tqdm
 
-    from zmdevice.training.average import update_average
-
-    config, plan = setup.config, setup.plans[state["stage_index"]]
-    optimizer, scheduler = state["optimizer"], state["scheduler"]
-    label = f"stage {state['stage_index'] + 1}/{len(setup.plans)} {plan.name}"
-    progress = tqdm(total=plan.steps, initial=state["step"], desc=label, leave=True,
-                    disable=None if setup.ranks.is_main else True, file=sys.stderr,
-                    dynamic_ncols=True)  # fmt: skip
-    started = time.perf_counter()
-    if setup.guard is not None:
-        setup.guard.begin(setup, state, plan)
-    setup.model.train()
-    ranks = setup.ranks
-    while state["step"] < plan.steps:
-        batch = ranks.shard(plan, setup.data, draw_batch(setup, state, plan))
-        context = StepContext(setup.data, config, setup.soft, setup.device,
-                              state["alignment"], state["step"], plan.steps, ranks)  # fmt: skip
-        with ranks.own_rng(config.seed, state["global_step"], setup.device):
-            named = plan.losses(setup.model, batch, context)
-        optimizer.zero_grad(set_to_none=True)
-        scaler = state["scaler"]
-        scaler.scale(named["loss"]).backward()
-        if config.grad_clip > 0:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(setup.model.parameters(), config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        if state["average"] is not None:
-            update_average(state["average"], setup.student)
-        state["step"] += 1
-        state["global_step"] += 1
-
-        values = {key: float(value.detach()) for key, value in named.items()}
-        values = ranks.mean_values(values, setup.device)
-        progress.update(1)
-        progress.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k != "alpha"})
-        last = state["step"] == plan.steps
-        if state["step"] % config.log_every == 0 or last:
-            setup.log.write(state, plan, {**values, "lr": optimizer.param_groups[0]["lr"]})
-        evaluate = (config.eval_every and state["step"] % config.eval_every == 0) or last
-        if evaluate and state["average"] is not None and ranks.is_main:
-            evaluate_average(setup, state, plan)
-        if evaluate and ranks.decide(lambda: evaluate_and_select(setup, state, plan)):
-            setup.log.write(state, plan, {"early_stop": True})
-            break
-        if evaluate and setup.guard is not None and setup.guard.check(setup, state, plan):
-            break
-        if config.checkpoint_every and state["step"] % config.checkpoint_every == 0 and not last:
-            save_checkpoint(setup, state)
-        if setup.on_step is not None:
-            setup.on_step(setup, state, values)
-        if setup.budget is not None and setup.budget.out_of_time(setup, state, plan):
-            break
-        if config.stop_after is not None and state["global_step"] >= config.stop_after and not last:
-            save_checkpoint(setup, state)
-            progress.close()
-            raise StopTraining(state["global_step"])
-    progress.close()
-    seconds = round(time.perf_counter() - started, 1)
-    state["stage_summaries"].append(
-        {"stage": plan.name, "steps": state["step"], "seconds": seconds}
-    )
+    label = f"stage {state['stage_index'] + 1}/{len(stage_plans(setup, state))} {plan.name}"
+    return tqdm(total=plan.steps, initial=state["step"], desc=label, leave=True,
+                disable=None if setup.ranks.is_main else True, file=sys.stderr,
+                dynamic_ncols=True)  # fmt: skip
 
 
-def evaluate_and_select(setup: Setup, state: dict, plan: StagePlan) -> bool:
-    """Evaluate, log, keep the best stage-1 weights; True when stage 1 may stop early."""
-    results = evaluate_now(setup, plan)
-    if results:
-        setup.log.write(state, plan, results)
-    if not plan.selects_model:
-        return False
-    agreement = results["heldout_agreement"]
-    best = state["best"]
-    if not best or agreement > best["agreement"]:
-        state["best"] = {"agreement": agreement, "step": state["step"],
-                         "state": cpu_state(setup.student)}  # fmt: skip
-    return agreement > setup.config.early_stop_agreement and state["step"] < plan.steps
+# --------------------------------------------------------------------------- handlers
 
 
-def evaluate_average(setup: Setup, state: dict, plan: StagePlan) -> None:
-    """Log the averaged weights' test accuracy (``training.average``; with --test only)."""
-    from zmdevice.training.average import averaged_weights
+def evaluate_and_select(loop: Loop, state: dict) -> bool:
+    """``on_evaluate``: evaluate and log; stage 1 keeps its best held-out weights and ends
+    early (True) past ``early_stop_agreement``. Rank 0 decides for every rank."""
 
-    if setup.data.test_index is None:
-        return
-    with averaged_weights(setup.student, state["average"]):
+    def decide() -> bool:
+        from zmdevice.training.evaluation import evaluate_now
+
+        setup, plan = loop.setup, loop.plan
         results = evaluate_now(setup, plan)
-    setup.log.write(state, plan, {f"average_{key}": value for key, value in results.items()})
+        if results:
+            loop.log.write(state, plan, results)
+        if not plan.selects_model:
+            return False
+        agreement = results["heldout_agreement"]
+        best = state["best"]
+        if not best or agreement > best["agreement"]:
+            state["best"] = {"agreement": agreement, "step": state["step"],
+                             "state": cpu_state(setup.student)}  # fmt: skip
+        return agreement > setup.config.early_stop_agreement and state["step"] < plan.steps
+
+    if not loop.setup.ranks.decide(decide):
+        return False
+    loop.log.write(state, loop.plan, {"early_stop": True})
+    return True
+
+
+def restore_best(loop: Loop, state: dict) -> None:
+    """``on_stage_end``: model selection continues (or finishes) from the best held-out
+    weights."""
+    if loop.plan.selects_model and state["best"]:
+        loop.setup.student.load_state_dict(state["best"]["state"])
+
+
+def save_periodically(loop: Loop, state: dict) -> None:
+    """``on_step_end``: a checkpoint every ``checkpoint_every`` steps (not at a stage's end,
+    where the next stage's start saves one)."""
+    every = loop.setup.config.checkpoint_every
+    if every and state["step"] % every == 0 and not loop.last_step(state):
+        loop.save_checkpoint(loop.setup, state)
+
+
+def stop_after(loop: Loop, state: dict) -> None:
+    """``on_step_end``: after ``stop_after`` steps, save and raise ``StopTraining``."""
+    limit = loop.setup.config.stop_after
+    if limit is not None and state["global_step"] >= limit and not loop.last_step(state):
+        loop.save_checkpoint(loop.setup, state)
+        loop.progress.close()
+        raise StopTraining(state["global_step"])
 
 
 def cpu_state(model) -> dict:
@@ -298,7 +397,7 @@ def cpu_state(model) -> dict:
 
 def out_of_memory(setup: Setup, state: dict) -> UserError:
     """The one-line error for an accelerator out-of-memory in the stage in progress."""
-    plan = setup.plans[min(state["stage_index"], len(setup.plans) - 1)]
+    plan = stage_plan(setup, state)
     fields = [*plan.batch_fields(), "eval_batch_size"]
     current = ", ".join(f"{name} = {getattr(setup.config, name)}" for name in fields)
     return UserError(
@@ -307,93 +406,15 @@ def out_of_memory(setup: Setup, state: dict) -> UserError:
     )
 
 
-# --------------------------------------------------------------------------- evaluation
-
-
-def predict(student, data, indices, batch_size: int, device):
-    """Main-head predictions [N] (int64, CPU) on clean views, in eval mode."""
-    was_training = student.training
-    student.eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start : start + batch_size]
-            inputs = to_device(data.views.batch([("clean", chunk)]), device)
-            out.append(student(**inputs).argmax(dim=1).cpu())
-    student.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
-
-
-def evaluate_now(setup: Setup, plan: StagePlan) -> dict:
-    """Held-out agreement with the FM (stage 1) and test accuracy (when --test is given)."""
-    data, size = setup.data, setup.config.eval_batch_size
-    results = {}
-    if plan.selects_model:
-        predicted = predict(setup.student, data, data.holdout, size, setup.device)
-        results["heldout_agreement"] = float(
-            (predicted == data.fm_label[data.holdout]).float().mean()
-        )
-        if data.gold_pool is not None:
-            gold = data.gold_pool[data.holdout]
-            results["heldout_gold_accuracy"] = float((predicted == gold).float().mean())
-    if data.test_index is not None:
-        predicted = predict(setup.student, data, data.test_index, size, setup.device)
-        results["test_accuracy"] = float((predicted == data.test_y).float().mean())
-    return results
-
-
-def recalibration_batches(setup: Setup) -> int:
-    """How many batches the BatchNorm recalibration before saving reads (0: none)."""
-    config, data = setup.config, setup.data
-    if data.modality != "image":
-        return 0
-    return min(config.bn_recalibration_batches, -(-data.num_pool // config.eval_batch_size))
-
-
-def recalibrate(setup: Setup) -> int:
-    """Re-estimate BatchNorm statistics on clean unlabeled images (no labels)."""
-    from zmdevice.students import recalibrate_batchnorm
-
-    config, data = setup.config, setup.data
-    if recalibration_batches(setup) == 0:
-        return 0
-    generator = torch.Generator().manual_seed(config.seed + 2)
-    order = torch.randperm(data.num_pool, generator=generator)
-    size = config.eval_batch_size
-    batches = (
-        to_device(data.views.batch([("clean", order[start : start + size])]), setup.device)
-        for start in range(0, len(order), size)
-    )
-    return recalibrate_batchnorm(
-        setup.student, batches, max_batches=config.bn_recalibration_batches
-    )
-
-
-def final_test_report(setup: Setup) -> dict:
-    """Accuracy, macro-F1 and per-class numbers of the saved model on --test (if given)."""
-    from zmdevice.metrics import classification_report
-
-    data = setup.data
-    if data.test_index is None:
-        return {}
-    size = setup.config.eval_batch_size
-    predicted = predict(setup.student, data, data.test_index, size, setup.device)
-    report = classification_report(data.test_y.numpy(), predicted.numpy(), data.classes)
-    return {
-        "test_accuracy": float(report["accuracy"]),
-        "test_macro_f1": float(report["macro_f1"]),
-        "test_report": report,
-    }
-
-
 # --------------------------------------------------------------------------- metrics.jsonl
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object per logged step or evaluation."""
+    """``metrics.jsonl``: one JSON object per logged step or evaluation; each also goes to
+    ``tracker`` (the ``--log`` one, ``zmdevice.trackers``) when there is one."""
 
-    def __init__(self, path: Path, keep_until: int | None = None):
-        self.path = path
+    def __init__(self, path: Path, keep_until: int | None = None, tracker=None):
+        self.path, self.tracker = path, tracker
         lines = []
         if keep_until is not None and path.is_file():
             lines = kept_lines(path, keep_until)
@@ -402,7 +423,7 @@ class MetricsLog:
             tmp.write_text("".join(lines), encoding="utf-8")
         self.handle = path.open("a", encoding="utf-8")
 
-    def write(self, state: dict, plan: StagePlan, values: dict) -> None:
+    def write(self, state: dict, plan: Stage, values: dict) -> None:
         record = {
             "stage": plan.name,
             "stage_index": state["stage_index"],
@@ -415,9 +436,21 @@ class MetricsLog:
         }
         self.handle.write(json.dumps(record) + "\n")
         self.handle.flush()
+        if self.tracker is not None:
+            self.tracker.log_record(record)
 
     def close(self) -> None:
         self.handle.close()
+
+
+class NullLog:
+    """A metrics log that keeps nothing (the budget's probe; ranks other than 0)."""
+
+    def write(self, state: dict, plan: Stage, values: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def kept_lines(path: Path, keep_until: int) -> list[str]:

@@ -1,18 +1,20 @@
 """`zmdevice train`: ZeroMatch (stage 1 KD, stage 2 SSL + auxiliary KD head) and baselines.
 
-A run is a list of stages (``config.METHODS``); every stage goes through the same loop. The
-pieces live in ``zmdevice.training``:
+A run is a tuple of stage objects (``training.stages.METHOD_STAGES``); every stage goes
+through the same loop. The pieces live in ``zmdevice.training``:
 
-=====================  ===============================================================
-``training.data``      read and join the data files (``TrainData``), check they can train
-``training.stages``    ``StagePlan``: a stage's samplers, views and named losses;
-                       ``StepModel``, the one module a step calls
-``training.loop``      ``Setup`` (built once), the state dict, ``run_stage``, evaluation
-``training.checkpoint`` the state dict to safetensors + JSON and back (``--resume``)
-``training.budget``    ``--time-budget``: measure, plan the steps, stop on time
-``training.guard``     the stage-2 collapse guard (rollback / distill / stop)
-``training.average``   stage 2's optional weight average (``ssl_weight_average``)
-=====================  ===============================================================
+========================  ==================================================================
+``training.data``         read and join the data files (``TrainData``), check they can train
+``training.stages``       ``DistillStage``, ``SSLStage``: samplers, views, named losses;
+                          ``METHOD_STAGES``; ``StepModel``, the one module a step calls
+``training.loop``         ``Setup`` (frozen), the state dict, ``train_step``, ``Loop``
+``training.evaluation``   held-out agreement, test accuracy, BatchNorm recalibration
+``training.checkpoint``   the state dict to safetensors + JSON and back (``--resume``)
+``training.budget``       ``--time-budget``: measure, plan the steps, stop on time
+``training.guard``        the stage-2 collapse guard (rollback / distill / stop)
+``training.average``      stage 2's optional weight average (``ssl_weight_average``)
+``training.calibration``  ``--precision auto``: fp32 and bf16 steps measured
+========================  ==================================================================
 
 This module builds the setup, runs the stages and writes ``models/NAME/``: the student
 (``save_student``), ``train_config.toml`` (rerun with ``--config``), ``metrics.jsonl``,
@@ -34,6 +36,7 @@ from pathlib import Path
 
 from zmdevice.config import METHODS, TrainConfig, resolve_student
 from zmdevice.errors import UserError, check_writable, claim, disk_errors, write_text_atomic
+from zmdevice.trackers import LOCAL_ARTIFACTS, LOCAL_STORE
 
 PSEUDO_LABELS = "pseudo_labels.parquet"
 """The pseudo-labels a run makes itself when given none (``label_for_training``)."""
@@ -47,6 +50,9 @@ RUN_FILES = (
     "report.md",
     "curves.png",
     "checkpoints",
+    "tensorboard",  # --log tensorboard's event files
+    LOCAL_STORE,  # --log mlflow's local store and its artifacts
+    LOCAL_ARTIFACTS,
 )
 """What a run writes in its folder; another run's files there are refused or cleared."""
 
@@ -85,21 +91,27 @@ def set_threads(config: TrainConfig, device, ranks) -> None:
         torch.set_num_threads(config.threads or ranks.threads(usable_cores()))
 
 
-def build_setup(config: TrainConfig, out: Path, on_step=None, ranks=None):
-    """Read and check the data, build the student: everything a run builds once."""
+def build_setup(config: TrainConfig, out: Path, ranks=None, clock=time.monotonic,
+                budget_started: float | None = None):  # fmt: skip
+    """Resolve everything a run needs once and freeze it: read and check the data, build the
+    student, settle the settings (the student's defaults, then the precision and, with
+    --time-budget, the planned steps), which nothing changes afterwards.
+
+    ``clock`` and ``budget_started`` (``clock()`` when the run began) time the budget.
+    """
     import numpy as np
     import torch
 
-    from zmdevice.calibrate import calibrated_setup
     from zmdevice.catalog import require_entry
     from zmdevice.device import resolve_device
     from zmdevice.precision import Hardware, choose_precision, model_family
     from zmdevice.students import build_student
+    from zmdevice.training.budget import start_budget
+    from zmdevice.training.calibration import calibrated_precision
     from zmdevice.training.data import build_data, check_data, data_fingerprints, load_data
     from zmdevice.training.distributed import Ranks
-    from zmdevice.training.guard import make_guard
     from zmdevice.training.loop import Setup
-    from zmdevice.training.stages import StepModel, plan_stages
+    from zmdevice.training.stages import plan_stages
 
     preset = config.student.partition(":")[0]
     entry = require_entry(preset, "student", "--student")
@@ -128,29 +140,31 @@ def build_setup(config: TrainConfig, out: Path, on_step=None, ranks=None):
     student.to(device).use_channels_last()
     ranks.prepare(student, device)
     freeze = config.freeze_word_embeddings
-    requested = config.precision
-    precision = choose_precision(requested, Hardware.probe(device), model_family(student))
-    # The resolved precision is the run's setting: train_config.toml records it, and a
-    # resume where ``auto`` resolves otherwise (another machine) is refused as a new run.
-    config = dataclasses.replace(config, precision=precision.name)
     setup = Setup(
         config=config,
         plans=plans,
         data=data,
         student=student,
-        model=StepModel(student, precision),
         device=device,
-        precision=precision,
+        precision=choose_precision(config.precision, Hardware.probe(device), model_family(student)),
         out=out,
         soft=config.soft_labels and METHODS[config.method].uses_fm,
         freeze_embeddings=device.type == "cpu" if freeze is None else freeze,
         fingerprints=data_fingerprints(config, labeled, unlabeled, test),
-        on_step=on_step,
         ranks=ranks,
-        guard=make_guard(config),
     )
-    # ``auto``: a few steps of fp32 and bf16 measured here (or cached) replace the table.
-    return calibrated_setup(setup, requested)
+    # ``auto``: a few steps of fp32 and bf16 measured here (or cached) replace the table;
+    # the budget's probe then times steps at the precision the run trains in.
+    setup = dataclasses.replace(setup, precision=calibrated_precision(setup, config.precision))
+    budget = None
+    if config.time_budget is not None:
+        budget = start_budget(setup, clock, clock() if budget_started is None else budget_started)
+    # The resolved precision is the run's setting: train_config.toml records it, and a
+    # resume where ``auto`` resolves otherwise (another machine) is refused as a new run.
+    # The planned steps replace kd_steps / ssl_steps the same way.
+    steps = budget.step_settings(plans) if budget is not None else {}
+    config = dataclasses.replace(config, precision=setup.precision.name, **steps)
+    return dataclasses.replace(setup, config=config, plans=plan_stages(config), budget=budget)
 
 
 LOCK = ".zmdevice.lock"
@@ -200,22 +214,19 @@ def run_train(config: TrainConfig, on_step=None, clock=time.monotonic) -> dict:
 
 
 def train_in(config: TrainConfig, out: Path, ranks, on_step, clock, started) -> dict:
-    """``run_train`` in a claimed folder: build, plan, clear the previous run, train."""
+    """``run_train`` in a claimed folder: build (and plan), clear the previous run, train."""
     from zmdevice.training import checkpoint
-    from zmdevice.training.budget import start_budget
 
     previous_run = claim_folder(config, out)
     config, made = label_for_training(config, out, ranks)
     if made is not None:  # just written: not the previous run's to delete
         previous_run = [path for path in previous_run if path.name != PSEUDO_LABELS]
-    setup = build_setup(config, out, on_step, ranks)
-    if config.time_budget is not None:
-        # Planned before --overwrite deletes anything: a refused budget changes nothing.
-        start_budget(setup, clock, started[1])
+    # Built and planned before --overwrite deletes anything: a refused budget changes nothing.
+    setup = build_setup(config, out, ranks, clock, started[1])
     if ranks.is_main:  # rank 0 alone writes files (one process: always)
         delete(previous_run)
     try:
-        summary = train_stages(setup, ranks, started[0])
+        summary = train_stages(setup, ranks, started[0], on_step)
     except BaseException:
         fresh = not config.resume and not (out / checkpoint.MANIFEST).exists()
         if ranks.is_main and fresh:
@@ -285,14 +296,12 @@ def labels_lines(made: dict | None, setup) -> list[str]:
     return []
 
 
-def train_stages(setup, ranks, started: float) -> dict:
+def train_stages(setup, ranks, started: float, on_step=None) -> dict:
     """Run every stage from the start or the checkpoint; finish (rank 0) and summarise."""
     import torch
 
     from zmdevice.training import checkpoint
-    from zmdevice.training.average import end_with_average
-    from zmdevice.training.distributed import NoLog
-    from zmdevice.training.loop import MetricsLog, StopTraining, begin_stage, new_state, run_stage
+    from zmdevice.training.loop import MetricsLog, NullLog, StopTraining, begin_stage, new_state
 
     config, out, main = setup.config, setup.out, ranks.is_main
     state = new_state(setup)
@@ -301,60 +310,125 @@ def train_stages(setup, ranks, started: float) -> dict:
     else:
         begin_stage(setup, state)
     resumed_at = state["global_step"] if config.resume else None
-    setup.log = (
-        MetricsLog(out / "metrics.jsonl", keep_until=resumed_at if resumed_at else -1)
-        if main
-        else NoLog()
-    )
-    if main:
-        write_train_config(setup.config, out / "train_config.toml")
-    save = checkpoint.save if main else lambda setup, state: None
-    if setup.budget is not None and not config.resume:
-        setup.log.write(state, setup.plans[0], {"time_budget_plan": setup.budget.plan})
-    plans = setup.plans
-    try:
-        while state["stage_index"] < len(plans):
-            plan = plans[state["stage_index"]]
-            run_stage(setup, state, save)
-            if plan.selects_model and state["best"]:
-                # Model selection: continue (or finish) from the best held-out weights.
-                setup.student.load_state_dict(state["best"]["state"])
-            end_with_average(state, setup.student)
-            ranks.share_weights(setup.student)  # rank 0 alone keeps ``best``
-            if state["stopped"]:
-                break  # out of time, or a collapse: finish with the weights at hand
-            state["stage_index"] += 1
-            state["step"] = 0
-            if state["stage_index"] < len(plans):
-                begin_stage(setup, state)
-                save(setup, state)
-        # Rank 0 finishes alone (BatchNorm recalibration, test, save): leave the group
-        # first, so that no layer waits for the other ranks.
-        ranks.stop()
-        if not main:
-            return {"out": str(out), "rank": ranks.rank, "lines": []}
-        return finish(setup, state, time.perf_counter() - started)
-    except StopTraining:
-        line = (
-            f"stopped after {state['global_step']} steps as asked (stop_after); "
-            "continue with --resume"
-        )
-        lines = [line] if main else []
-        return {"out": str(out), "stopped_at": state["global_step"], "lines": lines}
-    except torch.OutOfMemoryError:
-        from zmdevice.training.loop import out_of_memory
+    with run_tracker(setup) as tracker:
+        keep = resumed_at if resumed_at else -1
+        log = MetricsLog(out / "metrics.jsonl", keep, tracker) if main else NullLog()
+        if main:
+            settings = write_train_config(setup.config, out / "train_config.toml")
+            if tracker is not None:
+                tracker.log_params(settings)
+        if setup.budget is not None and not config.resume:
+            log.write(state, setup.plans[0], {"time_budget_plan": setup.budget.plan})
+        save = checkpoint.save if main else lambda setup, state: None
+        loop = make_loop(setup, log, save, on_step)
+        try:
+            fit(loop, state)
+            # Rank 0 finishes alone (BatchNorm recalibration, test, save): leave the group
+            # first, so that no layer waits for the other ranks.
+            ranks.stop()
+            if not main:
+                return {"out": str(out), "rank": ranks.rank, "lines": []}
+            summary = finish(setup, state, time.perf_counter() - started)
+            if tracker is not None:
+                log_final(tracker, summary, state["global_step"], out)
+            return summary
+        except StopTraining:
+            line = (
+                f"stopped after {state['global_step']} steps as asked (stop_after); "
+                "continue with --resume"
+            )
+            lines = [line] if main else []
+            return {"out": str(out), "stopped_at": state["global_step"], "lines": lines}
+        except torch.OutOfMemoryError:
+            from zmdevice.training.loop import out_of_memory
 
-        raise out_of_memory(setup, state) from None
-    finally:
-        setup.log.close()
-        ranks.stop()
+            raise out_of_memory(setup, state) from None
+        finally:
+            log.close()
+            ranks.stop()
+
+
+@contextlib.contextmanager
+def run_tracker(setup):
+    """The ``--log`` tracker (``zmdevice.trackers``) of rank 0, None elsewhere or for none.
+
+    Opened once the settings are resolved; closed when the run ends, as failed (then the
+    error goes on) when it raises. A missing package is the tracker's one-line UserError,
+    raised here, before the first step.
+    """
+    from zmdevice.trackers import open_tracker
+
+    kind = setup.config.log if setup.ranks.is_main else "none"
+    tracker = open_tracker(kind, setup.out, setup.out.resolve().name)
+    if tracker is None:
+        yield None
+        return
+    try:
+        yield tracker
+    except BaseException:
+        tracker.close(failed=True)
+        raise
+    tracker.close()
+
+
+def log_final(tracker, summary: dict, step: int, out: Path) -> None:
+    """The end of a run in its tracker: the final evaluation (--test's accuracy and
+    macro-F1, held-out agreement) at the last global step, then report.md and curves.png."""
+    names = ("test_accuracy", "test_macro_f1", "heldout_agreement")
+    values = {name: summary[name] for name in names if summary.get(name) is not None}
+    if values:
+        tracker.log_summary(values, step)
+    for name in ("report.md", "curves.png"):
+        if (out / name).is_file():
+            tracker.log_artifact(out / name)
+
+
+def make_loop(setup, log, save_checkpoint, on_step=None):
+    """The run's loop with its handlers, in the order they act on each event."""
+    from zmdevice.training import average
+    from zmdevice.training import loop as training_loop
+    from zmdevice.training.guard import add_guard
+
+    loop = training_loop.Loop(setup, log, save_checkpoint)
+    loop.add_callback("on_batch_end", average.step_average)
+    loop.add_callback("on_evaluate", average.evaluate_average)
+    loop.add_callback("on_evaluate", training_loop.evaluate_and_select)
+    add_guard(loop)  # on_stage_start, on_evaluate
+    loop.add_callback("on_step_end", training_loop.save_periodically)
+    if on_step is not None:
+        loop.add_callback(
+            "on_step_end", lambda loop, state: on_step(loop.setup, state, loop.values)
+        )
+    if setup.budget is not None:
+        loop.add_callback("on_step_end", setup.budget.stop_on_time)
+    loop.add_callback("on_step_end", training_loop.stop_after)
+    loop.add_callback("on_stage_end", training_loop.restore_best)
+    loop.add_callback("on_stage_end", average.end_average)
+    return loop
+
+
+def fit(loop, state: dict) -> None:
+    """Run the stages from ``state``'s on; each next one begins with a checkpoint."""
+    from zmdevice.training.loop import begin_stage, stage_plans
+
+    setup = loop.setup
+    while state["stage_index"] < len(stage_plans(setup, state)):
+        loop.run_stage(state)
+        setup.ranks.share_weights(setup.student)  # rank 0 alone keeps ``best``
+        if state["stopped"]:
+            break  # out of time, or a collapse: finish with the weights at hand
+        state["stage_index"] += 1
+        state["step"] = 0
+        if state["stage_index"] < len(stage_plans(setup, state)):
+            begin_stage(setup, state)
+            loop.save_checkpoint(setup, state)
 
 
 def finish(setup, state: dict, seconds: float) -> dict:
     """Recalibrate BatchNorm, test, save the student and the report; the summary."""
     from zmdevice.report import write_report
     from zmdevice.students import save_student
-    from zmdevice.training.loop import final_test_report, recalibrate
+    from zmdevice.training.evaluation import final_test_report, recalibrate
 
     recalibrated = recalibrate(setup)
     final = final_test_report(setup)
@@ -364,8 +438,11 @@ def finish(setup, state: dict, seconds: float) -> dict:
     return summary
 
 
-def write_train_config(config: TrainConfig, path: Path) -> None:
-    """``train_config.toml``: every setting of this run, loadable with ``--config``."""
+def write_train_config(config: TrainConfig, path: Path) -> dict:
+    """``train_config.toml``: every setting of this run, loadable with ``--config``.
+
+    Returns the values written (what a ``--log`` tracker records as the run's parameters).
+    """
     import tomli_w
 
     values = {}
@@ -375,6 +452,7 @@ def write_train_config(config: TrainConfig, path: Path) -> None:
             continue
         values[item.name] = str(value) if isinstance(value, Path) else value
     write_text_atomic(path, tomli_w.dumps(values))
+    return values
 
 
 def build_summary(setup, state: dict, final: dict, recalibrated: int, seconds: float) -> dict:
