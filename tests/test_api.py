@@ -193,7 +193,7 @@ def test_text_workflow_label_train_export_load(tmp_path, monkeypatch):
         texts, CLASSES, f"text-embed:{teacher}", progress=False, device="cpu", workers=0,
         gold=labeled,
     )  # fmt: skip
-    assert labels.path.is_file() and labels.path.parent == Path("labels")
+    assert labels.path.is_file() and labels.path.parent == Path("runs/labels")
     assert labels.path.name.startswith("texts-") and labels.path.name.endswith("-embed.parquet")
     assert (
         labels.metadata["data"]["fingerprint"] == open_dataset(data_path(texts, "d")).fingerprint()
@@ -226,8 +226,8 @@ def test_text_workflow_label_train_export_load(tmp_path, monkeypatch):
     assert labels.metadata["data"]["fingerprint"] in card
 
     onnx_file = zmdevice.export(student)
-    assert onnx_file == Path("export/api.onnx") and onnx_file.is_file()
-    assert Path("export/api.README.md").read_text() == card
+    assert onnx_file == Path("runs/export/api.onnx") and onnx_file.is_file()
+    assert Path("runs/export/api.README.md").read_text() == card
     classifier = zmdevice.load(onnx_file)
     assert isinstance(classifier, zmdevice.Classifier) and classifier.classes == CLASSES
     onnx_probabilities = classifier.predict_proba(texts[:5])

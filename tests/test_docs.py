@@ -71,7 +71,7 @@ def test_manual_commands_run_in_order(tmp_path):
     work = tmp_path / "anywhere"
     work.mkdir()
     run_blocks(blocks(CLI, "bash"), work, environment(tmp_path))
-    labels = sorted(path.name for path in (work / "labels").iterdir())
+    labels = sorted(path.name for path in (work / "runs" / "labels").iterdir())
     assert labels == ["unlabeled-efficientnet-lite0-fewshot.parquet"]
-    assert (work / "export" / "images.onnx").is_file()
-    assert (work / "export" / "images.README.md").is_file()
+    assert (work / "runs" / "export" / "images.onnx").is_file()
+    assert (work / "runs" / "export" / "images.README.md").is_file()

@@ -84,8 +84,8 @@ def test_label_text_writes_file_with_gold_quality_report(tmp_path, embed_dir, mo
     monkeypatch.chdir(tmp_path)
     summary = run_label(config(tmp_path, embed_dir, out=None, gold=tmp_path / "gold.csv"))
     # The default output path: data name and teacher (its last path component).
-    out = tmp_path / "labels" / "texts-text-embed-m.parquet"
-    assert summary["out"] == "labels/texts-text-embed-m.parquet" and out.is_file()
+    out = tmp_path / "runs" / "labels" / "texts-text-embed-m.parquet"
+    assert summary["out"] == "runs/labels/texts-text-embed-m.parquet" and out.is_file()
     labels = read_pseudolabels(out, classes=TOPIC_NAMES.split(","))
     assert labels.ids == [f"t{i:04d}" for i in range(30)]
     quality = labels.metadata["quality"]
@@ -96,7 +96,7 @@ def test_label_text_writes_file_with_gold_quality_report(tmp_path, embed_dir, mo
     assert summary["count"] == 30 and sum(summary["label_counts"].values()) == 30
     assert (
         labels.metadata["data"]["fingerprint"]
-        and not (tmp_path / "labels" / ".texts.parquet.parts").exists()
+        and not (tmp_path / "runs" / "labels" / ".texts.parquet.parts").exists()
     )
 
 

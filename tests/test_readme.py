@@ -128,10 +128,10 @@ def test_workflow_commands_run_in_order(tmp_path):
     work = tmp_path / "anywhere"
     work.mkdir()
     run_blocks(blocks(section("The workflow"), "bash"), work, environment(tmp_path))
-    labels = sorted(path.name for path in (work / "labels").iterdir())
+    labels = sorted(path.name for path in (work / "runs" / "labels").iterdir())
     assert labels == ["unlabeled-minilm-fewshot.parquet"]
-    assert (work / "export" / "text.onnx").is_file()
-    assert (work / "export" / "text.int8.onnx").is_file()
+    assert (work / "runs" / "export" / "text.onnx").is_file()
+    assert (work / "runs" / "export" / "text.int8.onnx").is_file()
 
 
 @pytest.mark.slow
@@ -152,5 +152,5 @@ def test_python_example_runs_as_written(tmp_path):
     first = result.stdout.splitlines()[0]
     assert first.split()[0] in CANDIDATES and "cv" not in first  # the source, its scores
     assert "'accuracy':" in first and "student: " in result.stdout
-    assert (empty / "export" / "api-text.onnx").is_file()
-    assert (empty / "export" / "api-text.README.md").is_file()
+    assert (empty / "runs" / "export" / "api-text.onnx").is_file()
+    assert (empty / "runs" / "export" / "api-text.README.md").is_file()

@@ -7,7 +7,7 @@ import sys
 import tomllib
 
 import pytest
-from helpers import image_config, read_jsonl, weights
+from helpers import FAST, image_config, read_jsonl, weights
 from typer.testing import CliRunner
 
 from zmdevice.cli import app
@@ -120,10 +120,15 @@ def test_cli_refuses_an_unknown_tracker_in_one_line(image_data, tmp_path):
 
 
 def test_log_none_writes_the_same_run_and_no_tracker_files(image_data, tmp_path):
+    """The same run with log="none" (the default) and, through the API, log="tensorboard"."""
     pytest.importorskip("tensorboard")
+    import zmdevice
+
     plain, logged = tmp_path / "plain", tmp_path / "logged"
-    run_train(image_config(image_data, plain, **TINY))  # log="none", the default
-    run_train(image_config(image_data, logged, log="tensorboard", **TINY))
+    run_train(image_config(image_data, plain, **TINY))
+    zmdevice.train(image_data / "labeled", image_data / "unlabeled", image_data / "labels.parquet",
+                   student="tiny-cnn", device="cpu", out=logged, test=image_data / "test",
+                   progress=False, log="tensorboard", **{**FAST, **TINY})  # fmt: skip
     assert not any((plain / name).exists() for name in TRACKER_FILES)
     assert (logged / "tensorboard").is_dir()
     assert (plain / "metrics.jsonl").read_text() == (logged / "metrics.jsonl").read_text()

@@ -22,8 +22,9 @@ integer is meant, a non-finite number or one out of range raises ``UserError`` w
 one-line message naming the argument. Items to classify are a list (or tuple, array,
 DataFrame): a bare string, path, image or dict is refused rather than guessed at.
 
-Outputs default to the CLI's paths relative to the working folder: ``labels/NAME-TEACHER
-.parquet``, ``models/STUDENT-METHOD/`` and ``export/NAME.onnx``.
+Outputs default to the CLI's paths under ``runs/`` in the working folder:
+``runs/labels/NAME-TEACHER.parquet``, ``runs/models/STUDENT-METHOD/`` and
+``runs/export/NAME.onnx``.
 
 Only the standard library, numpy and the torch-free runtime are imported here; torch comes
 in with the function that trains or evaluates a student.
@@ -149,7 +150,7 @@ def label(
         classes: a list of class names, a dict of name -> prompt(s), or what ``--classes``
             takes (comma list, class file).
         teacher: a catalog name (``minilm``, ``efficientnet-lite0``) or ``kind:spec``.
-        out: the Parquet file; default ``labels/<data name>-<teacher>.parquet``.
+        out: the Parquet file; default ``runs/labels/<data name>-<teacher>.parquet``.
         progress: False hides the progress bar.
         **options: any other ``LabelConfig`` field (``batch_size``, ``device``, ``top_k``,
             ``gold`` and ``few_shot`` (labeled data as above), ``resume``, ``shard``,
@@ -242,7 +243,7 @@ def train(
         method: zeromatch, kd, supervised, fixmatch, adamatch or naive-pl.
         device: auto, cpu, cuda, cuda:N or mps; auto (the CLI's default) takes a GPU when
             there is one.
-        out: the output folder; default ``models/<student>-<method>``.
+        out: the output folder; default ``runs/models/<student>-<method>``.
         test: labeled test data, evaluated periodically and at the end (``gold_unlabeled``
             in ``hyper`` takes data the same ways).
         progress: False hides the progress bars.
@@ -355,7 +356,7 @@ def export(
 
     Args:
         model_or_dir: what ``train`` returned, or a student folder.
-        out: the .onnx file; default ``export/<folder name>.onnx``.
+        out: the .onnx file; default ``runs/export/<folder name>.onnx``.
         quantize: "int8" also writes ``NAME.int8.onnx``.
         **options: ``test`` (labeled data: compare int8 with fp32), ``calibration``
             (images for static int8), ``opset``, ``format``, the model card's

@@ -44,6 +44,10 @@ from zmdevice.modality import MODALITY_DEFAULTS
 from zmdevice.modality import resolve_student as resolve_student
 from zmdevice.precision import PRECISIONS, RUNTIMES
 
+RUNS = Path("runs")
+"""The working folder every default output goes under, never a source folder: ``labels/``,
+``models/`` and ``export/`` inside it (the layout of ``zmdevice demo``'s folder)."""
+
 GUARD_ACTIONS = ("rollback", "distill", "stop", "off")
 LOG_TRACKERS = ("none", "tensorboard", "mlflow")
 """``--log`` values: none and ``trackers.TRACKERS`` (a test keeps the two equal)."""
@@ -127,7 +131,7 @@ class LabelConfig:
     teacher: str
     """Catalog name or kind:spec of the foundation model."""
     out: Path | None = None
-    """Output Parquet file; default labels/<data name>-<teacher>.parquet."""
+    """Output Parquet file; default runs/labels/<data name>-<teacher>.parquet."""
     batch_size: int = 64
     """Teacher batch size."""
     device: str = "auto"
@@ -238,7 +242,7 @@ class TrainConfig:
     """Student preset from the catalog (``preset:weights`` for other weights); None: the
     default of the labeled data's modality, ``DEFAULT_STUDENTS`` (``resolve_student``)."""
     out: Path | None = None
-    """Output folder; default models/<student>-<method>."""
+    """Output folder; default runs/models/<student>-<method>."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N or mps."""
     method: str = "zeromatch"
@@ -430,9 +434,9 @@ class ExportConfig:
     """`zmdevice export`: a trained student to one ONNX file (+ optional int8 variant)."""
 
     model_dir: Path
-    """Trained student folder (models/NAME)."""
+    """Trained student folder (runs/models/NAME)."""
     out: Path | None = None
-    """Output .onnx; default export/<NAME>.onnx."""
+    """Output .onnx; default runs/export/<NAME>.onnx."""
     quantize: str | None = None
     """None or 'int8'."""
     test: Path | None = None

@@ -14,6 +14,7 @@ a store the user chose), else a local SQLite store ``OUT/mlflow.db`` with the ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -183,3 +184,34 @@ def open_tracker(kind: str | None, out: Path, run_name: str):
     if kind == "mlflow":
         return MLflowTracker(out, run_name)
     raise UserError(f"unknown --log {kind!r}; choose none, {', '.join(TRACKERS)}")
+
+
+@contextlib.contextmanager
+def run_tracker(kind: str | None, out: Path):
+    """The tracker of a training run in ``out`` (named after the folder), or None.
+
+    Closed when the run ends, as failed (then the error goes on) when it raises. A missing
+    package is the tracker's one-line UserError, raised here, before the first step.
+    """
+    tracker = open_tracker(kind, out, Path(out).resolve().name)
+    if tracker is None:
+        yield None
+        return
+    try:
+        yield tracker
+    except BaseException:
+        tracker.close(failed=True)
+        raise
+    tracker.close()
+
+
+def log_final(tracker, summary: dict, step: int, out: Path) -> None:
+    """The end of a run in its tracker: the final evaluation (--test's accuracy and
+    macro-F1, held-out agreement) at the last global step, then report.md and curves.png."""
+    names = ("test_accuracy", "test_macro_f1", "heldout_agreement")
+    values = {name: summary[name] for name in names if summary.get(name) is not None}
+    if values:
+        tracker.log_summary(values, step)
+    for name in ("report.md", "curves.png"):
+        if (Path(out) / name).is_file():
+            tracker.log_artifact(Path(out) / name)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zmdevice.config import check_opset
+from zmdevice.config import RUNS, check_opset
 from zmdevice.errors import UserError, check_writable, disk_errors
 from zmdevice.exporting.graph import ExportResult, export_student
 from zmdevice.exporting.hub import write_hub_folder
@@ -79,7 +79,7 @@ def plan_export(config) -> ExportPlan:
     check_opset(config.opset)
     model_dir = Path(config.model_dir)
     read_student_config(model_dir)  # UserError when the folder is not a trained student
-    out = Path(config.out) if config.out else Path("export") / f"{model_dir.name}.onnx"
+    out = Path(config.out) if config.out else RUNS / "export" / f"{model_dir.name}.onnx"
     check_writable(out, "--out", suffix=".onnx")
     if out.suffix != ".onnx":
         raise UserError(f"--out {out}: the output file must end in .onnx")

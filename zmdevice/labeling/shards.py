@@ -7,13 +7,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from zmdevice.config import RUNS
 from zmdevice.errors import UserError
 from zmdevice.labeling.join import combine_pseudolabels
 from zmdevice.pseudolabels import check_classes, read_pseudolabel_metadata
 
 
 def default_out(data: Path, teacher: str, made: str | None = None) -> Path:
-    """labels/<data name>-<teacher>[-<made>].parquet (the folder name for an image folder).
+    """runs/labels/<data name>-<teacher>[-<made>].parquet (the folder name for an image folder).
 
     The teacher is part of the name so that labeling a text table and an image folder that
     share a name (``unlabeled.csv``, ``unlabeled/``), or one data set with two teachers,
@@ -26,7 +27,7 @@ def default_out(data: Path, teacher: str, made: str | None = None) -> Path:
     parts = [Path(part).name if "/" in part else part for part in teacher.split(":")]
     teacher_name = re.sub(r"[^A-Za-z0-9._=-]+", "-", "-".join(parts)).strip("-.")
     suffix = f"-{made}" if made else ""
-    return Path("labels") / f"{name}-{teacher_name}{suffix}.parquet"
+    return RUNS / "labels" / f"{name}-{teacher_name}{suffix}.parquet"
 
 
 def parse_shard(shard: str | None) -> tuple[int, int] | None:

@@ -34,6 +34,8 @@ MAY_CHANGE_ON_RESUME = {
     # compared by content (fingerprints) instead of by path.
     "resume", "overwrite", "stop_after", "device", "threads", "out", "image_cache_gb",
     "labeled", "unlabeled", "pseudo_labels", "test", "gold_unlabeled",
+    # Where the records are also sent (``--log``): a resumed run may add or change a tracker.
+    "log",
 }  # fmt: skip
 
 

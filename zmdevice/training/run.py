@@ -16,9 +16,10 @@ through the same loop. The pieces live in ``zmdevice.training``:
 ``training.calibration``  ``--precision auto``: fp32 and bf16 steps measured
 ========================  ==================================================================
 
-This module builds the setup, runs the stages and writes ``models/NAME/``: the student
+This module builds the setup, runs the stages and writes ``runs/models/NAME/``: the student
 (``save_student``), ``train_config.toml`` (rerun with ``--config``), ``metrics.jsonl``,
-``report.md``, ``curves.png`` and ``checkpoints/`` for ``--resume``.
+``report.md``, ``curves.png`` and ``checkpoints/`` for ``--resume``; with ``--log`` the same
+settings, records, report and curves also go to a tracker (``trackers.run_tracker``).
 
 Where this departs from the reference runs, on purpose (each a ``TrainConfig`` field):
 AdaMatch's EMA momentum is 0.99, not 0.999 (short CPU stages, see ``MODALITY_DEFAULTS``);
@@ -34,9 +35,9 @@ import shutil
 import time
 from pathlib import Path
 
-from zmdevice.config import METHODS, TrainConfig, resolve_student
+from zmdevice.config import METHODS, RUNS, TrainConfig, resolve_student
 from zmdevice.errors import UserError, check_writable, claim, disk_errors, write_text_atomic
-from zmdevice.trackers import LOCAL_ARTIFACTS, LOCAL_STORE
+from zmdevice.trackers import LOCAL_ARTIFACTS, LOCAL_STORE, log_final, run_tracker
 
 PSEUDO_LABELS = "pseudo_labels.parquet"
 """The pseudo-labels a run makes itself when given none (``label_for_training``)."""
@@ -59,7 +60,7 @@ RUN_FILES = (
 
 def default_out(config: TrainConfig) -> Path:
     preset = config.student.partition(":")[0]
-    return Path(config.out) if config.out else Path("models") / f"{preset}-{config.method}"
+    return Path(config.out) if config.out else RUNS / "models" / f"{preset}-{config.method}"
 
 
 def claim_folder(config: TrainConfig, out: Path) -> list[Path]:
@@ -310,7 +311,9 @@ def train_stages(setup, ranks, started: float, on_step=None) -> dict:
     else:
         begin_stage(setup, state)
     resumed_at = state["global_step"] if config.resume else None
-    with run_tracker(setup) as tracker:
+    # The --log tracker is rank 0's; opened once the settings are resolved.
+    kind = setup.config.log if setup.ranks.is_main else "none"
+    with run_tracker(kind, setup.out) as tracker:
         keep = resumed_at if resumed_at else -1
         log = MetricsLog(out / "metrics.jsonl", keep, tracker) if main else NullLog()
         if main:
@@ -346,41 +349,6 @@ def train_stages(setup, ranks, started: float, on_step=None) -> dict:
         finally:
             log.close()
             ranks.stop()
-
-
-@contextlib.contextmanager
-def run_tracker(setup):
-    """The ``--log`` tracker (``zmdevice.trackers``) of rank 0, None elsewhere or for none.
-
-    Opened once the settings are resolved; closed when the run ends, as failed (then the
-    error goes on) when it raises. A missing package is the tracker's one-line UserError,
-    raised here, before the first step.
-    """
-    from zmdevice.trackers import open_tracker
-
-    kind = setup.config.log if setup.ranks.is_main else "none"
-    tracker = open_tracker(kind, setup.out, setup.out.resolve().name)
-    if tracker is None:
-        yield None
-        return
-    try:
-        yield tracker
-    except BaseException:
-        tracker.close(failed=True)
-        raise
-    tracker.close()
-
-
-def log_final(tracker, summary: dict, step: int, out: Path) -> None:
-    """The end of a run in its tracker: the final evaluation (--test's accuracy and
-    macro-F1, held-out agreement) at the last global step, then report.md and curves.png."""
-    names = ("test_accuracy", "test_macro_f1", "heldout_agreement")
-    values = {name: summary[name] for name in names if summary.get(name) is not None}
-    if values:
-        tracker.log_summary(values, step)
-    for name in ("report.md", "curves.png"):
-        if (out / name).is_file():
-            tracker.log_artifact(out / name)
 
 
 def make_loop(setup, log, save_checkpoint, on_step=None):
