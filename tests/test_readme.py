@@ -7,6 +7,7 @@ paths), with the real offline FMs. Only the budget shrinks: every ``zmdevice tra
 ``python`` block of "Python API" runs exactly as written, from an empty folder.
 """
 
+import csv
 import os
 import re
 import subprocess
@@ -17,6 +18,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+LOOP = "Which samples to label next, which labels look wrong"
+"""The README section of the labeling loop (suggest, check), run after the workflow."""
 
 
 def section(title: str, text: str = README) -> str:
@@ -132,6 +137,13 @@ def test_workflow_commands_run_in_order(tmp_path):
     assert labels == ["unlabeled-minilm-fewshot.parquet"]
     assert (work / "runs" / "export" / "text.onnx").is_file()
     assert (work / "runs" / "export" / "text.int8.onnx").is_file()
+    # The labeling loop's block continues in the same folder (the student, the labels).
+    text = blocks(section("The workflow"), "bash")[0].splitlines()[0]  # TEXT=...
+    run_blocks([text, *blocks(section(LOOP), "bash")], work, environment(tmp_path))
+    with open(work / "runs" / "next.csv", newline="", encoding="utf-8") as handle:
+        suggested = list(csv.DictReader(handle))
+    assert len(suggested) == 20 and all(row["student_guess"] for row in suggested)
+    assert (work / "runs" / "label-check.csv").is_file()
 
 
 @pytest.mark.slow
