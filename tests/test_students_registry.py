@@ -86,3 +86,14 @@ def test_register_student_refuses_a_taken_family_and_a_class_without_modality():
     with pytest.raises(TypeError, match="no modality"):
         register_student("no-modality")(NoModality)
     assert before == FAMILIES
+
+
+def test_a_teacher_name_given_as_the_student_and_back_is_named_as_such():
+    """The teacher efficientnet-lite0 and the student efficientnet_lite0 differ by one
+    character: each swapped name is refused saying which flag takes it."""
+    from zmdevice.teachers import resolve_spec
+
+    with pytest.raises(UserError, match=r"a teacher preset: --teacher efficientnet-lite0"):
+        build_student("efficientnet-lite0", CLASSES)
+    with pytest.raises(UserError, match=r"a student preset: --student efficientnet_lite0"):
+        resolve_spec("efficientnet_lite0")

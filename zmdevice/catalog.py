@@ -79,8 +79,23 @@ def require_entry(name: str, kind: str, flag: str) -> dict:
     entry = find_entry(name, kind)
     if entry is None:
         known = ", ".join(sorted(list_entries(kind))) or "(catalog is empty)"
-        raise UserError(f"unknown {flag} '{name}': use one of {known}")
+        raise UserError(f"unknown {flag} '{name}'{other_kind_note(name, kind)}: use one of {known}")
     return entry
+
+
+ROLE_FLAGS = {"teacher": "--teacher", "student": "--student"}
+"""The flag that takes each kind of catalog entry."""
+
+
+def other_kind_note(name: str, kind: str) -> str:
+    """`` (a student preset: --student)`` when ``name`` is an entry of the other kind, else ''.
+
+    The teacher ``efficientnet-lite0`` and the student ``efficientnet_lite0`` differ by one
+    character, so a swapped name is said as such rather than only listing the choices."""
+    for other, flag in ROLE_FLAGS.items():
+        if other != kind and find_entry(name, other) is not None:
+            return f" (a {other} preset: {flag} {name})"
+    return ""
 
 
 def catalog_weights(flag: str, source: dict) -> Path:

@@ -472,15 +472,9 @@ def predict_dataset(
     return predict_in_batches(predict, len(dataset), len(classifier.classes), batch_size)
 
 
-def run_evaluate_onnx(
-    model: str | Path,
-    data: str | Path,
-    *,
-    device: str = "auto",
-    text_column: str = "text",
-    label_column: str = "label",
-) -> dict:
-    """Accuracy, macro-F1, per-class scores and confusion of an exported model on ``data``.
+def run_evaluate_onnx(model: str | Path, data: str | Path, device: str = "auto", **columns) -> dict:
+    """Accuracy, macro-F1, per-class scores and confusion of an exported model on ``data``
+    (``columns``: the table's ``text_column`` and ``label_column``, as ``DataOptions``).
 
     Returns:
         ``metrics.classification_report`` fields plus ``model``, ``data`` and ``lines``.
@@ -488,7 +482,7 @@ def run_evaluate_onnx(
     from zmdevice.config import DataOptions
 
     classifier = OnnxClassifier(model, device=device)
-    options = DataOptions(text_column=text_column, label_column=label_column)
+    options = DataOptions(**columns)
     predict = functools.partial(predict_dataset, classifier)
     report, lines = evaluate_labeled(classifier, model, data, options, "the model", predict)
     return {**report, "model": str(model), "data": str(data), "lines": lines}

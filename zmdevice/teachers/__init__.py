@@ -76,7 +76,8 @@ def resolve_spec(spec: str) -> tuple[str, str, dict]:
     if entry is None:
         names = ", ".join(sorted(catalog.list_entries("teacher"))) or "(none)"
         raise UserError(
-            f"unknown --teacher '{spec}': use a catalog name ({names}) or kind:spec with kind "
+            f"unknown --teacher '{spec}'{catalog.other_kind_note(name, 'teacher')}: use a "
+            f"catalog name ({names}) or kind:spec with kind "
             f"one of {', '.join(list_teachers())} (e.g. clip:ViT-B-32:openai)"
         )
     kind, _, rest = entry["spec"].partition(":")

@@ -13,16 +13,8 @@ from pathlib import Path
 import torch
 
 from zmdevice.errors import UserError
-from zmdevice.teachers.base import (
-    Numerics,
-    Request,
-    Teacher,
-    class_weights,
-    existing_path,
-    freeze,
-    stack,
-    zero_shot_probs,
-)
+from zmdevice.teachers import base
+from zmdevice.teachers.base import Numerics, Request, Teacher
 from zmdevice.teachers.registry import register_teacher
 
 PAPER_TEMPLATE = "This is a photo of {label}."
@@ -78,7 +70,7 @@ class ClipTeacher(Teacher):
                 f"--teacher clip:{rest}: unknown open_clip architecture '{arch}' "
                 "(see open_clip.list_models())"
             )
-        weights = existing_path(pretrained)
+        weights = base.existing_path(pretrained)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 arch, pretrained=str(weights) if weights else pretrained, device=device
@@ -89,7 +81,7 @@ class ClipTeacher(Teacher):
                 f"cannot load CLIP weights '{pretrained}' for {arch}: {type(error).__name__} "
                 f"{first} (without network, give a local checkpoint file)"
             ) from None
-        freeze(model)
+        base.freeze(model)
         tokenizer = open_clip.get_tokenizer(arch)
         template_list = load_templates(templates)
         prompts = {
@@ -103,7 +95,7 @@ class ClipTeacher(Teacher):
                 )
                 for n in classes.names
             ]
-            self.weights = class_weights(per_class)
+            self.weights = base.class_weights(per_class)
             self.scale = float(model.logit_scale.exp())
         numerics.set_model(model.visual)
         super().__init__(
@@ -111,7 +103,7 @@ class ClipTeacher(Teacher):
             classes.names,
             numerics,
             prepare=preprocess,
-            collate=stack,
+            collate=base.stack,
             model=model,
             details={
                 "preprocess": {"transform": repr(preprocess)},
@@ -126,4 +118,4 @@ class ClipTeacher(Teacher):
         with self.precision.autocast():
             features = self.model.encode_image(images)
         features = torch.nn.functional.normalize(features.float(), dim=-1)
-        return zero_shot_probs(features, self.weights, self.scale)
+        return base.zero_shot_probs(features, self.weights, self.scale)
