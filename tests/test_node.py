@@ -245,6 +245,10 @@ def test_node_http_answers_429_beyond_max_concurrent_requests(models, server):
     assert status == 200 and len(reply["predictions"]) == 1
     # the slot is free again
     assert len(post(url + "/classify", body, "application/json")["predictions"]) == 1
+    # a client that hangs up in the middle of its body frees its slot as well
+    connect(url, head(len(body)) + body[:5]).close()
+    time.sleep(0.5)
+    assert len(post(url + "/classify", body, "application/json")["predictions"]) == 1
 
 
 def test_node_http_refuses_an_oversized_body_at_once_and_closes(models, server):
@@ -272,6 +276,15 @@ def test_node_http_times_out_a_stalled_request(models, server):
     assert (status, closed) == (408, True)
     assert reply["error"] == "request body not received within 1 s (--timeout-s)"
     assert time.monotonic() - started < 5
+    # a body trickled a byte at a time: the limit is on the whole body, not between bytes
+    started = time.monotonic()
+    sock = connect(url, head(100))
+    with pytest.raises(OSError):  # the server closes while bytes are still coming
+        for _ in range(50):  # 10 s at most
+            sock.sendall(b" ")
+            time.sleep(0.2)
+    assert time.monotonic() - started < 5
+    sock.close()
     # headers never finished: Node answers 408 and closes
     started = time.monotonic()
     sock = connect(url, b"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\n")
@@ -305,11 +318,36 @@ def test_node_http_refuses_bad_requests_with_one_line_errors(models, server):
             400,
             'send {"text": "..."} or {"texts": ["...", ...]}',
         ), body
-    # charset parameters are fine
+    assert refused(url, b'{"texts": ["a \xff dog"]}', "application/json") == (
+        400,
+        "the body is not UTF-8 text",
+    )
+    assert refused(url, b'{"text": "a dog", "texts": ["a cat"]}', "application/json") == (
+        400,
+        'send "text" or "texts", not both',
+    )
+    # charset parameters and a leading byte order mark are fine
     assert post(url + "/classify", texts, "application/json; charset=utf-8")["predictions"]
+    assert post(url + "/classify", b"\xef\xbb\xbf" + texts, "application/json")["predictions"]
 
     image_url = server(models["image_onnx"])
     assert refused(image_url, texts, "application/json")[0] == 415
+
+
+def test_node_http_refuses_deeply_nested_json_without_parsing_it(models, server):
+    url = server(models["text_onnx"])
+    depth = 6_000_000  # 12 MB: JSON.parse would hold the event loop for seconds
+    started = time.monotonic()
+    status, message = refused(url, b"[" * depth + b"]" * depth, "application/json")
+    elapsed = time.monotonic() - started
+    assert (status, message) == (
+        400,
+        'JSON nested deeper than 8 levels: send {"texts": ["...", ...]}',
+    )
+    assert elapsed < 3, f"answered in {elapsed:.1f} s"
+    # brackets inside strings are text, not nesting
+    deep_text = json.dumps({"texts": ["[[[[[[[[[[ {{{{{{{{{{ \\" + '"' + " a dog"]}).encode()
+    assert len(post(url + "/classify", deep_text, "application/json")["predictions"]) == 1
 
 
 def png_declaring(width: int, height: int) -> bytes:
@@ -346,6 +384,12 @@ def test_node_http_refuses_images_declaring_more_pixels_than_python(models, serv
     side = int(MAX_IMAGE_PIXELS**0.5)
     status, message = refused(url, png_declaring(side, side + 1), "image/png")
     assert (status, message) == (400, f"{side} x {side + 1} pixels is more than the {limit}")
+    # IHDR not the first chunk: its size cannot be checked before decoding, so refused
+    bomb_late = bomb[:8] + bytes.fromhex("00000000") + b"tEXt" + bytes(4) + bomb[8:]
+    assert refused(url, bomb_late, "image/png") == (
+        400,
+        "cannot decode PNG: no IHDR header chunk first",
+    )
     status, message = refused(url, jpeg_declaring(30000, 30000), "image/jpeg")
     assert (status, message) == (400, f"30000 x 30000 pixels is more than the {limit}")
     assert time.monotonic() - started < 10

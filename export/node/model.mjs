@@ -127,10 +127,12 @@ function checkDeclaredSize(size) {
 export function decodeImage(bytes) {
   const buffer = Buffer.from(bytes);
   if (buffer.subarray(0, 8).equals(PNG_SIGNATURE)) {
-    // the IHDR chunk comes first: width and height at bytes 16 and 20
-    if (buffer.length >= 24 && buffer.toString('latin1', 12, 16) === 'IHDR') {
-      checkDeclaredSize({ width: buffer.readUInt32BE(16), height: buffer.readUInt32BE(20) });
+    // the IHDR chunk comes first: width and height at bytes 16 and 20; without it the size
+    // cannot be checked before decoding, so the file is refused (PNG requires it there)
+    if (buffer.length < 24 || buffer.toString('latin1', 12, 16) !== 'IHDR') {
+      throw new InputError('cannot decode PNG: no IHDR header chunk first');
     }
+    checkDeclaredSize({ width: buffer.readUInt32BE(16), height: buffer.readUInt32BE(20) });
     let png;
     try {
       // RGBA always (grey and palette expanded, tRNS transparency applied)

@@ -10,10 +10,13 @@
 //        image model: the image file itself as the body (image/png, image/jpeg or
 //                     application/octet-stream; PNG or JPEG bytes)
 //
-// Errors are {"error": "one line"} with 400 (bad input), 404, 408 (body not received
-// within --timeout-s), 413 (body over --max-body-mb, more than --max-items texts), 415
-// (wrong content type), 429 (--max-concurrent requests already in flight) or 500. A
-// request whose body is refused unread is answered at once and its connection closed.
+// Errors are {"error": "one line"} with 400 (bad input: an image that does not decode or
+// declares more than MAX_IMAGE_PIXELS, a body that is not UTF-8 or not JSON, JSON nested
+// deeper than MAX_JSON_DEPTH, both "text" and "texts", an item that is not a string),
+// 404, 408 (body not received within --timeout-s), 413 (body over --max-body-mb, more
+// than --max-items texts), 415 (wrong content type), 429 (--max-concurrent requests
+// already in flight) or 500. A request whose body is refused unread is answered at once
+// and its connection closed.
 // Startup errors are one line on stderr and exit code 2.
 //
 // Prints `listening on http://HOST:PORT` once it accepts requests.
@@ -114,14 +117,62 @@ function readBody(request, response, maxBytes, timeoutMs) {
   });
 }
 
+/** Deepest nesting of a JSON request ({"texts": [...]} is 2); deeper bodies are refused. */
+const MAX_JSON_DEPTH = 8;
+
+/**
+ * Whether a JSON body nests arrays and objects deeper than `limit`, found in one pass over
+ * its bytes that jumps over strings (UTF-8 puts no ASCII byte inside a multi-byte
+ * character). JSON.parse takes seconds on 20 MB of '[' and holds the event loop all the
+ * while; this takes milliseconds on a body of long texts.
+ */
+function nestsDeeper(bytes, limit) {
+  let depth = 0;
+  for (let i = 0; i < bytes.length; i++) {
+    const byte = bytes[i];
+    if (byte === 0x22) {
+      // a string: on to the quote that closes it, one after an even run of backslashes
+      let end = i;
+      for (;;) {
+        end = bytes.indexOf(0x22, end + 1);
+        if (end < 0) return false; // unterminated: JSON.parse says so
+        let slashes = 0;
+        while (bytes[end - 1 - slashes] === 0x5c) slashes++;
+        if (slashes % 2 === 0) break;
+      }
+      i = end;
+    } else if (byte === 0x5b || byte === 0x7b) {
+      if (++depth > limit) return true;
+    } else if (byte === 0x5d || byte === 0x7d) {
+      depth--;
+    }
+  }
+  return false;
+}
+
+// fatal: bytes that are not UTF-8 are refused, not replaced by U+FFFD (a leading BOM is dropped)
+const UTF8 = new TextDecoder('utf-8', { fatal: true });
+
 /** The inputs a request body carries, for this model's modality. */
 function requestInputs(model, body, maxItems) {
   if (model.modality === 'image') return [decodeImage(body)];
+  if (nestsDeeper(body, MAX_JSON_DEPTH)) {
+    throw new HttpError(400, `JSON nested deeper than ${MAX_JSON_DEPTH} levels: send {"texts": ["...", ...]}`);
+  }
+  let text;
+  try {
+    text = UTF8.decode(body);
+  } catch {
+    throw new HttpError(400, 'the body is not UTF-8 text');
+  }
   let json;
   try {
-    json = JSON.parse(body.toString('utf8'));
+    json = JSON.parse(text);
   } catch (error) {
     throw new HttpError(400, `malformed JSON: ${error.message}`);
+  }
+  if (json?.texts !== undefined && json?.text !== undefined) {
+    throw new HttpError(400, 'send "text" or "texts", not both');
   }
   const texts = json?.texts ?? (json?.text !== undefined ? [json.text] : null);
   if (!Array.isArray(texts)) throw new HttpError(400, 'send {"text": "..."} or {"texts": ["...", ...]}');
