@@ -226,6 +226,80 @@ def test_few_shot_takes_in_memory_labeled_data_like_gold(monkeypatch, few_shot):
         assert examples.labels == ["animal", "plant"]
 
 
+# ----------------------------------------------------------------------- suggest, check
+
+
+@pytest.mark.parametrize(
+    ("call", "named"),
+    [
+        (lambda: zmdevice.suggest(None, "p.parquet"), "data: expected a path"),
+        (lambda: zmdevice.suggest(TEXTS, 3), "pseudo_labels must be a path"),
+        (lambda: zmdevice.suggest(TEXTS, "p.parquet", n="5"), "n must be an integer"),
+        (lambda: zmdevice.suggest(TEXTS, "p.parquet", n=0), "n must be >= 1"),
+        (lambda: zmdevice.suggest(TEXTS, "p.parquet", seed=2**70), "seed must fit in 64 bits"),
+        (lambda: zmdevice.suggest(TEXTS, "p.parquet", exclude=3), "exclude must be a list"),
+        (lambda: zmdevice.suggest(TEXTS, "p.parquet", labeled=3), "labeled: expected a path"),
+        (lambda: zmdevice.suggest(TEXTS, "p.parquet", out=3), "out must be a path"),
+        (lambda: zmdevice.suggest(TEXTS, "p.parquet", colour=1), "unknown option(s) colour"),
+        (lambda: zmdevice.check(None, TEXTS, "p.parquet"), "labeled: expected a path"),
+        (lambda: zmdevice.check(LABELED, None, "p.parquet"), "data: expected a path"),
+        (lambda: zmdevice.check(LABELED, TEXTS, 3), "pseudo_labels must be a path"),
+        (lambda: zmdevice.check(LABELED, TEXTS, "p.parquet", folds="3"), "folds must be an int"),
+        (lambda: zmdevice.check(LABELED, TEXTS, "p.parquet", colour=1), "unknown option(s)"),
+    ],
+)
+def test_suggest_and_check_refuse_bad_arguments_before_ranking(monkeypatch, call, named):
+    def reached(config):
+        raise Reached("a bad argument reached the ranking")
+
+    monkeypatch.setattr("zmdevice.curation.suggest.run_suggest", reached)
+    monkeypatch.setattr("zmdevice.curation.check.run_check", reached)
+    raises_one_line(call, named)
+
+
+# ----------------------------------------------------------------------- the estimator
+
+
+@pytest.mark.parametrize(
+    ("parameters", "fit", "named"),
+    [
+        ({"train_options": 3}, {}, "train_options must be a dict of zmdevice.train keywords"),
+        ({"train_options": "lr=0.1"}, {}, "train_options must be a dict"),
+        ({"train_options": [("lr", 0.1)]}, {}, "train_options must be a dict"),
+        ({"train_options": {1: 2}}, {}, "keys must be keyword names"),
+        ({"train_options": {"lr": "0.1"}}, {}, "lr must be a number, got '0.1'"),
+        ({"train_options": {"seed": 1}}, {}, "set by the estimator's own parameters"),
+        ({"kd_steps": 1.5}, {}, "kd_steps must be an integer"),
+        ({"seed": "1"}, {}, "seed must be an integer"),
+        ({"teacher": 3}, {}, "teacher must be a string"),
+        ({"out": 3}, {}, "out: expected a folder path or None, got 3"),
+        ({"progress": "no"}, {}, "progress must be True or False"),
+        ({}, {"X": 3}, "X: pass a list of texts"),
+        ({}, {"X": "dog cat"}, "got a single one"),
+        ({}, {"X": [3, 4]}, "items must be texts"),
+        ({}, {"y": None}, "y: expected one label per item of X"),
+        ({}, {"y": [["animal"], ["plant"]]}, "got shape (2, 1)"),
+        ({}, {"y": ["animal", "animal"]}, "at least two classes"),
+        ({}, {"X_unlabeled": 3}, "X_unlabeled: pass a list"),
+    ],
+)
+def test_the_estimator_refuses_bad_parameters_and_data_before_training(parameters, fit, named):
+    pytest.importorskip("sklearn")
+    from zmdevice.sklearn import ZeroMatchClassifier
+
+    data = {"X": ["dog cat", "tree flower"], "y": ["animal", "plant"], **fit}
+    estimator = ZeroMatchClassifier(method="supervised", **parameters)
+    raises_one_line(lambda: estimator.fit(**data), named)
+
+
+def test_the_unfitted_estimator_refuses_to_predict():
+    pytest.importorskip("sklearn")
+    from zmdevice.sklearn import ZeroMatchClassifier
+
+    raises_one_line(lambda: ZeroMatchClassifier().predict(["dog"]), "not fitted yet")
+    raises_one_line(lambda: ZeroMatchClassifier().predict_proba("dog"), "not fitted yet")
+
+
 # ----------------------------------------------------------------------- export, load
 
 

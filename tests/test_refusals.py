@@ -163,6 +163,70 @@ def test_a_few_shot_set_of_one_class_is_refused():
     assert check_few_shot_classes(["b", "a", "b"], classes, "--few-shot f.csv") == ["c"]
 
 
+def label_command(folder: Path, embed_dir: Path, *extra) -> list[str]:
+    """`zmdevice label` on a 30-text table in ``folder`` with the tiny embedding teacher,
+    writing to its default output (under ``runs/`` of the working folder)."""
+    from helpers import TOPIC_NAMES, write_texts
+
+    texts = write_texts(folder / "texts.csv", 30)
+    return ["label", str(texts), "--classes", TOPIC_NAMES, "--teacher", f"text-embed:{embed_dir}",
+            "--device", "cpu", "--workers", "0", "--batch-size", "4", *extra]  # fmt: skip
+
+
+def test_a_one_class_few_shot_file_is_one_line_and_leaves_no_folder(
+    tmp_path, embed_dir, monkeypatch
+):
+    from typer.testing import CliRunner
+
+    from zmdevice.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    few_shot = tmp_path / "one-class.csv"
+    few_shot.write_text("id,text,label\na,game team,sports\nb,ball game,sports\n")
+    args = label_command(tmp_path, embed_dir, "--few-shot", str(few_shot))
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: --few-shot {few_shot} holds examples of only class 'sports' (2 example(s)); "
+        "a few-shot set needs examples of at least 2 classes of 3, better of every class"
+    ]
+    assert snapshot(tmp_path) == before  # not even the runs/labels/ folder the lock needed
+
+
+def test_labels_made_otherwise_get_their_own_default_file(tmp_path, embed_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from zmdevice.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    few_shot = tmp_path / "few.csv"
+    few_shot.write_text(
+        "id,text,label\na,game team,sports\nb,vote law,politics\nc,atom cell,science\n"
+        "d,the match,sports\ne,a vote,politics\nf,cell atom,science\n"
+    )
+
+    def label(*extra) -> str:
+        result = CliRunner().invoke(app, label_command(tmp_path, embed_dir, *extra, "--json"))
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["out"]
+
+    outs = {"zero-shot": label()}
+    zero_shot = snapshot(tmp_path / "runs" / "labels")
+    outs["refined"] = label("--refine")
+    outs["few-shot refined"] = label("--few-shot", str(few_shot), "--refine")
+    outs["few-shot only"] = label("--few-shot", str(few_shot), "--no-refine")
+    assert outs == {
+        "zero-shot": "runs/labels/texts-text-embed-m.parquet",
+        "refined": "runs/labels/texts-text-embed-m-refined.parquet",
+        "few-shot refined": "runs/labels/texts-text-embed-m-fewshot.parquet",
+        "few-shot only": "runs/labels/texts-text-embed-m-fewshot-norefine.parquet",
+    }
+    # The later runs left the zero-shot file as it was.
+    labels = snapshot(tmp_path / "runs" / "labels")
+    assert labels["texts-text-embed-m.parquet"] == zero_shot["texts-text-embed-m.parquet"]
+
+
 # ------------------------------------------------------------------ Ray addresses
 
 
@@ -203,7 +267,7 @@ def test_a_full_disk_at_the_first_checkpoint_is_one_line_and_leaves_nothing(
     out = tmp_path / "models" / "run"
     with pytest.raises(UserError, match="^disk full writing .*checkpoints/last-.*: free space or"):
         run_train(image_config(image_data, out, kd_steps=2, ssl_steps=2, test=None))
-    assert not out.exists()
+    assert not out.parent.exists()  # nor the models/ folder made for it
 
 
 def test_a_full_disk_writing_the_settings_leaves_nothing_through_the_cli(

@@ -173,6 +173,28 @@ def check_writable(
         ) from None
 
 
+def missing_folders(folder: str | os.PathLike) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first: what
+    ``mkdir(parents=True)`` is about to create, for ``remove_empty_folders`` to undo."""
+    folder = Path(folder).absolute()
+    missing = []
+    for path in [folder, *folder.parents]:
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first, as ``missing_folders`` lists them) while they are
+    empty: a run that wrote nothing leaves no folder it made; one that wrote keeps them."""
+    for path in folders:
+        try:
+            path.rmdir()
+        except OSError:  # not empty (or gone): it and its parents stay
+            return
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` on success.

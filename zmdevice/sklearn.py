@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from zmdevice.config import TrainConfig
+from zmdevice.config_checks import shown
 from zmdevice.errors import UserError
 from zmdevice.inputs import is_dataframe, is_pil
 
@@ -133,7 +134,7 @@ class ZeroMatchClassifier(ClassifierMixin, BaseEstimator):
                 f"y: label {odd[0]!r} cannot be a class name (empty, surrounding spaces or a comma)"
             )
         pool = items if X_unlabeled is None else _items(X_unlabeled, "X_unlabeled")
-        options = dict(self.train_options or {})
+        options = _train_options(self.train_options)
         clash = sorted(set(options) & {*NAMED, "labeled", "unlabeled", "classes", "progress"})
         if clash:
             raise UserError(
@@ -191,7 +192,7 @@ class ZeroMatchClassifier(ClassifierMixin, BaseEstimator):
         """The folder this fit trains into, and how to remove it (None: the user's own)."""
         if self.out is not None:
             if not isinstance(self.out, str | os.PathLike):
-                raise UserError(f"out: expected a folder path or None, got {self.out!r}")
+                raise UserError(f"out: expected a folder path or None, got {shown(self.out)}")
             return Path(self.out), None
         folder = Path(tempfile.mkdtemp(prefix="zmdevice-sklearn-"))
         return folder, weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
@@ -217,6 +218,22 @@ class ZeroMatchClassifier(ClassifierMixin, BaseEstimator):
         return tags
 
 
+def _train_options(train_options: Any) -> dict[str, Any]:
+    """``train_options`` as a fresh dict of ``train`` keywords; None is no options."""
+    if train_options is None:
+        return {}
+    # dict() would also take a list of pairs; a mapping is the one form whose keys are keywords.
+    if not isinstance(train_options, Mapping):
+        raise UserError(
+            f"train_options must be a dict of zmdevice.train keywords (e.g. {{'lr': 0.001}}), "
+            f"got {shown(train_options)}"
+        )
+    odd = [key for key in train_options if not isinstance(key, str)]
+    if odd:
+        raise UserError(f"train_options: keys must be keyword names (strings), got {shown(odd[0])}")
+    return dict(train_options)
+
+
 def _items(data: Any, role: str) -> list:
     """Texts (plain ``str``), PIL images or image paths [N] as a list; UserError otherwise."""
     if is_dataframe(data):
@@ -226,7 +243,9 @@ def _items(data: Any, role: str) -> list:
     if isinstance(data, str | bytes | os.PathLike | Mapping) or is_pil(data):
         raise UserError(f"{role}: pass a list of items (one item: [item]), got a single one")
     if not isinstance(data, Iterable):
-        raise UserError(f"{role}: pass a list of texts, PIL images or image paths, got {data!r}")
+        raise UserError(
+            f"{role}: pass a list of texts, PIL images or image paths, got {shown(data)}"
+        )
     items = [str(item) if isinstance(item, str) else item for item in data]
     if not items:
         raise UserError(f"{role} is empty: give at least one item")

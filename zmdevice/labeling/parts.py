@@ -6,14 +6,22 @@ the rest."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from zmdevice.errors import UserError, claim, write_text_atomic
+from zmdevice.errors import (
+    UserError,
+    claim,
+    missing_folders,
+    remove_empty_folders,
+    write_text_atomic,
+)
 from zmdevice.labeling.join import ANSWERS
 from zmdevice.pseudolabels import PseudoLabelWriter, read_pseudolabel_metadata
 
@@ -54,16 +62,26 @@ def lock_path(parts_dir: Path) -> Path:
     return parts_dir.with_name(parts_dir.name.removesuffix(".parts") + ".lock")
 
 
-def claim_parts(parts_dir: Path, out: Path):
+@contextlib.contextmanager
+def claim_parts(parts_dir: Path, out: Path) -> Iterator[None]:
     """Context manager: this process alone labels into ``out`` and its ``parts_dir`` for the
     block (``zmdevice.errors.claim``); a second run on the same output (``--resume`` twice at
     once) is refused naming the first one's pid, host and start time.
 
+    The output's folder is made for the lock if missing (``runs/labels/`` on a first run);
+    a run that ends without writing anything in it removes it again, so a refused run
+    leaves no trace.
+
     Raises:
         UserError: another live run holds the output.
     """
+    made = missing_folders(parts_dir.parent)
     parts_dir.parent.mkdir(parents=True, exist_ok=True)
-    return claim(lock_path(parts_dir), f"--out {out}")
+    try:
+        with claim(lock_path(parts_dir), f"--out {out}"):
+            yield
+    finally:
+        remove_empty_folders(made)
 
 
 def check_parts(parts_dir: Path, settings: dict, resume: bool, out: Path) -> set[int]:

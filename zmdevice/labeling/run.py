@@ -105,9 +105,11 @@ def run_label(config: LabelConfig) -> dict:
 
 
 def made_tag(config: LabelConfig) -> str | None:
-    """How the labels are made, for their default file name (``default_out``)."""
+    """How the labels are made, for their default file name (``default_out``): chosen or
+    refined from labeled examples share one name (the same sources compete), the few-shot
+    adapter's own labels (``--no-refine``) get another, so neither replaces the other."""
     if config.few_shot is not None:
-        return "fewshot"
+        return "fewshot-norefine" if config.refine is False else "fewshot"
     return "refined" if config.refine else None
 
 

@@ -36,7 +36,15 @@ import time
 from pathlib import Path
 
 from zmdevice.config import METHODS, RUNS, TrainConfig, resolve_student
-from zmdevice.errors import UserError, check_writable, claim, disk_errors, write_text_atomic
+from zmdevice.errors import (
+    UserError,
+    check_writable,
+    claim,
+    disk_errors,
+    missing_folders,
+    remove_empty_folders,
+    write_text_atomic,
+)
 from zmdevice.trackers import LOCAL_ARTIFACTS, LOCAL_STORE, log_final, run_tracker
 
 PSEUDO_LABELS = "pseudo_labels.parquet"
@@ -205,13 +213,12 @@ def run_train(config: TrainConfig, on_step=None, clock=time.monotonic) -> dict:
     check_writable(out, "--out", folder=True)
     check_time_budget(config.time_budget)
     ranks = ranks_from_environment()
-    made_folder = not out.exists()
+    made = missing_folders(out) if ranks.is_main else []
     try:
         with worker_errors(ranks), claim_run(out, ranks), disk_errors(out):
             return train_in(config, out, ranks, on_step, clock, (started, budget_started))
     finally:
-        if made_folder and ranks.is_main and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # a run refused before it wrote anything leaves no folder
+        remove_empty_folders(made)  # a run refused before it wrote anything leaves no folder
 
 
 def train_in(config: TrainConfig, out: Path, ranks, on_step, clock, started) -> dict:
