@@ -1,4 +1,4 @@
-"""The labeling engines behind one small interface, chosen once from ``config.engine``.
+"""The labeling engines behind one small interface (``labeling.run.make_engine`` picks one).
 
 An engine only predicts: it labels the chunks of a ``ChunkJob`` and yields each finished
 ``LabeledChunk``; the driver (``labeling.run``) writes every part file, so both engines
@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-from zmdevice.config import LabelConfig
 from zmdevice.labeling.batches import ChunkJob, LabeledChunk
 
 
@@ -29,19 +28,3 @@ class Engine(Protocol):
 
     def label_chunks(self, job: ChunkJob) -> Iterator[LabeledChunk]:
         """Label ``job.todo``; yield each chunk, back in its own order, once it is whole."""
-
-
-def make_engine(config: LabelConfig) -> Engine:
-    """The engine ``config.engine`` names, built whole from the config (the one place
-    that reads ``config.engine``)."""
-    if config.engine == "ray":
-        from zmdevice.labeling.ray_engine import RayEngine
-
-        return RayEngine(
-            address=config.ray_address, workers=config.ray_workers,
-            gpus_per_worker=config.gpus_per_worker, teacher=config.teacher,
-            templates=config.templates, precision=config.precision, runtime=config.runtime,
-        )  # fmt: skip
-    from zmdevice.labeling.local_engine import LocalEngine
-
-    return LocalEngine(device=config.device)

@@ -15,7 +15,7 @@ the end the parts are joined, in data order, into the output file (one row group
 and the folder is removed. Because chunk boundaries depend only on the data order and the
 batch size, a resumed run writes the same rows as an uninterrupted one.
 
-The engine is chosen once (``labeling.engines.make_engine``): ``LocalEngine`` (this
+The engine is chosen once (``make_engine``): ``LocalEngine`` (this
 process and its loader workers) or ``RayEngine`` (a Ray Data actor pool). Both label the
 same chunks in the same batches, so either can resume the other's parts. ``--shard I/N``
 and ``--combine`` are ``labeling.shards``.
@@ -33,7 +33,15 @@ from typing import Any
 from zmdevice.config import LabelConfig
 from zmdevice.errors import UserError, check_writable
 from zmdevice.labeling.batches import ChunkJob, pick_workers
-from zmdevice.labeling.engines import Engine, make_engine
+from zmdevice.labeling.engines import Engine
+from zmdevice.labeling.from_examples import (
+    LabeledExamples,
+    allowed_sources,
+    choose_before_labeling,
+    labels_from_features,
+    needs_features,
+    open_few_shot,
+)
 from zmdevice.labeling.gold import Gold
 from zmdevice.labeling.join import combine_pseudolabels
 from zmdevice.labeling.parts import (
@@ -54,14 +62,6 @@ from zmdevice.labeling.shards import (
     parse_shard,
     shard_path,
     shard_range,
-)
-from zmdevice.labeling.sources import (
-    LabeledExamples,
-    allowed_sources,
-    choose_before_labeling,
-    labels_from_features,
-    needs_features,
-    open_few_shot,
 )
 from zmdevice.labeling.summary import summary
 from zmdevice.pseudolabels import PseudoLabelWriter, build_metadata, read_pseudolabel_metadata
@@ -102,6 +102,22 @@ def run_label(config: LabelConfig) -> dict:
         return summary(
             inputs.out, metadata, labeled_now, elapsed, quality_lines, run.job.workers, where
         )
+
+
+def make_engine(config: LabelConfig) -> Engine:
+    """The engine ``config.engine`` names, built whole from the config (the one place
+    that reads ``config.engine``; here, so the config stays in this module)."""
+    if config.engine == "ray":
+        from zmdevice.labeling.ray_engine import RayEngine
+
+        return RayEngine(
+            address=config.ray_address, workers=config.ray_workers,
+            gpus_per_worker=config.gpus_per_worker, teacher=config.teacher,
+            templates=config.templates, precision=config.precision, runtime=config.runtime,
+        )  # fmt: skip
+    from zmdevice.labeling.local_engine import LocalEngine
+
+    return LocalEngine(device=config.device)
 
 
 def made_tag(config: LabelConfig) -> str | None:
