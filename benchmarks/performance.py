@@ -35,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 REPORT_JSON = BENCH / "performance.json"
+PEERS_JSON = BENCH / "peers-performance.json"
+"""``bench_peers.py``'s numbers: zmdevice against hand-written peers and the CPU's peak."""
 PAGE = BENCH / "PERFORMANCE.md"
 WORK = BENCH / "work" / "performance"
 JOBS = ("label", "train", "export", "precision")
@@ -576,9 +578,167 @@ def memory_rows(report: dict) -> list[Row]:
     return rows
 
 
-def sections(report: dict) -> list[tuple[str, str, list[Row]]]:
-    """(heading, how it was measured, rows) of every table on the page."""
+PEERS_HEADING = "Against the peers and the hardware"
+PEERS_HOW = (
+    "`benchmarks/bench_peers.py` (its own JSON, `benchmarks/peers-performance.json`, "
+    "run part by part, each part one process): zmdevice against what a user would write "
+    "instead, the two alternating round by round in one process (order rotated; the best "
+    "round of each counts), and achieved FLOP/s against the core's peak. Labeling: "
+    "`run_label` (what `zmdevice label` runs) at its defaults, timed from the call to the "
+    "written file, against the peer timed from loading its model to its labels, both with "
+    'warm caches (one untimed run of each first); "pass only" leaves model loading out. '
+    "Agreement: the same label as zmdevice's file. Training: one run each, wall time from "
+    "loading the model to the trained classifier. FLOPs: `FlopCounterMode` on one batch "
+    "(matrix products and convolutions; the convolution backward counted by the script, as "
+    "torch's formula counts a depthwise layer's weight gradient once per channel), over the "
+    "median wall time and over the process's CPU time of the same calls (on a shared core "
+    "the second shows the code's own rate). `torch.compile`: inductor at its defaults, "
+    "compile time = first call minus a steady call, eager and compiled alternating, outputs "
+    "compared at the same weights and inputs before any step (`fallback_random`, so that "
+    "dropout draws the same numbers). Every subject names the CPU, the torch threads "
+    "and how busy the other core was during that part: these runs shared the machine, so "
+    "absolute rates are low and noisy and only the side-by-side ratios compare."
+)
+
+
+def peer_tag(peers: dict, part: dict) -> str:
+    """'[CPU, N thread(s), core K busy P%]' for the subject of every row of a part."""
+    mine = {f"cpu{i}" for i in peers.get("affinity", [])}
+    others = [f"{name} busy {100 * share:.0f}%"
+              for name, share in sorted(part.get("core_busy_share", {}).items())
+              if name not in mine]  # fmt: skip
+    threads = part.get("threads", peers.get("threads"))
+    pinned = ", ".join(f"core {i}" for i in peers.get("affinity", []))
+    other = ("; other " + ", ".join(others)) if others else ""
+    plural = "s" if threads != 1 else ""
+    share = part.get("own_cpu_share")
+    own = "" if share is None else f"; this process got {100 * share:.0f}% of its core"
+    return f"[{peers['cpu']['model']}, {threads} thread{plural} on {pinned}{own}{other}]"
+
+
+def peer_rows(peers: dict) -> list[Row]:
+    """The rows of ``bench_peers.py``'s report (``PEERS_JSON``)."""
+    parts, rows = peers.get("parts", {}), []
+    for key in ("label-text", "label-image"):
+        if key not in parts:
+            continue
+        result, tag = parts[key]["result"], peer_tag(peers, parts[key])
+        subject = f"{result['teacher']} labeling, {result['items']} items {tag}"
+        for v in result["variants"]:
+            rows.append(
+                Row(subject, f"{v['variant']} ({v['ran']}): items/s end to end; pass only",
+                    v["items_per_s"], f"{v['items_per_s']:.1f}; {v['pass_items_per_s']:.1f}")
+            )  # fmt: skip
+        for v in result["variants"][1:]:
+            rows += [
+                Row(subject, f"zmdevice / {v['variant']}: end to end; pass only",
+                    v["zmdevice_over_this"],
+                    f"{v['zmdevice_over_this']:.2f}x; {v['zmdevice_over_this_pass']:.2f}x"),
+                Row(subject, f"{v['variant']}: labels equal to zmdevice's (%)",
+                    100 * v["agreement_with_zmdevice"],
+                    f"{100 * v['agreement_with_zmdevice']:.2f}"),
+            ]  # fmt: skip
+        rows.append(
+            Row(subject, f"zmdevice / fastest peer ({result['fastest_peer']}), end to end",
+                result["ratio_to_fastest_peer"], f"{result['ratio_to_fastest_peer']:.2f}x",
+                (">=", result["target"]), "x")
+        )  # fmt: skip
+    if "train" in parts:
+        r, tag = parts["train"]["result"], peer_tag(peers, parts["train"])
+        subject = f"text training, examples/default/text {tag}"
+        for name, side in (("zmdevice.train", r["zmdevice"]), ("SetFit", r["setfit"])):
+            rows.append(
+                Row(subject, f"{name}: wall (s); steps; texts through the network; test "
+                    "accuracy", side["wall_s"],
+                    f"{side['wall_s']:.1f}; {side['steps']}; {side['texts_through_network']}; "
+                    f"{100 * side['test_accuracy']:.1f}%")
+            )  # fmt: skip
+        rows.append(
+            Row(subject, "zmdevice / SetFit: speed (SetFit wall / zmdevice wall); texts/s",
+                r["wall_ratio_setfit_over_zmdevice"],
+                f"{r['wall_ratio_setfit_over_zmdevice']:.2f}x; {r['texts_per_s_ratio']:.2f}x")
+        )  # fmt: skip
+    if "inference" in parts:
+        r, tag = parts["inference"]["result"], peer_tag(peers, parts["inference"])
+        subject = f"exported distilbert student, {r['items']} texts, batch {r['batch']} {tag}"
+        rows += [
+            Row(subject, "zmdevice.load(...).predict: items/s", r["zmdevice_items_per_s"],
+                f"{r['zmdevice_items_per_s']:.1f}"),
+            Row(subject, "onnxruntime.InferenceSession + tokenizers: items/s",
+                r["onnxruntime_items_per_s"], f"{r['onnxruntime_items_per_s']:.1f}"),
+            Row(subject, "ratio zmdevice / onnxruntime", r["ratio"], f"{r['ratio']:.2f}x"),
+            Row(subject, "labels equal (%)", 100 * r["agreement"], f"{100 * r['agreement']:.2f}"),
+        ]  # fmt: skip
+        if "tuned_items_per_s" in r:
+            rows += [
+                Row(subject, f"the same session with intra_op_num_threads={r['tuned_threads']}: "
+                    "items/s; zmdevice / it", r["tuned_items_per_s"],
+                    f"{r['tuned_items_per_s']:.1f}; {r['ratio_to_tuned']:.2f}x"),
+            ]  # fmt: skip
+        rows.append(Row(subject, "optimum", None, r["optimum"]))
+    if "hardware" in parts:
+        r, tag = parts["hardware"]["result"], peer_tag(peers, parts["hardware"])
+        peak = r["peak_fp32_flops"]
+        bf16 = r["peak_bf16_flops"]
+        rows += [
+            Row(f"this core {tag}", "fp32 peak (GFLOP/s): how it is counted", peak / 1e9,
+                f"{peak / 1e9:.1f}: {r['peak_assumption']}"),
+            Row(f"this core {tag}", "bf16 peak (GFLOP/s)", bf16,
+                "none: no avx512_bf16 or amx_bf16" if bf16 is None else f"{bf16 / 1e9:.1f}"),
+        ]  # fmt: skip
+        for h in r["rows"]:
+            rows.append(
+                Row(f"{h['what']} {tag}", f"achieved GFLOP/s (batch {h['batch']}; "
+                    f"{h['flops'] / 1e9:.2f} GFLOP in {1000 * h['seconds']:.0f} ms, median)",
+                    h["achieved_flops"],
+                    f"{h['achieved_flops'] / 1e9:.2f} ({100 * h['share_of_fp32_peak']:.1f}% of "
+                    "fp32 peak)")
+            )  # fmt: skip
+            if "cpu_seconds" in h:
+                rows.append(
+                    Row(f"{h['what']} {tag}", "GFLOP per CPU second of the process (the same "
+                        f"calls; {1000 * h['cpu_seconds']:.0f} ms CPU, median)",
+                        h["achieved_flops_per_cpu_s"],
+                        f"{h['achieved_flops_per_cpu_s'] / 1e9:.2f} "
+                        f"({100 * h['share_of_fp32_peak_per_cpu_s']:.1f}% of fp32 peak)")
+                )  # fmt: skip
+    if "compile" in parts:
+        r, tag = parts["compile"]["result"], peer_tag(peers, parts["compile"])
+        for c in r["rows"]:
+            # Rows measured by a later run for one model carry their own machine load.
+            own = {k: c[k] for k in ("own_cpu_share", "core_busy_share") if k in c}
+            row_tag = peer_tag(peers, {**parts["compile"], **own}) if own else tag
+            subject = f"torch.compile, {c['what']} {row_tag}"
+            if "error" in c:
+                rows.append(Row(subject, "inductor", None, "failed: " + c["error"][:300]))
+                continue
+            grad = c.get("max_abs_grad_diff")
+            rows += [
+                Row(subject, "compile time (s): first call minus a steady call",
+                    c["compile_s"], f"{c['compile_s']:.1f} (first call {c['first_call_s']:.1f})"),
+                Row(subject, "s per call, eager / compiled (median)", None,
+                    f"{c['eager_s']:.3f} / {c['compiled_s']:.3f}"),
+                Row(subject, "speed-up of compiled over eager", c["speedup"],
+                    f"{c['speedup']:.2f}x"),
+                Row(subject, "max abs difference: outputs (max abs output); gradients",
+                    c["max_abs_output_diff"],
+                    f"{c['max_abs_output_diff']:.1e} ({c['max_abs_output']:.1f}); "
+                    + ("-" if grad is None else f"{grad:.1e}")),
+            ]  # fmt: skip
+    for key, part in parts.items():
+        busy = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(part["core_busy_share"].items()))
+        rows.append(
+            Row(f"part {key}", "command; mode; wall (s); cores busy during it", part["wall_s"],
+                f"`{part['command'].strip()}`; {part['mode']}; {part['wall_s']}; {busy}")
+        )  # fmt: skip
+    return rows
+
+
+def sections(report: dict, peers: dict | None = None) -> list[tuple[str, str, list[Row]]]:
+    """(heading, how it was measured, rows) of every table on the page; ``peers``
+    (``bench_peers.py``'s report) adds the last one."""
     throughput, files = label_rows(report)
+    peer_section = [(PEERS_HEADING, PEERS_HOW, peer_rows(peers))] if peers else []
     return [
         ("Labeling throughput", "`run_label` end to end at its defaults (loader workers, "
          "the teacher at its `auto` precision and runtime, texts shortest first, "
@@ -612,12 +772,14 @@ def sections(report: dict) -> list[tuple[str, str, list[Row]]]:
          files),
         ("Peak memory", "`ru_maxrss` of each benchmark process (the training job runs one "
          "process per student).", memory_rows(report)),
+        *peer_section,
     ]  # fmt: skip
 
 
-def judged_rows(report: dict) -> list[Row]:
+def judged_rows(report: dict, peers: dict | None = None) -> list[Row]:
     """Every row of the page that has a target."""
-    return [row for _, _, rows in sections(report) for row in rows if row.target is not None]
+    tables = sections(report, peers)
+    return [row for _, _, rows in tables for row in rows if row.target is not None]
 
 
 def tally(judged: list[Row]) -> str:
@@ -627,10 +789,11 @@ def tally(judged: list[Row]) -> str:
     return text + (f", {counts['not measured']} not measured" if counts["not measured"] else "")
 
 
-def render(report: dict, source: str = rel(REPORT_JSON)) -> str:
-    """The Markdown page of a report dict (as ``run_report`` returns and ``source`` stores)."""
-    tables = sections(report)
-    judged = judged_rows(report)
+def render(report: dict, source: str = rel(REPORT_JSON), peers: dict | None = None) -> str:
+    """The Markdown page of a report dict (as ``run_report`` returns and ``source`` stores),
+    with ``bench_peers.py``'s report ``peers`` as its last section when given."""
+    tables = sections(report, peers)
+    judged = judged_rows(report, peers)
     missed = [row for row in judged if row.status == "missed"]
     unmeasured = [row for row in judged if row.status == "not measured"]
     failed = [job for job in report["jobs"] if job.get("error")]
@@ -729,9 +892,13 @@ def render(report: dict, source: str = rel(REPORT_JSON)) -> str:
     return "\n".join(lines)
 
 
-def write_page(report: dict, source: Path, page: Path) -> None:
-    page.write_text(render(report, rel(source)), encoding="utf-8")
-    print(f"[performance] targets: {tally(judged_rows(report))}")
+def write_page(report: dict, source: Path, page: Path, peers_json: Path | None = None) -> None:
+    """Write the page; ``peers_json``, where it exists, adds the peers section."""
+    peers = None
+    if peers_json is not None and peers_json.is_file():
+        peers = json.loads(peers_json.read_text())
+    page.write_text(render(report, rel(source), peers), encoding="utf-8")
+    print(f"[performance] targets: {tally(judged_rows(report, peers))}")
     print(f"[performance] wrote {page}")
 
 
@@ -743,12 +910,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=REPORT_JSON, help="the stored numbers")
     parser.add_argument("--page", type=Path, default=PAGE, help="the Markdown page")
     parser.add_argument("--work", type=Path, default=WORK, help="scratch folder of the jobs")
+    parser.add_argument(
+        "--peers", type=Path,
+        help="bench_peers.py's numbers, rendered as the last section where the file exists "
+        f"(default: {PEERS_JSON.name} beside --json)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    args.peers = args.peers or args.json.with_name(PEERS_JSON.name)
     if args.command == "render":
         if not args.json.is_file():
             print(f"error: {args.json} not found; run `python benchmarks/performance.py` first")
             return 2
-        write_page(json.loads(args.json.read_text()), args.json, args.page)
+        write_page(json.loads(args.json.read_text()), args.json, args.page, args.peers)
         return 0
     jobs = tuple(name.strip() for name in args.jobs.split(","))
     unknown = sorted(set(jobs) - set(JOBS))
@@ -761,7 +934,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run_report(QUICK if args.quick else FULL, mode, jobs, args.work, command)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"[performance] wrote {args.json}")
-    write_page(report, args.json, args.page)
+    write_page(report, args.json, args.page, args.peers)
     return 1 if any(job.get("error") for job in report["jobs"]) else 0
 
 

@@ -288,3 +288,47 @@ def test_precision_rows_judge_only_the_default_variant(report):
     judged = {r.subject for r in rows if r.target and r.quantity.startswith("labels agreeing")}
     assert judged == {"minilm onnx fp32 (default)"}
     assert "bf16 instructions; torch CPU capability" in performance.render(report)
+
+
+def peers_report(ratio_to_fastest):
+    """A ``bench_peers.py`` report with one labeling part and one failed compile."""
+
+    def variant(name, rate, ratio):
+        return {"variant": name, "ran": "fp32", "items_per_s": rate, "pass_items_per_s": rate,
+                "wall_s_rounds": [1.0], "agreement_with_zmdevice": 1.0,
+                "agreement_with_reference": 1.0, "zmdevice_over_this": ratio,
+                "zmdevice_over_this_pass": ratio}  # fmt: skip
+
+    busy = {"cpu0": 0.99, "cpu1": 0.97}
+    part = {"command": "python benchmarks/bench_peers.py --quick", "mode": "quick",
+            "wall_s": 10.0, "threads": 1, "core_busy_share": busy}  # fmt: skip
+    label = {
+        "teacher": "minilm", "items": 256, "rounds": 2, "reference": "peer fp32",
+        "variants": [variant("zmdevice label (defaults)", 120.0, 1.0),
+                     variant("peer fp32", 100.0, ratio_to_fastest)],
+        "fastest_peer": "peer fp32", "ratio_to_fastest_peer": ratio_to_fastest,
+        "target": 1.2, "agreement_target": 0.995,
+    }  # fmt: skip
+    failed = {"backend": "inductor", "rows": [{"what": "tiny", "error": "no C compiler"}]}
+    return {
+        "format": "zmdevice-peers",
+        "cpu": {"model": "Test CPU"},
+        "threads": 1,
+        "affinity": [1],
+        "parts": {
+            "label-text": {**part, "result": label},
+            "compile": {**part, "result": failed},
+        },
+    }
+
+
+def test_peers_section_judges_the_fastest_peer(report):
+    missed = performance.judged_rows(report, peers_report(1.1))
+    met = performance.judged_rows(report, peers_report(1.3))
+    assert len(missed) == len(met) == len(performance.judged_rows(report)) + 1
+    assert missed[-1].status == "missed" and met[-1].status == "met"  # 1.1 < 1.2 <= 1.3
+    text = performance.render(report, peers=peers_report(1.1))
+    assert "## Against the peers and the hardware" in text
+    assert "[Test CPU, 1 thread on core 1; other cpu0 busy 99%]" in text  # every subject
+    assert "failed: no C compiler" in text
+    assert "## Against the peers" not in performance.render(report)  # no file, no section
