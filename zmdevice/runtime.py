@@ -29,6 +29,23 @@ MODEL_INPUTS = {"image": ["pixel_values"], "text": ["input_ids", "attention_mask
 """The input names of an exported model, by modality (``export._input_names`` writes them)."""
 
 
+def affinity_cores() -> int:
+    """The cores this process may run on (taskset, containers), not all of the machine's."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1
+
+
+def usable_cores() -> int:
+    """``affinity_cores``, and no more than ``OMP_NUM_THREADS`` when that is set: a user who
+    limits OpenMP threads (other jobs share the cores) would otherwise get one thread per
+    core anyway."""
+    cores = affinity_cores()
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    if limit.isdigit() and int(limit) > 0:
+        cores = min(cores, int(limit))
+    return cores
+
+
 def _open_session(path: Path, providers: list[str], threads: int | None = None):
     """An onnxruntime session and its custom metadata; UserError names a bad file."""
     if not path.is_file():
@@ -36,8 +53,10 @@ def _open_session(path: Path, providers: list[str], threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
+    # onnxruntime's default is one thread per core of the machine: under taskset or a
+    # container's CPU limit that oversubscribes the cores given (1.3x slower measured on one
+    # pinned core of two, benchmarks/bench_peers.py).
+    options.intra_op_num_threads = threads or usable_cores()
     # onnxruntime logs warnings (e.g. unused initialisers) to stderr; users get our errors.
     options.log_severity_level = 3
     try:

@@ -32,6 +32,7 @@ import torch
 
 from zmdevice.errors import FlagHint, UserError, write_text_atomic
 from zmdevice.losses import DistributionAlignment
+from zmdevice.runtime import affinity_cores, usable_cores
 
 
 @dataclass(frozen=True)
@@ -330,23 +331,6 @@ def launch(nproc: int, argv: list[str]) -> int:
                 else:
                     os.environ[name] = value
     return 0
-
-
-def affinity_cores() -> int:
-    """The cores this process may run on (taskset, containers), not all of the machine's."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return cores or 1
-
-
-def usable_cores() -> int:
-    """``affinity_cores``, and no more than ``OMP_NUM_THREADS`` when that is set: a user who
-    limits OpenMP threads (other jobs share the cores) would otherwise get one thread per
-    core anyway."""
-    cores = affinity_cores()
-    limit = os.environ.get("OMP_NUM_THREADS", "")
-    if limit.isdigit() and int(limit) > 0:
-        cores = min(cores, int(limit))
-    return cores
 
 
 def check_process_count(nproc: int, flag: str) -> None:
