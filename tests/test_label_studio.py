@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import FAST
 from loop_data import CLASSES, loop_data
+from typer.testing import CliRunner
 
+from zmdevice.cli import app
 from zmdevice.curation.label_studio import (
     labeling_config,
     make_tasks,
-    open_labeled,
-    read_label_studio_export,
     write_json,
     write_labeled_csv,
 )
 from zmdevice.data import label_indices, open_dataset
 from zmdevice.errors import UserError
+from zmdevice.label_studio_export import read_label_studio_export
+from zmdevice.pseudolabels import read_pseudolabels
 
 
 def annotation(choice, *, cancelled=False, updated="2024-05-01T10:00:00Z", from_name="label"):
@@ -119,7 +124,7 @@ def test_an_export_of_our_tasks_reads_back_as_labeled_rows(tmp_path):
     labeled = open_dataset(table, require_labels=True)
     assert labeled.ids == [data.ids[0], data.ids[1]]
     assert label_indices(labeled, CLASSES).tolist() == [2, 1]
-    direct = open_labeled(path)  # --labeled export.json, no table in between
+    direct = open_dataset(path, require_labels=True)  # --labeled export.json, no table in between
     assert (direct.ids, direct.texts, direct.labels) == (labeled.ids, labeled.texts, labeled.labels)
 
 
@@ -145,7 +150,7 @@ def test_image_exports_resolve_local_file_urls(tmp_path):
     labeled = open_dataset(out, require_labels=True)
     assert labeled.modality == "image" and labeled.labels == ["red", "blue"]
     assert labeled.load_image(1).size == (4, 4)
-    dataset = open_labeled(path, modality="image")
+    dataset = open_dataset(path, modality="image", require_labels=True)
     assert dataset.ids == ["a.png", "b.png"] and dataset.load_image(0).size == (4, 4)
 
 
@@ -170,7 +175,7 @@ def test_suggested_label_studio_tasks_come_back_after_labeling(tmp_path):
     for number, task in enumerate(tasks, start=1):
         guess = task["predictions"][0]["result"][0]["value"]["choices"][0]
         task.update(id=100 + number, annotations=[annotation(guess)])
-    labeled = open_labeled(write_json(tmp_path / "export.json", tasks))
+    labeled = open_dataset(write_json(tmp_path / "export.json", tasks), require_labels=True)
     assert labeled.ids == [task["data"]["id"] for task in tasks]
     assert set(labeled.ids) <= set(open_dataset(loop["data"]).ids)
     again = run_suggest(
@@ -209,4 +214,62 @@ def test_bad_exports_are_one_line_errors(tmp_path):
         write_labeled_csv(mixed, tmp_path / "mixed.csv")
     empty = [export_task(1, {"text": "x"}, [])]
     with pytest.raises(UserError, match="no annotated task"):
-        open_labeled(write_json(tmp_path / "empty.json", empty))
+        open_dataset(write_json(tmp_path / "empty.json", empty), require_labels=True)
+
+
+def label_studio_export_of(table: Path, out: Path) -> Path:
+    """A Label Studio JSON export whose annotated tasks are ``table``'s labeled rows (with
+    their zmdevice ids where the table has them), as a person labeling them would export."""
+    with open(table, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    tasks = [
+        {
+            "id": number,
+            "data": {key: row[key] for key in ("id", "text") if key in row},
+            "annotations": [
+                {"was_cancelled": False, "result": [{"from_name": "label", "to_name": "text",
+                 "type": "choices", "value": {"choices": [row["label"]]}}]}
+            ],
+        }
+        for number, row in enumerate(rows, start=1)
+    ]  # fmt: skip
+    return write_json(out, tasks)
+
+
+def test_train_and_label_few_shot_take_a_label_studio_export_as_the_same_table(
+    text_data, embed_dir, tmp_path, monkeypatch
+):
+    """``--labeled`` and ``--few-shot`` read the export a person filled in Label Studio
+    exactly as the labeled table it holds: the same trained student, the same labels."""
+    monkeypatch.chdir(tmp_path)
+    export = label_studio_export_of(text_data / "labeled.csv", tmp_path / "export.json")
+    settings = tmp_path / "fast.toml"
+    settings.write_text("".join(f"{key} = {value}\n" for key, value in FAST.items()))
+    runner = CliRunner()
+
+    def train(labeled: Path, out: str) -> dict:
+        result = runner.invoke(app, ["train", "--labeled", str(labeled), "--unlabeled",
+                                     str(text_data / "unlabeled.csv"), "--test",
+                                     str(text_data / "test.csv"), "--pseudo-labels",
+                                     str(text_data / "labels.parquet"), "--student",
+                                     "tiny-distilbert", "--kd-steps", "2", "--ssl-steps", "2",
+                                     "--device", "cpu", "--config", str(settings), "--out", out,
+                                     "--json"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    from_export, from_table = train(export, "a"), train(text_data / "labeled.csv", "b")
+    assert from_export["labeled"] == from_table["labeled"] == 6
+    assert from_export["test_accuracy"] == from_table["test_accuracy"]
+
+    def label(few_shot: Path, out: str):
+        result = runner.invoke(app, ["label", str(text_data / "unlabeled.csv"), "--classes",
+                                     ",".join(sorted({*open_dataset(few_shot,
+                                     require_labels=True).labels})), "--teacher",
+                                     f"text-embed:{embed_dir}", "--device", "cpu", "--workers",
+                                     "0", "--few-shot", str(few_shot), "--out", out])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        return read_pseudolabels(out)
+
+    a, b = label(export, "a.parquet"), label(text_data / "labeled.csv", "b.parquet")
+    assert a.ids == b.ids and np.array_equal(a.topk_prob, b.topk_prob)

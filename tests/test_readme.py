@@ -16,12 +16,16 @@ from pathlib import Path
 
 import pytest
 
+from zmdevice.pseudolabels import read_pseudolabels
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 LOOP = "Which samples to label next, which labels look wrong"
 """The README section of the labeling loop (suggest, check), run after the workflow."""
+TOOLS = "With the tools you already use"
+"""The README section of the ecosystem's meeting points, run after the loop."""
 
 
 def section(title: str, text: str = README) -> str:
@@ -144,6 +148,15 @@ def test_workflow_commands_run_in_order(tmp_path):
         suggested = list(csv.DictReader(handle))
     assert len(suggested) == 20 and all(row["student_guess"] for row in suggested)
     assert (work / "runs" / "label-check.csv").is_file()
+    # And the ecosystem block: the saved Dataset folder labels as its CSV does.
+    run_blocks([text, *blocks(section(TOOLS), "bash")], work, environment(tmp_path))
+    from_folder = read_pseudolabels(work / "runs" / "labels" / "ds.parquet")
+    from_csv = read_pseudolabels(work / "runs" / "labels" / "unlabeled-minilm-fewshot.parquet")
+    assert from_folder.ids == from_csv.ids
+    fingerprint = [labels.metadata["data"]["fingerprint"] for labels in (from_folder, from_csv)]
+    assert fingerprint[0] == fingerprint[1]
+    hub = sorted(path.name for path in (work / "runs" / "hub").iterdir())
+    assert "README.md" in hub and any(name.endswith(".onnx") for name in hub)
 
 
 @pytest.mark.slow

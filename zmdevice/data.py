@@ -14,6 +14,9 @@ Formats (see docs/design.md):
   table is read as images when it has the path column and no text column, or when the
   caller asks for ``modality="image"``.
 
+- **Saved Hugging Face dataset**: a folder written by ``datasets.Dataset.save_to_disk``
+  reads as the table (or the images) it holds, named by the folder (``zmdevice.cached_inputs``).
+
 Empty text, id or label cells are errors (naming the row), not silently skipped rows.
 
 Ids are stable: given by the data, or derived from content (``t`` + 16 hex digits of the
@@ -45,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, overload
 
+from zmdevice.cached_inputs import saved_dataset_table
 from zmdevice.classes import ClassList
 from zmdevice.config import DataOptions
 from zmdevice.errors import FlagHint, UserError, listing
@@ -56,6 +60,7 @@ from zmdevice.images import (
     scan_images,
     to_rgb,
 )
+from zmdevice.label_studio_export import read_label_studio_export, row_content
 from zmdevice.tables import (
     TABLE_SUFFIXES,
     column,
@@ -226,8 +231,9 @@ def open_dataset(
     """Open a data set from disk.
 
     Args:
-        path: a folder (images), or a ``.csv``/``.jsonl``/``.parquet`` table (text, or
-            images when it has the path column and no text column).
+        path: a folder (images, or a ``datasets.Dataset.save_to_disk`` folder: text or
+            images, see ``zmdevice.inputs``), or a ``.csv``/``.jsonl``/``.parquet`` table
+            (text, or images when it has the path column and no text column).
         options: column names and corrupt-image policy.
         modality: "text" or "image" to insist on one kind; None decides from the data.
         require_labels: fail unless every sample has a label.
@@ -246,17 +252,22 @@ def open_dataset(
     if not path.exists():
         raise UserError(f"data not found: {path} does not exist; check the path")
     if path.is_dir():
+        saved = saved_dataset_table(path, options)
+        if saved is not None:
+            return _saved_dataset(path, read_table(saved), options, modality, require_labels)
         if modality == "text":
             raise UserError(
                 f"{path} is a folder, but text data must be a CSV, JSONL or Parquet table"
             )
         return _open_image_folder(path, options, require_labels)
     suffix = path.suffix.lower()
+    if suffix == ".json":
+        return _label_studio_export(path, options, modality)
     if suffix not in TABLE_SUFFIXES:
         hint = " (a single image is not a data set: give its folder)" if _is_image(path) else ""
         raise UserError(
             f"unsupported file type '{path.suffix}' for {path}{hint}: use a .csv, .jsonl or "
-            ".parquet table, or a folder of images"
+            ".parquet table, a Label Studio .json export, or a folder of images"
         )
     columns = read_table(path)
     is_image_table = modality == "image" or (
@@ -265,6 +276,53 @@ def open_dataset(
     if is_image_table:
         return _image_table(path, columns, options, require_labels)
     return _text_table(path, columns, options, require_labels)
+
+
+def _saved_dataset(
+    folder: Path,
+    columns: dict[str, list],
+    options: DataOptions,
+    modality: str | None,
+    require_labels: bool,
+) -> TextDataset | ImageDataset:
+    """A ``Dataset.save_to_disk`` folder, from the table ``saved_dataset_table`` made
+    of it (absolute image paths), read as that table is but named by the folder."""
+    is_images = options.path_column in columns and options.text_column not in columns
+    if is_images and modality == "text":
+        raise UserError(
+            f"{folder} is a saved datasets.Dataset of images, but text data is needed here: "
+            f"give one with a '{options.text_column}' column"
+        )
+    if is_images or modality == "image":
+        return _image_table(folder, columns, options, require_labels)
+    return _text_table(folder, columns, options, require_labels)
+
+
+def _label_studio_export(
+    path: Path, options: DataOptions, modality: str | None
+) -> TextDataset | ImageDataset:
+    """A Label Studio JSON export, read as the labeled table of its annotated tasks (image
+    paths relative to the export's folder); a task without a zmdevice id gets the id its
+    text or path would get in a table."""
+    rows = read_label_studio_export(path)
+    content = row_content(
+        rows,
+        f"{path} has no annotated task: label some tasks in Label Studio first",
+        f"{path} mixes text and image tasks; keep one kind per project",
+    )
+    held = "text" if content == "text" else "image"
+    if modality not in (None, held):
+        raise UserError(f"{path} holds {held}s, not {modality}s")
+    make_id = content_id if content == "text" else str
+    names = {"text": options.text_column, "path": options.path_column}
+    columns = {
+        options.id_column: [row["id"] or make_id(row[content]) for row in rows],
+        names[content]: [row[content] for row in rows],
+        options.label_column: [row["label"] for row in rows],
+    }
+    if content == "text":
+        return _text_table(path, columns, options, require_labels=True)
+    return _image_table(path, columns, options, require_labels=True)
 
 
 def _is_image(path: Path) -> bool:

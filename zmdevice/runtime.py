@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from zmdevice.cores import usable_cores
 from zmdevice.errors import UserError
 from zmdevice.images import IMAGE_EXTENSIONS, scan_images
 from zmdevice.scoring import evaluate_labeled, predict_in_batches
@@ -27,23 +28,6 @@ METADATA_PREFIX = "zmdevice."
 BATCH_SIZE = 32
 MODEL_INPUTS = {"image": ["pixel_values"], "text": ["input_ids", "attention_mask"]}
 """The input names of an exported model, by modality (``export._input_names`` writes them)."""
-
-
-def affinity_cores() -> int:
-    """The cores this process may run on (taskset, containers), not all of the machine's."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return cores or 1
-
-
-def usable_cores() -> int:
-    """``affinity_cores``, and no more than ``OMP_NUM_THREADS`` when that is set: a user who
-    limits OpenMP threads (other jobs share the cores) would otherwise get one thread per
-    core anyway."""
-    cores = affinity_cores()
-    limit = os.environ.get("OMP_NUM_THREADS", "")
-    if limit.isdigit() and int(limit) > 0:
-        cores = min(cores, int(limit))
-    return cores
 
 
 def _open_session(path: Path, providers: list[str], threads: int | None = None):

@@ -198,7 +198,7 @@ def load_space(
     Args:
         data: the unlabeled data the label file labels.
         pseudo_labels: its `zmdevice label` output.
-        labeled: a labeled table or Label Studio export (``label_studio.open_labeled``).
+        labeled: a labeled table or Label Studio export (``data.open_dataset``).
         teacher: the FM for features; None: the label file's teacher.
         features: a ``.npy`` file of features [N, D] aligned with the data's rows, instead
             of running the teacher (labeled examples must then be in the data).
@@ -211,7 +211,6 @@ def load_space(
             file of the wrong shape.
     """
     from zmdevice.classes import ClassList
-    from zmdevice.curation.label_studio import open_labeled
     from zmdevice.data import label_indices, open_dataset
     from zmdevice.pseudolabels import read_pseudolabels
 
@@ -233,7 +232,9 @@ def load_space(
     spec = teacher or (metadata.get("teacher") or {}).get("spec")
     labeled_set = None
     if labeled is not None:
-        labeled_set = open_labeled(labeled, data_options, modality=dataset.modality)
+        labeled_set = open_dataset(
+            labeled, data_options, modality=dataset.modality, require_labels=True
+        )
         labeled_y = label_indices(
             labeled_set, pseudo.classes, owner=f"the label file {pseudo_labels}"
         )

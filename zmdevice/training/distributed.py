@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
+from zmdevice.cores import affinity_cores, usable_cores
 from zmdevice.errors import FlagHint, UserError, write_text_atomic
 from zmdevice.losses import DistributionAlignment
-from zmdevice.runtime import affinity_cores, usable_cores
 
 
 @dataclass(frozen=True)
