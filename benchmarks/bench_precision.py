@@ -85,8 +85,8 @@ def teacher_rows(
         )
         teachers[variant_name(runtime, precision)] = teacher
     any_teacher = next(iter(teachers.values()))
-    runtime = choose_runtime("auto", "cpu", teacher_class(resolve_spec(teacher_name)[0]), "auto")
     hardware, family = Hardware.probe("cpu"), model_family(any_teacher.model)
+    runtime = choose_runtime("auto", hardware, teacher_class(resolve_spec(teacher_name)[0]), "auto")
     default = teacher_precision("auto", runtime, hardware, family)
     default_name = variant_name(runtime, default.name)
     count = min(count, len(dataset))

@@ -106,26 +106,32 @@ def test_autocast_runs_matrix_products_in_the_chosen_dtype_and_fp32_untouched():
         ("torch", "cpu", "text-embed", "auto", "torch"),
         ("onnx", "cpu", "imagenet", "auto", "onnx"),
         ("onnx-int8", "cpu", "text-embed", "auto", "onnx-int8"),  # only when asked for
+        ("auto", "cpu-bf16", "text-embed", "auto", "torch"),  # bf16 autocast there
+        ("auto", "cpu-bf16", "text-embed", "fp32", "onnx"),
+        ("auto", "cpu-bf16", "imagenet", "auto", "onnx"),  # convnets stay fp32
+        ("onnx", "cpu-bf16", "text-embed", "auto", "onnx"),
     ],
 )
 def test_runtime_decision_table(requested, device, kind, precision, expected):
-    assert choose_runtime(requested, device, teacher_class(kind), precision) == expected
+    hardware = Hardware("cpu", cpu_bf16=True) if device == "cpu-bf16" else Hardware(device)
+    assert choose_runtime(requested, hardware, teacher_class(kind), precision) == expected
 
 
 def test_runtime_errors_name_the_flag():
     nli, imagenet, embed = (teacher_class(k) for k in ("nli", "imagenet", "text-embed"))
+    cpu, cuda = Hardware("cpu"), Hardware("cuda")
     with pytest.raises(
         UserError, match=r"--runtime onnx: not for nli teachers \(they run in torch\)"
     ):
-        choose_runtime("onnx", "cpu", nli, "auto")
+        choose_runtime("onnx", cpu, nli, "auto")
     with pytest.raises(UserError, match="--runtime onnx-int8: not for imagenet teachers"):
-        choose_runtime("onnx-int8", "cpu", imagenet, "auto")
+        choose_runtime("onnx-int8", cpu, imagenet, "auto")
     with pytest.raises(UserError, match="--runtime onnx runs teachers on the CPU"):
-        choose_runtime("onnx", "cuda", embed, "auto")
+        choose_runtime("onnx", cuda, embed, "auto")
     with pytest.raises(UserError, match="--runtime onnx runs in fp32: drop --precision bf16"):
-        choose_runtime("onnx", "cpu", embed, "bf16")
+        choose_runtime("onnx", cpu, embed, "bf16")
     with pytest.raises(UserError, match="unknown --runtime 'tvm'"):
-        choose_runtime("tvm", "cpu", embed, "auto")
+        choose_runtime("tvm", cpu, embed, "auto")
 
 
 # ----------------------------------------------------------------------------- teachers

@@ -316,9 +316,10 @@ def _resumed_teacher(build, flags: dict, kind: str, parts_dir: Path, done: set, 
         return build(**flags)
     # The same checks as these values given as flags (both raise the flag's error).
     cls = teacher_class(kind)
-    numerics.choose_runtime(recorded["runtime"], device.type, cls, recorded["precision"])
+    hardware = numerics.Hardware(device.type)
+    numerics.choose_runtime(recorded["runtime"], hardware, cls, recorded["precision"])
     if recorded["runtime"] == "torch":
-        numerics.choose_precision(recorded["precision"], numerics.Hardware(device.type), "")
+        numerics.choose_precision(recorded["precision"], hardware, "")
     reason = before.get("precision_reason", "the interrupted run's")
     precision = numerics.Precision(recorded["precision"], device.type, reason)
     record = {"calibration": before["calibration"]} if "calibration" in before else None

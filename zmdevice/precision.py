@@ -33,7 +33,12 @@ The table follows what was measured there, not what should be faster in principl
   runs in onnxruntime at fp32, exported once into a cache folder: same probabilities as
   PyTorch within float rounding and at least as fast as PyTorch eager on these CPUs
   (EfficientNet-Lite0 3.7x; MiniLM 1.21x at two threads, 0.99x at one; numbers in
-  ``benchmarks/PERFORMANCE.md``). Elsewhere, and for every other teacher, PyTorch.
+  ``benchmarks/PERFORMANCE.md``). On a CPU with bf16 instructions a text teacher stays in
+  PyTorch at bf16: on an EPYC with ``avx512_bf16``, one thread, 2,000 WordNet texts,
+  ``zmdevice label --teacher minilm`` ran 277 texts/s end to end in torch bf16 against 176 in
+  onnx fp32 (1.58x, 99.9% of labels equal), and the pass alone was 2.85x fp32 eager on
+  another such CPU (``benchmarks/PERFORMANCE-avx512-bf16.md``). Elsewhere, and for every
+  other teacher, PyTorch.
 - ``onnx-int8`` (sentence encoders, only when asked for): the same export with dynamic int8
   matrix products. MiniLM, one thread, 2,000 WordNet texts: 1.52x fp32 eager, but only
   96.4% of labels equal to fp32 (the bar for a default is 99.5%), so ``auto`` never picks it.
@@ -204,16 +209,18 @@ def choose_precision(requested: str, hardware: Hardware, family: str) -> Precisi
     return Precision("fp32", kind, f"auto: nothing measured faster than fp32 on {kind}")
 
 
-def choose_runtime(requested: str, device_type: str, teacher, precision: str) -> str:
+def choose_runtime(requested: str, hardware: Hardware, teacher, precision: str) -> str:
     """Resolve ``--runtime`` for a teacher: "torch", "onnx" or "onnx-int8", from the table of
     the module doc (the fallback of ``auto`` where ``zmdevice.calibrate`` cannot measure).
 
     Args:
+        hardware: the device the teacher runs on (its type; a CPU's bf16 instructions).
         teacher: the teacher's class (``zmdevice.teachers.teacher_class(kind)``) or the
             teacher: what it can run in is its ``runtimes()`` (declared where the kind is
             registered, ``zmdevice.teachers.register_teacher``; precision keeps no list).
     """
     check_runtime(requested)
+    device_type = hardware.device_type
     runtimes = teacher.runtimes()
     if requested in ("onnx", "onnx-int8"):
         if requested not in runtimes:
@@ -228,6 +235,8 @@ def choose_runtime(requested: str, device_type: str, teacher, precision: str) ->
         return requested
     if requested == "torch":
         return "torch"
+    if precision == "auto" and hardware.cpu_bf16 and teacher.modality == "text":
+        return "torch"  # bf16 autocast (choose_precision) beats the fp32 export there
     auto_onnx = "onnx" in runtimes and device_type == "cpu" and precision in ("auto", "fp32")
     return "onnx" if auto_onnx else "torch"
 

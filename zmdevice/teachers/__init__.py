@@ -126,14 +126,13 @@ def build_teacher(
     """
     import torch
 
-    from zmdevice.precision import check_precision, choose_runtime
+    from zmdevice.precision import Hardware, check_precision, choose_runtime
 
     kind, rest, entry = resolve_spec(spec)
     cls = teacher_class(kind)
     device = torch.device(device)
-    numerics = Numerics(
-        check_precision(precision), choose_runtime(runtime, device.type, cls, precision), device
-    )
+    chosen = choose_runtime(runtime, Hardware.probe(device), cls, check_precision(precision))
+    numerics = Numerics(precision, chosen, device)
     request = Request(rest, name=spec, entry=entry, templates=templates)
     return cls(request, classes, numerics)
 
