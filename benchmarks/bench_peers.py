@@ -16,6 +16,9 @@ Parts (``--parts``, all by default; each can run alone, the JSON keeps the other
 - ``inference``: the student just trained, exported; ``zmdevice.load(...).predict`` against
   a plain ``onnxruntime.InferenceSession`` + ``tokenizers`` on the same file and texts (at
   onnxruntime's default threads, and with ``intra_op_num_threads`` = the usable cores).
+- ``calibration``: what ``auto``'s measuring costs a default labeling run of 10,000 texts,
+  and a rerun with the cached decision, against the same run with the chosen numerics given
+  as flags.
 - ``hardware``: FLOPs of one batch (``torch.utils.flop_counter.FlopCounterMode``: matrix
   products and convolutions, the convolution backward counted here) of each teacher's
   forward and each student's training step (forward + backward), over the median wall and
@@ -59,7 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT / "examples" / "default" / "text"
 IMAGES = ROOT / "examples" / "default" / "images"
 OUT_JSON = ROOT / "benchmarks" / "peers-performance.json"
-PARTS = ("label-text", "label-image", "train", "inference", "hardware", "compile")
+PARTS = ("label-text", "label-image", "calibration", "train", "inference", "hardware", "compile")
 FORMAT = "zmdevice-peers"
 PEER_TARGET = 1.2
 """`zmdevice label` at its defaults over the fastest hand-written peer, at least."""
@@ -286,6 +289,54 @@ def part_label_text(args, work: Path) -> dict:
     }
     reference = "sentence-transformers fp32"
     return labeling_result("minilm", variants, len(texts), args.rounds, reference)
+
+
+def part_calibration(args, work: Path) -> dict:
+    """What ``auto``'s measuring costs a default labeling run: ``--calibration-texts`` texts
+    (the default text data repeated under new ids) labeled with an empty cache (it measures
+    the candidates, exporting the ONNX ones), again (the cached decision), and with the
+    chosen numerics given as flags (nothing measured: the baseline), that one first and
+    last; each run's whole wall time."""
+    rows = read_rows(TEXT / "unlabeled.csv")
+    subset = work / "calibration-texts.csv"
+    with open(subset, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "text"])
+        for i in range(args.calibration_texts):
+            row = rows[i % len(rows)]
+            writer.writerow([f"{row['id']}-{i // len(rows)}", row["text"]])
+    classes, out = TEXT / "classes.toml", work / "calibration-labels.parquet"
+    cache = work / "calibration-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    before = os.environ.get("ZMDEVICE_CACHE")
+    os.environ["ZMDEVICE_CACHE"] = str(cache)  # nothing measured or exported before
+    try:
+        measuring = label_with_zmdevice(subset, classes, "minilm", out)
+        cached = label_with_zmdevice(subset, classes, "minilm", out)
+        chosen = {k: measuring["summary"][k] for k in ("precision", "runtime")}
+        baselines = [label_with_zmdevice(subset, classes, "minilm", out, **chosen)["wall_s"]
+                     for _ in range(2)]  # fmt: skip
+    finally:
+        if before is None:
+            os.environ.pop("ZMDEVICE_CACHE", None)
+        else:
+            os.environ["ZMDEVICE_CACHE"] = before
+    baseline = min(baselines)
+    record, again = measuring["summary"]["calibration"], cached["summary"]["calibration"]
+    return {
+        "teacher": "minilm",
+        "items": args.calibration_texts,
+        "chosen": chosen,
+        "calibration": record,
+        "cached_record": bool(again and again.get("cached")),
+        "measuring_wall_s": measuring["wall_s"],
+        "cached_wall_s": cached["wall_s"],
+        "baseline_wall_s": baseline,
+        "baseline_walls_s": baselines,
+        "measuring_cost_share": (measuring["wall_s"] - baseline) / baseline,
+        "cached_cost_share": (cached["wall_s"] - baseline) / baseline,
+        "target_share": 0.05,
+    }
 
 
 def part_label_image(args, work: Path) -> dict:
@@ -623,18 +674,22 @@ def timed(function, repeats: int) -> tuple[float, float]:
     return statistics.median(wall), statistics.median(cpu)
 
 
-def flop_row(what: str, batch: str, flops: int, seconds: tuple[float, float], peak: float):
+def flop_row(what: str, batch: str, flops: int, seconds: tuple[float, float], facts: dict,
+             dtype: str = "fp32"):  # fmt: skip
+    """One row; its share is of the peak of the dtype the products ran in (``dtype``)."""
     wall, cpu = seconds
+    peak = facts[f"peak_{dtype}_flops"]
     return {
         "what": what,
         "batch": batch,
         "flops": flops,
         "seconds": wall,
         "cpu_seconds": cpu,
+        "peak": dtype,
         "achieved_flops": flops / wall,
-        "share_of_fp32_peak": flops / wall / peak,
+        "share_of_peak": flops / wall / peak,
         "achieved_flops_per_cpu_s": flops / cpu,
-        "share_of_fp32_peak_per_cpu_s": flops / cpu / peak,
+        "share_of_peak_per_cpu_s": flops / cpu / peak,
     }
 
 
@@ -660,8 +715,8 @@ def flop_counter():
 def part_hardware(args, facts: dict) -> dict:
     import torch
 
-    peak = facts["peak_fp32_flops"]
     rows = []
+    bf16 = facts["peak_bf16_flops"] is not None
     for name in args.teachers:
         eager, default, batch = teacher_batch(name)
         module, inputs = eager.network.module, network_inputs(name, batch)
@@ -671,23 +726,32 @@ def part_hardware(args, facts: dict) -> dict:
         shape = "x".join(str(d) for d in (inputs[0].shape))
         eager_s = timed(lambda e=eager, b=batch: e.predict_proba(b), args.repeats)
         default_s = timed(lambda d=default, b=batch: d.predict_proba(b), args.repeats)
-        runtime = f"{default.info['precision']}, {default.info['runtime']}"
-        for path, seconds in (("torch fp32 eager", eager_s), (f"default ({runtime})", default_s)):
-            rows.append(flop_row(f"{name} teacher forward, {path}", shape, flops, seconds, peak))
+        precision = default.info["precision"]
+        dtype = "bf16" if precision == "bf16" else "fp32"
+        what = f"{name} teacher forward"
+        rows += [
+            flop_row(f"{what}, torch fp32 eager", shape, flops, eager_s, facts),
+            flop_row(f"{what}, default ({precision}, {default.info['runtime']})", shape, flops,
+                     default_s, facts, dtype),
+        ]  # fmt: skip
     for name in args.students:
         student, optimizer, inputs = student_setup(name)
         with flop_counter() as counter:
             optimizer.zero_grad(set_to_none=True)
             student(**inputs).float().logsumexp(dim=1).mean().backward()
         flops = counter.get_total_flops()
-        seconds = timed(lambda s=student, o=optimizer, x=inputs: training_step(s, o, x),
-                        args.repeats)  # fmt: skip
-        first = next(iter(inputs.values()))
-        what = f"{name} student training step (fwd + bwd + AdamW), fp32"
-        rows.append(flop_row(what, "x".join(str(d) for d in first.shape), flops, seconds, peak))
+        shape = "x".join(str(d) for d in next(iter(inputs.values())).shape)
+        # bf16 autocast where the CPU computes bf16 natively: the other peak to compare with.
+        for dtype in ("fp32", "bf16") if bf16 else ("fp32",):
+            autocast = torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bf16")
+            with autocast:
+                seconds = timed(lambda s=student, o=optimizer, x=inputs: training_step(s, o, x),
+                                args.repeats)  # fmt: skip
+            what = f"{name} student training step (fwd + bwd + AdamW), {dtype}"
+            rows.append(flop_row(what, shape, flops, seconds, facts, dtype))
         del student, optimizer
     return {
-        "peak_fp32_flops": peak,
+        "peak_fp32_flops": facts["peak_fp32_flops"],
         "peak_bf16_flops": facts["peak_bf16_flops"],
         "peak_assumption": facts["peak_assumption"],
         "flop_counter": "torch.utils.flop_counter.FlopCounterMode: matrix products and "
@@ -866,14 +930,23 @@ def markdown(report: dict) -> str:
                 f"{r['tuned_threads']} | {r['zmdevice_items_per_s']:.1f} | "
                 f"{r['tuned_items_per_s']:.1f} | {r['ratio_to_tuned']:.2f}x | |"
             )
+    if "calibration" in parts:
+        r = parts["calibration"]["result"]
+        for what, key in (("measuring", "measuring"), ("cached rerun", "cached")):
+            lines.append(
+                f"| calibration | {r['items']} texts, {what}: wall s vs the chosen numerics "
+                f"as flags | {r[f'{key}_wall_s']:.1f} | {r['baseline_wall_s']:.1f} | "
+                f"{100 * r[f'{key}_cost_share']:+.1f}% | |"
+            )
     if "hardware" in parts:
-        for row in parts["hardware"]["result"]["rows"]:
+        result = parts["hardware"]["result"]
+        for row in result["rows"]:
+            peak = result[f"peak_{row['peak']}_flops"]
             lines.append(
                 f"| hardware | {row['what']} ({row['batch']}), GFLOP/s | "
-                f"{row['achieved_flops'] / 1e9:.1f} | peak "
-                f"{parts['hardware']['result']['peak_fp32_flops'] / 1e9:.1f} | "
-                f"{100 * row['share_of_fp32_peak']:.1f}% of peak; per CPU s "
-                f"{100 * row.get('share_of_fp32_peak_per_cpu_s', float('nan')):.1f}% | |"
+                f"{row['achieved_flops'] / 1e9:.1f} | {row['peak']} peak {peak / 1e9:.1f} | "
+                f"{100 * row['share_of_peak']:.1f}% of peak; per CPU s "
+                f"{100 * row['share_of_peak_per_cpu_s']:.1f}% | |"
             )
     if "compile" in parts:
         for row in parts["compile"]["result"]["rows"]:
@@ -915,6 +988,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setfit-steps", type=int, help="SetFit steps (300; quick 30)")
     parser.add_argument("--setfit-batch", type=int, default=16, help="SetFit pairs per step")
     parser.add_argument("--repeats", type=int, help="timed calls per measurement (5; quick 3)")
+    parser.add_argument(
+        "--calibration-texts", type=int, help="texts of the calibration part (10000; quick 7000)"
+    )
     parser.add_argument("--teachers", nargs="*", default=["minilm", "efficientnet-lite0"])
     parser.add_argument(
         "--students", nargs="*", default=["distilbert", "efficientnet_lite0", "mobilenet_v3_small"]
@@ -930,6 +1006,8 @@ def main(argv: list[str] | None = None) -> int:
     defaults = {
         "texts": (2000, 256), "images": (1000, 128), "rounds": (3, 2), "kd_steps": (150, 15),
         "ssl_steps": (150, 15), "setfit_steps": (300, 30), "repeats": (5, 3),
+        # Quick: still above the batches a run needs before it measures (100 of 64).
+        "calibration_texts": (10000, 7000),
     }  # fmt: skip
     for key, (full, small) in defaults.items():
         if getattr(args, key) is None:
@@ -973,6 +1051,8 @@ def main(argv: list[str] | None = None) -> int:
             result = part_label_text(args, work)
         elif part == "label-image":
             result = part_label_image(args, work)
+        elif part == "calibration":
+            result = part_calibration(args, work)
         elif part == "train":
             result = part_train(args, work)
         elif part == "inference":

@@ -643,6 +643,28 @@ def peer_rows(peers: dict) -> list[Row]:
                 result["ratio_to_fastest_peer"], f"{result['ratio_to_fastest_peer']:.2f}x",
                 (">=", result["target"]), "x")
         )  # fmt: skip
+    if "calibration" in parts:
+        r, tag = parts["calibration"]["result"], peer_tag(peers, parts["calibration"])
+        subject = f"{r['teacher']} labeling, {r['items']} texts, `auto` measuring {tag}"
+        chosen = f"{r['chosen']['precision']}, {r['chosen']['runtime']}"
+        record = r["calibration"] or {}
+        rows += [
+            Row(subject, f"wall (s): measuring (empty cache); cached rerun; the chosen numerics "
+                f"({chosen}) as flags", r["measuring_wall_s"],
+                f"{r['measuring_wall_s']:.1f}; {r['cached_wall_s']:.1f}; "
+                f"{r['baseline_wall_s']:.1f}"),
+            Row(subject, "candidates measured: speed vs torch fp32 (labels equal)", None,
+                "; ".join(f"{name} {c['speedup']:.2f}x ({100 * c['agreement']:.1f}%)"
+                          if "speedup" in c else f"{name} failed"
+                          for name, c in record.get("candidates", {}).items()) or "none"),
+            Row(subject, "measuring's cost: extra wall time over the flags' run (%)",
+                100 * r["measuring_cost_share"], f"{100 * r['measuring_cost_share']:+.1f}",
+                ("<=", 100 * r["target_share"]), "%"),
+            Row(subject, "cached rerun's cost over the flags' run (%; the decision read, "
+                f"not measured: {'yes' if r['cached_record'] else 'no'})",
+                100 * r["cached_cost_share"], f"{100 * r['cached_cost_share']:+.1f}",
+                ("<=", 2.0), "%"),  # wall-time noise: the flag says no candidate ran
+        ]  # fmt: skip
     if "train" in parts:
         r, tag = parts["train"]["result"], peer_tag(peers, parts["train"])
         subject = f"text training, examples/default/text {tag}"
@@ -687,20 +709,23 @@ def peer_rows(peers: dict) -> list[Row]:
                 "none: no avx512_bf16 or amx_bf16" if bf16 is None else f"{bf16 / 1e9:.1f}"),
         ]  # fmt: skip
         for h in r["rows"]:
+            # Rows stored before bf16 rows were measured hold their fp32 share only.
+            dtype = h.get("peak", "fp32")
+            share = h.get("share_of_peak", h.get("share_of_fp32_peak"))
             rows.append(
                 Row(f"{h['what']} {tag}", f"achieved GFLOP/s (batch {h['batch']}; "
                     f"{h['flops'] / 1e9:.2f} GFLOP in {1000 * h['seconds']:.0f} ms, median)",
                     h["achieved_flops"],
-                    f"{h['achieved_flops'] / 1e9:.2f} ({100 * h['share_of_fp32_peak']:.1f}% of "
-                    "fp32 peak)")
+                    f"{h['achieved_flops'] / 1e9:.2f} ({100 * share:.1f}% of {dtype} peak)")
             )  # fmt: skip
             if "cpu_seconds" in h:
+                per_cpu = h.get("share_of_peak_per_cpu_s", h.get("share_of_fp32_peak_per_cpu_s"))
                 rows.append(
                     Row(f"{h['what']} {tag}", "GFLOP per CPU second of the process (the same "
                         f"calls; {1000 * h['cpu_seconds']:.0f} ms CPU, median)",
                         h["achieved_flops_per_cpu_s"],
                         f"{h['achieved_flops_per_cpu_s'] / 1e9:.2f} "
-                        f"({100 * h['share_of_fp32_peak_per_cpu_s']:.1f}% of fp32 peak)")
+                        f"({100 * per_cpu:.1f}% of {dtype} peak)")
                 )  # fmt: skip
     if "compile" in parts:
         r, tag = parts["compile"]["result"], peer_tag(peers, parts["compile"])

@@ -24,10 +24,12 @@ ALL = ["torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8"]
 
 class FakeTimer:
     """Seconds per sample by candidate; ``disagree``: candidates whose labels it shifts by
-    one class, ``loss_factor``: candidates whose training loss it scales."""
+    one class, ``one_off``: candidates whose first sample's label it shifts (once),
+    ``loss_factor``: candidates whose training loss it scales."""
 
-    def __init__(self, seconds: dict, disagree=(), loss_factor=None):
+    def __init__(self, seconds: dict, disagree=(), loss_factor=None, one_off=()):
         self.seconds, self.disagree, self.loss_factor = seconds, disagree, loss_factor or {}
+        self.one_off = set(one_off)
         self.calls: list[str] = []
 
     def __call__(self, name, call):
@@ -38,6 +40,10 @@ class FakeTimer:
         probs = np.asarray(result)
         if name in self.disagree:
             probs = np.roll(probs, 1, axis=1)
+        if name in self.one_off:
+            self.one_off.discard(name)
+            probs = probs.copy()
+            probs[0] = np.roll(probs[0], 1)
         return self.seconds[name] * len(probs), probs
 
 
@@ -172,6 +178,26 @@ def test_an_explicit_flag_is_not_measured(embed, tmp_path, monkeypatch, flags, m
     else:
         assert sorted(summary["calibration"]["candidates"]) == sorted(measured)
         assert sorted(set(timer.calls)) == sorted(measured)
+
+
+def test_one_label_off_in_a_few_batches_is_no_evidence_against_a_fast_candidate(
+    embed, tmp_path, monkeypatch
+):
+    seconds = {"torch-fp32": 1e-3, "torch-bf16": 2e-4, "onnx-fp32": 5e-4, "onnx-int8": 1e-4}
+    timer = FakeTimer(seconds, disagree={"onnx-int8"}, one_off={"torch-bf16"})
+    record = label(tmp_path, embed, monkeypatch, timer)["calibration"]
+    bf16 = record["candidates"]["torch-bf16"]
+    assert bf16["agreement"] == 11 / 12 and bf16["passed"] and record["chosen"] == "torch-bf16"
+    assert bf16["below_bar_p"] == pytest.approx(1 - 0.995**12)
+    assert not record["candidates"]["onnx-int8"]["passed"]  # every label off: below the bar
+
+
+def test_the_agreement_bar_is_a_test_on_the_samples_measured():
+    assert calibrate.below_bar_p(0, 192) == 1.0
+    assert calibrate.below_bar_p(1, 192) == pytest.approx(1 - 0.995**192)  # 0.62: passes
+    assert calibrate.below_bar_p(8, 192) < 1e-4  # MiniLM int8 on the bf16 EPYC: rejected
+    assert calibrate.below_bar_p(10, 2000) > calibrate.SIGNIFICANCE  # at the bar
+    assert calibrate.below_bar_p(25, 2000) < calibrate.SIGNIFICANCE  # 98.75%: below it
 
 
 def test_without_enough_data_or_in_a_shard_the_table_decides(embed, tmp_path, monkeypatch):

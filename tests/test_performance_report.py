@@ -332,3 +332,33 @@ def test_peers_section_judges_the_fastest_peer(report):
     assert "[Test CPU, 1 thread on core 1; other cpu0 busy 99%]" in text  # every subject
     assert "failed: no C compiler" in text
     assert "## Against the peers" not in performance.render(report)  # no file, no section
+
+
+def test_calibration_cost_and_bf16_peaks_are_judged_and_shown(report):
+    peers = peers_report(1.3)
+    part = peers["parts"]["label-text"]
+    measured = {"chosen": "torch-bf16", "candidates": {
+        "torch-fp32": {"speedup": 1.0, "agreement": 1.0},
+        "torch-bf16": {"speedup": 1.8, "agreement": 0.995},
+        "onnx-int8": {"error": "export failed"}}}  # fmt: skip
+    calibration = {
+        "teacher": "minilm", "items": 10000, "chosen": {"precision": "bf16", "runtime": "torch"},
+        "calibration": measured, "cached_record": True, "measuring_wall_s": 40.0,
+        "cached_wall_s": 36.3, "baseline_wall_s": 36.0, "measuring_cost_share": 4 / 36,
+        "cached_cost_share": 0.3 / 36, "target_share": 0.05,
+    }  # fmt: skip
+    row = {"what": "distilbert student training step (fwd + bwd + AdamW), bf16", "batch": "48x40",
+           "flops": 1e11, "seconds": 1.0, "cpu_seconds": 1.0, "peak": "bf16",
+           "achieved_flops": 1e11, "share_of_peak": 0.25, "achieved_flops_per_cpu_s": 1e11,
+           "share_of_peak_per_cpu_s": 0.25}  # fmt: skip
+    hardware = {"peak_fp32_flops": 2e11, "peak_bf16_flops": 4e11, "peak_assumption": "test",
+                "rows": [row]}  # fmt: skip
+    peers["parts"].update(calibration={**part, "result": calibration},
+                          hardware={**part, "result": hardware})  # fmt: skip
+    judged = {r.quantity: r.status for r in performance.judged_rows(report, peers)}
+    assert judged["measuring's cost: extra wall time over the flags' run (%)"] == "missed"
+    cached = next(q for q in judged if q.startswith("cached rerun's cost"))
+    assert judged[cached] == "met" and "not measured: yes" in cached
+    text = performance.render(report, peers=peers)
+    assert "torch-bf16 1.80x (99.5%); onnx-int8 failed" in text
+    assert "100.00 (25.0% of bf16 peak)" in text
