@@ -87,7 +87,7 @@ def test_the_readme_has_what_the_tests_run():
 
 
 def test_the_readme_is_a_front_door():
-    """A front door (docs/STYLE.md item 24): short, the manual and the benchmark prose
+    """A front door (docs/style.md): short, the manual and the benchmark prose
     elsewhere."""
     assert len(README.splitlines()) <= 250
     for page in ("docs/cli.md", "docs/api.md", "docs/deploy.md", "docs/scaling.md"):
