@@ -70,8 +70,6 @@ AGREEMENT_TARGET = 0.995
 """Share of labels equal to the peer's (same model, fp32) for the speed to count."""
 FMA_UNITS = 2
 """FMA pipes per core (assumed: AMD Zen 2-4 and Intel server cores since Skylake have 2)."""
-STUDENT_BATCHES = {"image": 16 + 64 + 64, "text": 16 + 16 + 16}
-"""The default stage-2 batch: labeled weak + unlabeled weak + unlabeled strong."""
 IMAGE_PEER_SIZE = 128
 """The image teacher's input size (``models/efficientnet-lite0.toml``), used by the peer."""
 
@@ -629,22 +627,14 @@ def network_inputs(name: str, batch) -> tuple:
 def student_setup(name: str, seed: int = 0):
     """(student in train mode, AdamW, one stage-2-sized batch of synthetic inputs)."""
     import torch
+    from bench_precision import synthetic_batch  # benchmarks/ is the script's folder
 
     from zmdevice.students import build_student
 
     student = build_student(name, [f"class_{i}" for i in range(10)], seed=seed)
     student.use_channels_last()
     student.freeze_word_embeddings()
-    generator = torch.Generator().manual_seed(0)
-    size = STUDENT_BATCHES[student.modality]
-    if student.modality == "image":
-        side = int(student.config["preprocess"]["image_size"])
-        inputs = {"pixel_values": torch.randn(size, 3, side, side, generator=generator)}
-    else:
-        length = int(student.config["preprocess"]["max_length"])
-        vocabulary = student.tokenizer.get_vocab_size()
-        ids = torch.randint(vocabulary // 10, vocabulary, (size, length), generator=generator)
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    inputs = synthetic_batch(student)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
     return student, optimizer, inputs
 

@@ -47,6 +47,21 @@ STUDENT_BATCHES = {
 }
 
 
+def synthetic_batch(student) -> dict:
+    """One default stage-2-sized batch of random inputs for ``student`` (on the CPU)."""
+    import torch
+
+    batch = STUDENT_BATCHES[student.modality]
+    generator = torch.Generator().manual_seed(0)
+    if student.modality == "image":
+        size = int(student.config["preprocess"]["image_size"])
+        return {"pixel_values": torch.randn(batch, 3, size, size, generator=generator)}
+    length = int(student.config["preprocess"]["max_length"])
+    vocabulary = student.tokenizer.get_vocab_size()
+    ids = torch.randint(vocabulary // 10, vocabulary, (batch, length), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 def variant_name(runtime: str, precision: str) -> str:
     return f"{runtime} {precision}" if runtime == "torch" else runtime.replace("-", " ")
 
@@ -166,16 +181,7 @@ def student_rows(student_name: str, steps: int, precisions: list[str], device="c
         optimizers[name] = torch.optim.AdamW(student.parameters(), lr=1e-4)
     any_student = next(iter(models.values()))
     batch = STUDENT_BATCHES[any_student.modality]
-    generator = torch.Generator().manual_seed(0)
-    if any_student.modality == "image":
-        size = int(any_student.config["preprocess"]["image_size"])
-        inputs = {"pixel_values": torch.randn(batch, 3, size, size, generator=generator)}
-    else:
-        length = int(any_student.config["preprocess"]["max_length"])
-        vocabulary = any_student.tokenizer.get_vocab_size()
-        ids = torch.randint(vocabulary // 10, vocabulary, (batch, length), generator=generator)
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs = {k: v.to(device) for k, v in synthetic_batch(any_student).items()}
     auto = choose_precision("auto", Hardware.probe(device), model_family(any_student))
 
     def timed(name):
