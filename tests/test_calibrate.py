@@ -94,13 +94,15 @@ def test_auto_keeps_the_fastest_candidate_that_labels_like_fp32(embed, tmp_path,
     summary = label(tmp_path, embed, monkeypatch, timer)
     err = capsys.readouterr().err
     assert f"calibrating the teacher's runtime on 3 batches: {', '.join(ALL)}" in err
-    # Each candidate: 3 timed batches (the warm-up batch is not timed).
-    assert timer.calls == [name for name in ALL for _ in range(3)]
+    # Each candidate: 3 timed batches (the warm-up batch is not timed), but int8, whose
+    # first batch already disagrees beyond the bar, stops there.
+    assert timer.calls == [name for name in ALL[:3] for _ in range(3)] + ["onnx-int8"]
     assert (summary["runtime"], summary["precision"]) == ("onnx", "fp32")
     record = summary["calibration"]
     assert record["chosen"] == "onnx-fp32" and record["cached"] is False
     results = record["candidates"]
     assert results["onnx-int8"]["agreement"] == 0.0 and not results["onnx-int8"]["passed"]
+    assert results["onnx-int8"]["stopped"] == "after 4 samples: 4 labels off, below the bar already"
     assert results["torch-bf16"]["passed"] and results["torch-bf16"]["speedup"] == 2.0
     assert results["onnx-fp32"]["speedup"] == 4.0 and results["onnx-fp32"]["samples"] == 12
     assert results["onnx-fp32"]["max_abs_prob_diff"] < 1e-3  # the same network in fp32
@@ -125,9 +127,15 @@ def test_auto_keeps_the_fastest_candidate_that_labels_like_fp32(embed, tmp_path,
 
 def test_a_slower_candidate_is_not_chosen_and_torch_bf16_can_win(embed, tmp_path, monkeypatch):
     seconds = {"torch-fp32": 1e-3, "torch-bf16": 2e-4, "onnx-fp32": 9e-4, "onnx-int8": 3e-3}
-    summary = label(tmp_path, embed, monkeypatch, FakeTimer(seconds))
+    timer = FakeTimer(seconds)
+    summary = label(tmp_path, embed, monkeypatch, timer)
     assert (summary["runtime"], summary["precision"]) == ("torch", "bf16")
     assert summary["calibration"]["chosen"] == "torch-bf16"
+    # Over 1.25x bf16's time after their first batch, the ONNX ones stop: they cannot win.
+    assert timer.calls == ["torch-fp32"] * 3 + ["torch-bf16"] * 3 + ["onnx-fp32", "onnx-int8"]
+    onnx = summary["calibration"]["candidates"]["onnx-fp32"]
+    assert onnx["samples"] == 4 and onnx["stopped"].startswith("after 4 samples: over 1.25x")
+    assert "stopped" not in summary["calibration"]["candidates"]["torch-bf16"]
     # Nothing faster than fp32 that agrees: fp32 in torch.
     seconds = {"torch-fp32": 1e-4, "torch-bf16": 2e-4, "onnx-fp32": 9e-4, "onnx-int8": 1e-5}
     monkeypatch.setenv("ZMDEVICE_CACHE", str(tmp_path / "other-cache"))
@@ -189,6 +197,7 @@ def test_one_label_off_in_a_few_batches_is_no_evidence_against_a_fast_candidate(
     bf16 = record["candidates"]["torch-bf16"]
     assert bf16["agreement"] == 11 / 12 and bf16["passed"] and record["chosen"] == "torch-bf16"
     assert bf16["below_bar_p"] == pytest.approx(1 - 0.995**12)
+    assert "stopped" not in bf16  # 1 off in its first 4 samples: not yet below the bar
     assert not record["candidates"]["onnx-int8"]["passed"]  # every label off: below the bar
 
 

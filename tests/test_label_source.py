@@ -16,6 +16,7 @@ from zmdevice.label_source import (
     data_graph,
     decision_line,
     make_labels,
+    sign_test,
     stratified_folds,
 )
 
@@ -161,3 +162,72 @@ def test_labels_rebalanced_to_a_class_prior_only_when_refined():
     assert refined.mean(0) == pytest.approx(balanced, abs=1e-2) and "class_prior" in info
     few_shot, info = make_labels("few-shot", e, class_prior=balanced)
     assert info == {}
+
+
+def test_the_sign_test_counts_only_the_examples_the_two_disagree_on():
+    assert sign_test([1, 1, 1, 1, 1, 0, 1], [0, 0, 0, 0, 0, 0, 1]) == {
+        "wins": 5, "losses": 0, "p_value": 0.0312}  # fmt: skip
+    assert sign_test([1, 1, 1, 0, 0], [0, 0, 0, 1, 1])["p_value"] == 0.5  # 16 / 32
+    assert sign_test([1, 0], [1, 0]) == {"wins": 0, "losses": 0, "p_value": 1.0}
+
+
+def scored_pair(no_prior_hits, prior_hits):
+    """A cross-validation result where only the two refined sources differ."""
+    candidates = {
+        name: {"accuracy": float(np.mean(hits)), "spread": 0.0, "right": int(np.sum(hits))}
+        for name, hits in (("refined", prior_hits), ("refined-no-prior", no_prior_hits),
+                           ("few-shot", prior_hits), ("zero-shot", prior_hits))
+    }  # fmt: skip
+    return {"folds": 4, "scored": len(prior_hits), "candidates": candidates,
+            "prior_test": sign_test(no_prior_hits, prior_hits)}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fm_right", "wins", "chosen"),
+    [
+        # 15 classes, 60 examples, the FM right on 17 (p ~ 1e-5): dropping its prior for 3
+        # more held-out examples right of 60 is noise (3 vs 0: p = 0.125): kept.
+        (17, 3, "refined"),
+        (17, 8, "refined-no-prior"),  # 8 vs 0 (p = 0.004): dropped
+        # The FM right on 4 of 60, chance 4 of 60: no claim, the higher score decides.
+        (4, 3, "refined-no-prior"),
+    ],
+)
+def test_an_fm_above_chance_keeps_its_prior_unless_dropping_it_wins_significantly(
+    monkeypatch, fm_right, wins, chosen
+):
+    import zmdevice.label_source as label_source
+
+    classes, count = 15, 60
+    labeled = np.arange(count) % classes
+    guess = np.where(np.arange(count) < fm_right, labeled, (labeled + 1) % classes)
+    rng = np.random.default_rng(7)
+    e = Evidence(
+        rng.standard_normal((50, 6)), np.full((50, classes), 1 / classes, np.float32),
+        rng.standard_normal((count, 6)), labeled, np.eye(classes, dtype=np.float32)[guess],
+    )  # fmt: skip
+    prior_hits = np.arange(count) < 30
+    no_prior_hits = prior_hits | (np.arange(count) >= count - wins)
+    fake = scored_pair(no_prior_hits, prior_hits)
+    monkeypatch.setattr(label_source, "cross_validate", lambda *args, **kwargs: fake)
+    decision = choose(e)
+    assert decision["chosen"] == chosen and decision["how"] == "cross-validation"
+    line = decision_line(decision)
+    if fm_right > 4:
+        assert decision["prior_test"]["needed"]
+        verdict = "kept" if chosen == "refined" else "dropped"
+        assert f"so its prior is {verdict}: dropping it fixes {wins} held-out" in line
+    else:
+        assert "needed" not in decision["prior_test"] and "sign test" not in line
+
+
+def test_cross_validation_records_the_paired_test_of_the_prior():
+    rng = np.random.default_rng(8)
+    e, _ = evidence(rng, fm_correct=0.6)
+    result = cross_validate(e, graph=data_graph(e))
+    test, scores = result["prior_test"], result["candidates"]
+    # The disagreements account exactly for the difference in examples right.
+    assert test["wins"] - test["losses"] == (
+        scores["refined-no-prior"]["right"] - scores["refined"]["right"]
+    )
+    assert 0 < test["p_value"] <= 1

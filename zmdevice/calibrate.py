@@ -7,7 +7,8 @@ with bf16; torch fp16 on CUDA; onnx fp32 and, for sentence encoders, onnx int8 o
 each label the first ``CALIBRATION_BATCHES`` batches of the data, after one untimed warm-up
 batch, within ``TIME_CAP_S`` seconds in all. A candidate passes unless its argmax labels
 differ from torch fp32's on significantly more than ``1 - MIN_AGREEMENT`` of those samples
-(``below_bar_p``); the fastest that passes is kept. ``--precision`` or ``--runtime`` given
+(``below_bar_p``); the fastest that passes is kept. A candidate stops early once it cannot
+win (``SLOWER_STOP``: too slow, or already below the bar). ``--precision`` or ``--runtime`` given
 explicitly fix their axis: only the other one is measured (nothing, when both are given).
 
 Training (``zmdevice.training.calibration``) measures a few training steps the same way and
@@ -59,6 +60,11 @@ EPYC with avx512_bf16 (99.85% equal over 2,000 texts) and was rejected by the ba
 MiniLM's int8 export disagreed 8 times in 192 (p = 1e-5) and still is."""
 SIGNIFICANCE = 0.05
 """A candidate whose disagreements would be this unlikely at the bar is below it."""
+SLOWER_STOP = 1.25
+"""A candidate stops after a timed batch once it runs this much slower per sample than the
+fastest one that passed before it (it cannot be chosen), or once its disagreements are
+already below the bar: its remaining batches would only cost the run time. One batch's
+timing varies by a few percent, far less than this margin."""
 MIN_LABEL_BATCHES = 100
 """Batches a run must label to measure: calibration runs up to 5 candidates x 4 batches, and
 a shorter run would spend more on measuring than it can gain."""
@@ -371,12 +377,14 @@ def measure_teacher(reference, candidates: list[Candidate], batches: list, timer
     Returns:
         {"chosen": the fastest name that passes, "candidates": {name: {"seconds_per_sample",
         "speedup" (vs torch fp32), "agreement" (share of equal labels), "max_abs_prob_diff",
-        "samples", "passed"} or {"error": why it could not run}}}.
+        "samples", "passed", and "stopped" (why, when it stopped early)} or {"error": why it
+        could not run}}}.
     """
     assert candidates[0] == REFERENCE
     share = TIME_CAP_S / len(candidates)
     results: dict[str, dict] = {}
     expected = None
+    fastest = math.inf  # seconds per sample of the fastest candidate that passed so far
     for candidate in candidates:
         teacher = reference
         if candidate != REFERENCE:
@@ -387,7 +395,7 @@ def measure_teacher(reference, candidates: list[Candidate], batches: list, timer
                 results[candidate.name] = {"error": str(error)}
                 continue
         teacher.predict_proba(batches[0])  # warm-up: first-call allocations, not timed
-        seconds, outputs = 0.0, []
+        seconds, outputs, stopped = 0.0, [], None
         for batch in batches[: len(batches) if expected is None else len(expected)]:
             elapsed, probs = timer(
                 candidate.name, lambda teacher=teacher, batch=batch: teacher.predict_proba(batch)
@@ -396,6 +404,10 @@ def measure_teacher(reference, candidates: list[Candidate], batches: list, timer
             outputs.append(np.asarray(probs, dtype=np.float32))
             if seconds >= share:
                 break
+            if expected is not None:
+                stopped = hopeless(outputs, expected, seconds, fastest)
+                if stopped:
+                    break
         if expected is None:
             expected = outputs  # torch fp32's, on as many batches as its share allowed
         probs, want = np.concatenate(outputs), np.concatenate(expected[: len(outputs)])
@@ -408,7 +420,10 @@ def measure_teacher(reference, candidates: list[Candidate], batches: list, timer
             "max_abs_prob_diff": float(np.abs(probs - want).max()),
             "samples": len(probs),
             "passed": p_value >= SIGNIFICANCE,
+            **({"stopped": stopped} if stopped else {}),
         }
+        if results[candidate.name]["passed"]:
+            fastest = min(fastest, seconds / len(probs))
     base = results[REFERENCE.name]["seconds_per_sample"]
     for result in results.values():
         if "error" not in result:
@@ -416,6 +431,20 @@ def measure_teacher(reference, candidates: list[Candidate], batches: list, timer
     passed = [n for n, r in results.items() if r.get("passed")]
     chosen = min(passed, key=lambda n: results[n]["seconds_per_sample"])
     return {"chosen": chosen, "candidates": results}
+
+
+def hopeless(outputs: list, expected: list, seconds: float, fastest: float) -> str | None:
+    """Why a candidate need not run its remaining batches (``SLOWER_STOP``), or None."""
+    samples = sum(len(o) for o in outputs)
+    if seconds / samples > SLOWER_STOP * fastest:
+        return f"after {samples} samples: over {SLOWER_STOP:g}x the time of a candidate that passed"
+    labels = np.concatenate(outputs).argmax(1)
+    disagreements = int((labels != np.concatenate(expected)[:samples].argmax(1)).sum())
+    # Tested as if every sample still to come agreed: it fails whatever they show (testing
+    # the samples so far would reject more often than the test at the end does).
+    if below_bar_p(disagreements, sum(len(e) for e in expected)) < SIGNIFICANCE:
+        return f"after {samples} samples: {disagreements} labels off, below the bar already"
+    return None
 
 
 def below_bar_p(disagreements: int, samples: int) -> float:
