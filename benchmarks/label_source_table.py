@@ -200,6 +200,18 @@ def rule_screen(results: list[dict]) -> list[str]:
     return lines
 
 
+def stale_rule_note(results: list[dict]) -> list[str]:
+    """A warning when the stored screens predate the sign test on dropping the prior."""
+    if any(row.get("prior_test") is not None for r in results for row in r["rows"]):
+        return []
+    return [
+        "These screens ran before `choose` asked for a sign test before dropping the prior of",
+        "an FM above chance: `chosen by CV` here is plain cross-validation. The shipped rule is",
+        "measured over more draws in [`LABEL_SOURCE_DRAWS.md`](LABEL_SOURCE_DRAWS.md).",
+        "",
+    ]
+
+
 def main() -> int:
     results = load()
     if not results:
@@ -219,6 +231,7 @@ def main() -> int:
         "best candidate on dev per draw (not a rule: the ceiling). Protocol:",
         '`docs/benchmark-protocol.md`, "Choosing the label source".',
         "",
+        *stale_rule_note(results),
         f"Data sets: {sets}.",
         "",
         "## Dev accuracy of the labels",

@@ -424,6 +424,7 @@ def screen_label_source(dataset: str) -> dict:
                 "folds": decision["folds"],
                 "scored": decision["scored"],
                 "p_value": decision["p_value"],
+                "prior_test": decision.get("prior_test"),
                 "cv_accuracy": {n: c["accuracy"] for n, c in decision["candidates"].items()},
                 "cv_spread": {n: c["spread"] for n, c in decision["candidates"].items()},
                 "dev_accuracy": dev_accuracy,

@@ -262,3 +262,40 @@ def test_class_prior_without_refine_is_refused_and_the_cli_exits_2(tmp_path, emb
     assert result.exit_code == 2, result.output
     assert "no share for class(es) 'science'" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "c.parquet").exists()
+
+
+def test_unequal_class_counts_count_each_class_equally(monkeypatch):
+    from zmdevice import fewshot
+
+    assert fewshot.class_balance(np.array([0, 0, 1, 1]), 3) is None  # equal: nothing to do
+    weights = fewshot.class_balance(np.array([0, 0, 0, 1]), 3)
+    np.testing.assert_allclose(weights, [2 / 3, 2.0, 0.0])  # each labeled class weighs 2
+    # 12 examples of class 0 beside 2 of class 1, the same spread: a point halfway between
+    # is an even call for the balanced probe, while the raw counts push it into class 0.
+    rng = np.random.default_rng(3)
+    centres = np.eye(2, 6)
+    labels = np.repeat([0, 1], [12, 2])
+    features = centres[labels] + 0.3 * rng.standard_normal((14, 6))
+    halfway = (centres[0] + centres[1])[None] / np.sqrt(2)
+    flat = np.full((1, 2), 0.5)
+    balanced = fit_adapter(features, labels, 2, zero_shot_weight=0.0).probs(halfway, flat)
+    monkeypatch.setattr(fewshot, "class_balance", lambda *args: None)
+    unbalanced = fit_adapter(features, labels, 2, zero_shot_weight=0.0).probs(halfway, flat)
+    assert unbalanced[0, 0] > 0.6 and 0.3 < balanced[0, 1] < 0.7
+
+
+def test_a_class_without_examples_keeps_the_fms_probability():
+    rng = np.random.default_rng(4)
+    features, labels = clusters(rng)  # three classes
+    seen = labels < 2  # class 2 has no labeled example
+    adapter = fit_adapter(features[seen], labels[seen], 3)
+    test_features, test_labels = clusters(rng, per_class=10)
+    prior = rng.dirichlet(np.ones(3), size=len(test_labels))
+    probs = adapter.probs(test_features, prior)
+    np.testing.assert_allclose(probs[:, 2], prior[:, 2], rtol=1e-5)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    # Among the classes it has seen, the probe still decides.
+    known = test_labels < 2
+    assert (probs[known, :2].argmax(1) == test_labels[known]).all()
+    # With every class seen, nothing is held back for the FM.
+    assert fit_adapter(features, labels, 3).unseen is None

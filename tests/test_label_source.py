@@ -231,3 +231,31 @@ def test_cross_validation_records_the_paired_test_of_the_prior():
         scores["refined-no-prior"]["right"] - scores["refined"]["right"]
     )
     assert 0 < test["p_value"] <= 1
+
+
+def test_every_labeled_class_seeds_the_spreading_with_the_same_mass():
+    from zmdevice.label_source import refinement_seeds
+
+    rng = np.random.default_rng(9)
+    e, _ = evidence(rng, per_class=4)
+    keep = np.isin(np.arange(16), [0, 1, 2, 3, 4, 8])  # class 0: 4 examples, 1 and 2: 1, 3: 0
+    seeds = refinement_seeds(e, keep, adapter=None)[len(e.features) :]
+    mass = seeds.sum(axis=0)
+    np.testing.assert_allclose(mass, [2.0, 2.0, 2.0, 0.0], rtol=1e-6)  # 6 seeds over 3 classes
+    assert seeds[~keep].sum() == 0  # held-out examples carry no label (no prior here)
+    balanced = refinement_seeds(e, np.ones(16, bool), adapter=None)[len(e.features) :]
+    np.testing.assert_array_equal(balanced, np.eye(4, dtype=np.float32)[e.labeled_classes])
+
+
+def test_without_an_example_of_some_class_the_prior_cannot_be_dropped():
+    rng = np.random.default_rng(10)
+    e, _ = evidence(rng, per_class=4)
+    kept = e.labeled_classes != 3
+    partial = Evidence(e.features, e.probs, e.labeled_features[kept], e.labeled_classes[kept],
+                       e.labeled_probs[kept])  # fmt: skip
+    decision = choose(partial)
+    assert decision["classes_without_examples"] == 1
+    assert decision["allowed"] == ["refined"] and decision["chosen"] == "refined"
+    assert "refined-no-prior" in decision["candidates"]  # still scored, for the record
+    assert decision_line(decision).startswith("labels: refined (1 class(es) without a labeled")
+    assert choose(e)["classes_without_examples"] == 0

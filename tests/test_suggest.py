@@ -73,6 +73,22 @@ def test_cold_start_picks_typical_points_of_distinct_clusters():
     assert sorted(int(i) // 10 for i in ranked.index) == [0, 1]
 
 
+def test_cold_start_skips_regions_a_labeled_example_covers_and_ignores_a_random_fm():
+    # Eight tight regions; the FM's guesses are random, so its classes overlap everywhere.
+    rng = np.random.default_rng(1)
+    x = np.concatenate([c + 0.01 * rng.standard_normal((10, 8)) for c in np.eye(8)])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    probs = rng.dirichlet(np.ones(2), size=len(x)).astype(np.float32)
+    ranked = cold_start(x, probs, 4, seed=0)  # 8 clusters: one per region
+    assert len({int(i) // 10 for i in ranked.index}) == 4  # four regions, not one
+    # Labeled examples in regions 0 and 1 (2 + 2 x 3 clusters): no pick lands there.
+    labeled = cold_start(x, probs, 3, labeled_x=x[[0, 10]], seed=0)
+    assert len({int(i) // 10 for i in labeled.index} - {0, 1}) == 3
+    assert all("no labeled example covers" in reason for reason in labeled.reason)
+    again = cold_start(x, probs, 3, labeled_x=x[[0, 10]], seed=0)
+    np.testing.assert_array_equal(labeled.index, again.index)  # one seed, one answer
+
+
 def test_cold_start_fills_its_quota_among_duplicates():
     x = np.tile(np.float32([1, 1, 1]) / np.sqrt(3), (10, 1))
     x[9] = [1, 0, 0]

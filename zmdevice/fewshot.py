@@ -46,17 +46,32 @@ class FewShotAdapter:
     bias: np.ndarray
     """float64 [C]."""
     zero_shot_weight: float
+    unseen: np.ndarray | None = None
+    """bool [C]: classes without a labeled example (None: every class has one)."""
 
     def probs(self, features: np.ndarray, zero_shot_probs: np.ndarray) -> np.ndarray:
-        """Adapted probabilities float32 [N, C] from features [N, D] and p0 [N, C]."""
+        """Adapted probabilities float32 [N, C] from features [N, D] and p0 [N, C].
+
+        A class without a labeled example keeps the FM's probability: the probe, which has
+        never seen it, only divides the rest among the classes it has seen (fitted over all
+        classes it would push the unseen ones to zero, as if the FM could not name them).
+        """
         unit = normalise(features)
         logits = unit @ self.weight.T + self.bias
         if self.zero_shot_weight:
             floor = np.maximum(np.asarray(zero_shot_probs, np.float64), PROBABILITY_FLOOR)
             logits = logits + self.zero_shot_weight * np.log(floor)
+        if self.unseen is not None:
+            logits[:, self.unseen] = -np.inf
         logits -= logits.max(axis=1, keepdims=True)
         exp = np.exp(logits)
-        return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+        probs = exp / exp.sum(axis=1, keepdims=True)
+        if self.unseen is not None:
+            prior = np.asarray(zero_shot_probs, np.float64)
+            prior = prior / np.maximum(prior.sum(axis=1, keepdims=True), 1e-12)
+            probs *= 1.0 - prior[:, self.unseen].sum(axis=1, keepdims=True)
+            probs[:, self.unseen] = prior[:, self.unseen]
+        return probs.astype(np.float32)
 
 
 def normalise(features) -> np.ndarray:
@@ -77,7 +92,8 @@ def fit_adapter(
     """Fit the probe on labeled features [L, D] with class ids [L] (full-batch L-BFGS).
 
     The objective is the mean cross-entropy plus ``l2 / 2 * |W|^2``; it is convex, so the
-    result depends only on the data and the settings, not on a seed.
+    result depends only on the data and the settings, not on a seed. Classes with unequal
+    numbers of examples count equally (``class_balance``).
     """
     import torch
 
@@ -92,20 +108,42 @@ def fit_adapter(
         [weight, bias], max_iter=max_iter, tolerance_grad=1e-9, line_search_fn="strong_wolfe"
     )
 
+    balance = class_balance(labels, num_classes)
+    balance = None if balance is None else torch.from_numpy(balance)
+
     def closure():
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x @ weight.T + bias, y)
+        loss = torch.nn.functional.cross_entropy(x @ weight.T + bias, y, weight=balance)
         loss = loss + 0.5 * l2 * weight.pow(2).sum()
         loss.backward()
         return loss
 
     with torch.enable_grad():
         optimizer.step(closure)
+    seen = np.bincount(labels, minlength=num_classes) > 0
     return FewShotAdapter(
         weight=weight.detach().numpy(),
         bias=bias.detach().numpy(),
         zero_shot_weight=float(zero_shot_weight),
+        unseen=None if seen.all() else ~seen,
     )
+
+
+def class_balance(labels: np.ndarray, num_classes: int) -> np.ndarray | None:
+    """float64 [C] weights that give each labeled class the same total weight (mean 1 per
+    example), or None when the classes have equal counts (nothing to correct).
+
+    A few labels per class are rarely drawn in the classes' true proportions: a person labels
+    what ``suggest`` or chance put in front of them, so a class with 8 examples beside one
+    with 2 says more about the picking than about the data. Left uncorrected, the probe's bias
+    and the spreading's seed mass follow those counts and flood the smaller classes (4 parts
+    of speech labeled 8 / 4 / 2 / 2: labels below the FM's own zero-shot ones).
+    """
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+    present = counts[counts > 0]
+    if len(present) == 0 or present.min() == present.max():
+        return None
+    return np.where(counts > 0, len(labels) / (len(present) * np.maximum(counts, 1)), 0.0)
 
 
 def teacher_outputs(

@@ -148,7 +148,10 @@ def predict_candidates(
 def refinement_seeds(evidence: Evidence, train: np.ndarray, adapter) -> np.ndarray:
     """The spreading's seeds [N + L, C]: the prior (``adapter``'s probabilities; zeros
     without one) on the data and on the labeled examples outside ``train``, the examples in
-    ``train`` one-hot."""
+    ``train`` one-hot, scaled so that every class seeds the same mass (class mass
+    normalisation, ``fewshot.class_balance``)."""
+    from zmdevice.fewshot import class_balance
+
     e = evidence
     count, classes = e.probs.shape
     seeds = np.zeros((count + len(e.labeled_classes), classes), dtype=np.float32)
@@ -158,6 +161,9 @@ def refinement_seeds(evidence: Evidence, train: np.ndarray, adapter) -> np.ndarr
         seeds[count + held] = adapter.probs(e.labeled_features[held], e.labeled_probs[held])
     kept = np.flatnonzero(train)
     seeds[count + kept] = np.eye(classes, dtype=np.float32)[e.labeled_classes[kept]]
+    balance = class_balance(e.labeled_classes[kept], classes)
+    if balance is not None:  # each class spreads the same seed mass
+        seeds[count + kept] *= balance[e.labeled_classes[kept], None].astype(np.float32)
     return seeds
 
 
@@ -244,15 +250,21 @@ def choose(evidence: Evidence, allowed=DEFAULT_SOURCES, graph=None, seed: int = 
 
     Returns:
         The decision for the file's metadata: {"chosen", "how" ("cross-validation",
-        "binomial test", "only candidate"), "allowed", cross-validation's "folds", "scored"
+        "binomial test", "only candidate"), "allowed" (refined-no-prior left out when a class
+        has no labeled example), "classes_without_examples", cross-validation's "folds", "scored"
         and "candidates" (every source scored), "prior_test" (``sign_test`` of
         refined-no-prior against refined on the held-out examples; "needed": True where it
         decided), and the FM's "zero_shot_accuracy_on_labeled" with its "p_value"}.
     """
     names = [name for name in CANDIDATES if name in allowed]
+    unseen = np.bincount(evidence.labeled_classes, minlength=evidence.num_classes) == 0
+    if unseen.any() and len(names) > 1 and "refined-no-prior" in names:
+        # Spreading the examples alone cannot name a class none of them has.
+        names.remove("refined-no-prior")
     accuracy, p_value = above_chance(evidence.labeled_probs, evidence.labeled_classes)
     decision = {
         "allowed": names,
+        "classes_without_examples": int(unseen.sum()),
         "zero_shot_accuracy_on_labeled": round(accuracy, 4),
         "p_value": float(f"{p_value:.3g}"),
     }
@@ -307,7 +319,13 @@ def make_labels(
 def decision_line(decision: dict) -> str:
     """The label source and why, in one line for the label command's summary."""
     chosen, how = decision["chosen"], decision["how"]
+    unseen = decision.get("classes_without_examples", 0)
     if how == "only candidate":
+        if unseen and chosen == "refined" and "refined-no-prior" not in decision["allowed"]:
+            return (
+                f"labels: refined ({unseen} class(es) without a labeled example: spreading the "
+                "examples alone cannot name them, so the FM's prior stays)"
+            )
         return f"labels: {chosen} (forced)"
     if how == "binomial test":
         verdict = "above" if decision["p_value"] < PRIOR_SIGNIFICANCE else "not above"
