@@ -259,3 +259,12 @@ def test_without_an_example_of_some_class_the_prior_cannot_be_dropped():
     assert "refined-no-prior" in decision["candidates"]  # still scored, for the record
     assert decision_line(decision).startswith("labels: refined (1 class(es) without a labeled")
     assert choose(e)["classes_without_examples"] == 0
+
+
+def test_the_binomial_tail_keeps_tiny_p_values_and_large_counts():
+    from zmdevice.metrics import binomial_tail
+
+    assert binomial_tail(3, 5, 0.5) == pytest.approx(16 / 32)
+    assert binomial_tail(60, 60, 0.5) == pytest.approx(0.5**60, rel=1e-9)  # not 0 from 1 - 1
+    assert binomial_tail(0, 10, 0.3) == 1.0 and binomial_tail(11, 10, 0.3) == 0.0
+    assert 0.3 < binomial_tail(10, 2000, 0.005) < 0.6  # 2000 trials: no float overflow

@@ -450,12 +450,9 @@ def hopeless(outputs: list, expected: list, seconds: float, fastest: float) -> s
 def below_bar_p(disagreements: int, samples: int) -> float:
     """P(at least ``disagreements`` of ``samples`` labels differ) for a candidate that
     differs on exactly ``1 - MIN_AGREEMENT`` of them (the binomial upper tail)."""
-    rate = 1.0 - MIN_AGREEMENT
-    below = sum(
-        math.comb(samples, k) * rate**k * (1.0 - rate) ** (samples - k)
-        for k in range(disagreements)
-    )
-    return max(0.0, 1.0 - below)
+    from zmdevice.metrics import binomial_tail
+
+    return binomial_tail(disagreements, samples, 1.0 - MIN_AGREEMENT)
 
 
 def _reason(record: dict) -> str:

@@ -41,10 +41,11 @@ sources only (``DEFAULT_SOURCES``: the benchmark's dev evidence), the others sco
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from zmdevice.metrics import binomial_tail
 
 CANDIDATES = ("refined", "few-shot", "refined-no-prior", "zero-shot")
 """Every label source, in the order that breaks ties."""
@@ -217,8 +218,7 @@ def sign_test(hits: list, rival_hits: list) -> dict:
     """
     hits, rival_hits = np.asarray(hits, dtype=bool), np.asarray(rival_hits, dtype=bool)
     wins, losses = int((hits & ~rival_hits).sum()), int((rival_hits & ~hits).sum())
-    count = wins + losses
-    p_value = sum(math.comb(count, j) for j in range(wins, count + 1)) / 2**count
+    p_value = binomial_tail(wins, wins + losses, 0.5)
     return {"wins": wins, "losses": losses, "p_value": float(f"{p_value:.3g}")}
 
 
@@ -228,10 +228,7 @@ def above_chance(labeled_probs, labeled_classes) -> tuple[float, float]:
     labeled_classes = np.asarray(labeled_classes)
     right = int((np.asarray(labeled_probs).argmax(axis=1) == labeled_classes).sum())
     count, chance = len(labeled_classes), 1.0 / np.asarray(labeled_probs).shape[1]
-    p_value = sum(
-        math.comb(count, j) * chance**j * (1 - chance) ** (count - j)
-        for j in range(right, count + 1)
-    )
+    p_value = binomial_tail(right, count, chance)
     return right / max(count, 1), min(1.0, p_value)
 
 

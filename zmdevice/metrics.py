@@ -2,7 +2,25 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+
+def binomial_tail(successes: int, trials: int, rate: float) -> float:
+    """P(at least ``successes`` of ``trials`` independent events of probability ``rate``),
+    the one-sided p-value of the tests that decide from a few labeled examples or samples."""
+    if successes <= 0 or rate >= 1.0:
+        return 1.0
+    if rate <= 0.0 or successes > trials:
+        return 0.0
+
+    def log_term(k: int) -> float:  # in logs: comb(2000, k) overflows a float
+        log_comb = math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1)
+        return log_comb + k * math.log(rate) + (trials - k) * math.log1p(-rate)
+
+    # Summed from above, so that tiny p-values keep their digits.
+    return min(1.0, sum(math.exp(log_term(k)) for k in range(successes, trials + 1)))
 
 
 def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
