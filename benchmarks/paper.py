@@ -1120,8 +1120,9 @@ middle: the second half fits the 60-100 labeled examples. Stage
 `zeromatch-auto-avg1`) lifts text-verbs to 42.7 (43.5 / 41.9 / 42.6, every seed) and
 text-nouns25 to 57.8 (57.8 / 58.4 / 57.1, 2 of 3 seeds); on the older screens it was neutral
 (text 83.6 against 83.3 at 4 labels, 81.5 against 81.7 at 1; images 61.5 against 60.6 at 1,
-77.4 against 77.8 with the EfficientNet student). Not yet the default: digits, text-pos4 and
-images-fm224 are unscreened and the test rows would have to be rerun.
+77.4 against 77.8 with the EfficientNet student), and on text-pos4 55.2 (55.4 / 62.4 / 47.7)
+against 55.4 (57.4 / 64.1 / 44.7). Not yet the default: digits and images-fm224 are
+unscreened and the test rows would have to be rerun.
 
 **Digits** (scikit-learn's 8x8 digits, where the image FM is useless: 8% zero-shot, right on
 0-12% of each labeled draw, so the refinement drops its prior and spreads the labels alone).
