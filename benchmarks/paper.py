@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import decisions
+
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "benchmarks" / "work"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -1312,6 +1314,7 @@ def command_table(args) -> int:
             lines += [f"Mean wall time per training run: {sum(seconds) / len(seconds):.0f} s.", ""]
         lines += _budget_section(dataset, results)
         lines += [f"### {dataset.name}: chosen on dev", "", *_dev_section(dataset, results)]
+    lines += decisions.section(results)
     lines += _guard_section()
     envs = {json.dumps(r["environment"], sort_keys=True) for r in results if "environment" in r}
     if envs:
