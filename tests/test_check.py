@@ -179,3 +179,19 @@ def test_run_check_with_cleanlab_and_bad_inputs(tmp_path):
         run_check(CheckConfig(labeled=tmp_path / "missing.csv", **base))
     with pytest.raises(UserError, match="method"):
         CheckConfig(labeled=labeled, method="vote", **base)
+
+
+def test_the_probe_weighs_classes_equally_whatever_their_counts():
+    # Two mirrored clusters, 9 examples against 3: weighed by counts, the bias would lean to
+    # the larger class and the point halfway between them would go to it.
+    rng = np.random.default_rng(0)
+    big = np.array([1.0, 0.0]) + 0.05 * rng.standard_normal((9, 2))
+    small = -big[:3]
+    x = np.concatenate([big, small]).astype(np.float32)
+    y = np.array([0] * 9 + [1] * 3)
+    probe = Probe(x, None)
+    z = probe.project(x)
+    probe.fit(z, y, np.zeros((12, 2), np.float32), 2, l2=1.0, max_iter=100)
+    halfway = probe.project(np.zeros((1, 2), np.float32))
+    p = probe.probs(halfway, np.zeros((1, 2), np.float32))[0]
+    assert abs(p[0] - 0.5) < 0.05

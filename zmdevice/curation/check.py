@@ -66,8 +66,11 @@ class Probe:
 
     def fit(self, z, y, offset, num_classes: int, l2: float, max_iter: int) -> Probe:
         """Fit on projected rows ``z`` [L, d], class ids ``y``, logit offsets [L, C];
-        starts from the previous fit's weights (warm start)."""
+        starts from the previous fit's weights (warm start). Classes with unequal numbers of
+        rows count equally (``fewshot.class_balance``)."""
         import torch
+
+        from zmdevice.fewshot import class_balance
 
         z = torch.from_numpy(np.ascontiguousarray(z, np.float32))
         targets = torch.from_numpy(np.asarray(y, np.int64))
@@ -77,6 +80,8 @@ class Probe:
             self.bias = np.zeros(num_classes, np.float32)
         weight = torch.tensor(self.weight, requires_grad=True)
         bias = torch.tensor(self.bias, requires_grad=True)
+        balance = class_balance(y, num_classes)
+        balance = None if balance is None else torch.from_numpy(balance.astype(np.float32))
         optimizer = torch.optim.LBFGS(
             [weight, bias], max_iter=max_iter, tolerance_grad=1e-6, line_search_fn="strong_wolfe"
         )
@@ -84,7 +89,7 @@ class Probe:
         def closure():
             optimizer.zero_grad()
             logits = z @ weight + bias + shift
-            loss = torch.nn.functional.cross_entropy(logits, targets)
+            loss = torch.nn.functional.cross_entropy(logits, targets, weight=balance)
             loss = loss + 0.5 * l2 * weight.pow(2).sum()
             loss.backward()
             return loss
