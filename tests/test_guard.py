@@ -281,6 +281,23 @@ def test_the_rule_on_given_signals():
     assert collapse_reason(config, {**start, "guard_heldout_agreement": 0.05}, no_floor) is None
 
 
+def test_a_class_halving_on_a_small_slice_is_noise_on_a_large_one_a_collapse():
+    config = TrainConfig(labeled="l", unlabeled="u")
+    # 50 held-out digits over 10 classes (a healthy dev run): "3" goes from 5 predictions to
+    # 2 while the histogram grows less even. That few is likely by chance (p = 0.11).
+    start = {"guard_class_entropy": 2.28, "guard_class_counts": [5, 6, 4, 5, 5, 4, 6, 5, 5, 5]}
+    later = {"guard_class_entropy": 2.25, "guard_class_counts": [5, 7, 4, 2, 5, 4, 8, 5, 5, 5]}
+    memory = new_memory(start, classes=[str(c) for c in range(10)])
+    assert collapse_reason(config, later, memory) is None
+    # The same shares on a slice ten times larger are far beyond chance.
+    scaled = {key: [10 * c for c in value] if isinstance(value, list) else value
+              for key, value in later.items()}  # fmt: skip
+    memory = new_memory(
+        {**start, "guard_class_counts": [10 * c for c in start["guard_class_counts"]]}
+    )
+    assert "class 3 kept 20 of its 50" in collapse_reason(config, scaled, memory)
+
+
 def test_the_floor_follows_the_labels_measured_accuracy():
     # Right on 27 of 100 labeled examples, or on half: no student must agree with them.
     assert agreement_floor((27, 100)) is None and agreement_floor((50, 100)) is None
