@@ -1,13 +1,14 @@
-"""Stage 2's weight average (``TrainConfig.ssl_weight_average``), off by default.
+"""Stage 2's weight average (``TrainConfig.ssl_weight_average``), on by default.
 
 Stage 2 starts from stage 1's selected weights and, on a CPU budget, moves away from them
-fast: at 1 label per class its last weights end below where it began (docs/training.md).
-With the option on, the run keeps an exponential moving average of the student's weights
-from stage 2's first step, started at stage 1's weights, and stage 2 ends on that average
-instead of its last weights (when the collapse guard did not end it: a rollback restores
-the guard's weights, which win). The horizon, 1 / (1 - momentum), is the given share of
-stage 2's steps, so one setting means the same on a 100-step and a 10,000-step stage; at
-share 1 stage 1's weights keep about e^-1 of the final average.
+fast: it fits its few labeled examples and its last weights can end below where it began
+(docs/training.md). With the option on (the default, chosen on dev across the benchmark's
+domains), the run keeps an exponential moving average of the student's weights from stage
+2's first step, started at stage 1's weights, and stage 2 ends on that average instead of
+its last weights (when the collapse guard did not end it: a rollback restores the guard's
+weights, which win). The horizon, 1 / (1 - momentum), is the given share of stage 2's steps,
+so one setting means the same on a 100-step and a 10,000-step stage; at share 1 stage 1's
+weights keep about e^-1 of the final average.
 
 The average lives on the student's device beside it (one more copy of the weights), is
 part of ``state`` and so of checkpoints, and the evaluations of a run with ``--test`` log

@@ -12,7 +12,7 @@ through the same loop. The pieces live in ``zmdevice.training``:
 ``training.checkpoint``   the state dict to safetensors + JSON and back (``--resume``)
 ``training.budget``       ``--time-budget``: measure, plan the steps, stop on time
 ``training.guard``        the stage-2 collapse guard (rollback / distill / stop)
-``training.average``      stage 2's optional weight average (``ssl_weight_average``)
+``training.average``      stage 2's weight average (``ssl_weight_average``)
 ``training.calibration``  ``--precision auto``: fp32 and bf16 steps measured
 ========================  ==================================================================
 
