@@ -199,12 +199,15 @@ def render(found: Screen) -> list[str]:
         f"**{decision.question}.** Shipped: {options[decision.shipped]}.",
         "",
         f"| domain | labels/class: seeds | {' | '.join(options)} | "
-        "difference | without this domain, the mean picks |",
+        "difference | without this domain, the mean picks (difference) |",
         "|---|---|" + "---|" * len(options) + "---|---|",
     ]
     for domain, values in found.domains.items():
         alone = found.choice(without=domain) if several else None
         picks = "-" if alone is None else options[alone]
+        if alone is not None:
+            others = _mean_rows([v for d, v in found.domains.items() if d != domain])
+            picks += f" ({100 * (others[-1] - others[0]):+.2f})"
         if alone is not None and alone != chosen:
             picks = f"**{picks}** (differs)"
         lines.append(

@@ -69,7 +69,7 @@ def test_a_choice_that_hangs_on_one_domain_or_one_seed_is_said():
     assert found.choice() == 1 and found.choice(without="digits") == 0
     assert [found.choice(seed=s) for s in range(3)] == [1, 0, 0]
     text = "\n".join(decisions.render(found))
-    assert "**last** (differs)" in text
+    assert "**last (-1.00)** (differs)" in text
     assert "leaving out digits would change the choice" in text
     assert "(the choice flips between seeds)" in text
 
