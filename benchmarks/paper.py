@@ -1229,10 +1229,13 @@ def same_labels_kd(name: str) -> str:
     return "kd" + name.removeprefix("zeromatch").removesuffix("-avg1")
 
 
-def peer_names(ours: str) -> list[str]:
+def peer_names(ours: str, dataset: str | None = None) -> list[str]:
     """What the default row is measured against: the FM, the paper's baselines, KD on the
-    same labels and the peers a user would pick instead (``benchmarks/peers.py``)."""
-    names = ["fm-zero-shot", *BASELINES, same_labels_kd(ours), *PEERS]
+    same labels, KD on the labels of the previous rule (``FINAL``'s, still a user's option:
+    ``label --few-shot --refine``) and the peers a user would pick instead
+    (``benchmarks/peers.py``)."""
+    previous = [same_labels_kd(FINAL[dataset])] if dataset in FINAL else []
+    names = ["fm-zero-shot", *BASELINES, same_labels_kd(ours), *previous, *PEERS]
     return [name for name in dict.fromkeys(names) if name != ours]
 
 
@@ -1286,7 +1289,7 @@ def _headline(results: list[dict], datasets: list[Dataset]) -> list[str]:
             if ours_name is None:
                 continue
             ours = by_seed(rows, ours_name, k)
-            peers = {name: by_seed(rows, name, k) for name in peer_names(ours_name)}
+            peers = {name: by_seed(rows, name, k) for name in peer_names(ours_name, dataset.name)}
             peers = {name: values for name, values in peers.items() if values}
             cells = [dataset.name, str(k), f"`{ours_name}`", _spread(ours)]
             if peers:
@@ -1355,7 +1358,7 @@ def command_table(args) -> int:
             "",
         ]
         if ours:
-            lines += standing(rows, ours, peer_names(ours))
+            lines += standing(rows, ours, peer_names(ours, dataset.name))
         if ours != "zeromatch":
             lines += standing(rows, "zeromatch", ["fm-zero-shot", *BASELINES])
         lines.append("")
