@@ -790,11 +790,12 @@ def _result_table(dataset: Dataset, rows: list[dict]) -> list[str]:
     fm_cell = f"{100 * fm[0]:.1f} (no training)" if fm else "-"
     fm_model = _deployed(dataset, "probe-true")
     lines.append(f"| FM zero-shot | {fm_cell} | | {fm_cell} | | {fm_model} |")
+    shipped = {default_method(rows, dataset.name, k) for k in (4, 1)}
     for name in [*ALL_METHODS, *PEERS]:
         four, one = by_seed(rows, name, 4), by_seed(rows, name, 1)
         if not four and not one:
             continue
-        label = f"**{name}** (shipped)" if name == FINAL.get(dataset.name) else name
+        label = f"**{name}** (shipped)" if name in shipped else name
         lines.append(
             f"| {label} | {_mean_std(list(four.values()))} | {_per_seed(four)} | "
             f"{_mean_std(list(one.values()))} | {_per_seed(one)} | {_deployed(dataset, name)} |"
