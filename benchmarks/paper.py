@@ -1207,11 +1207,13 @@ DistilBERT) is as large as the FM it replaces.
 """The reading of the tables (prose, once): rendered after the opening table."""
 
 
+DEFAULT_IMAGE_FLOW = "zeromatch-auto-effl0-64-avg1"
+"""``DEFAULT_FLOW`` with the default image student (EfficientNet-Lite0 at 64 px)."""
+
+
 def default_flow(dataset: str) -> str:
-    """``DEFAULT_FLOW``'s row with the student ``dataset`` ships (``FINAL``'s)."""
-    if PRETRAINED_IMAGE_TAG in FINAL.get(dataset, ""):
-        return DEFAULT_FLOW.replace("-auto-", "-auto-effl0-64-")
-    return DEFAULT_FLOW
+    """The default flow's row with the student ``dataset`` ships (``FINAL``'s)."""
+    return DEFAULT_IMAGE_FLOW if PRETRAINED_IMAGE_TAG in FINAL.get(dataset, "") else DEFAULT_FLOW
 
 
 def default_method(rows: list[dict], dataset: str, k: int) -> str | None:
