@@ -341,9 +341,16 @@ def test_texts_go_through_the_teacher_shortest_first_and_come_back_in_data_order
     run_label(config(tmp_path, embed_dir, refine=True))
     labels = read_pseudolabels(tmp_path / "out.parquet")
     assert labels.ids == [f"t{i:04d}" for i in range(40)]
-    # Batches of similar lengths: fewer padded tokens than batches in data order.
+    # Batches of similar lengths in the teacher's tokens: each batch is as wide as the
+    # longest of its four in the texts sorted by tokens (by characters, some would be wider).
     tokenizer = built[0].collate.tokenizer
     lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
+    by_tokens = sorted(lengths)
+    assert [width for _, width in widths] == [max(by_tokens[s : s + 4]) for s in range(0, 40, 4)]
+    by_characters = [lengths[i] for i in sorted(range(40), key=lambda i: len(texts[i]))]
+    assert sum(4 * max(by_characters[s : s + 4]) for s in range(0, 40, 4)) > sum(
+        b * width for b, width in widths
+    )  # the texts tell the two orders apart
     in_data_order = sum(4 * max(lengths[s : s + 4]) for s in range(0, 40, 4))
     assert sum(b * width for b, width in widths) < 0.8 * in_data_order
     # Each row holds its own text's probabilities and features.

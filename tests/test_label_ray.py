@@ -165,7 +165,8 @@ def test_resume_after_a_deleted_part_redoes_only_that_chunk(
 def test_batch_rows_follow_the_local_engine_batches():
     chunks = [range(0, 8), range(8, 16), range(16, 19)]
     images = SimpleNamespace(modality="image")
-    rows = batch_rows(images, chunks, [0, 2], 4)
+    by_characters = SimpleNamespace(input_lengths=lambda texts: [len(t) for t in texts])
+    rows = batch_rows(images, chunks, [0, 2], 4, by_characters)
     assert [(r["chunk"], r["batch"], r["indices"]) for r in rows] == [
         (0, 0, [0, 1, 2, 3]),
         (0, 1, [4, 5, 6, 7]),
@@ -173,7 +174,7 @@ def test_batch_rows_follow_the_local_engine_batches():
     ]
     # Texts go shortest first inside each chunk, as the local engine feeds them.
     texts = SimpleNamespace(modality="text", texts=["x" * (20 - i) for i in range(19)])
-    rows = batch_rows(texts, chunks, [0, 2], 4)
+    rows = batch_rows(texts, chunks, [0, 2], 4, by_characters)
     assert [(r["chunk"], r["batch"], r["indices"]) for r in rows] == [
         (0, 0, [7, 6, 5, 4]),
         (0, 1, [3, 2, 1, 0]),

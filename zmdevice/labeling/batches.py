@@ -171,18 +171,23 @@ def iterate_batches(dataset, teacher, indices, batch_size: int, workers: int, fe
         yield kept, probs, skipped
 
 
-def labeling_order(dataset, chunk) -> list[int]:
-    """The order a chunk's samples go through the teacher: texts shortest first, so that a
-    batch pads its texts to similar lengths (a batch is padded to its longest text); images
-    as they come.
+def labeling_order(dataset, chunk, teacher) -> list[int]:
+    """The order a chunk's samples go through the teacher: texts shortest first in the
+    teacher's own tokens (``Teacher.input_lengths``), so that a batch pads its texts to
+    similar lengths (a batch is padded to its longest text); images as they come.
 
-    On the WordNet definitions (16 tokens on average, 138 at most) this cuts the tokens the
-    teacher computes at batch 64 from 2.7x to 1.2x the real ones. Chunks are labeled whole,
-    so a batch never mixes two chunks, and ``finish_chunk`` puts each part back in order.
+    On 2,000 WordNet noun definitions at batch 64 (chunks of 1,024) the teacher computes
+    1.20x the real tokens sorted by tokens, 1.51x sorted by characters, and more in data
+    order: MiniLM's matrix products dominate its pass, so the tokens are its time. Chunks
+    are labeled whole, so a batch never mixes two chunks, and ``finish_chunk`` puts each
+    part back in order.
     """
     if dataset.modality != "text":
         return list(chunk)
-    return sorted(chunk, key=lambda index: len(dataset.texts[index]))
+    positions = list(chunk)
+    lengths = teacher.input_lengths([dataset.texts[index] for index in positions])
+    order = sorted(range(len(positions)), key=lengths.__getitem__)
+    return [positions[k] for k in order]
 
 
 def chunk_order(chunk, kept: list[int], skipped: list[int]) -> tuple[np.ndarray, list[int]]:

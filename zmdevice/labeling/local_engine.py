@@ -43,7 +43,7 @@ class LocalEngine:
         chunks; each chunk goes through the teacher in ``labeling_order``.
         """
         teacher, todo = job.teacher, job.todo
-        remaining = [i for j in todo for i in labeling_order(job.dataset, job.chunks[j])]
+        remaining = [i for j in todo for i in labeling_order(job.dataset, job.chunks[j], teacher)]
         current = iter(todo)
         number = next(current, None)
         kept_all: list[int] = []

@@ -148,10 +148,11 @@ class TeacherBatch:
         return {"chunk": row["chunk"], "batch": row["batch"], "result": result, "error": ""}
 
 
-def batch_rows(dataset, chunks, todo: list[int], batch_size: int) -> list[dict]:
+def batch_rows(dataset, chunks, todo: list[int], batch_size: int, teacher) -> list[dict]:
     """One row per teacher batch of the chunks in ``todo``: chunk, batch number, positions,
-    each chunk in the local engine's ``labeling_order`` (texts shortest first)."""
-    ordered = {j: labeling_order(dataset, chunks[j]) for j in todo}
+    each chunk in the local engine's ``labeling_order`` (texts shortest first, in
+    ``teacher``'s tokens)."""
+    ordered = {j: labeling_order(dataset, chunks[j], teacher) for j in todo}
     return [
         {"chunk": j, "batch": b, "indices": ordered[j][s : s + batch_size]}
         for j in todo
@@ -273,7 +274,7 @@ class RayEngine:
                 ray.shutdown()
 
     def _label(self, ray, job: ChunkJob) -> Iterator[LabeledChunk]:
-        rows = batch_rows(job.dataset, job.chunks, job.todo, job.batch_size)
+        rows = batch_rows(job.dataset, job.chunks, job.todo, job.batch_size, job.teacher)
         if not rows:
             return
         batches_of = {j: math.ceil(len(job.chunks[j]) / job.batch_size) for j in job.todo}
