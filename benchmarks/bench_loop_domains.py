@@ -1,33 +1,39 @@
 """The labeling loop on real data: does `suggest` pick better samples than chance, does
 `check` find wrong labels, and what does fixing them give back?
 
-Data: the benchmark's WordNet domains (``examples/build_datasets.py --only NAME``; pools of
-``--max-unlabeled`` definitions with their true labels), MiniLM as the FM. Each domain's
-pool is labeled zero-shot once (``run_label``, what ``zmdevice label`` runs); the FM's
-features are computed once by the first ``suggest`` and read from the feature cache after.
+Data: the benchmark's domains (``examples/build_datasets.py --only NAME``: a pool of
+``--max-unlabeled`` samples with their true labels, and a test split): the WordNet text
+pools with MiniLM as the FM, the image pools (``digits``, ``images``) with
+EfficientNet-Lite0, the modality's default teachers. Each domain's pool is labeled
+zero-shot once (``run_label``, what ``zmdevice label`` runs); the FM's features are computed
+once by the first ``suggest`` and read from the feature cache after.
 
 What is scored: the accuracy, on the pool's true labels, of the labels ``zmdevice label
 --few-shot LABELED`` writes from the labels gathered so far (zero-shot, few-shot or refined,
 as its cross-validation picks). Those are what ``zmdevice train`` learns from next, and the
 benchmark's students end near their labels' accuracy (``benchmarks/RESULTS.md``). It is a
-proxy for retraining the student every round, which costs about 8 CPU-minutes a round here.
+proxy for retraining the student every round, which costs 4-8 CPU-minutes a round here;
+``--retrain-at 2 4`` also trains that student (``zmdevice train`` at its defaults) after
+those rounds of chance and suggest and scores it on the domain's test split, the pairs the
+target compares first (each student is kept in the work folder: a rerun skips it).
 
-- **suggest against chance**, per seed: ``rounds`` rounds from no labels. Chance: one more
-  true label per class each round, drawn at random (the protocol of the benchmark's labeled
-  files). Suggest: ``suggest --n C`` (C classes) each round with the labels so far (cold
-  start first, then uncertainty and disagreement), the person answering with the true
-  label. Both end with C x rounds labels.
+- **suggest against chance and random**, per seed: ``rounds`` rounds from no labels. Chance:
+  one more true label per class each round, drawn at random (the protocol of the benchmark's
+  labeled files: a draw that knows the classes). Random: C more pool samples each round,
+  whatever their class (what a person without ``suggest`` does). Suggest: ``suggest --n C``
+  (C classes) each round with the labels so far (cold start first, then uncertainty and
+  disagreement), the person answering with the true label. All end with C x rounds labels.
 - **check**, per seed: the chance draw's last round with 1 in ``flip_every`` labels moved to
   a random other class (at least one); ``check`` (our ranking and cleanlab's) ranks them;
   found = flips among the top 2 x flips rows. Fixing: the flips in those rows set back to
   their true label, as the person reviewing them would; the labels' accuracy from the
   flipped, the fixed and the clean labels.
 
-Usage (one core, one thread; about 10 minutes a domain)::
+Usage (one core, one thread; about 10 minutes a domain, plus 4-8 minutes a student)::
 
     python examples/build_datasets.py --out /tmp/loopdata --only text-verbs --max-unlabeled 3000
     taskset -c 0 env OMP_NUM_THREADS=1 python benchmarks/bench_loop_domains.py \\
-        --data /tmp/loopdata --domains text text-verbs --seeds 0 1 2
+        --data /tmp/loopdata --domains text text-verbs --seeds 0 1 2 [--retrain-at 2 4]
 
 Writes ``benchmarks/loop-domains.json`` (each domain's rows are kept when another run adds
 other domains), ``benchmarks/loop-domains.png`` and ``benchmarks/LOOP.md``; ``--plot``
@@ -168,6 +174,14 @@ def chance_rounds(domain: Domain, rounds: int, seed: int) -> list[list[str]]:
     return [[i for c in domain.classes for i in order[c][: r + 1]] for r in range(rounds)]
 
 
+def random_rounds(domain: Domain, rounds: int, seed: int) -> list[list[str]]:
+    """The labeled ids after each round: C more pool examples drawn at random, whatever
+    their class (what a person without ``suggest`` does; chance's draw knows the classes)."""
+    order = list(np.random.default_rng(2000 + seed).permutation(domain.ids))
+    step = len(domain.classes)
+    return [order[: step * (r + 1)] for r in range(rounds)]
+
+
 def suggest_rounds(domain: Domain, rounds: int, seed: int) -> list[list[str]]:
     """The labeled ids after each round of ``suggest --n C`` answered with true labels."""
     from zmdevice.curation.settings import SuggestConfig
@@ -240,10 +254,13 @@ def run_domain(
     for seed in seeds:
         chance = chance_rounds(domain, rounds, seed)
         suggested = suggest_rounds(domain, rounds, seed)
+        drawn = random_rounds(domain, rounds, seed)
         row = {
             "labels": [len(ids) for ids in chance],
             "chance": [domain.accuracy_from(ids) for ids in chance],
+            "random": [domain.accuracy_from(ids) for ids in drawn],
             "suggest": [domain.accuracy_from(ids) for ids in suggested],
+            "random_classes_covered": [len({domain.gold[i] for i in ids}) for ids in drawn],
             "suggest_classes_covered": [len({domain.gold[i] for i in ids}) for ids in suggested],
         }
         gathered[seed] = {
@@ -294,8 +311,10 @@ def retrain_rounds(result: dict, state: dict, at: list[int], save) -> None:
 def summarise_seed(row: dict) -> dict:
     check = row["check"]
     return {
-        "chance": [round(100 * r["accuracy"], 1) for r in row["chance"]],
-        "suggest": [round(100 * r["accuracy"], 1) for r in row["suggest"]],
+        **{
+            key: [round(100 * r["accuracy"], 1) for r in row[key]]
+            for key in ("chance", "random", "suggest")
+        },
         "flips found (ours, cleanlab)": [
             check["confident"]["found"],
             check["cleanlab"]["found"],
@@ -322,12 +341,14 @@ def plot(report: dict, path: Path) -> None:
     figure, axes = plt.subplots(
         rows, len(domains), figsize=(4 * len(domains), 3.4 * rows), squeeze=False
     )
-    colours = (("chance", "tab:grey"), ("suggest", "tab:blue"))
+    colours = (("chance", "tab:grey"), ("random", "tab:green"), ("suggest", "tab:blue"))
     for column, (name, result) in enumerate(domains):
         axis = axes[0][column]
         seeds = list(result["seeds"].values())
         per_class = np.arange(1, result["rounds"] + 1)
         for key, colour in colours:
+            if not all(key in s for s in seeds):  # runs before the random draw was added
+                continue
             values = 100 * np.array([[r["accuracy"] for r in s[key]] for s in seeds])
             axis.plot(per_class, values.mean(0), marker="o", color=colour, label=key)
             axis.fill_between(per_class, values.min(0), values.max(0), color=colour, alpha=0.2)
@@ -381,29 +402,63 @@ def table(report: dict) -> str:
         "Accuracy (%) on each domain's pool of the labels `zmdevice label --few-shot` writes "
         "from the labels gathered so far (a proxy for retraining the student every round: the "
         "students end near their labels' accuracy). Chance: one more random true label per "
-        "class each round; suggest: `suggest --n C` answered with the true labels. Mean "
-        "(min-max) over the seeds; the plot is [`loop-domains.png`](loop-domains.png).",
+        "class each round (a draw that knows the classes, as the benchmark's labeled files are "
+        "drawn); random: C more pool samples at random, whatever their class (what a person "
+        "without `suggest` does); suggest: `suggest --n C` answered with the true labels. Mean "
+        "(min-max) over the seeds; classes covered per seed; the plot is "
+        "[`loop-domains.png`](loop-domains.png).",
         "",
-        "| domain | classes | zero-shot | labels/class | chance | suggest | suggest: classes "
-        "covered | sources chosen (chance; suggest) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| domain | classes | zero-shot | labels/class | chance | random | suggest | classes "
+        "covered (random; suggest) | sources chosen (chance; random; suggest) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    policies = ("chance", "random", "suggest")
     for name, result in sorted(report["domains"].items()):
         seeds = list(result["seeds"].values())
         for r in range(result["rounds"]):
             cells = []
-            for key in ("chance", "suggest"):
-                values = [100 * s[key][r]["accuracy"] for s in seeds]
-                cells.append(f"{np.mean(values):.1f} ({min(values):.1f}-{max(values):.1f})")
-            covered = "/".join(str(s["suggest_classes_covered"][r]) for s in seeds)
+            for key in policies:
+                values = [100 * s[key][r]["accuracy"] for s in seeds if key in s]
+                cells.append(
+                    f"{np.mean(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+                    if values
+                    else "-"
+                )
+            covered = "; ".join(
+                "/".join(str(s[f"{key}_classes_covered"][r]) for s in seeds if key in s) or "-"
+                for key in ("random", "suggest")
+            )
             sources = "; ".join(
-                "/".join(s[key][r]["source"] for s in seeds) for key in ("chance", "suggest")
+                "/".join(s[key][r]["source"] for s in seeds if key in s) or "-" for key in policies
             )
             zero = f"{100 * result['zero_shot_accuracy']:.1f}" if r == 0 else ""
             lines.append(
                 f"| {name} | {result['classes'] if r == 0 else ''} | {zero} | {r + 1} | "
-                f"{cells[0]} | {cells[1]} | {covered} | {sources} |"
+                f"{' | '.join(cells)} | {covered} | {sources} |"
             )
+    lines += [
+        "",
+        "Target on the labels written: suggest with half the labels against 4 per class:",
+        "",
+    ]
+    for name, result in sorted(report["domains"].items()):
+        seeds = list(result["seeds"].values())
+        most = result["rounds"]
+        half = most // 2
+        ours = [100 * s["suggest"][half - 1]["accuracy"] for s in seeds]
+        parts = []
+        for key in ("chance", "random"):
+            theirs = [100 * s[key][most - 1]["accuracy"] for s in seeds if key in s]
+            if theirs:
+                spread = max(theirs) - min(theirs)
+                parts.append(
+                    f"{key} {np.mean(theirs):.1f} ({np.mean(ours) - np.mean(theirs):+.1f}; its "
+                    f"seed spread {spread:.1f})"
+                )
+        lines.append(
+            f"- {name}: suggest at {half}/class {np.mean(ours):.1f} against, at {most}/class, "
+            + ", ".join(parts)
+        )
     lines += [
         "",
         f"`check` on the chance draw's last round with 1 in "

@@ -326,11 +326,23 @@ def test_error_pseudo_labels_for_other_classes(text_data, tmp_path):
         run_train(text_config(text_data, tmp_path / "m", classes=["a", "b", "c"]))
 
 
-def test_error_labeled_class_without_example(text_data, tmp_path):
+def test_a_class_without_labeled_example_is_taught_by_the_fm_alone(text_data, tmp_path, capsys):
     labeled = tmp_path / "labeled.csv"
     write_table(labeled, [("s0", "dog cat", "animal"), ("s1", "tree", "plant")])
-    with pytest.raises(UserError, match="no example of class.*'food'"):
-        run_train(text_config(text_data, tmp_path / "m", labeled=labeled))
+    # Without the FM nothing would teach the class: refused before any training.
+    with pytest.raises(UserError, match="no example of class.*'food'.*supervised"):
+        run_train(
+            text_config(
+                text_data, tmp_path / "s", labeled=labeled, method="supervised",
+                classes=["animal", "plant", "food"],
+            )  # fmt: skip
+        )
+    assert not (tmp_path / "s").exists()
+    # ZeroMatch learns it from the pseudo-labels (as a few `suggest` rounds leave a class
+    # unlabeled): it trains, says so, and the model knows every class.
+    summary = run_train(text_config(text_data, tmp_path / "z", labeled=labeled))
+    assert "only the FM's pseudo-labels teach them" in capsys.readouterr().err
+    assert "food" in summary["classes"]
 
 
 def test_error_fewer_unlabeled_than_a_batch(text_data, tmp_path):

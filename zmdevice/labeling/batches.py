@@ -176,7 +176,7 @@ def labeling_order(dataset, chunk, teacher) -> list[int]:
     teacher's own tokens (``Teacher.input_lengths``), so that a batch pads its texts to
     similar lengths (a batch is padded to its longest text); images as they come.
 
-    On 2,000 WordNet noun definitions at batch 64 (chunks of 1,024) the teacher computes
+    On 2,000 WordNet noun definitions at batch 64, in chunks of 1,024, the teacher computes
     1.20x the real tokens sorted by tokens, 1.51x sorted by characters, and more in data
     order: MiniLM's matrix products dominate its pass, so the tokens are its time. Chunks
     are labeled whole, so a batch never mixes two chunks, and ``finish_chunk`` puts each

@@ -67,8 +67,11 @@ from zmdevice.labeling.summary import summary
 from zmdevice.pseudolabels import PseudoLabelWriter, build_metadata, read_pseudolabel_metadata
 from zmdevice.topk import DEFAULT_MANTISSA_BITS, DEFAULT_MAX_KL, default_top_k
 
-CHUNK_BATCHES = 16
-"""Batches per part file: the most work a killed run can lose."""
+CHUNK_BATCHES = 32
+"""Batches per part file: the most work a killed run can lose, and the window texts are
+sorted by length in (``labeling_order``): on 2,000 WordNet definitions at batch 64, MiniLM
+computes 1.08x the real tokens in chunks of 32 batches, 1.20x in chunks of 16 (the longest
+texts of every chunk pad its last batch)."""
 REFINE_WRITE_ROWS = 65536
 """Rows per row group of a refined output file."""
 

@@ -303,11 +303,21 @@ def check_data(data: TrainData, plans: list, config: TrainConfig) -> None:
         empty = [
             name for name, count in zip(data.classes, counts.tolist(), strict=True) if not count
         ]
-        if empty:
+        named = ", ".join(repr(name) for name in empty)
+        if empty and not METHODS[config.method].uses_fm:
             raise UserError(
-                f"--labeled {config.labeled} has no example of class(es) "
-                f"{', '.join(repr(name) for name in empty)}: add at least one labeled example "
-                "per class"
+                f"--labeled {config.labeled} has no example of class(es) {named}, and "
+                f"--method {config.method} learns them from labeled examples only: add at "
+                "least one labeled example per class, or train zeromatch or kd on the FM's "
+                "pseudo-labels"
+            )
+        if empty:
+            # A labeling loop reaches this after a few `suggest` rounds: the FM's labels
+            # still teach those classes, as in stage 1, so training goes on.
+            print(
+                f"warning: --labeled {config.labeled} has no example of class(es) {named}: "
+                "only the FM's pseudo-labels teach them",
+                file=sys.stderr,
             )
     for plan in plans:
         if not plan.uses_pool:
