@@ -333,7 +333,10 @@ def test_a_class_without_labeled_example_is_taught_by_the_fm_alone(text_data, tm
     with pytest.raises(UserError, match="no example of class.*'food'.*supervised"):
         run_train(
             text_config(
-                text_data, tmp_path / "s", labeled=labeled, method="supervised",
+                text_data,
+                tmp_path / "s",
+                labeled=labeled,
+                method="supervised",
                 classes=["animal", "plant", "food"],
             )  # fmt: skip
         )
