@@ -246,6 +246,7 @@ def test_a_resume_keeps_the_numerics_of_its_parts(embed, tmp_path, monkeypatch, 
         write_part(parts_dir, number, *args)
 
     monkeypatch.setattr(label_module, "write_part", killed_after_one_part)
+    monkeypatch.setattr(label_module, "CHUNK_BATCHES", 16)
     # Batch 1: chunks of 16 texts, 2 for 24; the first is written, then the run dies.
     with pytest.raises(KeyboardInterrupt):
         label(tmp_path, embed, monkeypatch, FakeTimer(FAST_ONNX, {"onnx-int8"}), batch_size=1)

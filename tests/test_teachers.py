@@ -13,7 +13,7 @@ from PIL import Image
 from zmdevice.classes import ClassList
 from zmdevice.errors import UserError
 from zmdevice.teachers import build_teacher
-from zmdevice.teachers.base import class_weights, zero_shot_probs
+from zmdevice.teachers.base import cast_weights, class_weights, zero_shot_probs
 from zmdevice.teachers.clip import fill_template, load_templates
 from zmdevice.teachers.imagenet import (
     imagenet_class_names,
@@ -270,6 +270,32 @@ def test_in_order_loading_rejects_a_file_of_another_model(tmp_path):
     (tmp_path / "junk.pth").write_text("junk")
     with pytest.raises(UserError, match="cannot read weights file .*junk.pth"):
         load_weights_in_order(model, tmp_path / "junk.pth")
+
+
+def test_a_bf16_teacher_runs_cast_weights_with_autocasts_results_bit_for_bit(models):
+    teacher = build_teacher(f"text-embed:{models['embed']}", TOPICS, precision="bf16")
+    network = teacher.network
+    linear = [m for m in network.runs.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
+    assert {p.dtype for p in network.module.parameters()} == {torch.float32}  # fp32 kept
+    batch = teacher.collate(["the game team ball", "vote law", "atom cell split apart"])
+    inputs = (batch["input_ids"], batch["attention_mask"])
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = network.module(*inputs).float()
+    with torch.inference_mode():
+        assert torch.equal(network(*inputs), autocast)
+
+
+def test_cast_weights_shares_what_it_does_not_cast_and_keeps_tied_weights():
+    embedding = torch.nn.Embedding(10, 4)
+    tied = torch.nn.Linear(4, 10, bias=False)
+    tied.weight = embedding.weight  # as a language model's output layer
+    module = torch.nn.Sequential(embedding, torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), tied)
+    copied = cast_weights(module, torch.bfloat16)
+    assert copied[1].weight.dtype == copied[1].bias.dtype == torch.bfloat16
+    assert copied[0].weight is embedding.weight and copied[3].weight is embedding.weight
+    assert copied[2].weight is module[2].weight  # norms stay fp32, shared
+    assert module[1].weight.dtype == torch.float32
 
 
 def test_an_onnx_runtime_teacher_pickles_and_reopens_its_cached_export(
