@@ -55,16 +55,21 @@ def noisy_teacher_probs(gold, num_classes: int, seed: int = 0, accuracy: float =
     return probs / probs.sum(axis=1, keepdims=True)
 
 
-def write_pseudolabels(path: Path, ids, classes, fingerprint: str, probs=None) -> Path:
+def write_pseudolabels(
+    path: Path, ids, classes, fingerprint: str, probs=None, teacher: dict | None = None
+) -> Path:
     """A pseudo-label file for ``ids`` made by the real writer; ``probs`` default: random
-    (Dirichlet, seed 0)."""
+    (Dirichlet, seed 0); ``teacher`` its metadata record (default a fake spec)."""
     from zmdevice.pseudolabels import PseudoLabelWriter, build_metadata
 
     if probs is None:
         rng = np.random.default_rng(0)
         probs = rng.dirichlet(np.ones(len(classes)), size=len(ids)).astype(np.float32)
     metadata = build_metadata(
-        classes=classes, teacher={"spec": "fake"}, data={"fingerprint": fingerprint}, top_k=3
+        classes=classes,
+        teacher=teacher or {"spec": "fake"},
+        data={"fingerprint": fingerprint},
+        top_k=3,
     )
     with PseudoLabelWriter(path, metadata) as writer:
         writer.write_probs(list(ids), probs)

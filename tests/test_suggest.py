@@ -356,3 +356,27 @@ def test_a_teacher_without_features_gives_a_probability_space(tmp_path):
     assert features is None
     np.testing.assert_allclose(space.labeled_probs, probs, atol=1e-3)
     np.testing.assert_allclose(space.labeled_x, unit_rows(None, probs), atol=1e-3)
+
+
+def test_the_space_rebuilds_the_teacher_by_the_name_it_was_labeled_with(tmp_path, monkeypatch):
+    # efficientnet-lite0 labels Fashion-MNIST through its catalog entry's class map; its
+    # resolved spec alone has no entry, and would have no map.
+    from helpers import TOPIC_NAMES, write_pseudolabels, write_texts
+
+    from zmdevice.curation import fm_space
+
+    data = open_dataset(write_texts(tmp_path / "data.csv", 9))
+    teacher = {"name": "efficientnet-lite0", "spec": "imagenet:tf_efficientnet_lite0:/w.pth"}
+    labels = write_pseudolabels(
+        tmp_path / "labels.parquet", data.ids, TOPIC_NAMES.split(","), data.fingerprint(),
+        teacher=teacher,
+    )  # fmt: skip
+    asked = []
+
+    def outputs(dataset, spec, *args, **options):
+        asked.append(spec)
+        return None, None
+
+    monkeypatch.setattr(fm_space, "fm_outputs", outputs)
+    fm_space.load_space(data.source, labels)
+    assert asked == ["efficientnet-lite0"]

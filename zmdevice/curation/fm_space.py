@@ -229,7 +229,10 @@ def load_space(
     )
     templates = metadata.get("templates")
     templates = templates if isinstance(templates, str) else None
-    spec = teacher or (metadata.get("teacher") or {}).get("spec")
+    recorded = metadata.get("teacher") or {}
+    # The teacher as the user named it first: a catalog name brings its entry back (an
+    # image teacher's shipped class map), which the resolved spec has lost.
+    spec = teacher or recorded.get("name") or recorded.get("spec")
     labeled_set = None
     if labeled is not None:
         labeled_set = open_dataset(
