@@ -291,12 +291,12 @@ def cast_weights(module, dtype):
     for layer in module.modules():
         for tensor in layer.parameters(recurse=False):
             own[id(tensor)] = own.get(id(tensor), True) and isinstance(layer, layers)
-    memo = {id(t): t for t in (*module.parameters(), *module.buffers()) if not own.get(id(t))}
-    copied = copy.deepcopy(module, memo)
+    shared = {id(t): t for t in (*module.parameters(), *module.buffers()) if not own.get(id(t))}
+    copied = copy.deepcopy(module, dict(shared))  # deepcopy adds to its memo: pass a copy
     for layer in copied.modules():
         if isinstance(layer, layers):
             for name, tensor in list(layer.named_parameters(recurse=False)):
-                if id(tensor) not in memo:  # a fresh copy: only cast layers hold it
+                if id(tensor) not in shared:  # a fresh copy: only cast layers hold it
                     setattr(layer, name, torch.nn.Parameter(tensor.to(dtype), requires_grad=False))
     return copied
 
