@@ -619,10 +619,12 @@ def main(argv: list[str] | None = None) -> int:
             result, state = run_domain(
                 name, args.data, args.work / name, args.seeds, args.rounds, args.flip_every
             )
-            if not args.retrain_at:  # keep the students an earlier run trained
-                for seed, row in previous.get("seeds", {}).items():
-                    if "retrained" in row and seed in result["seeds"]:
-                        result["seeds"][seed]["retrained"] = row["retrained"]
+            for seed, row in previous.get("seeds", {}).items():
+                if seed not in result["seeds"]:  # a run of other seeds adds to these
+                    result["seeds"][seed] = row
+                elif "retrained" in row and not args.retrain_at:  # keep its students
+                    result["seeds"][seed]["retrained"] = row["retrained"]
+            result["seeds"] = dict(sorted(result["seeds"].items(), key=lambda kv: int(kv[0])))
             report = save_domain(args.json, name, result, report)
             if args.retrain_at:
                 retrain_rounds(
