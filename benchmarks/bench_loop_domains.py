@@ -37,7 +37,9 @@ Usage (one core, one thread; about 10 minutes a domain, plus 4-8 minutes a stude
 
 Writes ``benchmarks/loop-domains.json`` (each domain's rows are kept when another run adds
 other domains), ``benchmarks/loop-domains.png`` and ``benchmarks/LOOP.md``; ``--plot``
-redraws the two from the JSON only.
+redraws the two from the JSON only. ``--policies suggest`` re-scores only what it names,
+keeping the stored rows of the others for the seeds run (after a change to ``suggest``: its
+label runs are most of a domain's time); ``--seeds 1 2`` adds seeds to the stored ones.
 """
 
 from __future__ import annotations
@@ -100,7 +102,6 @@ class Domain:
         self.data = folder / ("unlabeled" if image else "unlabeled.csv")
         self.test = folder / ("test" if image else "test.csv")
         self.zero_shot = work / "zero-shot.parquet"
-        self.runs = 0
         self.label(self.zero_shot)
 
     def write_labeled(self, path: Path, ids: list[str], labels: dict) -> Path:
@@ -122,18 +123,16 @@ class Domain:
         )  # fmt: skip
         return run_label(config)
 
-    def accuracy_from(self, labeled: list[str], labels: dict | None = None) -> dict:
+    def accuracy_from(self, labeled: list[str], name: str, labels: dict | None = None) -> dict:
         """Accuracy of the labels `label --few-shot` writes from ``labeled`` (with ``labels``
-        instead of the true ones where given); zero-shot's with no labels."""
+        instead of the true ones where given) into ``few-shot-NAME.parquet``; zero-shot's
+        with no labels."""
         from zmdevice.errors import UserError
 
         if not labeled:
             return {"accuracy": labels_accuracy(self.zero_shot, self.gold), "source": "zero-shot"}
-        self.runs += 1
-        table = self.write_labeled(
-            self.work / f"labeled-{self.runs}.csv", labeled, labels or self.gold
-        )
-        out = self.work / f"few-shot-{self.runs}.parquet"
+        table = self.write_labeled(self.work / f"labeled-{name}.csv", labeled, labels or self.gold)
+        out = self.work / f"few-shot-{name}.parquet"
         try:
             summary = self.label(out, few_shot=table)
         except UserError as error:  # e.g. one class only: the user keeps zero-shot labels
@@ -145,12 +144,16 @@ class Domain:
     def retrain(self, labeled: list[str], pseudo_labels: Path, seed: int, name: str) -> dict:
         """``zmdevice train`` at its defaults on ``labeled`` (true labels) and the pool with
         ``pseudo_labels``, then ``zmdevice evaluate`` on the test split: what the person gets
-        after the round. Kept in ``name``.json so that a rerun skips it."""
+        after the round. Kept in ``name``.json with the labeled ids' digest, so that a rerun
+        on the same labels skips it."""
         from paper import zmdevice
 
         kept = self.work / f"{name}.json"
+        digest = ids_digest(labeled)
         if kept.is_file():
-            return json.loads(kept.read_text())
+            stored = json.loads(kept.read_text())
+            if stored.get("labeled_ids_sha256") == digest:
+                return stored
         table = self.write_labeled(self.work / f"{name}.csv", labeled, self.gold)
         out = self.work / name
         started = time.perf_counter()
@@ -161,9 +164,20 @@ class Domain:
         )  # fmt: skip
         seconds = time.perf_counter() - started
         evaluation = zmdevice("evaluate", str(out), "--data", str(self.test), "--device", "cpu")
-        result = {"test_accuracy": evaluation["accuracy"], "train_seconds": round(seconds, 1)}
+        result = {
+            "test_accuracy": evaluation["accuracy"],
+            "train_seconds": round(seconds, 1),
+            "labeled_ids_sha256": digest,
+        }
         kept.write_text(json.dumps(result) + "\n")
         return result
+
+
+def ids_digest(ids: list[str]) -> str:
+    """The SHA-256 of a set of sample ids (order-free)."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(ids)).encode("utf-8")).hexdigest()
 
 
 def chance_rounds(domain: Domain, rounds: int, seed: int) -> list[list[str]]:
@@ -234,16 +248,29 @@ def check_round(domain: Domain, labeled: list[str], every: int, seed: int) -> di
         result[method] = {"found": len(top & flipped)}
         if method == "confident":
             fixed = {i: domain.gold[i] if i in top else labels[i] for i in labeled}
-            result["fixed_accuracy"] = domain.accuracy_from(labeled, fixed)
-    result["flipped_accuracy"] = domain.accuracy_from(labeled, labels)
+            result["fixed_accuracy"] = domain.accuracy_from(labeled, f"fixed-s{seed}", fixed)
+    result["flipped_accuracy"] = domain.accuracy_from(labeled, f"flipped-s{seed}", labels)
     return result
 
 
+POLICIES = ("chance", "random", "suggest", "check")
+"""What a domain's seed scores; ``--policies`` re-scores some, keeping the others' rows."""
+
+
 def run_domain(
-    name: str, data: Path, work: Path, seeds: list[int], rounds: int, every: int
+    name: str,
+    data: Path,
+    work: Path,
+    seeds: list[int],
+    rounds: int,
+    every: int,
+    policies=POLICIES,
+    stored: dict | None = None,
 ) -> tuple[dict, dict]:
     """The domain's result without the retrained students, and per seed the labeled ids and
-    label files of each round (what ``retrain_rounds`` trains from)."""
+    label files of each round (what ``retrain_rounds`` trains from). Policies not in
+    ``policies`` keep their rows of ``stored`` (the stored seeds); their ids are drawn
+    again (cheap: no label run)."""  # fmt: skip
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     domain = Domain(data / name, work)
@@ -252,23 +279,40 @@ def run_domain(
     )
     seeds_out, gathered = {}, {}
     for seed in seeds:
-        chance = chance_rounds(domain, rounds, seed)
-        suggested = suggest_rounds(domain, rounds, seed)
-        drawn = random_rounds(domain, rounds, seed)
-        row = {
-            "labels": [len(ids) for ids in chance],
-            "chance": [domain.accuracy_from(ids) for ids in chance],
-            "random": [domain.accuracy_from(ids) for ids in drawn],
-            "suggest": [domain.accuracy_from(ids) for ids in suggested],
-            "random_classes_covered": [len({domain.gold[i] for i in ids}) for ids in drawn],
-            "suggest_classes_covered": [len({domain.gold[i] for i in ids}) for ids in suggested],
+        kept = (stored or {}).get(str(seed), {})
+        missing = [p for p in POLICIES if p not in policies and p not in kept]
+        if missing:
+            raise SystemExit(
+                f"{name} seed {seed} has no stored {', '.join(missing)} rows: run them"
+            )
+        drawn_ids = {
+            "chance": chance_rounds(domain, rounds, seed),
+            "random": random_rounds(domain, rounds, seed),
+            "suggest": suggest_rounds(domain, rounds, seed),
         }
+        row = {"labels": [len(ids) for ids in drawn_ids["chance"]]}
+        for policy, rounds_ids in drawn_ids.items():
+            if policy in policies:
+                row[policy] = [
+                    domain.accuracy_from(ids, f"{policy}-s{seed}-r{r}")
+                    for r, ids in enumerate(rounds_ids)
+                ]
+            else:
+                row[policy] = kept[policy]
+        for policy in ("random", "suggest"):
+            row[f"{policy}_classes_covered"] = [
+                len({domain.gold[i] for i in ids}) for ids in drawn_ids[policy]
+            ]
+        chance, suggested = drawn_ids["chance"], drawn_ids["suggest"]
         gathered[seed] = {
             policy: [(ids, row[policy][r].get("file")) for r, ids in enumerate(rounds_ids)]
             for policy, rounds_ids in (("chance", chance), ("suggest", suggested))
         }
-        row["check"] = check_round(domain, chance[-1], every, seed)
-        row["check"]["clean_accuracy"] = row["chance"][-1]
+        if "check" in policies:
+            row["check"] = check_round(domain, chance[-1], every, seed)
+            row["check"]["clean_accuracy"] = row["chance"][-1]
+        else:
+            row["check"] = kept["check"]
         seeds_out[str(seed)] = row
         print(f"[loop] {name} seed {seed}: " + json.dumps(summarise_seed(row)), flush=True)
     result = {
@@ -596,6 +640,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", type=Path, default=OUT_PNG)
     parser.add_argument("--page", type=Path, default=OUT_PAGE)
     parser.add_argument("--plot", action="store_true", help="redraw the PNG from the JSON only")
+    parser.add_argument(
+        "--policies", nargs="*", default=list(POLICIES), choices=POLICIES,
+        help="what to score again (the others keep their stored rows), e.g. suggest",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     report = json.loads(args.json.read_text()) if args.json.is_file() else {"domains": {}}
     if not args.plot:
@@ -617,8 +665,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.domains:
             previous = report["domains"].get(name, {})
             result, state = run_domain(
-                name, args.data, args.work / name, args.seeds, args.rounds, args.flip_every
-            )
+                name, args.data, args.work / name, args.seeds, args.rounds, args.flip_every,
+                args.policies, previous.get("seeds"),
+            )  # fmt: skip
             for seed, row in previous.get("seeds", {}).items():
                 if seed not in result["seeds"]:  # a run of other seeds adds to these
                     result["seeds"][seed] = row

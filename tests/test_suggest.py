@@ -15,6 +15,7 @@ from zmdevice.curation.suggest import (
     cold_start,
     committee_scores,
     exclude_ids,
+    far_typical,
     filled_suggestions,
     run_suggest,
     uncertain_diverse,
@@ -203,6 +204,57 @@ def test_later_round_prefers_disputed_samples_and_stays_diverse():
     # Without the diversity pass the disputed spot would take every slot.
     plain = uncertain_diverse(x, {"FM": fm, "student": student}, 4, candidates=1)
     assert all(int(i) < 10 for i in plain.index)
+
+
+def test_a_class_nobody_labeled_is_sought_first_with_the_fm_where_it_beats_chance(loop):
+    # Eight labels of sports and politics, none of science; the FM is right on ~80%, and
+    # on enough of the eight to beat chance (binomial test).
+    gold, rows = loop["gold"], loop["rows"]
+    known = [i for i in range(len(rows)) if gold[i] != 2][:8]
+    assert (loop["fm"][known].argmax(axis=1) == gold[known]).sum() >= 6
+    labeled = write_labeled(loop["root"] / "labeled.csv", [rows[i] for i in known])
+    summary = run_suggest(config(loop, labeled=labeled, n=4))
+    first = summary["rows"][0]
+    assert first["reason"].startswith("no labeled example of science")
+    science = [i for i in range(len(rows)) if loop["fm"][i].argmax() == 2 and i not in known]
+    best = max(science, key=lambda i: loop["fm"][i, 2])  # the FM's most confident science
+    assert first["id"] == loop["ids"][best]
+    assert summary["discovery"] == 1 and summary["mode"] == "uncertainty"
+    assert any("look for the 1 classes without a labeled example" in line
+               for line in summary["lines"])  # fmt: skip
+    # Every class labeled: nothing is sought.
+    every = [i for c in range(3) for i in np.flatnonzero(gold == c)[:2]]
+    full = write_labeled(loop["root"] / "full.csv", [rows[i] for i in every])
+    assert run_suggest(config(loop, labeled=full, n=4))["discovery"] == 0
+
+
+def test_an_fm_no_better_than_chance_leaves_the_search_to_the_regions_labels_miss(loop, tmp_path):
+    # The same data with an FM right on a third of it (3 classes: chance): the picks of a
+    # round with labels of two classes are typical points far from them, and reach the
+    # third class's cluster at once.
+    weak = loop_data(tmp_path, correct=1 / 3, seed=2)
+    gold, rows = weak["gold"], weak["rows"]
+    known = [i for c in (0, 1) for i in np.flatnonzero(gold == c)[:1]]
+    labeled = write_labeled(tmp_path / "labeled.csv", [rows[i] for i in known])
+    summary = run_suggest(config(weak, labeled=labeled, n=3))
+    assert summary["mode"] == "cold start, far from the labels"
+    assert all(r["reason"].startswith("far from every labeled example") for r in summary["rows"])
+    position = {sample_id: i for i, sample_id in enumerate(weak["ids"])}
+    assert gold[position[summary["rows"][0]["id"]]] == 2
+
+
+def test_far_typical_goes_farthest_first_and_spreads_its_picks():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([c + 0.01 * rng.standard_normal((10, 4)) for c in np.eye(4)])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    labeled_x = x[[0, 10]]  # regions 0 and 1 known
+    allowed = np.ones(len(x), bool)
+    allowed[[0, 10]] = False
+    ranked = far_typical(x, 2, allowed=allowed, labeled_x=labeled_x, seed=0)
+    assert sorted(int(i) // 10 for i in ranked.index) == [2, 3]  # one pick per new region
+    assert ranked.score[0] >= ranked.score[1] > 0.5
+    again = far_typical(x, 2, allowed=allowed, labeled_x=labeled_x, seed=0)
+    np.testing.assert_array_equal(ranked.index, again.index)
 
 
 def test_label_studio_tasks_follow_the_documented_format(loop):

@@ -164,7 +164,9 @@ def suggest(config: ConfigOption = None, as_json: JsonOption = False, **flags) -
 
     Without a student and with few labels, samples that cover the FM's feature space,
     balanced over its classes; later, where the FM, the few-shot adapter and the student
-    are unsure or disagree, kept diverse. The filled-in CSV is a --labeled table.
+    are unsure or disagree, kept diverse. Classes no labeled example has yet are sought
+    first (the FM's most confident sample of each where its labels of the labeled examples
+    beat chance, else regions far from every label). The filled-in CSV is a --labeled table.
     """
     run_stage(SuggestConfig, config, flags, as_json)
 
