@@ -120,12 +120,10 @@ def cold_start(
     allowed = np.ones(len(x), bool) if allowed is None else allowed
     labeled_counts = np.zeros(num_classes) if labeled_counts is None else labeled_counts
     labeled_x = np.zeros((0, x.shape[1]), x.dtype) if labeled_x is None else labeled_x
-    rows = np.flatnonzero(allowed)
+    rows, clusters = _clusters(x, allowed, n, len(labeled_x), seed)
     n = min(n, len(rows))
     if n == 0:
         return Ranked(np.zeros(0, np.int64), np.zeros(0), [], "cold start")
-    rng = np.random.default_rng(seed)
-    clusters = _typical_points(x[rows], min(len(rows), len(labeled_x) + OVERCLUSTER * n), rng)
     covered = set()
     if len(labeled_x):
         centres = np.stack([c for _, _, c in clusters])
@@ -158,6 +156,16 @@ def cold_start(
                     f"FM class {classes[c]}"
                 )
     return Ranked(np.asarray(index, np.int64), np.asarray(score), reason, "cold start")
+
+
+def _clusters(x, allowed, n: int, labeled: int, seed: int) -> tuple[np.ndarray, list]:
+    """(the allowed rows, their ``_typical_points`` clusters: ``labeled + OVERCLUSTER * n``
+    of them, k-means++ started from ``seed``); no clusters when no row or pick is left."""
+    rows = np.flatnonzero(allowed)
+    if min(n, len(rows)) == 0:
+        return rows, []
+    rng = np.random.default_rng(seed)
+    return rows, _typical_points(x[rows], min(len(rows), labeled + OVERCLUSTER * n), rng)
 
 
 def _typical_points(x: np.ndarray, k: int, rng, iterations: int = 10) -> list[tuple]:
@@ -244,12 +252,10 @@ def far_typical(
     OVERCLUSTER * n`` clusters); the score is the cosine distance to the nearest labeled
     example or earlier pick.
     """
-    rows = np.flatnonzero(allowed)
+    rows, clusters = _clusters(x, allowed, n, len(labeled_x), seed)
     n = min(n, len(rows))
     if n == 0:
         return Ranked(np.zeros(0, np.int64), np.zeros(0), [], "discovery")
-    rng = np.random.default_rng(seed)
-    clusters = _typical_points(x[rows], min(len(rows), len(labeled_x) + OVERCLUSTER * n), rng)
     typical = np.array([rows[local] for local, _, _ in clusters], np.int64)
     sizes = [len(members) for _, members, _ in clusters]
     tx = x[typical].astype(np.float32)
