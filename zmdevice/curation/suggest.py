@@ -263,8 +263,10 @@ def far_typical(
     if len(labeled_x):
         nearest = (1.0 - tx @ labeled_x.astype(np.float32).T).min(axis=1)
     chosen, score = [], []
+    taken = np.zeros(len(typical), bool)
     for _ in range(n):
-        best = int(np.argmax(np.where(np.isin(np.arange(len(typical)), chosen), -np.inf, nearest)))
+        best = int(np.argmax(np.where(taken, -np.inf, nearest)))
+        taken[best] = True
         chosen.append(best)
         score.append(float(nearest[best]))
         nearest = np.minimum(nearest, 1.0 - tx @ tx[best])
