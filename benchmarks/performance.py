@@ -616,6 +616,15 @@ def peer_tag(peers: dict, part: dict) -> str:
     return f"[{peers['cpu']['model']}, {threads} thread{plural} on {pinned}{own}{other}]"
 
 
+def candidate_cell(name: str, result: dict) -> str:
+    """One teacher candidate of a calibration record, as the page shows it."""
+    if "speedup" in result:
+        return f"{name} {result['speedup']:.2f}x ({100 * result['agreement']:.1f}%)"
+    if "skipped" in result:
+        return f"{name} not measured (its export: over the allowance)"
+    return f"{name} failed"
+
+
 def peer_rows(peers: dict) -> list[Row]:
     """The rows of ``bench_peers.py``'s report (``PEERS_JSON``)."""
     parts, rows = peers.get("parts", {}), []
@@ -654,12 +663,16 @@ def peer_rows(peers: dict) -> list[Row]:
                 f"{r['measuring_wall_s']:.1f}; {r['cached_wall_s']:.1f}; "
                 f"{r['baseline_wall_s']:.1f}"),
             Row(subject, "candidates measured: speed vs torch fp32 (labels equal)", None,
-                "; ".join(f"{name} {c['speedup']:.2f}x ({100 * c['agreement']:.1f}%)"
-                          if "speedup" in c else f"{name} failed"
+                "; ".join(candidate_cell(name, c)
                           for name, c in record.get("candidates", {}).items()) or "none"),
             Row(subject, "measuring's cost: extra wall time over the flags' run (%)",
                 100 * r["measuring_cost_share"], f"{100 * r['measuring_cost_share']:+.1f}",
                 ("<=", 100 * r["target_share"]), "%"),
+            *([Row(subject, "measuring's own seconds as each first run reports them "
+                   f"({', '.join(f'{x:.2f}' for x in r['measuring_seconds_each_round'])} s), "
+                   "least, % of the flags' run", 100 * r["measuring_seconds_share"],
+                   f"{100 * r['measuring_seconds_share']:.1f}")]
+              if "measuring_seconds_share" in r else []),
             Row(subject, "cached rerun's cost over the flags' run (%; the decision read, "
                 f"not measured: {'yes' if r['cached_record'] else 'no'})",
                 100 * r["cached_cost_share"], f"{100 * r['cached_cost_share']:+.1f}",

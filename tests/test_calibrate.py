@@ -57,10 +57,11 @@ FAST_ONNX = {"torch-fp32": 1e-3, "torch-bf16": 5e-4, "onnx-fp32": 2.5e-4, "onnx-
 @pytest.fixture()
 def embed(tmp_path, monkeypatch):
     """A tiny text-embed teacher, a private cache folder, a CPU with bf16 instructions and
-    calibration allowed on small runs."""
+    calibration allowed on small runs, at any cost."""
     monkeypatch.setenv("ZMDEVICE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: ("amx_bf16",))
     monkeypatch.setattr(calibrate, "MIN_LABEL_BATCHES", 1)
+    monkeypatch.setattr(calibrate, "BUDGET_SHARE", 1e6)
     return tiny_teachers.make_text_embed(tmp_path / "embed")
 
 
@@ -108,7 +109,9 @@ def test_auto_keeps_the_fastest_candidate_that_labels_like_fp32(embed, tmp_path,
     assert results["onnx-fp32"]["max_abs_prob_diff"] < 1e-3  # the same network in fp32
     assert results["torch-bf16"]["max_abs_prob_diff"] > 0  # bf16 did run
     assert results["torch-fp32"]["seconds_per_sample"] == 1e-3
-    assert "teacher numerics measured: onnx-fp32 chosen, 4.00x torch-fp32" in summary["lines"][3]
+    assert record["seconds"] > 0  # the real time measuring took, exports included
+    assert " measured in " in summary["lines"][3]
+    assert "onnx-fp32 chosen, 4.00x torch-fp32" in summary["lines"][3]
     assert "onnx-int8 10.00x (0.00% equal, rejected)" in summary["lines"][3]
     teacher = read_pseudolabel_metadata(tmp_path / "out.parquet")["teacher"]
     assert teacher["calibration"] == record and teacher["runtime"] == "onnx"
@@ -121,6 +124,7 @@ def test_auto_keeps_the_fastest_candidate_that_labels_like_fp32(embed, tmp_path,
     # The next run on the same model and machine reads the decision and measures nothing.
     again = label(tmp_path, embed, monkeypatch, no_timer, name="again")
     assert "calibrating" not in capsys.readouterr().err
+    del record["seconds"]  # this run spent none
     assert again["calibration"] == {**record, "cached": True}
     assert again["runtime"] == "onnx" and "measured (cached): onnx-fp32" in again["lines"][3]
 
@@ -186,6 +190,68 @@ def test_an_explicit_flag_is_not_measured(embed, tmp_path, monkeypatch, flags, m
     else:
         assert sorted(summary["calibration"]["candidates"]) == sorted(measured)
         assert sorted(set(timer.calls)) == sorted(measured)
+
+
+def test_an_export_a_run_cannot_pay_for_waits_for_a_run_long_enough(embed, tmp_path,
+                                                                     monkeypatch):  # fmt: skip
+    from zmdevice.classes import load_classes
+    from zmdevice.teachers import build_teacher
+
+    teacher = build_teacher(f"text-embed:{embed}", load_classes(TOPIC_NAMES))
+    millions = sum(p.numel() for p in teacher.network.module.parameters()) / 1e6
+    monkeypatch.setattr(calibrate, "BUDGET_SHARE", 0.05)
+    # Exporting: 0.5 ms, quantising 0.5 ms more. At the fake speeds, 24 texts allow 0.6 ms
+    # of measuring (5% of 12 ms at bf16's speed), spent by the torch candidates' batches;
+    # 2,400 texts allow 60 ms, then 30 ms once onnx-fp32 is measured faster.
+    monkeypatch.setattr(calibrate, "EXPORT_SECONDS_PER_MILLION",
+                        {"onnx": 5e-4 / millions, "onnx-int8": 5e-4 / millions})  # fmt: skip
+    timer = FakeTimer(FAST_ONNX, disagree={"onnx-int8"})
+    short = label(tmp_path, embed, monkeypatch, timer)
+    record = short["calibration"]
+    assert record["chosen"] == "torch-bf16"
+    for name in ("onnx-fp32", "onnx-int8"):
+        assert "would take measuring past 5% of this run" in record["candidates"][name]["skipped"]
+    # The allowance is small: one timed batch each (and one warm-up).
+    assert timer.calls == ["torch-fp32", "torch-bf16"]
+    assert "onnx-fp32 not measured (its export would cost over 5% of the run)" in short["lines"][3]
+    assert not list((tmp_path / "cache" / "teachers").glob("*.onnx"))  # nothing exported
+
+    # A run as short reads the decision; a run ten times longer pays for the exports.
+    same = label(tmp_path, embed, monkeypatch, no_timer, name="same")
+    measured = {k: v for k, v in record.items() if k != "seconds"}
+    assert same["calibration"] == {**measured, "cached": True}
+    write_texts(tmp_path / "long.csv", 2400)
+    timer = FakeTimer(FAST_ONNX, disagree={"onnx-int8"})
+    long = label(tmp_path, embed, monkeypatch, timer, name="long", data=tmp_path / "long.csv")
+    assert long["calibration"]["chosen"] == "onnx-fp32" and not long["calibration"]["cached"]
+    assert set(timer.calls) == set(ALL)
+    (stored,) = cache_files(tmp_path)
+    assert json.loads(stored.read_text())["chosen"] == "onnx-fp32"
+
+
+def test_calibration_batches_are_the_runs_typical_ones(embed, tmp_path):
+    from zmdevice.classes import load_classes
+    from zmdevice.data import open_dataset
+    from zmdevice.labeling.batches import labeling_order
+    from zmdevice.teachers import build_teacher
+
+    data = tmp_path / "lengths.csv"
+    lengths = [(i * 37) % 50 + 1 for i in range(200)]
+    with open(data, "w", newline="") as handle:
+        handle.write("id,text\n" + "".join(f"t{i},{' '.join(['word'] * n)}\n"
+                                           for i, n in enumerate(lengths)))  # fmt: skip
+    dataset = open_dataset(data, modality="text")
+    teacher = build_teacher(f"text-embed:{embed}", load_classes(TOPIC_NAMES))
+    indices = list(range(len(lengths)))
+    batches = calibrate.calibration_batches(dataset, teacher, indices, 8)
+    assert len(batches) == calibrate.CALIBRATION_BATCHES
+    order = labeling_order(dataset, indices, teacher)
+    padded = [batch["input_ids"].shape[1] for batch in batches]
+    shortest = teacher.collate([teacher.prepare(dataset.texts[i]) for i in order[:8]])
+    longest = teacher.collate([teacher.prepare(dataset.texts[i]) for i in order[-8:]])
+    # Sorted by length as the run labels them, spread over it: neither end of the order.
+    assert shortest["input_ids"].shape[1] < padded[0] < padded[1] < padded[2]
+    assert padded[2] < longest["input_ids"].shape[1]
 
 
 def test_one_label_off_in_a_few_batches_is_no_evidence_against_a_fast_candidate(

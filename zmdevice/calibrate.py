@@ -4,12 +4,15 @@ fastest one that computes like fp32, and cache the decision.
 Labeling (``calibrated_teacher``): the (runtime, precision) pairs the hardware supports
 (``teacher_candidates``: torch fp32; torch bf16 on a CPU with bf16 instructions or a GPU
 with bf16; torch fp16 on CUDA; onnx fp32 and, for sentence encoders, onnx int8 on a CPU)
-each label the first ``CALIBRATION_BATCHES`` batches of the data, after one untimed warm-up
-batch, within ``TIME_CAP_S`` seconds in all. A candidate passes unless its argmax labels
-differ from torch fp32's on significantly more than ``1 - MIN_AGREEMENT`` of those samples
-(``below_bar_p``); the fastest that passes is kept. A candidate stops early once it cannot
-win (``SLOWER_STOP``: too slow, or already below the bar). ``--precision`` or ``--runtime`` given
-explicitly fix their axis: only the other one is measured (nothing, when both are given).
+each label up to ``CALIBRATION_BATCHES`` typical batches of the run
+(``calibration_batches``), after one untimed warm-up batch, within ``BUDGET_SHARE`` of the
+run's projected time and ``TIME_CAP_S`` seconds: an ONNX candidate whose export would not
+fit is left out, and measured by a later run long enough to pay for it. A candidate passes
+unless its argmax labels differ from torch fp32's on significantly more than
+``1 - MIN_AGREEMENT`` of those samples (``below_bar_p``); the fastest that passes is kept.
+A candidate stops early once it cannot win (``SLOWER_STOP``: too slow, or already below
+the bar). ``--precision`` or ``--runtime`` given explicitly fix their axis: only the other
+one is measured (nothing, when both are given).
 
 Training (``zmdevice.training.calibration``) measures a few training steps the same way and
 shares this module's cache and clock (``measure_call``).
@@ -65,6 +68,21 @@ SLOWER_STOP = 1.25
 fastest one that passed before it (it cannot be chosen), or once its disagreements are
 already below the bar: its remaining batches would only cost the run time. One batch's
 timing varies by a few percent, far less than this margin."""
+BUDGET_SHARE = 0.05
+"""Measuring may cost at most this share of the run it serves, projected as the run's
+samples x the fastest passing candidate's seconds per sample. Each candidate's timed
+batches stop after ``1 / (2 x candidates)`` of that allowance (the other half: one warm-up
+batch each, about as long); an ONNX candidate whose export is not cached yet is measured
+only while the allowance left covers its export (``EXPORT_SECONDS_PER_MILLION``), else it
+is recorded as not measured, and a later run long enough to pay for it measures again. On
+an EPYC with avx512_bf16, 10,000 texts to MiniLM: a run of about 31 s, whose 1.5 s cannot
+pay for the 5.3 s of exporting and quantising."""
+EXPORT_SECONDS_PER_MILLION = {"onnx": 0.17, "onnx-int8": 0.22}
+"""Estimated seconds to export (``onnx``) and to quantise (``onnx-int8``) a teacher, per
+million parameters: 1.5x what one core of an EPYC (Zen 4) took, MiniLM (22.7M parameters)
+2.02 s and 3.31 s, EfficientNet-Lite0 (4.7M) 0.53 s. Per forward pass the two differ
+16-fold (a batch of 64 costs MiniLM 0.31 s, EfficientNet-Lite0 1.41 s); per parameter
+they agree within 25%."""
 MIN_LABEL_BATCHES = 100
 """Batches a run must label to measure: calibration runs up to 5 candidates x 4 batches, and
 a shorter run would spend more on measuring than it can gain."""
@@ -196,9 +214,16 @@ def read_decision(path: Path, identity: dict, names: list[str], fields: tuple) -
         candidates = data.get("candidates")
         if not isinstance(candidates, dict) or data.get("chosen") not in names:
             raise ValueError("no valid choice in it")
-        if data["chosen"] not in candidates or not all(
+        chosen = candidates.get(data["chosen"])
+        if not isinstance(chosen, dict) or not all(_is_number(chosen.get(f)) for f in fields):
+            raise ValueError("no measurement of its choice")
+        if not all(
             isinstance(result, dict)
-            and ("error" in result or all(_is_number(result.get(f)) for f in fields))
+            and (
+                "error" in result
+                or "skipped" in result
+                or all(_is_number(result.get(f)) for f in fields)
+            )
             for result in candidates.values()
         ):
             raise ValueError("malformed candidates")
@@ -288,14 +313,19 @@ def calibrated_teacher(
     )
     path = cache_path(identity)
     names = [c.name for c in candidates]
-    decision = read_decision(path, identity, names, ("speedup", "agreement"))
+    decision = read_decision(path, identity, names, ("speedup", "agreement", "seconds_per_sample"))
     cached = decision is not None
     too_small = len(indices) < MIN_LABEL_BATCHES * config.batch_size
     if not cached and (config.shard is not None or too_small):
         return build(**flags)
     reference = build(precision="fp32", runtime="torch")
+    if cached and affordable_now(reference, candidates, decision, len(indices)):
+        print("note: this run is long enough to measure the teacher candidates an earlier, "
+              "shorter run left out; calibrating again", file=sys.stderr)  # fmt: skip
+        decision, cached = None, False
     if not cached:
-        batches = first_batches(dataset, reference, indices, config.batch_size)
+        started = time.perf_counter()
+        batches = calibration_batches(dataset, reference, indices, config.batch_size)
         if not batches:
             return build(**flags)
         print(
@@ -303,7 +333,9 @@ def calibrated_teacher(
             f"{', '.join(names)} (once for this model and machine; cached in {path.parent})",
             file=sys.stderr,
         )
-        decision = measure_teacher(reference, candidates, batches, timer or measure_call)
+        measure = timer or measure_call
+        decision = measure_teacher(reference, candidates, batches, measure, len(indices))
+        decision["seconds"] = round(time.perf_counter() - started, 3)  # exports included
         write_decision(path, identity, decision)
     chosen = next(c for c in candidates if c.name == decision["chosen"])
     record = {**decision, "cached": cached, "min_agreement": MIN_AGREEMENT}
@@ -344,16 +376,30 @@ def _resumed_teacher(build, flags: dict, kind: str, parts_dir: Path, done: set, 
     )
 
 
-def first_batches(dataset, teacher, indices, batch_size: int) -> list:
-    """Up to ``CALIBRATION_BATCHES`` collated batches of the first readable samples of
-    ``indices`` (unreadable images skipped, as the run skips them); [] when not one full
+def calibration_batches(dataset, teacher, indices, batch_size: int) -> list:
+    """Up to ``CALIBRATION_BATCHES`` collated batches of the run's own samples, as the run
+    batches them: texts from the first chunk in its labeling order (shortest first, so a
+    batch pads to similar lengths), the batches spread over it so their lengths are the
+    run's typical ones, not its shortest or the data order's padded ones; images, the first
+    readable ones (unreadable images skipped, as the run skips them). [] when not one full
     batch is readable."""
     from zmdevice.images import CorruptImage
+    from zmdevice.labeling.batches import labeling_order
+    from zmdevice.labeling.run import CHUNK_BATCHES
 
+    if dataset.modality == "text":
+        order = labeling_order(dataset, indices[: batch_size * CHUNK_BATCHES], teacher)
+        count = min(CALIBRATION_BATCHES, len(order) // batch_size)
+        gap = len(order) // max(count, 1)  # count evenly spaced batches, each mid-interval
+        starts = [k * gap + (gap - batch_size) // 2 for k in range(count)]
+        return [
+            teacher.collate([teacher.prepare(dataset.texts[i]) for i in order[s : s + batch_size]])
+            for s in starts
+        ]
     batches, items = [], []
     for index in indices:
         try:
-            raw = dataset.load_image(index) if dataset.modality == "image" else dataset.texts[index]
+            raw = dataset.load_image(index)
         except CorruptImage:
             continue
         items.append(teacher.prepare(raw))
@@ -365,28 +411,46 @@ def first_batches(dataset, teacher, indices, batch_size: int) -> list:
     return batches
 
 
-def measure_teacher(reference, candidates: list[Candidate], batches: list, timer: Timer) -> dict:
-    """Time each candidate on ``batches`` and compare its labels with torch fp32's.
+def measure_teacher(
+    reference, candidates: list[Candidate], batches: list, timer: Timer, samples: int
+) -> dict:
+    """Time each candidate on ``batches`` and compare its labels with torch fp32's, within
+    ``BUDGET_SHARE`` of the run's projected time.
 
     Args:
         reference: the teacher at torch fp32 (``candidates[0]``).
         candidates: what to measure, ``REFERENCE`` first.
         batches: collated batches of the run's data.
         timer: see :data:`Timer`.
+        samples: how many samples the run labels (what the allowance is a share of).
 
     Returns:
         {"chosen": the fastest name that passes, "candidates": {name: {"seconds_per_sample",
         "speedup" (vs torch fp32), "agreement" (share of equal labels), "max_abs_prob_diff",
-        "samples", "passed", and "stopped" (why, when it stopped early)} or {"error": why it
-        could not run}}}.
+        "samples", "passed", and "stopped" (why, when it stopped early)}, {"error": why it
+        could not run} or {"skipped": why it was not measured}}}.
     """
     assert candidates[0] == REFERENCE
-    share = TIME_CAP_S / len(candidates)
     results: dict[str, dict] = {}
     expected = None
     fastest = math.inf  # seconds per sample of the fastest candidate that passed so far
+    # Seconds measuring so far, as planned: the estimated exports, the timed batches and a
+    # warm-up as long as the first of them (a plan the fake timers of the tests can follow).
+    spent = 0.0
+
+    def allowance(seconds_per_sample: float) -> float:
+        return BUDGET_SHARE * samples * min(fastest, seconds_per_sample)
+
     for candidate in candidates:
         teacher = reference
+        export = export_seconds(reference, candidate)
+        if export and spent + export > allowance(math.inf):
+            results[candidate.name] = {"skipped": (
+                f"its export (about {export:.1f} s) would take measuring past "
+                f"{100 * BUDGET_SHARE:g}% of this run ({allowance(math.inf):.1f} s)"
+            )}  # fmt: skip
+            continue
+        spent += export
         if candidate != REFERENCE:
             precision = numerics.Precision(candidate.precision, reference.device.type, "")
             try:
@@ -402,12 +466,14 @@ def measure_teacher(reference, candidates: list[Candidate], batches: list, timer
             )
             seconds += elapsed
             outputs.append(np.asarray(probs, dtype=np.float32))
-            if seconds >= share:
+            share = min(TIME_CAP_S, allowance(seconds / sum(map(len, outputs))))
+            if seconds >= share / (2 * len(candidates)):
                 break
             if expected is not None:
                 stopped = hopeless(outputs, expected, seconds, fastest)
                 if stopped:
                     break
+        spent += seconds + seconds / len(outputs)
         if expected is None:
             expected = outputs  # torch fp32's, on as many batches as its share allowed
         probs, want = np.concatenate(outputs), np.concatenate(expected[: len(outputs)])
@@ -426,11 +492,37 @@ def measure_teacher(reference, candidates: list[Candidate], batches: list, timer
             fastest = min(fastest, seconds / len(probs))
     base = results[REFERENCE.name]["seconds_per_sample"]
     for result in results.values():
-        if "error" not in result:
+        if "seconds_per_sample" in result:
             result["speedup"] = base / max(result["seconds_per_sample"], 1e-12)
     passed = [n for n, r in results.items() if r.get("passed")]
     chosen = min(passed, key=lambda n: results[n]["seconds_per_sample"])
     return {"chosen": chosen, "candidates": results}
+
+
+def export_seconds(reference, candidate: Candidate) -> float:
+    """The estimated seconds of the exports ``candidate`` needs and the cache lacks (0 for
+    a torch candidate or a cached export): ``EXPORT_SECONDS_PER_MILLION`` per parameter."""
+    network = reference.network
+    if candidate.runtime == "torch" or network is None:
+        return 0.0
+    millions = sum(p.numel() for p in network.module.parameters()) / 1e6
+    missing = network.missing_exports(candidate.runtime)
+    return millions * sum(EXPORT_SECONDS_PER_MILLION[r] for r in missing)
+
+
+def affordable_now(reference, candidates: list[Candidate], decision: dict, samples: int) -> bool:
+    """Whether a run of ``samples`` can pay for a candidate that the cached ``decision``
+    skipped: its export, after measuring again what the decision measured (each timed
+    batch counted twice, for its warm-up), within ``BUDGET_SHARE`` of the run's time at the
+    chosen candidate's speed (as ``measure_teacher`` decides)."""
+    results = decision["candidates"]
+    allowance = BUDGET_SHARE * samples * results[decision["chosen"]]["seconds_per_sample"]
+    measured = [r for r in results.values() if "seconds_per_sample" in r]
+    again = sum(2 * r["seconds_per_sample"] * r.get("samples", 0) for r in measured)
+    return any(
+        "skipped" in results.get(c.name, {}) and again + export_seconds(reference, c) <= allowance
+        for c in candidates
+    )
 
 
 def hopeless(outputs: list, expected: list, seconds: float, fastest: float) -> str | None:
@@ -475,11 +567,17 @@ def calibration_line(record: dict | None) -> str | None:
         if "error" in result:
             others.append(f"{name} failed")
             continue
+        if "skipped" in result:
+            others.append(f"{name} not measured (its export would cost over "
+                          f"{100 * BUDGET_SHARE:g}% of the run)")  # fmt: skip
+            continue
         note = "" if result.get("passed") else ", rejected"
         agreement = 100 * result["agreement"]
         others.append(f"{name} {result['speedup']:.2f}x ({agreement:.2f}% equal{note})")
     chosen = record["candidates"][record["chosen"]]
     cached = " (cached)" if record["cached"] else ""
+    if "seconds" in record:  # what this run spent measuring, exports included
+        cached = f" in {record['seconds']:.1f} s"
     return (
         f"  teacher numerics measured{cached}: {record['chosen']} chosen, "
         f"{chosen['speedup']:.2f}x torch-fp32; " + (", ".join(others) or "no other candidate")

@@ -107,6 +107,12 @@ class OnnxModule:
         return torch.from_numpy(self.session.run(None, feed)[0])
 
 
+def export_path(key: str, int8: bool = False) -> Path:
+    """Where the export of the teacher ``key`` (``cache_key``) is cached; ``int8``: its
+    quantised copy, beside it."""
+    return cache_root() / "teachers" / (f"{key}.int8.onnx" if int8 else f"{key}.onnx")
+
+
 def onnx_module(
     module, example: tuple, input_names: list[str], dynamic: dict, key: str, int8: bool = False
 ):
@@ -126,7 +132,7 @@ def onnx_module(
     """
     import torch
 
-    path = cache_root() / "teachers" / f"{key}.onnx"
+    path = export_path(key)
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
@@ -166,19 +172,18 @@ def onnx_module(
                     f"{error:.1e} > {PARITY_TOLERANCE:g}); use --runtime torch"
                 )
     if int8:
-        return int8_module(path, example, input_names)
+        return int8_module(path, export_path(key, int8=True), example, input_names)
     return OnnxModule(path, input_names)
 
 
-def int8_module(fp32_path: Path, example: tuple, input_names: list[str]) -> OnnxModule:
-    """The cached fp32 export dynamically quantised (int8 weights of every MatMul/Gemm, per
-    output channel; activations quantised on the fly), cached beside it.
+def int8_module(fp32_path: Path, path: Path, example: tuple, input_names: list[str]) -> OnnxModule:
+    """The cached fp32 export ``fp32_path`` dynamically quantised (int8 weights of every
+    MatMul/Gemm, per output channel; activations quantised on the fly), cached as ``path``.
 
     Before it is kept, each output row on ``example`` must point the way the fp32 export's
     does (cosine >= ``INT8_MIN_COSINE``): a check that the quantiser did not break the graph.
     How often int8 changes a label is measured by ``benchmarks/bench_precision.py``.
     """
-    path = fp32_path.with_name(fp32_path.stem + ".int8.onnx")
     if path.is_file():
         return OnnxModule(path, input_names)
     expected = OnnxModule(fp32_path, input_names)(*example).numpy()

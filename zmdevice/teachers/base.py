@@ -265,6 +265,15 @@ class Network:
             )
         return Network(self.module, precision, self.device, self.export, onnx)
 
+    def missing_exports(self, runtime: str) -> list[str]:
+        """The ONNX files (``"onnx"``, ``"onnx-int8"``) that running in ``runtime`` would
+        export first: an int8 copy is made from the fp32 export."""
+        from zmdevice.onnx_teacher import cache_key, export_path
+
+        needs = {"onnx": ["onnx"], "onnx-int8": ["onnx", "onnx-int8"]}.get(runtime, [])
+        key = cache_key(*self.export.identity) if needs else None
+        return [r for r in needs if not export_path(key, int8=r == "onnx-int8").is_file()]
+
     def __call__(self, *inputs):
         if self.onnx is not None:
             return self.onnx(*inputs).to(self.device)
