@@ -684,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
             for seed, row in previous.get("seeds", {}).items():
                 if seed not in result["seeds"]:  # a run of other seeds adds to these
                     result["seeds"][seed] = row
-                elif "retrained" in row and not args.retrain_at:  # keep its students
+                elif "retrained" in row:  # its students stand until retrained below
                     result["seeds"][seed]["retrained"] = row["retrained"]
             result["seeds"] = dict(sorted(result["seeds"].items(), key=lambda kv: int(kv[0])))
             report = save_domain(args.json, name, result, report)
