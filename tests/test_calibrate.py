@@ -227,6 +227,7 @@ def test_an_export_a_run_cannot_pay_for_waits_for_a_run_long_enough(embed, tmp_p
     assert set(timer.calls) == set(ALL)
     (stored,) = cache_files(tmp_path)
     assert json.loads(stored.read_text())["chosen"] == "onnx-fp32"
+    assert json.loads(stored.read_text())["samples"] == 2400  # the run it was planned for
 
 
 def test_calibration_batches_are_the_runs_typical_ones(embed, tmp_path):

@@ -75,8 +75,8 @@ batches stop after ``1 / (2 x candidates)`` of that allowance (the other half: o
 batch each, about as long); an ONNX candidate whose export is not cached yet is measured
 only while the allowance left covers its export (``EXPORT_SECONDS_PER_MILLION``), else it
 is recorded as not measured, and a later run long enough to pay for it measures again. On
-an EPYC with avx512_bf16, 10,000 texts to MiniLM: a run of about 31 s, whose 1.5 s cannot
-pay for the 5.3 s of exporting and quantising."""
+an EPYC with avx512_bf16, 10,000 texts to MiniLM: a run of about 35 s, whose 5% at bf16's
+measured speed (0.7 s) cannot pay for the 5.3 s of exporting and quantising."""
 EXPORT_SECONDS_PER_MILLION = {"onnx": 0.17, "onnx-int8": 0.22}
 """Estimated seconds to export (``onnx``) and to quantise (``onnx-int8``) a teacher, per
 million parameters: 1.5x what one core of an EPYC (Zen 4) took, MiniLM (22.7M parameters)
@@ -232,7 +232,8 @@ def read_decision(path: Path, identity: dict, names: list[str], fields: tuple) -
         print(f"note: ignoring the calibration cache {path} ({reason}); measuring again",
               file=sys.stderr)  # fmt: skip
         return None
-    return {"chosen": data["chosen"], "candidates": candidates}
+    measured_on = {"samples": data["samples"]} if _is_number(data.get("samples")) else {}
+    return {"chosen": data["chosen"], "candidates": candidates, **measured_on}
 
 
 def write_decision(path: Path, identity: dict, decision: dict) -> None:
@@ -336,6 +337,7 @@ def calibrated_teacher(
         measure = timer or measure_call
         decision = measure_teacher(reference, candidates, batches, measure, len(indices))
         decision["seconds"] = round(time.perf_counter() - started, 3)  # exports included
+        decision["samples"] = len(indices)  # the run it was planned for
         write_decision(path, identity, decision)
     chosen = next(c for c in candidates if c.name == decision["chosen"])
     record = {**decision, "cached": cached, "min_agreement": MIN_AGREEMENT}
@@ -514,7 +516,10 @@ def affordable_now(reference, candidates: list[Candidate], decision: dict, sampl
     """Whether a run of ``samples`` can pay for a candidate that the cached ``decision``
     skipped: its export, after measuring again what the decision measured (each timed
     batch counted twice, for its warm-up), within ``BUDGET_SHARE`` of the run's time at the
-    chosen candidate's speed (as ``measure_teacher`` decides)."""
+    chosen candidate's speed (as ``measure_teacher`` decides). Only a run longer than the
+    one the decision was planned for measures again, so runs of one size never repeat it."""
+    if samples <= decision.get("samples", 0):
+        return False
     results = decision["candidates"]
     allowance = BUDGET_SHARE * samples * results[decision["chosen"]]["seconds_per_sample"]
     measured = [r for r in results.values() if "seconds_per_sample" in r]
