@@ -213,7 +213,7 @@ def test_an_export_a_run_cannot_pay_for_waits_for_a_run_long_enough(embed, tmp_p
         assert "would take measuring past 5% of this run" in record["candidates"][name]["skipped"]
     # The allowance is small: one timed batch each (and one warm-up).
     assert timer.calls == ["torch-fp32", "torch-bf16"]
-    assert "onnx-fp32 not measured (its export would cost over 5% of the run)" in short["lines"][3]
+    assert "not measured: onnx-fp32, onnx-int8 (exporting would cost over 5%" in short["lines"][3]
     assert not list((tmp_path / "cache" / "teachers").glob("*.onnx"))  # nothing exported
 
     # A run as short reads the decision; a run ten times longer pays for the exports.

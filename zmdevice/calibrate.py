@@ -565,7 +565,7 @@ def calibration_line(record: dict | None) -> str | None:
     """One summary line of a teacher's ``info["calibration"]`` (None without one)."""
     if not record:
         return None
-    others = []
+    others, skipped = [], []
     for name, result in record["candidates"].items():
         if name == record["chosen"]:
             continue
@@ -573,12 +573,14 @@ def calibration_line(record: dict | None) -> str | None:
             others.append(f"{name} failed")
             continue
         if "skipped" in result:
-            others.append(f"{name} not measured (its export would cost over "
-                          f"{100 * BUDGET_SHARE:g}% of the run)")  # fmt: skip
+            skipped.append(name)
             continue
         note = "" if result.get("passed") else ", rejected"
         agreement = 100 * result["agreement"]
         others.append(f"{name} {result['speedup']:.2f}x ({agreement:.2f}% equal{note})")
+    if skipped:
+        others.append(f"not measured: {', '.join(skipped)} (exporting would cost over "
+                      f"{100 * BUDGET_SHARE:g}% of the run; a longer run measures it)")  # fmt: skip
     chosen = record["candidates"][record["chosen"]]
     cached = " (cached)" if record["cached"] else ""
     if "seconds" in record:  # what this run spent measuring, exports included
