@@ -594,6 +594,19 @@ def draw_test_first(
     return pool, dev, test
 
 
+def draw_extra_test(
+    count: int, used: Sequence[Sequence[int]], limit: int | None, seed: int
+) -> list[int]:
+    """Up to ``limit`` indices of ``range(count)`` in none of the ``used`` splits (none when
+    ``limit`` is None): a second test split, wider than the first, that leaves every other
+    split as it was (its own random stream)."""
+    if limit is None:
+        return []
+    taken = {i for part in used for i in part}
+    rest = [i for i in range(count) if i not in taken]
+    return [rest[j] for j in sample_indices(len(rest), limit, _rng(seed, "extra-test"))]
+
+
 def per_class(
     labels: Sequence, pool: Sequence[int], k: int, rng: random.Random, classes: Sequence
 ) -> list[int]:
@@ -679,10 +692,12 @@ def build_images(
     max_test: int | None = None,
     max_dev: int = 1000,
     grouped: bool = False,
+    max_extra_test: int | None = None,
 ) -> dict:
     """Write ``out`` (e.g. data/images) from Fashion-MNIST; returns the split sizes.
 
     ``grouped``: label the images by ``FASHION_GROUPS`` (the same images in every split).
+    ``max_extra_test``: also ``test-extra/``, up to that many test images outside ``test/``.
     """
     splits = load_fashion(fashion_dir)
     train_x, train_y = splits["train"]
@@ -695,13 +710,17 @@ def build_images(
     pool, dev = split_dev(range(len(train_y)), pool, max_dev, _rng(seed, "dev"))
     labeled = per_class(names, pool, labels_per_class, _rng(seed, "labeled"), list(descriptions))
     test = sample_indices(len(test_y), max_test, _rng(seed, "test"))
+    extra_test = draw_extra_test(len(test_y), [test], max_extra_test, seed)
 
-    test_images = [(test_x[i], label[int(test_y[i])], f"test-{i:05d}") for i in test]
+    def test_images(part: list[int]) -> list[tuple]:
+        return [(test_x[i], label[int(test_y[i])], f"test-{i:05d}") for i in part]
+
     return _write_image_folder(
         out,
         train=lambda i: (train_x[i], names[i], f"train-{i:05d}"),
         parts=(pool, labeled, dev),
-        test=test_images,
+        test=test_images(test),
+        extra_test=test_images(extra_test),
         descriptions=descriptions,
         comment=f"Fashion-MNIST {'groups' if grouped else 'classes'} (folder names of labeled/ "
         "and test/)",
@@ -713,6 +732,7 @@ def build_images(
             "max_unlabeled": max_unlabeled,
             "max_dev": max_dev,
             "max_test": max_test,
+            **({"max_extra_test": max_extra_test} if max_extra_test else {}),
         },
     )
 
@@ -758,12 +778,21 @@ def build_digits(
 
 
 def _write_image_folder(
-    out: Path, *, train, parts, test, descriptions: dict, comment: str, build_info: dict
+    out: Path,
+    *,
+    train,
+    parts,
+    test,
+    descriptions: dict,
+    comment: str,
+    build_info: dict,
+    extra_test: Sequence = (),
 ) -> dict:
     """Write an image data set folder; returns the split sizes.
 
     ``train(i)`` gives ``(pixels, class, file stem)`` of example ``i`` of the pool, labeled
-    and dev index lists ``parts``; ``test`` lists ``(pixels, class, file stem)``.
+    and dev index lists ``parts``; ``test`` (and ``extra_test``, written to ``test-extra/``
+    when not empty) lists ``(pixels, class, file stem)``.
     """
     pool, labeled, dev = parts
     staging = _Staging(out)
@@ -783,8 +812,9 @@ def _write_image_folder(
         for i in dev:
             pixels, name, stem = train(i)
             _save_png(pixels, staging.path / "dev" / name / f"{stem}.png")
-        for pixels, name, stem in test:
-            _save_png(pixels, staging.path / "test" / name / f"{stem}.png")
+        for split, images in (("test", test), ("test-extra", extra_test)):
+            for pixels, name, stem in images:
+                _save_png(pixels, staging.path / split / name / f"{stem}.png")
         _write_csv(staging.path / "unlabeled_gold.csv", ("id", "path", "label"), gold)
         _write_classes(staging.path / "classes.toml", descriptions, comment)
         sizes = {
@@ -792,6 +822,7 @@ def _write_image_folder(
             "labeled": len(labeled),
             "dev": len(dev),
             "test": len(test),
+            **({"test-extra": len(extra_test)} if extra_test else {}),
         }
         staging.commit({**build_info, "sizes": sizes})
     except BaseException:
@@ -810,6 +841,7 @@ def build_text(
     max_test: int | None = 5000,
     max_dev: int = 1000,
     domain: str = "text",
+    max_extra_test: int | None = None,
 ) -> dict:
     """Write ``out`` (e.g. data/text) from WordNet definitions; returns the split sizes.
 
@@ -817,7 +849,8 @@ def build_text(
     read from ``wordnet_file``'s folder (data.noun is ``wordnet_file`` itself). The test
     split is drawn first from all synsets (after the domain's cap per class); the unlabeled
     pool from the rest, so no synset and no definition is in both; the dev split comes from
-    what the pool leaves.
+    what the pool leaves. ``max_extra_test``: also ``test-extra.csv``, up to that many
+    synsets in no other split.
     """
     spec = WORDNET_DOMAINS[domain]
     paths = [wordnet_file if name == WORDNET_NOUNS.name else wordnet_file.parent / name
@@ -826,12 +859,14 @@ def build_text(
     classes = list(descriptions)
     rows = cap_per_class(rows, spec.cap, classes, _rng(seed, "cap"))
     pool, dev, test = draw_test_first(len(rows), seed, max_unlabeled, max_dev, max_test)
+    extra_test = draw_extra_test(len(rows), [pool, dev, test], max_extra_test, seed)
     labels = [row[2] for row in rows]
     labeled = per_class(labels, pool, labels_per_class, _rng(seed, "labeled"), classes)
     # data.noun is grouped by category; list rows in a fixed pseudo-random order instead so
     # the head of a file shows every class (ids, not positions, identify the rows).
-    pool, labeled, dev, test = (
-        sorted(part, key=lambda i: _shuffle_key(rows[i][0])) for part in (pool, labeled, dev, test)
+    pool, labeled, dev, test, extra_test = (
+        sorted(part, key=lambda i: _shuffle_key(rows[i][0]))
+        for part in (pool, labeled, dev, test, extra_test)
     )
 
     staging = _Staging(out)
@@ -842,12 +877,17 @@ def build_text(
         _write_csv(folder / "labeled.csv", ("id", "text", "label"), [rows[i] for i in labeled])
         _write_csv(folder / "dev.csv", ("id", "text", "label"), [rows[i] for i in dev])
         _write_csv(folder / "test.csv", ("id", "text", "label"), [rows[i] for i in test])
+        if extra_test:
+            _write_csv(
+                folder / "test-extra.csv", ("id", "text", "label"), [rows[i] for i in extra_test]
+            )
         _write_classes(folder / "classes.toml", descriptions, spec.comment)
         sizes = {
             "unlabeled": len(pool),
             "labeled": len(labeled),
             "dev": len(dev),
             "test": len(test),
+            **({"test-extra": len(extra_test)} if extra_test else {}),
         }
         staging.commit(
             {
@@ -860,6 +900,7 @@ def build_text(
                 "max_unlabeled": max_unlabeled,
                 "max_dev": max_dev,
                 "max_test": max_test,
+                **({"max_extra_test": max_extra_test} if max_extra_test else {}),
                 "sizes": sizes,
             }
         )
@@ -887,6 +928,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"cap on each test split (default: all 10k images; 5,000 texts; {DIGITS_TEST} digits)",
     )
     parser.add_argument(
+        "--max-extra-test",
+        type=int,
+        default=None,
+        help="also a second test split (test-extra) of up to this many samples in no other "
+        "split, for tables that need more test rows; the other splits stay as they were "
+        "(images and WordNet sets; the digits have none left)",
+    )
+    parser.add_argument(
         "--max-dev",
         type=int,
         default=None,
@@ -905,7 +954,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="WordNet's data.noun; data.verb, data.adj and data.adv are read beside it",
     )
     args = parser.parse_args(argv)
-    for name in ("labels_per_class", "max_unlabeled", "max_test", "max_dev"):
+    for name in ("labels_per_class", "max_unlabeled", "max_test", "max_dev", "max_extra_test"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -919,6 +968,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seed": args.seed,
         "max_unlabeled": args.max_unlabeled,
     }
+    extra = {"max_extra_test": args.max_extra_test}
     wanted = [name for name in ("images", "text", "digits") if args.only in (None, name)]
 
     def cap(value: int | None, default: int | None) -> int | None:
@@ -946,6 +996,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_test=args.max_test,
                 max_dev=cap(args.max_dev, 1000),
                 **common,
+                **extra,
             )
             print(f"{args.out / 'images'}: {sizes}")
         if "text" in wanted:
@@ -955,6 +1006,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_test=cap(args.max_test, 5000),
                 max_dev=cap(args.max_dev, 1000),
                 **common,
+                **extra,
             )
             print(f"{args.out / 'text'}: {sizes}")
         if "digits" in wanted:
@@ -974,6 +1026,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_dev=cap(args.max_dev, 1000),
                 grouped=True,
                 **common,
+                **extra,
             )
             print(f"{args.out / args.only}: {sizes}")
         if args.only in WORDNET_DOMAINS and args.only != "text":
@@ -984,6 +1037,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_dev=cap(args.max_dev, 1000),
                 domain=args.only,
                 **common,
+                **extra,
             )
             print(f"{args.out / args.only}: {sizes}")
     except BuildError as error:

@@ -4,6 +4,7 @@ embedded default data in examples/default/."""
 import gzip
 import hashlib
 import importlib.util
+import json
 import struct
 from pathlib import Path
 
@@ -118,6 +119,29 @@ def test_build_images_is_deterministic_and_seeded(tmp_path, fashion_dir):
     assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
 
 
+def files_of(folder: Path, leave_out: str) -> dict[str, bytes]:
+    """Every file under ``folder`` but BUILD.json and those under ``leave_out``."""
+    return {
+        path.relative_to(folder).as_posix(): path.read_bytes()
+        for path in folder.rglob("*")
+        if path.is_file() and path.name != "BUILD.json" and leave_out not in path.parts
+    }
+
+
+def test_extra_test_images_leave_every_other_split_as_it_was(tmp_path, fashion_dir):
+    kwargs = {"fashion_dir": fashion_dir, "labels_per_class": 1, "max_unlabeled": 30, "max_dev": 5}
+    build.build_images(tmp_path / "a", seed=3, max_test=5, **kwargs)
+    sizes = build.build_images(tmp_path / "b", seed=3, max_test=5, max_extra_test=8, **kwargs)
+    assert sizes["test-extra"] == 8
+    assert files_of(tmp_path / "a", "test-extra") == files_of(tmp_path / "b", "test-extra")
+    extra = open_dataset(tmp_path / "b" / "test-extra", require_labels=True)
+    test = open_dataset(tmp_path / "b" / "test", require_labels=True)
+    assert len(extra) == 8 and not set(extra.ids) & set(test.ids)
+    # More than the test images left: all of them (20 in the fake source, 5 in test/).
+    sizes = build.build_images(tmp_path / "c", seed=3, max_test=5, max_extra_test=99, **kwargs)
+    assert sizes["test-extra"] == 15
+
+
 def test_build_refuses_foreign_folder_and_small_pool(tmp_path, fashion_dir):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.txt").write_text("precious")
@@ -199,6 +223,26 @@ def test_build_text(tmp_path):
     assert np.bincount(label_indices(labeled, classes), minlength=8).tolist() == [2] * 8
     for sample_id, text, label in zip(gold.ids, gold.texts, gold.labels, strict=True):
         assert text.startswith(label) and sample_id.startswith("n")
+
+
+def test_extra_test_texts_are_in_no_other_split(tmp_path):
+    fake_data_noun(tmp_path / "data.noun")
+    kwargs = {"wordnet_file": tmp_path / "data.noun", "labels_per_class": 2, "max_dev": 4}
+    build.build_text(tmp_path / "a", max_test=10, max_unlabeled=20, **kwargs)
+    code = build.main(
+        ["--out", str(tmp_path / "b"), "--only", "text", "--wordnet-file",
+         str(tmp_path / "data.noun"), "--labels-per-class", "2", "--max-test", "10",
+         "--max-dev", "4", "--max-unlabeled", "20", "--max-extra-test", "6"]
+    )  # fmt: skip
+    assert code == 0
+    a, b = tmp_path / "a", tmp_path / "b" / "text"
+    assert files_of(a, "test-extra.csv") == files_of(b, "test-extra.csv")
+    extra = open_dataset(b / "test-extra.csv", require_labels=True)
+    others = {
+        i for name in ("unlabeled.csv", "dev.csv", "test.csv") for i in open_dataset(b / name).ids
+    }
+    assert len(extra) == 6 and not set(extra.ids) & others
+    assert json.loads((b / "BUILD.json").read_text())["sizes"]["test-extra"] == 6
 
 
 def test_build_text_cli_and_missing_source(tmp_path, capsys):
