@@ -26,10 +26,11 @@ nothing: only the students missing are trained.
   (C classes) each round with the labels so far (cold start first, then uncertainty and
   disagreement), the person answering with the true label. All end with C x rounds labels.
 - **check**, per seed: the chance draw's last round with 1 in ``flip_every`` labels moved to
-  a random other class (at least one); ``check`` (our ranking and cleanlab's) ranks them;
-  found = flips among the top 2 x flips rows. Fixing: the flips in those rows set back to
-  their true label, as the person reviewing them would; the labels' accuracy from the
-  flipped, the fixed and the clean labels.
+  a random other class (at least one), ``--flip-draws`` times (a draw of 16-100 labels has
+  2-12 flips: one draw a seed left the share found a coin toss); ``check`` (our ranking and
+  cleanlab's) ranks them; found = flips among the top 2 x flips rows. Fixing (first draw):
+  the flips in those rows set back to their true label, as the person reviewing them would;
+  the labels' accuracy from the flipped, the fixed and the clean labels.
 
 Usage (one core, one thread; about 10 minutes a domain, plus 4-8 minutes a student)::
 
@@ -242,9 +243,12 @@ def suggest_rounds(domain: Domain, rounds: int, seed: int) -> list[list[str]]:
     return after
 
 
-def flip(ids: list[str], gold: dict, classes: list[str], every: int, seed: int) -> dict:
-    """Labels of ``ids`` with every ``every``-th (at least one) moved to another class."""
-    rng = np.random.default_rng(1000 + seed)
+def flip(
+    ids: list[str], gold: dict, classes: list[str], every: int, seed: int, draw: int = 0
+) -> dict:
+    """Labels of ``ids`` with every ``every``-th (at least one) moved to another class,
+    drawn for ``(seed, draw)``."""
+    rng = np.random.default_rng((1000 + seed, draw))
     labels = {i: gold[i] for i in ids}
     chosen = rng.permutation(len(ids))[: max(1, len(ids) // every)]
     for k in chosen:
@@ -253,26 +257,34 @@ def flip(ids: list[str], gold: dict, classes: list[str], every: int, seed: int) 
     return labels
 
 
-def check_round(domain: Domain, labeled: list[str], every: int, seed: int) -> dict:
+def check_round(domain: Domain, labeled: list[str], every: int, seed: int, draws: int) -> dict:
+    """``check`` on ``draws`` flip draws of ``labeled`` (their found and flips summed); the
+    labels' accuracy from the first draw's flipped and fixed labels (a label run each)."""
     from zmdevice.curation.check import run_check
     from zmdevice.curation.settings import CheckConfig
 
-    labels = flip(labeled, domain.gold, domain.classes, every, seed)
-    flipped = {i for i in labeled if labels[i] != domain.gold[i]}
-    table = domain.write_labeled(domain.work / f"flipped-{seed}.csv", labeled, labels)
-    result = {"labeled": len(labeled), "flips": len(flipped)}
+    result = {"labeled": len(labeled), "flips": 0, "draws": draws}
     for method in ("confident", "cleanlab"):
-        config = CheckConfig(
-            labeled=table, data=domain.data, pseudo_labels=domain.zero_shot, seed=seed,
-            method=method, out=domain.work / f"check-{method}-{seed}.csv",
-        )  # fmt: skip
-        rows = run_check(config)["rows"]
-        top = {row["id"] for row in rows[: 2 * len(flipped)]}
-        result[method] = {"found": len(top & flipped)}
-        if method == "confident":
-            fixed = {i: domain.gold[i] if i in top else labels[i] for i in labeled}
-            result["fixed_accuracy"] = domain.accuracy_from(labeled, f"fixed-s{seed}", fixed)
-    result["flipped_accuracy"] = domain.accuracy_from(labeled, f"flipped-s{seed}", labels)
+        result[method] = {"found": 0}
+    for draw in range(draws):
+        labels = flip(labeled, domain.gold, domain.classes, every, seed, draw)
+        flipped = {i for i in labeled if labels[i] != domain.gold[i]}
+        name = f"{seed}-{draw}"
+        table = domain.write_labeled(domain.work / f"flipped-{name}.csv", labeled, labels)
+        result["flips"] += len(flipped)
+        for method in ("confident", "cleanlab"):
+            config = CheckConfig(
+                labeled=table, data=domain.data, pseudo_labels=domain.zero_shot, seed=seed,
+                method=method, out=domain.work / f"check-{method}-{name}.csv",
+            )  # fmt: skip
+            rows = run_check(config)["rows"]
+            top = {row["id"] for row in rows[: 2 * len(flipped)]}
+            result[method]["found"] += len(top & flipped)
+            if method == "confident" and draw == 0:
+                fixed = {i: domain.gold[i] if i in top else labels[i] for i in labeled}
+                result["fixed_accuracy"] = domain.accuracy_from(labeled, f"fixed-s{seed}", fixed)
+        if draw == 0:
+            result["flipped_accuracy"] = domain.accuracy_from(labeled, f"flipped-s{seed}", labels)
     return result
 
 
@@ -290,6 +302,7 @@ def run_domain(
     rounds: int,
     every: int,
     policies=POLICIES,
+    flip_draws: int = 1,
     stored: dict | None = None,
 ) -> tuple[dict, dict]:
     """The domain's result without the retrained students, and per seed the labeled ids and
@@ -334,7 +347,7 @@ def run_domain(
         }
         chance = drawn_ids["chance"]
         if "check" in policies:
-            row["check"] = check_round(domain, chance[-1], every, seed)
+            row["check"] = check_round(domain, chance[-1], every, seed, flip_draws)
             row["check"]["clean_accuracy"] = row["chance"][-1]
         else:
             row["check"] = kept["check"]
@@ -532,13 +545,14 @@ def table(report: dict) -> str:
         "",
         f"`check` on the chance draw's last round with 1 in "
         f"{next(iter(report['domains'].values()))['flip_every']} labels moved to another "
-        "class: flips among the top 2 x flips rows (ours; cleanlab's `find_label_issues` "
-        "ranking), summed over the seeds, and the labels' accuracy (%) from the flipped "
-        "labels, after fixing the flips in those rows, and from the clean labels (mean over "
-        "the seeds).",
+        "class, in `draws` draws per seed: flips among the top 2 x flips rows (ours; "
+        "cleanlab's `find_label_issues` ranking), summed over the seeds and draws, and the "
+        "labels' accuracy (%) from the first draw's flipped labels, after fixing the flips in "
+        "its top rows, and from the clean labels (mean over the seeds).",
         "",
-        "| domain | labeled | flips | found (ours) | found (cleanlab) | flipped | fixed | clean |",
-        "|---|---|---|---|---|---|---|---|",
+        "| domain | labeled | draws | flips | found (ours) | found (cleanlab) | flipped | fixed "
+        "| clean |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, result in sorted(report["domains"].items()):
         checks = [s["check"] for s in result["seeds"].values()]
@@ -548,7 +562,8 @@ def table(report: dict) -> str:
         accuracy = {k: np.mean([100 * c[k]["accuracy"] for c in checks])
                     for k in ("flipped_accuracy", "fixed_accuracy", "clean_accuracy")}  # fmt: skip
         lines.append(
-            f"| {name} | {checks[0]['labeled']} | {flips} | {ours} ({100 * ours / flips:.0f}%) | "
+            f"| {name} | {checks[0]['labeled']} | {checks[0].get('draws', 1)} | {flips} | "
+            f"{ours} ({100 * ours / flips:.0f}%) | "
             f"{theirs} ({100 * theirs / flips:.0f}%) | {accuracy['flipped_accuracy']:.1f} | "
             f"{accuracy['fixed_accuracy']:.1f} | {accuracy['clean_accuracy']:.1f} |"
         )
@@ -699,6 +714,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--flip-every", type=int, default=8)
     parser.add_argument(
+        "--flip-draws", type=int, default=10,
+        help="check's flip draws per seed (found and flips summed over them; the accuracies "
+        "from the first)",
+    )  # fmt: skip
+    parser.add_argument(
         "--retrain-at", nargs="*", type=int, default=[],
         help="labels per class after which a student is trained at the defaults and scored "
         "on the test split (e.g. 2 4)",
@@ -734,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
             previous = report["domains"].get(name, {})
             result, state = run_domain(
                 name, args.data, args.work / name, args.seeds, args.rounds, args.flip_every,
-                args.policies, previous.get("seeds"),
+                args.policies, previous.get("seeds"), args.flip_draws,
             )  # fmt: skip
             for seed, row in previous.get("seeds", {}).items():
                 if seed not in result["seeds"]:  # a run of other seeds adds to these
