@@ -15,6 +15,7 @@ from zmdevice.curation.check import (
     cleanlab_ranking,
     confident_issues,
     cross_val_probs,
+    neighbour_vote,
     prior_offset,
     pseudo_label_suspects,
     run_check,
@@ -60,6 +61,32 @@ def test_no_example_predicts_itself():
     rows = np.arange(len(x))
     assert np.all(held_out[flips, given[flips]] < seen[flips, given[flips]])
     assert np.mean(held_out[rows, given] < seen[rows, given]) > 0.75
+
+
+def test_the_neighbour_vote_is_leave_one_out_and_local():
+    x, gold, given, flips = planted(1)
+    vote = neighbour_vote(x, given, 8)
+    assert vote.shape == (len(x), 8) and np.allclose(vote.sum(axis=1), 1.0, atol=1e-5)
+    # A flipped example's neighbours of its given class are elsewhere: its own row, which
+    # would be the most similar, does not vote, so its true class wins.
+    assert np.mean(vote[flips].argmax(axis=1) == gold[flips]) >= 0.7
+    # An exact duplicate of an example counts as a neighbour (1.0); the example itself not.
+    twin = np.vstack([x, x[:1]])
+    labels = np.append(given, given[0])
+    # Alone in its class, an example has no neighbour there: the other class wins.
+    alone = neighbour_vote(x[:2], np.array([0, 1]), 2)
+    assert alone.argmax(axis=1).tolist() == [1, 0]
+    paired = neighbour_vote(twin, labels, 8, neighbours=1)
+    assert paired[0].argmax() == given[0] and paired[-1].argmax() == given[0]
+    # Blocks of rows give the rows' answer whatever the block size.
+    import zmdevice.curation.check as check
+
+    block = check.ROW_BLOCK
+    try:
+        check.ROW_BLOCK = 7
+        assert np.allclose(neighbour_vote(x, given, 8), vote, atol=1e-6)
+    finally:
+        check.ROW_BLOCK = block
 
 
 def test_stratified_folds_are_even_per_class():

@@ -174,7 +174,8 @@ def suggest(config: ConfigOption = None, as_json: JsonOption = False, **flags) -
 @command(CheckConfig, positional=("labeled",))
 def check(config: ConfigOption = None, as_json: JsonOption = False, **flags) -> None:
     """Rank labeled examples by how likely their label is wrong, and count pseudo-label
-    suspects per class (cross-validated probe on the FM's features, plus the student's)."""
+    suspects per class (cross-validated probe and nearest labeled neighbours on the FM's
+    features, plus the student's)."""
     run_stage(CheckConfig, config, flags, as_json)
 
 
