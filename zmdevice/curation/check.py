@@ -38,6 +38,7 @@ import numpy as np
 from zmdevice.curation.settings import CheckConfig
 from zmdevice.errors import UserError, check_writable, listing
 from zmdevice.label_source import deal_folds as stratified_folds
+from zmdevice.runtime import softmax
 
 ZERO_SHOT_WEIGHT = 0.25
 """Weight of the FM's log-probabilities in the probe's logits (``fewshot``'s default)."""
@@ -114,10 +115,7 @@ class Probe:
 
     def probs(self, z: np.ndarray, offset: np.ndarray) -> np.ndarray:
         """float32 [N, C] probabilities of projected rows ``z`` [N, d]."""
-        logits = z @ self.weight + self.bias + offset
-        logits -= logits.max(axis=1, keepdims=True)
-        exp = np.exp(logits)
-        return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+        return softmax(z @ self.weight + self.bias + offset)
 
 
 def prior_offset(fm_probs: np.ndarray | None, num_rows: int, num_classes: int) -> np.ndarray:
@@ -203,10 +201,7 @@ def neighbour_vote(
             count = finite.sum(axis=1)
             total = np.where(finite, nearest, 0.0).sum(axis=1)
             closeness[rows, c] = np.where(count > 0, total / np.maximum(count, 1), -1.0)
-    logits = closeness / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    exp = np.exp(logits)
-    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+    return softmax(closeness / temperature)
 
 
 # ------------------------------------------------------------------------ the rankings
