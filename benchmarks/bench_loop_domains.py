@@ -128,9 +128,10 @@ class Domain:
         from zmdevice.labeling.run import run_label
 
         out.unlink(missing_ok=True)
+        # resume: a bench killed mid-label continues its chunks (same settings) next time.
         config = LabelConfig(
             data=self.data, classes=str(self.folder / "classes.toml"), teacher=self.teacher,
-            out=out, few_shot=few_shot,
+            out=out, few_shot=few_shot, resume=True,
         )  # fmt: skip
         return run_label(config)
 
